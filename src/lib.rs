@@ -1,0 +1,4 @@
+//! callforge: a ScriptForge-compatible engine for programmable voice, routing and scripts.
+
+pub mod media;
+pub mod sip;

@@ -1,0 +1,1 @@
+//! SIP signalling: sans-IO message handling, transactions, dialogs and SDP, plus thin tokio transports.
