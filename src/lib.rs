@@ -1,4 +1,5 @@
 //! callforge: a ScriptForge-compatible engine for programmable voice, routing and scripts.
 
 pub mod media;
+pub mod script;
 pub mod sip;

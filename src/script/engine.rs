@@ -1,0 +1,124 @@
+//! The engine facade: a worker pool plus the mode conventions applied around each run.
+
+use std::sync::Arc;
+
+use serde_json::Value as Json;
+
+use super::{
+    class4,
+    compile::CompiledScript,
+    error::EngineError,
+    execution::{RunOutput, RunRequest},
+    host::{HostModules, HostObject},
+    mode::{Limits, Mode},
+    pool::WorkerPool,
+};
+
+/// Settings of an engine.
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    pub limits: Limits,
+    /// Worker threads; 0 means one per core.
+    pub workers: usize,
+    pub modules: HostModules,
+    /// `process.env.EXEC_HOST`.
+    pub exec_host: String,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        EngineConfig {
+            limits: Limits::default(),
+            workers: 0,
+            modules: HostModules::new(),
+            exec_host: hostname(),
+        }
+    }
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .ok()
+        .filter(|s| !s.is_empty())
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .unwrap_or_else(|| "localhost".into())
+}
+
+/// Runs scripts in fresh sandboxed contexts on a pool of worker threads.
+pub struct Engine {
+    pool: WorkerPool,
+    limits: Limits,
+}
+
+/// One run as the caller describes it.
+pub struct Invocation {
+    pub script: Arc<CompiledScript>,
+    pub mode: Mode,
+    pub data: Json,
+    pub function: Option<String>,
+    pub ctx: Option<Box<dyn HostObject + Send>>,
+}
+
+impl Invocation {
+    pub fn new(script: Arc<CompiledScript>, mode: Mode, data: Json) -> Self {
+        Invocation {
+            script,
+            mode,
+            data,
+            function: None,
+            ctx: None,
+        }
+    }
+}
+
+impl Engine {
+    pub fn start(config: EngineConfig) -> Result<Self, EngineError> {
+        let workers = if config.workers == 0 {
+            std::thread::available_parallelism().map_or(2, |n| n.get())
+        } else {
+            config.workers
+        };
+        let pool = WorkerPool::start(workers, &config.limits, &config.modules, &config.exec_host)?;
+        Ok(Engine {
+            pool,
+            limits: config.limits,
+        })
+    }
+
+    pub fn limits(&self) -> &Limits {
+        &self.limits
+    }
+
+    pub fn workers(&self) -> usize {
+        self.pool.size()
+    }
+
+    /// `driver` for scripts exporting driver functions, else `app` (the `run` command's default).
+    pub fn default_mode(script: &CompiledScript) -> Mode {
+        if script.is_driver {
+            Mode::Driver
+        } else {
+            Mode::App
+        }
+    }
+
+    /// Run once, applying the mode's conventions to the result (class4 normalisation).
+    pub async fn run(&self, inv: Invocation) -> Result<RunOutput, EngineError> {
+        let input = (inv.mode == Mode::Class4).then(|| inv.data.clone());
+        let mut output = self
+            .pool
+            .run(RunRequest {
+                script: inv.script,
+                mode: inv.mode,
+                data: inv.data,
+                function: inv.function,
+                ctx: inv.ctx,
+            })
+            .await?;
+        if let (Some(input), Ok(result)) = (input, &mut output.result) {
+            *result = class4::normalise(&input, std::mem::take(result));
+        }
+        Ok(output)
+    }
+}

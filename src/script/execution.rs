@@ -1,0 +1,1044 @@
+//! One script execution: a fresh context, its limits, its globals, its entry point, and the loop
+//! that settles its promises, timers and host calls until the run completes.
+
+use std::{
+    cell::{Cell, RefCell},
+    collections::{BTreeMap, HashMap},
+    rc::Rc,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use futures::{future::LocalBoxFuture, stream::FuturesUnordered, StreamExt};
+use rquickjs::{
+    context::intrinsic, function::Rest, qjs, Context, Ctx, Exception, Function, Module, Object,
+    Persistent, Promise, Runtime, Value,
+};
+use serde::Serialize;
+use serde_json::Value as Json;
+
+use super::{
+    compile::{CompiledScript, SourceKind, DRIVER_FUNCTIONS},
+    error::ScriptError,
+    exception::{describe_exception, script_error_from, value_text},
+    host::{HostCall, HostError, HostModules, HostObject, HostResult, MethodKind},
+    mode::{Limits, Mode},
+};
+
+/// What the caller of the core asks for.
+pub struct RunRequest {
+    pub script: Arc<CompiledScript>,
+    pub mode: Mode,
+    /// The input: `data` in `main(data)`, `vars()`.
+    pub data: Json,
+    /// The function to call in driver mode.
+    pub function: Option<String>,
+    /// The `ctx` of a class5 call, implemented by the voice layer.
+    pub ctx: Option<Box<dyn HostObject + Send>>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogLevel {
+    Debug,
+    Info,
+    Warn,
+    Error,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct LogLine {
+    pub level: LogLevel,
+    pub message: String,
+}
+
+/// How a run ended, with what it logged and what it cost.
+#[derive(Debug)]
+pub struct RunOutput {
+    pub result: Result<Json, ScriptError>,
+    pub logs: Vec<LogLine>,
+    pub duration: Duration,
+    /// Time spent executing JavaScript.
+    pub cpu: Duration,
+}
+
+/// The built-ins a script gets. No `Eval`: `eval` and `new Function` cannot compile code.
+type RunIntrinsics = (
+    intrinsic::Date,
+    intrinsic::RegExpCompiler,
+    intrinsic::RegExp,
+    intrinsic::Json,
+    intrinsic::Proxy,
+    intrinsic::MapSet,
+    intrinsic::TypedArrays,
+    intrinsic::Promise,
+    intrinsic::WeakRef,
+);
+
+const MAX_LOG_LINE: usize = 8 * 1024;
+const MAX_TIMERS: usize = 10_000;
+
+/// Which limit ended a run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum LimitHit {
+    Cpu,
+    Memory,
+    Stack,
+    Wall,
+}
+
+/// Per-run state shared by the run loop and the host functions installed in the context.
+struct RunState {
+    name: String,
+    mode: Mode,
+    limits: Limits,
+    cpu_budget: Duration,
+    cpu_used: Cell<Duration>,
+    slice_start: Cell<Option<Instant>>,
+    limit_hit: Cell<Option<LimitHit>>,
+    /// Set by `exit()` / `err()`: the run's answer, already converted to Rust.
+    completion: RefCell<Option<Result<Json, ScriptError>>>,
+    /// An exception nobody caught in a timer callback.
+    uncaught: RefCell<Option<ScriptError>>,
+    logs: RefCell<Vec<LogLine>>,
+    timers: RefCell<BTreeMap<(Instant, u64), Persistent<Function<'static>>>>,
+    host_calls: RefCell<FuturesUnordered<LocalBoxFuture<'static, (u64, HostResult)>>>,
+    settlers: RefCell<HashMap<u64, Settler>>,
+    /// The input `vars()` returns. JS handles live here, never inside closures stored in JS:
+    /// a Rust-held reference inside the context's own functions is a cycle QuickJS's GC
+    /// cannot see, and would keep the whole context alive.
+    input: RefCell<Option<Persistent<Value<'static>>>>,
+    next_id: Cell<u64>,
+}
+
+struct Settler {
+    resolve: Persistent<Function<'static>>,
+    reject: Persistent<Function<'static>>,
+}
+
+impl RunState {
+    fn next_id(&self) -> u64 {
+        let id = self.next_id.get() + 1;
+        self.next_id.set(id);
+        id
+    }
+
+    /// Execute JavaScript, charging the time to the run's CPU budget.
+    fn slice<R>(&self, context: &Context, f: impl FnOnce(Ctx<'_>) -> R) -> R {
+        self.slice_start.set(Some(Instant::now()));
+        let out = context.with(f);
+        if let Some(start) = self.slice_start.take() {
+            self.cpu_used.set(self.cpu_used.get() + start.elapsed());
+        }
+        out
+    }
+
+    /// Called by QuickJS every few thousand instructions: true aborts with an uncatchable error.
+    fn should_interrupt(&self) -> bool {
+        if self.completion.borrow().is_some() {
+            return true;
+        }
+        if let Some(start) = self.slice_start.get() {
+            if self.cpu_used.get() + start.elapsed() > self.cpu_budget {
+                self.limit_hit.set(Some(LimitHit::Cpu));
+                return true;
+            }
+        }
+        self.limit_hit.get().is_some()
+    }
+
+    fn limit_error(&self, hit: LimitHit) -> ScriptError {
+        let message = match hit {
+            LimitHit::Cpu => format!(
+                "CPU time limit of {} ms exceeded",
+                self.cpu_budget.as_millis()
+            ),
+            LimitHit::Memory => format!(
+                "memory limit of {} MiB exceeded",
+                self.limits.memory_bytes / (1024 * 1024)
+            ),
+            LimitHit::Stack => format!(
+                "stack limit of {} KiB exceeded",
+                self.limits.stack_bytes / 1024
+            ),
+            LimitHit::Wall => format!(
+                "wall time limit of {} ms exceeded",
+                self.limits.wall.as_millis()
+            ),
+        };
+        ScriptError::internal(message)
+    }
+
+    /// If the run must stop now (exit/err, a limit, an uncaught timer error), how it ends.
+    fn stop(&self) -> Option<Result<Json, ScriptError>> {
+        if let Some(done) = self.completion.borrow().clone() {
+            return Some(done);
+        }
+        if let Some(hit) = self.limit_hit.get() {
+            return Some(Err(self.limit_error(hit)));
+        }
+        self.uncaught.borrow().clone().map(Err)
+    }
+
+    /// Turn a thrown value into the run's error, recognising the engine's own limits.
+    fn error_from_thrown(&self, thrown: &Value<'_>) -> ScriptError {
+        if let Some(Err(e)) = self.stop() {
+            return e;
+        }
+        if thrown.is_null() {
+            // QuickJS throws null when it cannot even allocate the error object.
+            self.limit_hit.set(Some(LimitHit::Memory));
+            return self.limit_error(LimitHit::Memory);
+        }
+        let described = describe_exception(thrown);
+        if described.text.contains("out of memory") {
+            self.limit_hit.set(Some(LimitHit::Memory));
+            return self.limit_error(LimitHit::Memory);
+        }
+        if described.text.contains("stack overflow")
+            || described.text.contains("Maximum call stack size exceeded")
+        {
+            self.limit_hit.set(Some(LimitHit::Stack));
+            return self.limit_error(LimitHit::Stack);
+        }
+        if described.text.contains("interrupted") {
+            if let Some(hit) = self.limit_hit.get() {
+                return self.limit_error(hit);
+            }
+        }
+        script_error_from(thrown)
+    }
+
+    /// The error for a failed rquickjs call: the pending exception, or the library's own error.
+    fn error_from(&self, ctx: &Ctx<'_>, err: rquickjs::Error) -> ScriptError {
+        match err {
+            rquickjs::Error::Exception => {
+                let thrown = ctx.catch();
+                self.error_from_thrown(&thrown)
+            }
+            rquickjs::Error::Allocation => {
+                self.limit_hit.set(Some(LimitHit::Memory));
+                self.limit_error(LimitHit::Memory)
+            }
+            other => self
+                .stop()
+                .and_then(Result::err)
+                .unwrap_or_else(|| ScriptError::internal(other.to_string())),
+        }
+    }
+
+    fn log(&self, level: LogLevel, mut message: String) {
+        if message.len() > MAX_LOG_LINE {
+            let mut cut = MAX_LOG_LINE;
+            while !message.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            message.truncate(cut);
+            message.push('…');
+        }
+        match level {
+            LogLevel::Debug => tracing::debug!(target: "script", script = %self.name, "{message}"),
+            LogLevel::Info => tracing::info!(target: "script", script = %self.name, "{message}"),
+            LogLevel::Warn => tracing::warn!(target: "script", script = %self.name, "{message}"),
+            LogLevel::Error => tracing::error!(target: "script", script = %self.name, "{message}"),
+        }
+        let mut logs = self.logs.borrow_mut();
+        if logs.len() < self.limits.max_log_lines {
+            logs.push(LogLine { level, message });
+        }
+    }
+
+    /// Drop every JS handle the run holds; must happen while the runtime is alive.
+    fn release_js(&self) {
+        self.timers.borrow_mut().clear();
+        self.settlers.borrow_mut().clear();
+        self.input.borrow_mut().take();
+        *self.host_calls.borrow_mut() = FuturesUnordered::new();
+    }
+}
+
+/// The per-worker-thread executor: owns idle runtimes and runs scripts in fresh contexts.
+pub struct Sandbox {
+    limits: Limits,
+    modules: HostModules,
+    exec_host: String,
+    idle: RefCell<Vec<Runtime>>,
+}
+
+const MAX_IDLE_RUNTIMES: usize = 32;
+/// A runtime still holding more than this after a run and a GC is not reused.
+const REUSE_MALLOC_CEILING: i64 = 8 * 1024 * 1024;
+
+impl Sandbox {
+    pub fn new(limits: Limits, modules: HostModules, exec_host: String) -> Self {
+        Sandbox {
+            limits,
+            modules,
+            exec_host,
+            idle: RefCell::new(Vec::new()),
+        }
+    }
+
+    fn take_runtime(&self) -> Result<Runtime, ScriptError> {
+        if let Some(rt) = self.idle.borrow_mut().pop() {
+            return Ok(rt);
+        }
+        let rt = Runtime::new()
+            .map_err(|e| ScriptError::internal(format!("cannot create a JS runtime: {e}")))?;
+        rt.set_memory_limit(self.limits.memory_bytes);
+        rt.set_max_stack_size(self.limits.stack_bytes);
+        Ok(rt)
+    }
+
+    fn give_back(&self, rt: Runtime) {
+        rt.set_interrupt_handler(None);
+        rt.run_gc();
+        let usage = rt.memory_usage();
+        let mut idle = self.idle.borrow_mut();
+        if usage.malloc_size < REUSE_MALLOC_CEILING && idle.len() < MAX_IDLE_RUNTIMES {
+            idle.push(rt);
+        }
+    }
+
+    /// Run one script to completion. Never panics: a panic in a host callback is this run's 500.
+    pub async fn run(&self, req: RunRequest) -> RunOutput {
+        let started = Instant::now();
+        let state = Rc::new(RunState {
+            name: req.script.name.clone(),
+            mode: req.mode,
+            limits: self.limits.clone(),
+            cpu_budget: self.limits.cpu_for(req.mode),
+            cpu_used: Cell::new(Duration::ZERO),
+            slice_start: Cell::new(None),
+            limit_hit: Cell::new(None),
+            completion: RefCell::new(None),
+            uncaught: RefCell::new(None),
+            logs: RefCell::new(Vec::new()),
+            timers: RefCell::new(BTreeMap::new()),
+            host_calls: RefCell::new(FuturesUnordered::new()),
+            settlers: RefCell::new(HashMap::new()),
+            input: RefCell::new(None),
+            next_id: Cell::new(0),
+        });
+        let result = match self.take_runtime() {
+            Err(e) => Err(e),
+            Ok(rt) => {
+                let handler_state = state.clone();
+                rt.set_interrupt_handler(Some(Box::new(move || handler_state.should_interrupt())));
+                let run = std::panic::AssertUnwindSafe(execute(self, &rt, &state, req));
+                match futures::FutureExt::catch_unwind(run).await {
+                    Ok(result) => {
+                        state.release_js();
+                        if state.limit_hit.get().is_none() {
+                            self.give_back(rt);
+                        }
+                        result
+                    }
+                    Err(panic) => {
+                        // The runtime may be in any state: drop it, never reuse it.
+                        state.release_js();
+                        rt.set_interrupt_handler(None);
+                        let what = panic
+                            .downcast_ref::<&str>()
+                            .map(|s| s.to_string())
+                            .or_else(|| panic.downcast_ref::<String>().cloned())
+                            .unwrap_or_else(|| "unknown panic".into());
+                        tracing::error!(script = %state.name, "host function panicked: {what}");
+                        Err(ScriptError::internal(format!(
+                            "internal error in a host function: {what}"
+                        )))
+                    }
+                }
+            }
+        };
+        let logs = std::mem::take(&mut *state.logs.borrow_mut());
+        RunOutput {
+            result,
+            logs,
+            duration: started.elapsed(),
+            cpu: state.cpu_used.get(),
+        }
+    }
+}
+
+/// Where the script's entry points are found after its top level ran.
+struct Loaded {
+    namespace: Option<Persistent<Object<'static>>>,
+    data: Persistent<Value<'static>>,
+    ctx_object: Option<Persistent<Object<'static>>>,
+}
+
+async fn execute(
+    sandbox: &Sandbox,
+    rt: &Runtime,
+    state: &Rc<RunState>,
+    req: RunRequest,
+) -> Result<Json, ScriptError> {
+    match execute_steps(sandbox, rt, state, req).await {
+        Ok(json) => Ok(json),
+        Err(Finished(answer)) => answer,
+    }
+}
+
+async fn execute_steps(
+    sandbox: &Sandbox,
+    rt: &Runtime,
+    state: &Rc<RunState>,
+    req: RunRequest,
+) -> Result<Json, Finished> {
+    let context = Context::custom::<RunIntrinsics>(rt).map_err(|e| {
+        Finished(Err(ScriptError::internal(format!(
+            "cannot create a JS context: {e}"
+        ))))
+    })?;
+    let wall_deadline = state.limits.wall_for(req.mode).map(|w| Instant::now() + w);
+    let script = req.script.clone();
+    let ctx_host: Option<Rc<dyn HostObject>> = req.ctx.map(|b| Rc::from(b as Box<dyn HostObject>));
+
+    // Top level: globals, then the script's own top-level code.
+    let (loaded, module_promise) = state
+        .slice(&context, |ctx| {
+            let fail = |e| state.error_from(&ctx, e);
+            let data = json_to_js(&ctx, &req.data).map_err(fail)?;
+            install_globals(&ctx, state, sandbox, &script, data.clone()).map_err(fail)?;
+            let ctx_object = match &ctx_host {
+                Some(host) => Some(Persistent::save(
+                    &ctx,
+                    host_object_to_js(&ctx, state, host.clone()).map_err(fail)?,
+                )),
+                None => None,
+            };
+            let (namespace, promise) = evaluate_top_level(&ctx, &script).map_err(fail)?;
+            Ok((
+                Loaded {
+                    namespace: namespace.map(|n| Persistent::save(&ctx, n)),
+                    data: Persistent::save(&ctx, data),
+                    ctx_object,
+                },
+                promise.map(|p| Persistent::save(&ctx, p)),
+            ))
+        })
+        .map_err(|e| state.finish_with(e))?;
+    if let Some(done) = state.finished() {
+        return Err(done);
+    }
+    if let Some(promise) = module_promise {
+        settle(state, &context, promise, wall_deadline).await?;
+    }
+
+    // The entry point.
+    let returned = state
+        .slice(&context, |ctx| {
+            let fail = |e| state.error_from(&ctx, e);
+            let entry = find_entry(&ctx, &loaded, req.mode, req.function.as_deref())?;
+            let data = loaded.data.clone().restore(&ctx).map_err(fail)?;
+            let ctx_arg = match &loaded.ctx_object {
+                Some(o) => o.clone().restore(&ctx).map_err(fail)?.into_value(),
+                None => Value::new_undefined(ctx.clone()),
+            };
+            let value: Value = entry.call((data, ctx_arg)).map_err(fail)?;
+            Ok(match value.as_promise() {
+                Some(p) => Returned::Promise(Persistent::save(&ctx, p.clone())),
+                None => Returned::Value(Persistent::save(&ctx, value)),
+            })
+        })
+        .map_err(|e| state.finish_with(e))?;
+    if let Some(done) = state.finished() {
+        return Err(done);
+    }
+    let value = match returned {
+        Returned::Value(v) => v,
+        Returned::Promise(p) => settle(state, &context, p, wall_deadline).await?,
+    };
+    state
+        .slice(&context, |ctx| {
+            let value = value.restore(&ctx).map_err(|e| state.error_from(&ctx, e))?;
+            js_to_json(&ctx, value).map_err(|e| match e {
+                rquickjs::Error::Exception => {
+                    let thrown = ctx.catch();
+                    ScriptError::internal(format!(
+                        "the result is not JSON-serialisable: {}",
+                        describe_exception(&thrown).text
+                    ))
+                }
+                other => state.error_from(&ctx, other),
+            })
+        })
+        .map_err(|e| state.finish_with(e))
+}
+
+enum Returned {
+    Value(Persistent<Value<'static>>),
+    Promise(Persistent<Promise<'static>>),
+}
+
+/// The run ended early (exit/err, a limit, a rejection): its final answer.
+struct Finished(Result<Json, ScriptError>);
+
+impl RunState {
+    /// A failed step ends the run with exit()/err()'s answer when one was given, else with `e`.
+    fn finish_with(&self, e: ScriptError) -> Finished {
+        Finished(self.stop().unwrap_or(Err(e)))
+    }
+    fn finished(&self) -> Option<Finished> {
+        self.stop().map(Finished)
+    }
+}
+
+/// Run jobs, timers and host calls until `promise` settles (or the run must stop).
+async fn settle(
+    state: &Rc<RunState>,
+    context: &Context,
+    promise: Persistent<Promise<'static>>,
+    wall_deadline: Option<Instant>,
+) -> Result<Persistent<Value<'static>>, Finished> {
+    loop {
+        loop {
+            let more = state.slice(context, |ctx| ctx.execute_pending_job());
+            if let Some(done) = state.finished() {
+                return Err(done);
+            }
+            if !more {
+                break;
+            }
+        }
+        let settled = state.slice(context, |ctx| {
+            let p = promise
+                .clone()
+                .restore(&ctx)
+                .map_err(|e| state.error_from(&ctx, e))?;
+            match p.state() {
+                rquickjs::promise::PromiseState::Pending => Ok(None),
+                rquickjs::promise::PromiseState::Resolved => {
+                    let v: Value = p
+                        .result()
+                        .unwrap_or_else(|| Ok(Value::new_undefined(ctx.clone())))
+                        .map_err(|e| state.error_from(&ctx, e))?;
+                    Ok(Some(Persistent::save(&ctx, v)))
+                }
+                rquickjs::promise::PromiseState::Rejected => {
+                    let reason = match p.result::<Value>() {
+                        Some(Err(rquickjs::Error::Exception)) | None => ctx.catch(),
+                        Some(Ok(v)) => v,
+                        Some(Err(e)) => return Err(state.error_from(&ctx, e)),
+                    };
+                    Err(state.error_from_thrown(&reason))
+                }
+            }
+        });
+        match settled {
+            Err(e) => return Err(state.finish_with(e)),
+            Ok(Some(v)) => return Ok(v),
+            Ok(None) => {}
+        }
+        if let Err(e) = wait_for_event(state, context, wall_deadline).await {
+            return Err(state.finish_with(e));
+        }
+        if let Some(done) = state.finished() {
+            return Err(done);
+        }
+    }
+}
+
+/// Wait for the next timer or host call, and deliver it to the script.
+async fn wait_for_event(
+    state: &Rc<RunState>,
+    context: &Context,
+    wall_deadline: Option<Instant>,
+) -> Result<(), ScriptError> {
+    let next_timer = state.timers.borrow().keys().next().map(|(at, _)| *at);
+    let mut calls = std::mem::take(&mut *state.host_calls.borrow_mut());
+    if next_timer.is_none() && calls.is_empty() {
+        return Err(ScriptError::internal(
+            "the script's promise never settled: nothing is pending (no timer, no host call)",
+        ));
+    }
+    let far = Instant::now() + Duration::from_secs(365 * 24 * 3600);
+    let timer_at = next_timer.unwrap_or(far);
+    let wall_at = wall_deadline.unwrap_or(far);
+    enum Event {
+        Host(u64, HostResult),
+        Timer,
+        Wall,
+    }
+    let event = tokio::select! {
+        Some((id, result)) = calls.next(), if !calls.is_empty() => Event::Host(id, result),
+        _ = tokio::time::sleep_until(timer_at.into()), if next_timer.is_some() => Event::Timer,
+        _ = tokio::time::sleep_until(wall_at.into()), if wall_deadline.is_some() => Event::Wall,
+    };
+    // Calls the script started meanwhile cannot exist (no JS ran), but keep both sets anyway.
+    let mut current = state.host_calls.borrow_mut();
+    calls.extend(std::mem::take(&mut *current));
+    *current = calls;
+    drop(current);
+    match event {
+        Event::Wall => {
+            state.limit_hit.set(Some(LimitHit::Wall));
+            Err(state.limit_error(LimitHit::Wall))
+        }
+        Event::Timer => {
+            let entry = {
+                let mut timers = state.timers.borrow_mut();
+                let key = *timers.keys().next().expect("a timer was due");
+                timers.remove(&key)
+            };
+            if let Some(callback) = entry {
+                state.slice(context, |ctx| {
+                    let outcome = callback.restore(&ctx).and_then(|f| f.call::<_, Value>(()));
+                    if let Err(e) = outcome {
+                        let err = state.error_from(&ctx, e);
+                        if state.stop().is_none() {
+                            *state.uncaught.borrow_mut() = Some(err);
+                        }
+                    }
+                });
+            }
+            Ok(())
+        }
+        Event::Host(id, result) => {
+            let settler = state.settlers.borrow_mut().remove(&id);
+            if let Some(settler) = settler {
+                state.slice(context, |ctx| {
+                    let delivered = deliver(&ctx, settler, result);
+                    if let Err(e) = delivered {
+                        let err = state.error_from(&ctx, e);
+                        if state.stop().is_none() {
+                            *state.uncaught.borrow_mut() = Some(err);
+                        }
+                    }
+                });
+            }
+            Ok(())
+        }
+    }
+}
+
+fn deliver(ctx: &Ctx<'_>, settler: Settler, result: HostResult) -> rquickjs::Result<()> {
+    match result {
+        Ok(json) => {
+            let value = json_to_js(ctx, &json)?;
+            settler.resolve.restore(ctx)?.call::<_, ()>((value,))
+        }
+        Err(e) => {
+            let error = host_error_to_js(ctx, &e)?;
+            settler.reject.restore(ctx)?.call::<_, ()>((error,))
+        }
+    }
+}
+
+fn evaluate_top_level<'js>(
+    ctx: &Ctx<'js>,
+    script: &CompiledScript,
+) -> rquickjs::Result<(Option<Object<'js>>, Option<Promise<'js>>)> {
+    match script.kind {
+        SourceKind::Global => {
+            // SAFETY: the bytecode was produced by `compile` from this crate's QuickJS build;
+            // JS_ReadObject copies from the slice; JS_EvalFunction consumes the function value.
+            let result = unsafe {
+                let func = qjs::JS_ReadObject(
+                    ctx.as_raw().as_ptr(),
+                    script.bytecode.as_ptr(),
+                    script.bytecode.len() as _,
+                    qjs::JS_READ_OBJ_BYTECODE as i32,
+                );
+                if qjs::JS_IsException(func) {
+                    return Err(rquickjs::Error::Exception);
+                }
+                Value::from_raw(
+                    ctx.clone(),
+                    qjs::JS_EvalFunction(ctx.as_raw().as_ptr(), func),
+                )
+            };
+            if result.is_exception() {
+                return Err(rquickjs::Error::Exception);
+            }
+            Ok((None, None))
+        }
+        SourceKind::Module => {
+            // SAFETY: as above, the bytes are our own compiler's output.
+            let declared = unsafe { Module::load(ctx.clone(), &script.bytecode)? };
+            let (module, promise) = declared.eval()?;
+            let namespace = module.namespace()?;
+            Ok((Some(namespace), Some(promise)))
+        }
+    }
+}
+
+fn find_entry<'js>(
+    ctx: &Ctx<'js>,
+    loaded: &Loaded,
+    mode: Mode,
+    function: Option<&str>,
+) -> Result<Function<'js>, ScriptError> {
+    let globals = ctx.globals();
+    let namespace = loaded.namespace.clone().and_then(|n| n.restore(ctx).ok());
+    let module_exports = |key: &str| -> Option<Object<'js>> {
+        let module: Object = globals.get("module").ok()?;
+        module.get::<_, Option<Object>>(key).ok().flatten()
+    };
+    let lookup = |name: &str| -> Option<Function<'js>> {
+        let from = |o: Option<Object<'js>>| {
+            o.and_then(|o| o.get::<_, Option<Function>>(name).ok().flatten())
+        };
+        from(namespace.clone())
+            .or_else(|| from(module_exports("exports")))
+            .or_else(|| from(module_exports("export")))
+            .or_else(|| globals.get::<_, Option<Function>>(name).ok().flatten())
+    };
+    if mode == Mode::Driver {
+        let name = function.ok_or_else(|| {
+            ScriptError::internal(format!(
+                "driver mode needs a function name: one of {}",
+                DRIVER_FUNCTIONS.join(", ")
+            ))
+        })?;
+        return lookup(name).ok_or_else(|| {
+            ScriptError::new(
+                404,
+                format!("the driver does not export a function '{name}'"),
+            )
+        });
+    }
+    if let Some(name) = function {
+        return lookup(name)
+            .ok_or_else(|| ScriptError::new(404, format!("the script has no function '{name}'")));
+    }
+    let default_export = namespace
+        .as_ref()
+        .and_then(|n| n.get::<_, Option<Function>>("default").ok().flatten());
+    lookup("main")
+        .or(default_export)
+        .or_else(|| {
+            let module: Object = globals.get("module").ok()?;
+            module.get::<_, Option<Function>>("exports").ok().flatten()
+        })
+        .ok_or_else(|| {
+            ScriptError::internal(
+                "the script defines no entry point: declare function main(data), export one, or call exit()",
+            )
+        })
+}
+
+fn json_to_js<'js>(ctx: &Ctx<'js>, json: &Json) -> rquickjs::Result<Value<'js>> {
+    match json {
+        Json::Null => Ok(Value::new_null(ctx.clone())),
+        Json::Bool(b) => Ok(Value::new_bool(ctx.clone(), *b)),
+        Json::String(s) => rquickjs::String::from_str(ctx.clone(), s).map(|s| s.into_value()),
+        Json::Number(n) => Ok(match n.as_i64().and_then(|i| i32::try_from(i).ok()) {
+            Some(i) => Value::new_int(ctx.clone(), i),
+            None => Value::new_float(ctx.clone(), n.as_f64().unwrap_or(f64::NAN)),
+        }),
+        Json::Array(_) | Json::Object(_) => {
+            let text = serde_json::to_string(json).map_err(|e| rquickjs::Error::IntoJs {
+                from: "json",
+                to: "value",
+                message: Some(e.to_string()),
+            })?;
+            ctx.json_parse(text)
+        }
+    }
+}
+
+fn js_to_json<'js>(ctx: &Ctx<'js>, value: Value<'js>) -> rquickjs::Result<Json> {
+    if value.is_undefined() || value.is_null() {
+        return Ok(Json::Null);
+    }
+    if let Some(b) = value.as_bool() {
+        return Ok(Json::Bool(b));
+    }
+    if let Some(i) = value.as_int() {
+        return Ok(Json::from(i));
+    }
+    if let Some(s) = value.as_string() {
+        return Ok(Json::String(s.to_string()?));
+    }
+    match ctx.json_stringify(value)? {
+        None => Ok(Json::Null),
+        Some(text) => {
+            serde_json::from_str(&text.to_string()?).map_err(|e| rquickjs::Error::FromJs {
+                from: "value",
+                to: "json",
+                message: Some(e.to_string()),
+            })
+        }
+    }
+}
+
+fn host_error_to_js<'js>(ctx: &Ctx<'js>, e: &HostError) -> rquickjs::Result<Value<'js>> {
+    let exception = Exception::from_message(ctx.clone(), &e.message)?;
+    let obj = exception.into_object();
+    obj.set("name", e.name.as_str())?;
+    Ok(obj.into_value())
+}
+
+/// Throw `value` so no `catch` or `finally` in the script can intercept it: exit()/err() use
+/// this so nothing after them runs.
+fn throw_uncatchable(ctx: &Ctx<'_>) -> rquickjs::Error {
+    match Exception::from_message(ctx.clone(), "script exited") {
+        Ok(exception) => {
+            let value = exception.into_value();
+            // SAFETY: marks an Error object we own; QuickJS then skips every handler while unwinding.
+            unsafe { qjs::JS_SetUncatchableError(ctx.as_raw().as_ptr(), value.as_raw()) };
+            ctx.throw(value)
+        }
+        Err(e) => e,
+    }
+}
+
+fn args_to_json<'js>(ctx: &Ctx<'js>, args: Rest<Value<'js>>) -> rquickjs::Result<Vec<Json>> {
+    args.0
+        .into_iter()
+        .map(|v| {
+            if v.is_function() {
+                Ok(Json::Null)
+            } else {
+                js_to_json(ctx, v)
+            }
+        })
+        .collect()
+}
+
+/// Expose a host object (class5 `ctx`, a required module) as a JS object of functions.
+fn host_object_to_js<'js>(
+    ctx: &Ctx<'js>,
+    state: &Rc<RunState>,
+    host: Rc<dyn HostObject>,
+) -> rquickjs::Result<Object<'js>> {
+    let obj = Object::new(ctx.clone())?;
+    for method in host.methods().to_vec() {
+        let host = host.clone();
+        let state = state.clone();
+        let name = method.name;
+        let func = Function::new(ctx.clone(), move |ctx: Ctx<'js>, args: Rest<Value<'js>>| {
+            let args = args_to_json(&ctx, args)?;
+            let call = host.call(name, args);
+            match (method.kind, call) {
+                (MethodKind::Sync, HostCall::Ready(Ok(v))) => json_to_js(&ctx, &v),
+                (MethodKind::Sync, HostCall::Ready(Err(e))) => {
+                    let err = host_error_to_js(&ctx, &e)?;
+                    Err(ctx.throw(err))
+                }
+                (_, call) => {
+                    let (promise, resolve, reject) = ctx.promise()?;
+                    let id = state.next_id();
+                    let settler = Settler {
+                        resolve: Persistent::save(&ctx, resolve),
+                        reject: Persistent::save(&ctx, reject),
+                    };
+                    match call {
+                        HostCall::Ready(result) => deliver(&ctx, settler, result)?,
+                        HostCall::Pending(fut) => {
+                            state.settlers.borrow_mut().insert(id, settler);
+                            state
+                                .host_calls
+                                .borrow()
+                                .push(Box::pin(async move { (id, fut.await) }));
+                        }
+                    }
+                    Ok(promise.into_value())
+                }
+            }
+        })?
+        .with_name(name)?;
+        obj.set(name, func)?;
+    }
+    Ok(obj)
+}
+
+fn install_globals<'js>(
+    ctx: &Ctx<'js>,
+    state: &Rc<RunState>,
+    sandbox: &Sandbox,
+    script: &CompiledScript,
+    data: Value<'js>,
+) -> rquickjs::Result<()> {
+    let g = ctx.globals();
+
+    *state.input.borrow_mut() = Some(Persistent::save(ctx, data));
+    let st = state.clone();
+    g.set(
+        "vars",
+        Function::new(ctx.clone(), move |ctx: Ctx<'js>| {
+            match st.input.borrow().clone() {
+                Some(input) => input.restore(&ctx),
+                None => Ok(Value::new_undefined(ctx.clone())),
+            }
+        })?,
+    )?;
+
+    let st = state.clone();
+    g.set(
+        "exit",
+        Function::new(
+            ctx.clone(),
+            move |ctx: Ctx<'js>, value: rquickjs::function::Opt<Value<'js>>| {
+                let result = match value.0 {
+                    None => Ok(Json::Null),
+                    Some(v) => js_to_json(&ctx, v).map_err(|e| {
+                        let text = match e {
+                            rquickjs::Error::Exception => describe_exception(&ctx.catch()).text,
+                            other => other.to_string(),
+                        };
+                        ScriptError::internal(format!(
+                            "exit() got a value that is not JSON-serialisable: {text}"
+                        ))
+                    }),
+                };
+                if st.completion.borrow().is_none() {
+                    *st.completion.borrow_mut() = Some(result);
+                }
+                Err::<(), _>(throw_uncatchable(&ctx))
+            },
+        )?,
+    )?;
+
+    let st = state.clone();
+    g.set(
+        "err",
+        Function::new(ctx.clone(), move |ctx: Ctx<'js>, args: Rest<Value<'js>>| {
+            let error = match args.0.as_slice() {
+                [] => ScriptError::internal("err() called without an error"),
+                [single] => script_error_from(single),
+                [code, message, ..] => {
+                    let pair = rquickjs::Array::new(ctx.clone())?;
+                    pair.set(0, code.clone())?;
+                    pair.set(1, message.clone())?;
+                    script_error_from(&pair.into_value())
+                }
+            };
+            if st.completion.borrow().is_none() {
+                *st.completion.borrow_mut() = Some(Err(error));
+            }
+            Err::<(), _>(throw_uncatchable(&ctx))
+        })?,
+    )?;
+
+    let console = Object::new(ctx.clone())?;
+    for (name, level) in [
+        ("log", LogLevel::Info),
+        ("info", LogLevel::Info),
+        ("debug", LogLevel::Debug),
+        ("warn", LogLevel::Warn),
+        ("error", LogLevel::Error),
+    ] {
+        let st = state.clone();
+        console.set(
+            name,
+            Function::new(ctx.clone(), move |args: Rest<Value<'js>>| {
+                let text = args.0.iter().map(value_text).collect::<Vec<_>>().join(" ");
+                st.log(level, text);
+            })?,
+        )?;
+    }
+    g.set("console", console)?;
+
+    let process = Object::new(ctx.clone())?;
+    let env = Object::new(ctx.clone())?;
+    env.set("SCRIPTFORGE_NAME", script.name.as_str())?;
+    env.set("SCRIPTFORGE_ID", script.id.as_str())?;
+    env.set("EXEC_HOST", sandbox.exec_host.as_str())?;
+    process.set("env", env)?;
+    g.set("process", process)?;
+
+    let module = Object::new(ctx.clone())?;
+    let exports = Object::new(ctx.clone())?;
+    module.set("exports", exports.clone())?;
+    g.set("module", module)?;
+    g.set("exports", exports)?;
+
+    let st = state.clone();
+    let modules = sandbox.modules.clone();
+    let mode = state.mode;
+    g.set(
+        "require",
+        Function::new(
+            ctx.clone(),
+            move |ctx: Ctx<'js>, name: rquickjs::Coerced<String>| {
+                let name = name.0;
+                match modules.get(&name).filter(|m| m.available_in(mode)) {
+                    Some(m) => {
+                        let host: Rc<dyn HostObject> = Rc::from(m.instantiate());
+                        host_object_to_js(&ctx, &st, host)
+                    }
+                    None => {
+                        let allowed = modules.allowed_in(mode);
+                        let list = if allowed.is_empty() {
+                            format!("none in {mode} mode")
+                        } else {
+                            allowed.join(", ")
+                        };
+                        Err(Exception::throw_type(
+                            &ctx,
+                            &format!("require('{name}'): no such module; allowed: {list}"),
+                        ))
+                    }
+                }
+            },
+        )?,
+    )?;
+
+    let disabled = |what: &'static str| {
+        Function::new(ctx.clone(), move |ctx: Ctx<'js>| {
+            Err::<(), _>(Exception::throw_type(
+                &ctx,
+                &format!("{what} is disabled in callforge scripts"),
+            ))
+        })
+    };
+    g.set("eval", disabled("eval")?)?;
+
+    if state.mode.is_async() {
+        let st = state.clone();
+        g.set(
+            "setTimeout",
+            Function::new(
+                ctx.clone(),
+                move |ctx: Ctx<'js>,
+                      callback: Value<'js>,
+                      delay: rquickjs::function::Opt<f64>,
+                      args: Rest<Value<'js>>| {
+                    let Some(func) = callback.as_function().cloned() else {
+                        return Err(Exception::throw_type(
+                            &ctx,
+                            "setTimeout: the callback must be a function",
+                        ));
+                    };
+                    let mut timers = st.timers.borrow_mut();
+                    if timers.len() >= MAX_TIMERS {
+                        return Err(Exception::throw_range(
+                            &ctx,
+                            &format!("setTimeout: more than {MAX_TIMERS} pending timers"),
+                        ));
+                    }
+                    let ms = delay.0.filter(|d| d.is_finite() && *d > 0.0).unwrap_or(0.0);
+                    let at = Instant::now() + Duration::from_micros((ms.min(1e12) * 1000.0) as u64);
+                    let id = st.next_id();
+                    let callback = if args.0.is_empty() {
+                        func
+                    } else {
+                        // Bind the extra arguments now so the timer entry is just a function.
+                        let bind: Function = func.get("bind")?;
+                        let mut call_args =
+                            rquickjs::function::Args::new(ctx.clone(), args.0.len() + 1);
+                        call_args.this(func.clone())?;
+                        call_args.push_arg(Value::new_undefined(ctx.clone()))?;
+                        call_args.push_args(args.0)?;
+                        call_args.apply::<Function>(&bind)?
+                    };
+                    timers.insert((at, id), Persistent::save(&ctx, callback));
+                    Ok(id as f64)
+                },
+            )?,
+        )?;
+        let st = state.clone();
+        g.set(
+            "clearTimeout",
+            Function::new(ctx.clone(), move |id: rquickjs::function::Opt<f64>| {
+                if let Some(id) = id.0 {
+                    st.timers.borrow_mut().retain(|(_, t), _| *t as f64 != id);
+                }
+            })?,
+        )?;
+    }
+    Ok(())
+}

@@ -1,0 +1,544 @@
+//! Behaviour tests of the interpreter core: entry forms, completion rules, globals, limits.
+
+use std::{
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use futures::FutureExt;
+use serde_json::{json, Value as Json};
+
+use super::*;
+
+fn engine_with(limits: Limits) -> Engine {
+    Engine::start(EngineConfig {
+        limits,
+        workers: 2,
+        ..EngineConfig::default()
+    })
+    .unwrap()
+}
+
+async fn run_in(engine: &Engine, source: &str, mode: Mode, data: Json) -> RunOutput {
+    let script = Arc::new(compile("test", source).unwrap());
+    engine
+        .run(Invocation::new(script, mode, data))
+        .await
+        .unwrap()
+}
+
+async fn run(source: &str, mode: Mode, data: Json) -> RunOutput {
+    run_in(&engine_with(Limits::default()), source, mode, data).await
+}
+
+fn err(code: u16, message: &str) -> Result<Json, ScriptError> {
+    Err(ScriptError::new(code, message))
+}
+
+#[tokio::test]
+async fn every_entry_form_runs() {
+    let data = json!({"n": 2});
+    let cases = [
+        ("function main(data) { return data.n * 2 }", json!(4)),
+        ("async function main(data) { return data.n * 3 }", json!(6)),
+        ("export function main(data) { return data.n + 1 }", json!(3)),
+        (
+            "export default async function (data) { return data.n - 1 }",
+            json!(1),
+        ),
+        (
+            "function main(){ var data = vars(); exit(data); }",
+            json!({"n": 2}),
+        ),
+    ];
+    for (src, want) in cases {
+        let out = run(src, Mode::App, data.clone()).await;
+        assert_eq!(out.result, Ok(want), "{src}");
+    }
+}
+
+#[tokio::test]
+async fn drivers_export_their_functions_in_every_form() {
+    let engine = engine_with(Limits::default());
+    let sources = [
+        "module.exports = { search: (q) => ({found: q.number}), list: () => [1,2] }",
+        "module.export = { search(q) { return {found: q.number} }, list() { return [1,2] } }",
+        "export async function search(q) { return {found: q.number} }\nexport function list() { return [1,2] }",
+    ];
+    for src in sources {
+        let script = Arc::new(compile("drv", src).unwrap());
+        assert!(script.is_driver, "{src}");
+        let mut inv = Invocation::new(script.clone(), Mode::Driver, json!({"number": "4420"}));
+        inv.function = Some("search".into());
+        let out = engine.run(inv).await.unwrap();
+        assert_eq!(out.result, Ok(json!({"found": "4420"})), "{src}");
+        let mut inv = Invocation::new(script.clone(), Mode::Driver, Json::Null);
+        inv.function = Some("allocate".into());
+        let out = engine.run(inv).await.unwrap();
+        assert_eq!(out.result.unwrap_err().code, 404, "{src}");
+    }
+}
+
+#[tokio::test]
+async fn exit_wins_and_nothing_after_it_runs() {
+    let src = r#"
+        async function main(data) {
+            setTimeout(() => console.log("timer ran"), 0);
+            Promise.resolve().then(() => console.log("job ran"));
+            try { exit({ok: 1}); } catch (e) { console.log("caught"); } finally { console.log("finally"); }
+            console.log("after exit");
+            return {ok: 2};
+        }"#;
+    let out = run(src, Mode::App, Json::Null).await;
+    assert_eq!(out.result, Ok(json!({"ok": 1})));
+    assert!(out.logs.is_empty(), "{:?}", out.logs);
+}
+
+#[tokio::test]
+async fn err_rejects_with_code_and_stops() {
+    let out = run(
+        "function main(){ try { err([604, 'Number on DNC List']) } catch(e) {} return 1 }",
+        Mode::Class4,
+        json!({"routing": {}}),
+    )
+    .await;
+    assert_eq!(out.result, err(604, "Number on DNC List"));
+    let out = run(
+        "function main(){ err(480, 'Closed') }",
+        Mode::App,
+        Json::Null,
+    )
+    .await;
+    assert_eq!(out.result, err(480, "Closed"));
+}
+
+#[tokio::test]
+async fn thrown_values_map_to_script_errors() {
+    let cases = [
+        (
+            "function main(){ throw [604, 'Number on DNC List'] }",
+            604,
+            "Number on DNC List",
+        ),
+        (
+            "async function main(){ throw new Error('480 Outside hours') }",
+            480,
+            "Outside hours",
+        ),
+        (
+            "function main(){ throw new TypeError('bad input') }",
+            500,
+            "TypeError: bad input",
+        ),
+        ("function main(){ throw 'plain' }", 500, "plain"),
+        (
+            "async function main(){ await null; return Promise.reject([503, 'Busy']) }",
+            503,
+            "Busy",
+        ),
+    ];
+    for (src, code, message) in cases {
+        let out = run(src, Mode::App, Json::Null).await;
+        assert_eq!(out.result, err(code, message), "{src}");
+    }
+}
+
+#[tokio::test]
+async fn class4_results_are_normalised_to_the_whole_object() {
+    let input = json!({"routing": {"cli": "100", "dest_number": "44"}, "tag": "x"});
+    let out = run(
+        "function main(data){ data.routing.cli = '200'; return data.routing }",
+        Mode::Class4,
+        input.clone(),
+    )
+    .await;
+    assert_eq!(
+        out.result,
+        Ok(json!({"routing": {"cli": "200", "dest_number": "44"}, "tag": "x"}))
+    );
+    let out = run(
+        "function main(data){ data.routing.cli = '300'; return data }",
+        Mode::Class4,
+        input,
+    )
+    .await;
+    assert_eq!(out.result.unwrap()["routing"]["cli"], "300");
+}
+
+#[tokio::test]
+async fn globals_console_and_env_are_there() {
+    let src = r#"function main(data) {
+        console.log("hello", {a: 1}, 3);
+        console.warn("careful");
+        return [process.env.SCRIPTFORGE_NAME, process.env.SCRIPTFORGE_ID.length > 8, typeof process.env.EXEC_HOST];
+    }"#;
+    let out = run(src, Mode::Script, Json::Null).await;
+    assert_eq!(out.result, Ok(json!(["test", true, "string"])));
+    assert_eq!(out.logs.len(), 2);
+    assert_eq!(out.logs[0].message, r#"hello {"a":1} 3"#);
+    assert_eq!(out.logs[1].level, LogLevel::Warn);
+}
+
+#[tokio::test]
+async fn no_eval_no_function_constructor_no_host_access() {
+    for (src, needle) in [
+        ("function main(){ return eval('1+1') }", "disabled"),
+        (
+            "function main(){ return new Function('return 1')() }",
+            "not supported",
+        ),
+        ("function main(){ return require('fs') }", "allowed"),
+        (
+            "function main(){ return typeof std + typeof os + typeof Deno }",
+            "",
+        ),
+    ] {
+        let out = run(src, Mode::App, Json::Null).await;
+        match out.result {
+            Err(e) => assert!(e.message.contains(needle), "{src}: {e}"),
+            Ok(v) => assert_eq!(v, json!("undefinedundefinedundefined"), "{src}"),
+        }
+    }
+}
+
+#[tokio::test]
+async fn script_mode_has_no_timers_but_promises_settle() {
+    let out = run(
+        "async function main(){ const v = await Promise.resolve(5); return [v, typeof setTimeout] }",
+        Mode::Script,
+        Json::Null,
+    )
+    .await;
+    assert_eq!(out.result, Ok(json!([5, "undefined"])));
+}
+
+#[tokio::test]
+async fn timers_run_in_order_and_clear_timeout_works() {
+    let src = r#"async function main(){
+        const seen = [];
+        const t = setTimeout(() => seen.push('cleared'), 5);
+        clearTimeout(t);
+        await new Promise(r => setTimeout(() => { seen.push('b'); r() }, 20));
+        setTimeout((x) => seen.push(x), 1, 'a');
+        await new Promise(r => setTimeout(r, 10));
+        return seen;
+    }"#;
+    let out = run(src, Mode::App, Json::Null).await;
+    assert_eq!(out.result, Ok(json!(["b", "a"])));
+}
+
+#[tokio::test]
+async fn a_promise_that_never_settles_fails_at_once() {
+    let started = Instant::now();
+    let out = run(
+        "function main(){ return new Promise(() => {}) }",
+        Mode::App,
+        Json::Null,
+    )
+    .await;
+    let e = out.result.unwrap_err();
+    assert_eq!(e.code, 500);
+    assert!(e.message.contains("never settled"), "{e}");
+    assert!(started.elapsed() < Duration::from_secs(5));
+}
+
+#[tokio::test]
+async fn limits_end_runaway_scripts_with_a_named_500() {
+    let limits = Limits {
+        memory_bytes: 16 * 1024 * 1024,
+        script_cpu: Duration::from_millis(200),
+        app_cpu: Duration::from_millis(300),
+        wall: Duration::from_millis(400),
+        ..Limits::default()
+    };
+    let engine = engine_with(limits);
+    let cases = [
+        (
+            "function main(){ while(true){} }",
+            Mode::Script,
+            "CPU time limit of 200 ms",
+        ),
+        (
+            "function main(){ try { while(true){} } catch(e) {} return 1 }",
+            Mode::App,
+            "CPU time limit of 300 ms",
+        ),
+        (
+            "function main(){ const a=[]; while(true){ a.push('x'.repeat(1000) + a.length) } }",
+            Mode::App,
+            "memory limit of 16 MiB",
+        ),
+        (
+            "function main(){ return 'x'.repeat(1 << 29) }",
+            Mode::App,
+            "memory limit of 16 MiB",
+        ),
+        (
+            "function main(){ function f(n){ return f(n+1) + 1 } return f(0) }",
+            Mode::App,
+            "stack limit",
+        ),
+        (
+            "async function main(){ await new Promise(r => setTimeout(r, 60000)) }",
+            Mode::App,
+            "wall time limit of 400 ms",
+        ),
+    ];
+    for (src, mode, needle) in cases {
+        let out = run_in(&engine, src, mode, Json::Null).await;
+        let e = out.result.expect_err(src);
+        assert_eq!(e.code, 500, "{src}: {e}");
+        assert!(e.message.contains(needle), "{src}: {e}");
+    }
+    // The engine still serves normal runs afterwards.
+    let out = run_in(
+        &engine,
+        "function main(){ return 7 }",
+        Mode::App,
+        Json::Null,
+    )
+    .await;
+    assert_eq!(out.result, Ok(json!(7)));
+}
+
+#[tokio::test]
+async fn runs_share_nothing() {
+    let engine = engine_with(Limits::default());
+    let src = "var counter; function main(){ globalThis.leak = (globalThis.leak || 0) + 1; Object.prototype.polluted = 1; return [globalThis.leak, typeof counter] }";
+    for _ in 0..6 {
+        let out = run_in(&engine, src, Mode::App, Json::Null).await;
+        assert_eq!(out.result, Ok(json!([1, "undefined"])));
+    }
+    let out = run_in(
+        &engine,
+        "function main(){ return ({}).polluted }",
+        Mode::App,
+        Json::Null,
+    )
+    .await;
+    assert_eq!(out.result, Ok(Json::Null));
+}
+
+#[tokio::test]
+async fn a_runaway_run_does_not_slow_others() {
+    let limits = Limits {
+        script_cpu: Duration::from_millis(1500),
+        ..Limits::default()
+    };
+    let engine = Arc::new(engine_with(limits));
+    let spin = {
+        let engine = engine.clone();
+        tokio::spawn(async move {
+            run_in(
+                &engine,
+                "function main(){ while(true){} }",
+                Mode::Script,
+                Json::Null,
+            )
+            .await
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let started = Instant::now();
+    for i in 0..20 {
+        let out = run_in(
+            &engine,
+            "function main(d){ return d.i }",
+            Mode::Script,
+            json!({"i": i}),
+        )
+        .await;
+        assert_eq!(out.result, Ok(json!(i)));
+    }
+    assert!(
+        started.elapsed() < Duration::from_millis(1000),
+        "{:?}",
+        started.elapsed()
+    );
+    let spun = spin.await.unwrap();
+    assert!(spun.result.unwrap_err().message.contains("CPU time limit"));
+}
+
+/// A class5-style `ctx` whose operations are tokio timers, proving the seam for the voice layer.
+struct TimerCtx;
+
+impl HostObject for TimerCtx {
+    fn methods(&self) -> &[HostMethod] {
+        const M: &[HostMethod] = &[
+            HostMethod::asynchronous("answer"),
+            HostMethod::asynchronous("play"),
+            HostMethod::sync("get"),
+            HostMethod::asynchronous("hangupNow"),
+        ];
+        M
+    }
+    fn call(&self, method: &str, args: Vec<Json>) -> HostCall {
+        match method {
+            "answer" => HostCall::Pending(
+                async {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    Ok(json!("answered"))
+                }
+                .boxed_local(),
+            ),
+            "play" => {
+                let file = args.first().cloned().unwrap_or(Json::Null);
+                HostCall::Pending(
+                    async move {
+                        tokio::time::sleep(Duration::from_millis(30)).await;
+                        Ok(json!({"played": file}))
+                    }
+                    .boxed_local(),
+                )
+            }
+            "get" => HostCall::Ready(Ok(json!("caller-id"))),
+            _ => HostCall::Pending(
+                async {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                    Err(HostError::new("Hangup", "the caller hung up"))
+                }
+                .boxed_local(),
+            ),
+        }
+    }
+}
+
+#[tokio::test]
+async fn class5_ctx_operations_are_awaited_host_futures() {
+    let engine = engine_with(Limits::default());
+    let src = r#"async function main(data, ctx) {
+        const a = await ctx.answer();
+        const p = await ctx.play("welcome.wav");
+        let caught = null;
+        try { await ctx.hangupNow() } catch (e) { caught = e.name + ': ' + e.message }
+        return [a, p, ctx.get("sip_from_user"), caught, data.call_id];
+    }"#;
+    let script = Arc::new(compile("ivr", src).unwrap());
+    let started = Instant::now();
+    let mut inv = Invocation::new(script, Mode::Class5, json!({"call_id": "abc"}));
+    inv.ctx = Some(Box::new(TimerCtx));
+    let out = engine.run(inv).await.unwrap();
+    assert_eq!(
+        out.result,
+        Ok(
+            json!(["answered", {"played": "welcome.wav"}, "caller-id", "Hangup: the caller hung up", "abc"])
+        )
+    );
+    assert!(started.elapsed() >= Duration::from_millis(50));
+    assert!(
+        out.cpu < out.duration,
+        "awaiting is not CPU: {:?} vs {:?}",
+        out.cpu,
+        out.duration
+    );
+}
+
+#[tokio::test]
+async fn many_waiting_calls_cost_tasks_not_threads() {
+    let engine = Arc::new(engine_with(Limits::default()));
+    let script = Arc::new(
+        compile(
+            "ivr",
+            "async function main(d, ctx){ await ctx.answer(); await ctx.play('x'); return d.i }",
+        )
+        .unwrap(),
+    );
+    let started = Instant::now();
+    let runs = (0..200).map(|i| {
+        let engine = engine.clone();
+        let script = script.clone();
+        async move {
+            let mut inv = Invocation::new(script, Mode::Class5, json!({"i": i}));
+            inv.ctx = Some(Box::new(TimerCtx));
+            engine.run(inv).await.unwrap().result
+        }
+    });
+    let results = futures::future::join_all(runs).await;
+    for (i, r) in results.into_iter().enumerate() {
+        assert_eq!(r, Ok(json!(i)));
+    }
+    // 200 runs each waiting 50 ms on 2 threads: concurrent, not serial (serial would be 10 s).
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        started.elapsed()
+    );
+}
+
+/// A host module whose method panics: the panic is that run's 500, the engine lives on.
+struct Panicky;
+struct PanickyObject;
+impl HostObject for PanickyObject {
+    fn methods(&self) -> &[HostMethod] {
+        const M: &[HostMethod] = &[HostMethod::sync("boom")];
+        M
+    }
+    fn call(&self, _: &str, _: Vec<Json>) -> HostCall {
+        panic!("host bug")
+    }
+}
+impl HostModule for Panicky {
+    fn instantiate(&self) -> Box<dyn HostObject> {
+        Box::new(PanickyObject)
+    }
+}
+
+#[tokio::test]
+async fn a_panicking_host_function_fails_only_its_run() {
+    let mut modules = HostModules::new();
+    modules.register(&["panicky"], Arc::new(Panicky));
+    let engine = Engine::start(EngineConfig {
+        workers: 1,
+        modules,
+        ..EngineConfig::default()
+    })
+    .unwrap();
+    let out = run_in(
+        &engine,
+        "function main(){ return require('panicky').boom() }",
+        Mode::App,
+        Json::Null,
+    )
+    .await;
+    let e = out.result.unwrap_err();
+    assert_eq!(e.code, 500);
+    assert!(e.message.contains("host bug"), "{e}");
+    let out = run_in(
+        &engine,
+        "function main(){ return 1 }",
+        Mode::App,
+        Json::Null,
+    )
+    .await;
+    assert_eq!(out.result, Ok(json!(1)));
+    let out = run_in(
+        &engine,
+        "function main(){ return require('nope') }",
+        Mode::App,
+        Json::Null,
+    )
+    .await;
+    assert!(out.result.unwrap_err().message.contains("allowed: panicky"));
+}
+
+#[tokio::test]
+async fn results_that_are_not_json_are_clear_errors() {
+    let out = run(
+        "function main(){ const a = {}; a.a = a; return a }",
+        Mode::App,
+        Json::Null,
+    )
+    .await;
+    let e = out.result.unwrap_err();
+    assert!(e.message.contains("not JSON-serialisable"), "{e}");
+    let out = run("function main(){ return undefined }", Mode::App, Json::Null).await;
+    assert_eq!(out.result, Ok(Json::Null));
+}
+
+#[tokio::test]
+async fn top_level_exit_without_main_is_a_result() {
+    let out = run("exit({top: true})", Mode::App, Json::Null).await;
+    assert_eq!(out.result, Ok(json!({"top": true})));
+    let out = run("var x = 1;", Mode::App, Json::Null).await;
+    assert!(out.result.unwrap_err().message.contains("no entry point"));
+}
