@@ -1,5 +1,8 @@
 //! callforge: a ScriptForge-compatible engine for programmable voice, routing and scripts.
 
+pub mod app;
+pub mod config;
+pub mod http;
 pub mod media;
 pub mod script;
 pub mod sip;

@@ -1,1 +1,239 @@
-fn main() {}
+//! The `callforge` binary: `serve`, `run` and `check`.
+
+use std::{
+    io::Read,
+    path::{Path, PathBuf},
+    process::ExitCode,
+    sync::Arc,
+};
+
+use anyhow::Context as _;
+use callforge::{
+    app::App,
+    config::Config,
+    script::{self, library::load_file, Engine, EngineConfig, Invocation, LoadError, Mode},
+};
+use clap::{Args, Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "callforge",
+    version,
+    about = "ScriptForge-compatible voice, routing and scripting engine"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Start the engine: HTTP API (and, as configured, SIP).
+    Serve(ServeArgs),
+    /// Run one script and print its result as JSON.
+    Run(RunArgs),
+    /// Compile scripts and report the first syntax error of each.
+    Check {
+        #[arg(required = true)]
+        scripts: Vec<PathBuf>,
+    },
+}
+
+#[derive(Args)]
+struct ServeArgs {
+    /// Configuration file (default: ./callforge.toml when it exists).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// HTTP listen address, e.g. 127.0.0.1:8080 (overrides [http] listen).
+    #[arg(long)]
+    http: Option<std::net::SocketAddr>,
+    /// Scripts folder (overrides [scripts] dir).
+    #[arg(long)]
+    scripts: Option<PathBuf>,
+}
+
+#[derive(Args)]
+struct RunArgs {
+    script: PathBuf,
+    #[arg(long)]
+    mode: Option<Mode>,
+    /// Input data as JSON text.
+    #[arg(long, conflicts_with_all = ["data_file"])]
+    data: Option<String>,
+    /// Input data from a file ('-' reads standard input).
+    #[arg(long)]
+    data_file: Option<PathBuf>,
+    /// Vars TOML merged into the data as top-level keys.
+    #[arg(long)]
+    vars: Option<PathBuf>,
+    /// The function to call (driver mode).
+    #[arg(long = "fn")]
+    function: Option<String>,
+}
+
+fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Serve(args) => {
+            init_tracing();
+            match serve(args) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("callforge: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Command::Run(args) => run(args),
+        Command::Check { scripts } => check(&scripts),
+    }
+}
+
+fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    let mut config = match &args.config {
+        Some(path) => Config::load(path)?,
+        None if Path::new("callforge.toml").exists() => Config::load(Path::new("callforge.toml"))?,
+        None => Config::default(),
+    };
+    if let Some(addr) = args.http {
+        config.http.listen = addr;
+    }
+    if let Some(dir) = args.scripts {
+        config.scripts.dir = dir;
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    runtime.block_on(async {
+        let app = App::new(config, script::HostModules::new())?;
+        app.serve().await?;
+        Ok(())
+    })
+}
+
+fn read_data(args: &RunArgs) -> anyhow::Result<serde_json::Value> {
+    let text = match (&args.data, &args.data_file) {
+        (Some(text), _) => text.clone(),
+        (None, Some(path)) if path.as_os_str() == "-" => {
+            let mut s = String::new();
+            std::io::stdin()
+                .read_to_string(&mut s)
+                .context("reading data from stdin")?;
+            s
+        }
+        (None, Some(path)) => std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read data file {}", path.display()))?,
+        (None, None) => return Ok(serde_json::json!({})),
+    };
+    serde_json::from_str(&text).context("--data is not valid JSON")
+}
+
+fn run(args: RunArgs) -> ExitCode {
+    let script = match load_file(&args.script) {
+        Ok(s) => Arc::new(s),
+        Err(e) => {
+            report_load_error(&args.script, &e);
+            return ExitCode::from(1);
+        }
+    };
+    let mut data = match read_data(&args) {
+        Ok(d) => d,
+        Err(e) => {
+            eprintln!("callforge: {e:#}");
+            return ExitCode::from(1);
+        }
+    };
+    if let Some(path) = &args.vars {
+        match script::vars::load(path) {
+            Ok(vars) => data = script::vars::merge(data, &vars),
+            Err(e) => {
+                eprintln!("callforge: {e}");
+                return ExitCode::from(1);
+            }
+        }
+    }
+    let mode = args.mode.unwrap_or_else(|| Engine::default_mode(&script));
+    let outcome = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(anyhow::Error::from)
+        .and_then(|rt| {
+            rt.block_on(async {
+                let engine = Engine::start(EngineConfig {
+                    workers: 1,
+                    ..EngineConfig::default()
+                })?;
+                let mut inv = Invocation::new(script, mode, data);
+                inv.function = args.function.clone();
+                Ok(engine.run(inv).await?)
+            })
+        });
+    let output = match outcome {
+        Ok(o) => o,
+        Err(e) => {
+            eprintln!("callforge: {e:#}");
+            return ExitCode::from(1);
+        }
+    };
+    for line in &output.logs {
+        eprintln!("[{:?}] {}", line.level, line.message);
+    }
+    match output.result {
+        Ok(result) => {
+            println!("{result}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            println!(
+                "{}",
+                serde_json::json!({"error": {"code": e.code, "message": e.message}})
+            );
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn report_load_error(path: &Path, e: &LoadError) {
+    match e {
+        LoadError::Compile(c) => {
+            eprintln!("{}:{}:{}: {}", path.display(), c.line, c.column, c.message)
+        }
+        other => eprintln!("callforge: {other}"),
+    }
+}
+
+fn check(scripts: &[PathBuf]) -> ExitCode {
+    let mut failed = false;
+    for path in scripts {
+        match load_file(path) {
+            Ok(s) => println!(
+                "{}: ok ({}{})",
+                path.display(),
+                match s.kind {
+                    script::SourceKind::Global => "script",
+                    script::SourceKind::Module => "module",
+                },
+                if s.is_driver { ", driver" } else { "" }
+            ),
+            Err(e) => {
+                report_load_error(path, &e);
+                failed = true;
+            }
+        }
+    }
+    if failed {
+        ExitCode::from(1)
+    } else {
+        ExitCode::SUCCESS
+    }
+}

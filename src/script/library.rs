@@ -13,6 +13,7 @@ use serde::Serialize;
 use super::{
     compile::{compile, content_id, CompiledScript},
     error::LoadError,
+    vars::VarsError,
 };
 
 /// Size limits a library enforces on uploads.
@@ -51,6 +52,7 @@ pub struct ScriptLibrary {
     limits: LibraryLimits,
     by_name: Mutex<HashMap<String, Cached>>,
     by_content: Mutex<HashMap<String, Arc<CompiledScript>>>,
+    vars: Mutex<HashMap<String, (Option<SystemTime>, Arc<serde_json::Value>)>>,
 }
 
 /// Names are file stems: no path separators, no leading dot, nothing that escapes the folder.
@@ -70,6 +72,7 @@ impl ScriptLibrary {
             limits,
             by_name: Mutex::new(HashMap::new()),
             by_content: Mutex::new(HashMap::new()),
+            vars: Mutex::new(HashMap::new()),
         }
     }
 
@@ -170,6 +173,28 @@ impl ScriptLibrary {
         }
         out.sort_by(|a, b| a.name.cmp(&b.name));
         Ok(out)
+    }
+
+    /// The vars file beside a script (`NAME.toml`), if there is one: merged into `data`.
+    pub fn vars(&self, name: &str) -> Result<Option<Arc<serde_json::Value>>, VarsError> {
+        let name = name.strip_suffix(".js").unwrap_or(name);
+        if !valid_name(name) {
+            return Ok(None);
+        }
+        let path = self.dir.join(format!("{name}.toml"));
+        let Ok(meta) = std::fs::metadata(&path) else {
+            return Ok(None);
+        };
+        let modified = meta.modified().ok();
+        let mut cache = self.vars.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((at, vars)) = cache.get(name) {
+            if *at == modified {
+                return Ok(Some(vars.clone()));
+            }
+        }
+        let vars = Arc::new(super::vars::load(&path)?);
+        cache.insert(name.to_string(), (modified, vars.clone()));
+        Ok(Some(vars))
     }
 
     /// Source of `name`, for `GET /v1/scripts/{name}`.

@@ -1,0 +1,163 @@
+//! `callforge.toml`: every section optional, every field defaulted, unknown keys refused.
+
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use serde::Deserialize;
+
+use crate::script::{LibraryLimits, Limits};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Io {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}: {message}")]
+    Invalid { path: String, message: String },
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub http: HttpConfig,
+    pub scripts: ScriptsConfig,
+    pub limits: LimitsConfig,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpConfig {
+    pub listen: SocketAddr,
+    /// Bearer token required on `/v1/*` when set.
+    pub token: Option<String>,
+    pub max_body_bytes: usize,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        HttpConfig {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            token: None,
+            max_body_bytes: 1024 * 1024,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ScriptsConfig {
+    pub dir: PathBuf,
+    pub max_script_bytes: usize,
+    pub max_scripts: usize,
+}
+
+impl Default for ScriptsConfig {
+    fn default() -> Self {
+        let lib = LibraryLimits::default();
+        ScriptsConfig {
+            dir: PathBuf::from("scripts"),
+            max_script_bytes: lib.max_script_bytes,
+            max_scripts: lib.max_scripts,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsConfig {
+    pub memory_mb: usize,
+    pub stack_kb: usize,
+    pub script_cpu_ms: u64,
+    pub app_cpu_ms: u64,
+    pub wall_ms: u64,
+    /// Script worker threads; 0 = one per core.
+    pub workers: usize,
+    pub max_log_lines: usize,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        let l = Limits::default();
+        LimitsConfig {
+            memory_mb: l.memory_bytes / (1024 * 1024),
+            stack_kb: l.stack_bytes / 1024,
+            script_cpu_ms: l.script_cpu.as_millis() as u64,
+            app_cpu_ms: l.app_cpu.as_millis() as u64,
+            wall_ms: l.wall.as_millis() as u64,
+            workers: 0,
+            max_log_lines: l.max_log_lines,
+        }
+    }
+}
+
+impl LimitsConfig {
+    pub fn to_limits(&self) -> Limits {
+        Limits {
+            memory_bytes: self.memory_mb.max(1) * 1024 * 1024,
+            stack_bytes: self.stack_kb.max(64) * 1024,
+            script_cpu: Duration::from_millis(self.script_cpu_ms.max(1)),
+            app_cpu: Duration::from_millis(self.app_cpu_ms.max(1)),
+            wall: Duration::from_millis(self.wall_ms.max(1)),
+            max_log_lines: self.max_log_lines,
+        }
+    }
+}
+
+impl ScriptsConfig {
+    pub fn library_limits(&self) -> LibraryLimits {
+        LibraryLimits {
+            max_script_bytes: self.max_script_bytes,
+            max_scripts: self.max_scripts,
+        }
+    }
+}
+
+impl Config {
+    pub fn parse(text: &str, path: &str) -> Result<Self, ConfigError> {
+        toml::from_str(text).map_err(|e| ConfigError::Invalid {
+            path: path.to_string(),
+            message: e.to_string(),
+        })
+    }
+
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Io {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Self::parse(&text, &path.display().to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_config_is_all_defaults() {
+        let c = Config::parse("", "x").unwrap();
+        assert_eq!(c.http.listen.to_string(), "127.0.0.1:8080");
+        assert_eq!(c.scripts.dir, PathBuf::from("scripts"));
+        assert_eq!(c.limits.to_limits(), Limits::default());
+    }
+
+    #[test]
+    fn sections_override_and_typos_are_refused() {
+        let c = Config::parse(
+            "[http]\nlisten = \"127.0.0.1:9000\"\ntoken = \"s3cret\"\n[limits]\nmemory_mb = 32\nworkers = 3\n",
+            "x",
+        )
+        .unwrap();
+        assert_eq!(c.http.listen.port(), 9000);
+        assert_eq!(c.http.token.as_deref(), Some("s3cret"));
+        assert_eq!(c.limits.to_limits().memory_bytes, 32 * 1024 * 1024);
+        let e = Config::parse("[limits]\nmemroy_mb = 3\n", "cf.toml").unwrap_err();
+        assert!(e.to_string().contains("memroy_mb"), "{e}");
+    }
+}

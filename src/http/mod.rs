@@ -1,0 +1,253 @@
+//! The HTTP API (axum): run scripts, forms and drivers; manage scripts; health.
+
+mod auth;
+mod reply;
+
+use std::{collections::BTreeMap, sync::Arc};
+
+use axum::{
+    body::Bytes,
+    extract::{rejection::BytesRejection, DefaultBodyLimit, Path, Query, State},
+    http::{header, HeaderMap, StatusCode},
+    middleware,
+    response::{IntoResponse, Response},
+    routing::{get, post},
+    Json as JsonBody, Router,
+};
+use serde::Deserialize;
+use serde_json::{json, Value as Json};
+
+use crate::script::{Engine, Invocation, LoadError, Mode, ScriptLibrary};
+
+pub use reply::ApiError;
+
+/// What the handlers share.
+pub struct ApiState {
+    pub engine: Arc<Engine>,
+    pub library: Arc<ScriptLibrary>,
+    pub token: Option<String>,
+    pub max_body_bytes: usize,
+}
+
+/// The API's routes; `/healthz` is open, `/v1/*` needs the bearer token when one is set.
+pub fn router(state: Arc<ApiState>) -> Router {
+    let v1 = Router::new()
+        .route("/v1/run/{script}", post(run_script))
+        .route("/v1/forms/{script}", post(submit_form))
+        .route("/v1/drivers/{script}/{function}", post(call_driver))
+        .route("/v1/scripts", get(list_scripts))
+        .route(
+            "/v1/scripts/{name}",
+            get(get_script).put(put_script).delete(delete_script),
+        )
+        .route_layer(middleware::from_fn_with_state(
+            state.clone(),
+            auth::require_token,
+        ));
+    Router::new()
+        .route("/healthz", get(healthz))
+        .merge(v1)
+        // Our own limit check answers with a JSON 413; axum's default 2 MiB cap is lifted so
+        // the configured one is the one that counts.
+        .layer(DefaultBodyLimit::max(state.max_body_bytes))
+        .with_state(state)
+}
+
+async fn healthz(State(state): State<Arc<ApiState>>) -> Response {
+    JsonBody(json!({"status": "ok", "workers": state.engine.workers()})).into_response()
+}
+
+#[derive(Debug, Deserialize)]
+struct RunQuery {
+    mode: Option<String>,
+    #[serde(rename = "fn")]
+    function: Option<String>,
+}
+
+fn body_bytes(body: Result<Bytes, BytesRejection>, limit: usize) -> Result<Bytes, ApiError> {
+    body.map_err(|e| {
+        if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!("request body larger than the {limit}-byte limit"),
+            )
+        } else {
+            ApiError::new(StatusCode::BAD_REQUEST, e.body_text())
+        }
+    })
+}
+
+fn parse_json(bytes: &[u8]) -> Result<Json, ApiError> {
+    if bytes.iter().all(u8::is_ascii_whitespace) {
+        return Ok(json!({}));
+    }
+    serde_json::from_slice(bytes)
+        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, format!("malformed JSON body: {e}")))
+}
+
+async fn execute(
+    state: &ApiState,
+    name: &str,
+    mode: Mode,
+    data: Json,
+    function: Option<String>,
+) -> Result<Response, ApiError> {
+    let script = state.library.get(name)?;
+    let data = match state.library.vars(name) {
+        Ok(Some(vars)) => crate::script::vars::merge(data, &vars),
+        Ok(None) => data,
+        Err(e) => {
+            return Err(ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                e.to_string(),
+            ))
+        }
+    };
+    let mut inv = Invocation::new(script, mode, data);
+    inv.function = function;
+    let out = state
+        .engine
+        .run(inv)
+        .await
+        .map_err(|e| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, e.to_string()))?;
+    let duration_us = out.duration.as_micros() as u64;
+    Ok(match out.result {
+        Ok(result) => JsonBody(json!({
+            "result": result,
+            "logs": out.logs,
+            "duration_us": duration_us,
+        }))
+        .into_response(),
+        Err(e) => {
+            tracing::debug!(script = name, code = e.code, "script error: {}", e.message);
+            (
+                StatusCode::UNPROCESSABLE_ENTITY,
+                JsonBody(json!({
+                    "error": {"code": e.code, "message": e.message},
+                    "logs": out.logs,
+                    "duration_us": duration_us,
+                })),
+            )
+                .into_response()
+        }
+    })
+}
+
+async fn run_script(
+    State(state): State<Arc<ApiState>>,
+    Path(name): Path<String>,
+    Query(q): Query<RunQuery>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let mode = match q.mode.as_deref() {
+        None | Some("") => Mode::App,
+        Some(m) => m
+            .parse::<Mode>()
+            .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e.to_string()))?,
+    };
+    if mode == Mode::Class5 {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "class5 scripts run on calls, not over HTTP",
+        ));
+    }
+    let data = parse_json(&body_bytes(body, state.max_body_bytes)?)?;
+    execute(&state, &name, mode, data, q.function).await
+}
+
+async fn submit_form(
+    State(state): State<Arc<ApiState>>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let bytes = body_bytes(body, state.max_body_bytes)?;
+    let content_type = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    let data = if content_type.starts_with("application/x-www-form-urlencoded") {
+        let fields: Vec<(String, String)> = serde_urlencoded::from_bytes(&bytes).map_err(|e| {
+            ApiError::new(StatusCode::BAD_REQUEST, format!("malformed form body: {e}"))
+        })?;
+        // A field sent several times (checkboxes) becomes an array.
+        let mut map: BTreeMap<String, Json> = BTreeMap::new();
+        for (k, v) in fields {
+            match map.get_mut(&k) {
+                None => {
+                    map.insert(k, Json::String(v));
+                }
+                Some(Json::Array(items)) => items.push(Json::String(v)),
+                Some(existing) => {
+                    let first = existing.take();
+                    *existing = Json::Array(vec![first, Json::String(v)]);
+                }
+            }
+        }
+        serde_json::to_value(map).unwrap_or_default()
+    } else {
+        parse_json(&bytes)?
+    };
+    execute(&state, &name, Mode::Form, data, None).await
+}
+
+async fn call_driver(
+    State(state): State<Arc<ApiState>>,
+    Path((name, function)): Path<(String, String)>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let data = parse_json(&body_bytes(body, state.max_body_bytes)?)?;
+    execute(&state, &name, Mode::Driver, data, Some(function)).await
+}
+
+async fn list_scripts(State(state): State<Arc<ApiState>>) -> Result<Response, ApiError> {
+    let scripts = state.library.list()?;
+    Ok(JsonBody(json!({ "scripts": scripts })).into_response())
+}
+
+async fn get_script(
+    State(state): State<Arc<ApiState>>,
+    Path(name): Path<String>,
+) -> Result<Response, ApiError> {
+    let source = state.library.source(&name)?;
+    Ok((
+        [(
+            header::CONTENT_TYPE,
+            "application/javascript; charset=utf-8",
+        )],
+        source,
+    )
+        .into_response())
+}
+
+async fn put_script(
+    State(state): State<Arc<ApiState>>,
+    Path(name): Path<String>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let bytes = body_bytes(body, state.max_body_bytes)?;
+    let source = String::from_utf8(bytes.to_vec())
+        .map_err(|_| ApiError::new(StatusCode::BAD_REQUEST, "script is not valid UTF-8"))?;
+    let library = state.library.clone();
+    let name_for_put = name.clone();
+    let script = tokio::task::spawn_blocking(move || library.put(&name_for_put, &source))
+        .await
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))??;
+    tracing::info!(script = %name, id = %script.id, "script uploaded");
+    Ok((
+        StatusCode::OK,
+        JsonBody(json!({"name": script.name, "id": script.id, "driver": script.is_driver})),
+    )
+        .into_response())
+}
+
+async fn delete_script(
+    State(state): State<Arc<ApiState>>,
+    Path(name): Path<String>,
+) -> Result<Response, ApiError> {
+    if state.library.delete(&name)? {
+        Ok(StatusCode::NO_CONTENT.into_response())
+    } else {
+        Err(LoadError::NotFound(name).into())
+    }
+}
