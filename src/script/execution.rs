@@ -63,6 +63,7 @@ pub struct RunOutput {
 }
 
 /// The built-ins a script gets. No `Eval`: `eval` and `new Function` cannot compile code.
+/// Typed arrays are added on first use (see `install_lazy_typed_arrays`).
 type RunIntrinsics = (
     intrinsic::Date,
     intrinsic::RegExpCompiler,
@@ -70,10 +71,30 @@ type RunIntrinsics = (
     intrinsic::Json,
     intrinsic::Proxy,
     intrinsic::MapSet,
-    intrinsic::TypedArrays,
     intrinsic::Promise,
     intrinsic::WeakRef,
 );
+
+/// The globals QuickJS's typed-array intrinsic defines. Building them is a quarter of a
+/// context's cost and routing scripts almost never touch them, so they appear on first access.
+const TYPED_ARRAY_GLOBALS: [&str; 16] = [
+    "ArrayBuffer",
+    "SharedArrayBuffer",
+    "Int8Array",
+    "Uint8Array",
+    "Uint8ClampedArray",
+    "Int16Array",
+    "Uint16Array",
+    "Int32Array",
+    "Uint32Array",
+    "BigInt64Array",
+    "BigUint64Array",
+    "Float16Array",
+    "Float32Array",
+    "Float64Array",
+    "DataView",
+    "Atomics",
+];
 
 const MAX_LOG_LINE: usize = 8 * 1024;
 const MAX_TIMERS: usize = 10_000;
@@ -89,10 +110,10 @@ enum LimitHit {
 
 /// Per-run state shared by the run loop and the host functions installed in the context.
 struct RunState {
-    name: String,
-    mode: Mode,
+    name: RefCell<String>,
+    mode: Cell<Mode>,
     limits: Limits,
-    cpu_budget: Duration,
+    cpu_budget: Cell<Duration>,
     cpu_used: Cell<Duration>,
     slice_start: Cell<Option<Instant>>,
     limit_hit: Cell<Option<LimitHit>>,
@@ -117,6 +138,33 @@ struct Settler {
 }
 
 impl RunState {
+    fn new(limits: Limits) -> Self {
+        RunState {
+            name: RefCell::new(String::new()),
+            mode: Cell::new(Mode::App),
+            cpu_budget: Cell::new(limits.app_cpu),
+            limits,
+            cpu_used: Cell::new(Duration::ZERO),
+            slice_start: Cell::new(None),
+            limit_hit: Cell::new(None),
+            completion: RefCell::new(None),
+            uncaught: RefCell::new(None),
+            logs: RefCell::new(Vec::new()),
+            timers: RefCell::new(BTreeMap::new()),
+            host_calls: RefCell::new(FuturesUnordered::new()),
+            settlers: RefCell::new(HashMap::new()),
+            input: RefCell::new(None),
+            next_id: Cell::new(0),
+        }
+    }
+
+    /// Bind this (prepared, unused) state to the run about to start.
+    fn begin(&self, script: &CompiledScript, mode: Mode) {
+        *self.name.borrow_mut() = script.name.clone();
+        self.mode.set(mode);
+        self.cpu_budget.set(self.limits.cpu_for(mode));
+    }
+
     fn next_id(&self) -> u64 {
         let id = self.next_id.get() + 1;
         self.next_id.set(id);
@@ -139,7 +187,7 @@ impl RunState {
             return true;
         }
         if let Some(start) = self.slice_start.get() {
-            if self.cpu_used.get() + start.elapsed() > self.cpu_budget {
+            if self.cpu_used.get() + start.elapsed() > self.cpu_budget.get() {
                 self.limit_hit.set(Some(LimitHit::Cpu));
                 return true;
             }
@@ -151,7 +199,7 @@ impl RunState {
         let message = match hit {
             LimitHit::Cpu => format!(
                 "CPU time limit of {} ms exceeded",
-                self.cpu_budget.as_millis()
+                self.cpu_budget.get().as_millis()
             ),
             LimitHit::Memory => format!(
                 "memory limit of {} MiB exceeded",
@@ -237,10 +285,18 @@ impl RunState {
             message.push('…');
         }
         match level {
-            LogLevel::Debug => tracing::debug!(target: "script", script = %self.name, "{message}"),
-            LogLevel::Info => tracing::info!(target: "script", script = %self.name, "{message}"),
-            LogLevel::Warn => tracing::warn!(target: "script", script = %self.name, "{message}"),
-            LogLevel::Error => tracing::error!(target: "script", script = %self.name, "{message}"),
+            LogLevel::Debug => {
+                tracing::debug!(target: "script", script = %self.name.borrow(), "{message}")
+            }
+            LogLevel::Info => {
+                tracing::info!(target: "script", script = %self.name.borrow(), "{message}")
+            }
+            LogLevel::Warn => {
+                tracing::warn!(target: "script", script = %self.name.borrow(), "{message}")
+            }
+            LogLevel::Error => {
+                tracing::error!(target: "script", script = %self.name.borrow(), "{message}")
+            }
         }
         let mut logs = self.logs.borrow_mut();
         if logs.len() < self.limits.max_log_lines {
@@ -257,17 +313,39 @@ impl RunState {
     }
 }
 
-/// The per-worker-thread executor: owns idle runtimes and runs scripts in fresh contexts.
+/// A runtime with a fresh, never-used context whose common globals are installed, waiting for
+/// its one run. Preparing happens off the request path (after the previous answer was sent).
+struct Prepared {
+    // Field order is drop order: JS handles and the context go before their runtime.
+    state: Rc<RunState>,
+    context: Context,
+    rt: Runtime,
+}
+
+/// A context that has served its run, to be recycled by [`Sandbox::recycle`].
+pub struct Spent {
+    prepared: Prepared,
+    /// False when the run hit a limit or panicked: the runtime is then never reused.
+    reusable: bool,
+}
+
+/// The per-worker-thread executor: owns runtimes and runs scripts in fresh contexts.
 pub struct Sandbox {
     limits: Limits,
     modules: HostModules,
     exec_host: String,
+    ready: RefCell<Vec<Prepared>>,
     idle: RefCell<Vec<Runtime>>,
+    recycled: Cell<u64>,
 }
 
+/// Prepared contexts a worker keeps ready.
+const MAX_READY: usize = 4;
 const MAX_IDLE_RUNTIMES: usize = 32;
 /// A runtime still holding more than this after a run and a GC is not reused.
 const REUSE_MALLOC_CEILING: i64 = 8 * 1024 * 1024;
+/// How often (in recycled runs) a runtime's memory use is measured; measuring costs a walk.
+const MEMORY_CHECK_EVERY: u64 = 64;
 
 impl Sandbox {
     pub fn new(limits: Limits, modules: HostModules, exec_host: String) -> Self {
@@ -275,14 +353,13 @@ impl Sandbox {
             limits,
             modules,
             exec_host,
+            ready: RefCell::new(Vec::new()),
             idle: RefCell::new(Vec::new()),
+            recycled: Cell::new(0),
         }
     }
 
-    fn take_runtime(&self) -> Result<Runtime, ScriptError> {
-        if let Some(rt) = self.idle.borrow_mut().pop() {
-            return Ok(rt);
-        }
+    fn new_runtime(&self) -> Result<Runtime, ScriptError> {
         let rt = Runtime::new()
             .map_err(|e| ScriptError::internal(format!("cannot create a JS runtime: {e}")))?;
         rt.set_memory_limit(self.limits.memory_bytes);
@@ -290,73 +367,119 @@ impl Sandbox {
         Ok(rt)
     }
 
-    fn give_back(&self, rt: Runtime) {
-        rt.set_interrupt_handler(None);
-        rt.run_gc();
-        let usage = rt.memory_usage();
-        let mut idle = self.idle.borrow_mut();
-        if usage.malloc_size < REUSE_MALLOC_CEILING && idle.len() < MAX_IDLE_RUNTIMES {
-            idle.push(rt);
+    fn prepare(&self, rt: Option<Runtime>) -> Result<Prepared, ScriptError> {
+        let rt = match rt.or_else(|| self.idle.borrow_mut().pop()) {
+            Some(rt) => rt,
+            None => self.new_runtime()?,
+        };
+        let state = Rc::new(RunState::new(self.limits.clone()));
+        let handler_state = state.clone();
+        rt.set_interrupt_handler(Some(Box::new(move || handler_state.should_interrupt())));
+        let context = Context::custom::<RunIntrinsics>(&rt)
+            .map_err(|e| ScriptError::internal(format!("cannot create a JS context: {e}")))?;
+        context
+            .with(|ctx| install_common_globals(&ctx, &state, self))
+            .map_err(|e| ScriptError::internal(format!("cannot install globals: {e}")))?;
+        Ok(Prepared { state, context, rt })
+    }
+
+    /// Prepare contexts ahead of time so the next runs skip context creation.
+    pub fn prewarm(&self) {
+        while self.ready.borrow().len() < MAX_READY {
+            match self.prepare(None) {
+                Ok(p) => self.ready.borrow_mut().push(p),
+                Err(e) => {
+                    tracing::warn!("cannot prewarm a script context: {e}");
+                    return;
+                }
+            }
         }
     }
 
-    /// Run one script to completion. Never panics: a panic in a host callback is this run's 500.
+    /// Run one script to completion and recycle its context.
     pub async fn run(&self, req: RunRequest) -> RunOutput {
+        let (output, spent) = self.run_unrecycled(req).await;
+        self.recycle(spent);
+        output
+    }
+
+    /// Run one script to completion. Never panics: a panic in a host callback is this run's
+    /// 500. The caller answers first and then hands the spent context to [`Sandbox::recycle`],
+    /// so tearing it down and preparing the next one stay off the request's path.
+    pub async fn run_unrecycled(&self, req: RunRequest) -> (RunOutput, Option<Spent>) {
         let started = Instant::now();
-        let state = Rc::new(RunState {
-            name: req.script.name.clone(),
-            mode: req.mode,
-            limits: self.limits.clone(),
-            cpu_budget: self.limits.cpu_for(req.mode),
-            cpu_used: Cell::new(Duration::ZERO),
-            slice_start: Cell::new(None),
-            limit_hit: Cell::new(None),
-            completion: RefCell::new(None),
-            uncaught: RefCell::new(None),
-            logs: RefCell::new(Vec::new()),
-            timers: RefCell::new(BTreeMap::new()),
-            host_calls: RefCell::new(FuturesUnordered::new()),
-            settlers: RefCell::new(HashMap::new()),
-            input: RefCell::new(None),
-            next_id: Cell::new(0),
-        });
-        let result = match self.take_runtime() {
-            Err(e) => Err(e),
-            Ok(rt) => {
-                let handler_state = state.clone();
-                rt.set_interrupt_handler(Some(Box::new(move || handler_state.should_interrupt())));
-                let run = std::panic::AssertUnwindSafe(execute(self, &rt, &state, req));
-                match futures::FutureExt::catch_unwind(run).await {
-                    Ok(result) => {
-                        state.release_js();
-                        if state.limit_hit.get().is_none() {
-                            self.give_back(rt);
-                        }
-                        result
-                    }
-                    Err(panic) => {
-                        // The runtime may be in any state: drop it, never reuse it.
-                        state.release_js();
-                        rt.set_interrupt_handler(None);
-                        let what = panic
-                            .downcast_ref::<&str>()
-                            .map(|s| s.to_string())
-                            .or_else(|| panic.downcast_ref::<String>().cloned())
-                            .unwrap_or_else(|| "unknown panic".into());
-                        tracing::error!(script = %state.name, "host function panicked: {what}");
-                        Err(ScriptError::internal(format!(
-                            "internal error in a host function: {what}"
-                        )))
-                    }
-                }
+        let ready = self.ready.borrow_mut().pop();
+        let prepared = match ready.map(Ok).unwrap_or_else(|| self.prepare(None)) {
+            Ok(p) => p,
+            Err(e) => {
+                let output = RunOutput {
+                    result: Err(e),
+                    logs: Vec::new(),
+                    duration: started.elapsed(),
+                    cpu: Duration::ZERO,
+                };
+                return (output, None);
+            }
+        };
+        let state = prepared.state.clone();
+        state.begin(&req.script, req.mode);
+        let run = std::panic::AssertUnwindSafe(execute(&prepared.context, &state, req));
+        let (result, reusable) = match futures::FutureExt::catch_unwind(run).await {
+            Ok(result) => (result, state.limit_hit.get().is_none()),
+            Err(panic) => {
+                let what = panic
+                    .downcast_ref::<&str>()
+                    .map(|s| s.to_string())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_else(|| "unknown panic".into());
+                tracing::error!(script = %state.name.borrow(), "host function panicked: {what}");
+                let error =
+                    ScriptError::internal(format!("internal error in a host function: {what}"));
+                (Err(error), false)
             }
         };
         let logs = std::mem::take(&mut *state.logs.borrow_mut());
-        RunOutput {
+        let output = RunOutput {
             result,
             logs,
             duration: started.elapsed(),
             cpu: state.cpu_used.get(),
+        };
+        (output, Some(Spent { prepared, reusable }))
+    }
+
+    /// Tear down a spent context and, when its runtime is healthy, prepare the next one in it.
+    pub fn recycle(&self, spent: Option<Spent>) {
+        let Some(Spent { prepared, reusable }) = spent else {
+            return;
+        };
+        let Prepared { state, context, rt } = prepared;
+        state.release_js();
+        drop(context);
+        rt.set_interrupt_handler(None);
+        drop(state);
+        rt.run_gc();
+        let count = self.recycled.get() + 1;
+        self.recycled.set(count);
+        let healthy = reusable
+            && (count % MEMORY_CHECK_EVERY != 0
+                || rt.memory_usage().malloc_size < REUSE_MALLOC_CEILING);
+        if !healthy {
+            // A runtime that still holds objects after its context is gone would abort in
+            // QuickJS's own leak assertion when freed; leaking it is the lesser evil.
+            if !reusable && rt.memory_usage().obj_count > 0 {
+                tracing::warn!("discarding a JS runtime that still holds objects");
+                std::mem::forget(rt);
+            }
+            return;
+        }
+        if self.ready.borrow().len() < MAX_READY {
+            match self.prepare(Some(rt)) {
+                Ok(p) => self.ready.borrow_mut().push(p),
+                Err(e) => tracing::warn!("cannot prepare a script context: {e}"),
+            }
+        } else if self.idle.borrow().len() < MAX_IDLE_RUNTIMES {
+            self.idle.borrow_mut().push(rt);
         }
     }
 }
@@ -369,38 +492,31 @@ struct Loaded {
 }
 
 async fn execute(
-    sandbox: &Sandbox,
-    rt: &Runtime,
+    context: &Context,
     state: &Rc<RunState>,
     req: RunRequest,
 ) -> Result<Json, ScriptError> {
-    match execute_steps(sandbox, rt, state, req).await {
+    match execute_steps(context, state, req).await {
         Ok(json) => Ok(json),
         Err(Finished(answer)) => answer,
     }
 }
 
 async fn execute_steps(
-    sandbox: &Sandbox,
-    rt: &Runtime,
+    context: &Context,
     state: &Rc<RunState>,
     req: RunRequest,
 ) -> Result<Json, Finished> {
-    let context = Context::custom::<RunIntrinsics>(rt).map_err(|e| {
-        Finished(Err(ScriptError::internal(format!(
-            "cannot create a JS context: {e}"
-        ))))
-    })?;
     let wall_deadline = state.limits.wall_for(req.mode).map(|w| Instant::now() + w);
     let script = req.script.clone();
     let ctx_host: Option<Rc<dyn HostObject>> = req.ctx.map(|b| Rc::from(b as Box<dyn HostObject>));
 
     // Top level: globals, then the script's own top-level code.
     let (loaded, module_promise) = state
-        .slice(&context, |ctx| {
+        .slice(context, |ctx| {
             let fail = |e| state.error_from(&ctx, e);
             let data = json_to_js(&ctx, &req.data).map_err(fail)?;
-            install_globals(&ctx, state, sandbox, &script, data.clone()).map_err(fail)?;
+            install_run_globals(&ctx, state, &script, data.clone()).map_err(fail)?;
             let ctx_object = match &ctx_host {
                 Some(host) => Some(Persistent::save(
                     &ctx,
@@ -423,12 +539,12 @@ async fn execute_steps(
         return Err(done);
     }
     if let Some(promise) = module_promise {
-        settle(state, &context, promise, wall_deadline).await?;
+        settle(state, context, promise, wall_deadline).await?;
     }
 
     // The entry point.
     let returned = state
-        .slice(&context, |ctx| {
+        .slice(context, |ctx| {
             let fail = |e| state.error_from(&ctx, e);
             let entry = find_entry(&ctx, &loaded, req.mode, req.function.as_deref())?;
             let data = loaded.data.clone().restore(&ctx).map_err(fail)?;
@@ -448,10 +564,10 @@ async fn execute_steps(
     }
     let value = match returned {
         Returned::Value(v) => v,
-        Returned::Promise(p) => settle(state, &context, p, wall_deadline).await?,
+        Returned::Promise(p) => settle(state, context, p, wall_deadline).await?,
     };
     state
-        .slice(&context, |ctx| {
+        .slice(context, |ctx| {
             let value = value.restore(&ctx).map_err(|e| state.error_from(&ctx, e))?;
             js_to_json(&ctx, value).map_err(|e| match e {
                 rquickjs::Error::Exception => {
@@ -845,16 +961,33 @@ fn host_object_to_js<'js>(
     Ok(obj)
 }
 
-fn install_globals<'js>(
+/// What differs per run: the input, `process.env`, and timers in async modes.
+fn install_run_globals<'js>(
     ctx: &Ctx<'js>,
     state: &Rc<RunState>,
-    sandbox: &Sandbox,
     script: &CompiledScript,
     data: Value<'js>,
 ) -> rquickjs::Result<()> {
     let g = ctx.globals();
-
     *state.input.borrow_mut() = Some(Persistent::save(ctx, data));
+    let process: Object = g.get("process")?;
+    let env: Object = process.get("env")?;
+    env.set("SCRIPTFORGE_NAME", script.name.as_str())?;
+    env.set("SCRIPTFORGE_ID", script.id.as_str())?;
+    if state.mode.get().is_async() {
+        install_timers(ctx, state)?;
+    }
+    Ok(())
+}
+
+/// Globals every run has, installed when the context is prepared (before its run is known).
+fn install_common_globals<'js>(
+    ctx: &Ctx<'js>,
+    state: &Rc<RunState>,
+    sandbox: &Sandbox,
+) -> rquickjs::Result<()> {
+    let g = ctx.globals();
+
     let st = state.clone();
     g.set(
         "vars",
@@ -934,8 +1067,6 @@ fn install_globals<'js>(
 
     let process = Object::new(ctx.clone())?;
     let env = Object::new(ctx.clone())?;
-    env.set("SCRIPTFORGE_NAME", script.name.as_str())?;
-    env.set("SCRIPTFORGE_ID", script.id.as_str())?;
     env.set("EXEC_HOST", sandbox.exec_host.as_str())?;
     process.set("env", env)?;
     g.set("process", process)?;
@@ -948,13 +1079,13 @@ fn install_globals<'js>(
 
     let st = state.clone();
     let modules = sandbox.modules.clone();
-    let mode = state.mode;
     g.set(
         "require",
         Function::new(
             ctx.clone(),
             move |ctx: Ctx<'js>, name: rquickjs::Coerced<String>| {
                 let name = name.0;
+                let mode = st.mode.get();
                 match modules.get(&name).filter(|m| m.available_in(mode)) {
                     Some(m) => {
                         let host: Rc<dyn HostObject> = Rc::from(m.instantiate());
@@ -986,8 +1117,48 @@ fn install_globals<'js>(
         })
     };
     g.set("eval", disabled("eval")?)?;
+    install_lazy_typed_arrays(ctx)
+}
 
-    if state.mode.is_async() {
+/// Define each typed-array global as a configurable accessor that, on first get or set, adds
+/// the real intrinsic (whose definitions replace the accessors) and then answers as it would.
+fn install_lazy_typed_arrays<'js>(ctx: &Ctx<'js>) -> rquickjs::Result<()> {
+    let g = ctx.globals();
+    let added = Rc::new(Cell::new(false));
+    let materialise = move |ctx: &Ctx<'_>, added: &Cell<bool>| {
+        if !added.replace(true) {
+            // Remove every placeholder first: QuickJS defines `Atomics` as an auto-init
+            // property and aborts if one already exists.
+            let g = ctx.globals();
+            for name in TYPED_ARRAY_GLOBALS {
+                let _ = g.remove(name);
+            }
+            // SAFETY: called with the context locked (inside a JS call); the intrinsic only
+            // defines properties on this context's global object, none of which exist now.
+            unsafe { qjs::JS_AddIntrinsicTypedArrays(ctx.as_raw().as_ptr()) };
+        }
+    };
+    for name in TYPED_ARRAY_GLOBALS {
+        let (get_added, set_added) = (added.clone(), added.clone());
+        let getter = move |ctx: Ctx<'js>| -> rquickjs::Result<Value<'js>> {
+            materialise(&ctx, &get_added);
+            ctx.globals().get(name)
+        };
+        let setter = move |ctx: Ctx<'js>, value: Value<'js>| -> rquickjs::Result<()> {
+            materialise(&ctx, &set_added);
+            ctx.globals().set(name, value)
+        };
+        g.prop(
+            name,
+            rquickjs::object::Accessor::new(getter, setter).configurable(),
+        )?;
+    }
+    Ok(())
+}
+
+fn install_timers<'js>(ctx: &Ctx<'js>, state: &Rc<RunState>) -> rquickjs::Result<()> {
+    let g = ctx.globals();
+    {
         let st = state.clone();
         g.set(
             "setTimeout",

@@ -32,6 +32,9 @@ impl Default for LibraryLimits {
     }
 }
 
+/// A vars file's modification time and content.
+type CachedVars = (Option<SystemTime>, Arc<serde_json::Value>);
+
 struct Cached {
     modified: Option<SystemTime>,
     len: u64,
@@ -52,7 +55,7 @@ pub struct ScriptLibrary {
     limits: LibraryLimits,
     by_name: Mutex<HashMap<String, Cached>>,
     by_content: Mutex<HashMap<String, Arc<CompiledScript>>>,
-    vars: Mutex<HashMap<String, (Option<SystemTime>, Arc<serde_json::Value>)>>,
+    vars: Mutex<HashMap<String, CachedVars>>,
 }
 
 /// Names are file stems: no path separators, no leading dot, nothing that escapes the folder.

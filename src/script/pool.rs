@@ -109,15 +109,19 @@ fn worker_main(
         }
     };
     let sandbox = Rc::new(Sandbox::new(limits, modules, exec_host));
+    sandbox.prewarm();
     let local = tokio::task::LocalSet::new();
     local.block_on(&runtime, async move {
         while let Some(job) = jobs.recv().await {
             let sandbox = sandbox.clone();
             let in_flight = in_flight.clone();
             tokio::task::spawn_local(async move {
-                let output = sandbox.run(job.request).await;
+                let (output, spent) = sandbox.run_unrecycled(job.request).await;
                 in_flight.fetch_sub(1, Ordering::Relaxed);
                 let _ = job.reply.send(output);
+                // Answer first: tearing down the context and preparing the next is not the
+                // caller's wait.
+                sandbox.recycle(spent);
             });
         }
     });

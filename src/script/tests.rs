@@ -542,3 +542,30 @@ async fn top_level_exit_without_main_is_a_result() {
     let out = run("var x = 1;", Mode::App, Json::Null).await;
     assert!(out.result.unwrap_err().message.contains("no entry point"));
 }
+
+#[tokio::test]
+async fn typed_arrays_work_although_they_are_added_on_first_use() {
+    let src = r#"function main() {
+        const before = Object.getOwnPropertyNames(globalThis).includes("Uint8Array");
+        const a = new Uint8Array([1, 2, 300]);
+        const view = new DataView(new ArrayBuffer(4));
+        view.setUint16(0, 0xbeef);
+        globalThis.Float64Array = 42;
+        return [before, typeof Atomics, Array.from(a), view.getUint8(0), typeof Int32Array, Float64Array,
+                a instanceof Uint8Array, Object.prototype.toString.call(new Int16Array(2))];
+    }"#;
+    let out = run(src, Mode::Script, Json::Null).await;
+    assert_eq!(
+        out.result,
+        Ok(json!([
+            true,
+            "object",
+            [1, 2, 44],
+            0xbe,
+            "function",
+            42,
+            true,
+            "[object Int16Array]"
+        ]))
+    );
+}

@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Throughput of POST /v1/run/routing?mode=class4 (the 5-carrier routing script, a fresh
+# context per run) under concurrent load from wrk, against a release build on loopback.
+# Usage: tests/load/http_run.sh [seconds] [connections]
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+secs=${1:-10}
+conns=${2:-64}
+command -v wrk >/dev/null || { sudo_=""; [ "$(id -u)" = 0 ] || sudo_=sudo; $sudo_ apt-get install -y -qq wrk; }
+cargo build --release --quiet --bin callforge
+port=$(( 20000 + RANDOM % 20000 ))
+target/release/callforge serve --http 127.0.0.1:$port --scripts scripts >/dev/null 2>/tmp/callforge-load.log &
+pid=$!
+trap 'kill $pid 2>/dev/null || true' EXIT
+for _ in $(seq 50); do curl -sf "http://127.0.0.1:$port/healthz" >/dev/null && break; sleep 0.1; done
+lua=$(mktemp --suffix=.lua)
+body=$(tr -d '\n' < tests/data/five_carriers.json | sed 's/\\/\\\\/g; s/"/\\"/g')
+cat > "$lua" <<LUA
+wrk.method = "POST"
+wrk.body = "$body"
+wrk.headers["Content-Type"] = "application/json"
+done = function(summary, latency, requests)
+  io.write(string.format("runs/s %.0f  errors %d  non2xx %d  p50 %.0fus  p99 %.0fus\n",
+    summary.requests / (summary.duration / 1e6),
+    summary.errors.connect + summary.errors.read + summary.errors.write + summary.errors.timeout,
+    summary.errors.status, latency:percentile(50), latency:percentile(99)))
+end
+LUA
+read -r u0 s0 < <(awk '{print $14, $15}' /proc/$pid/stat)
+wrk -t2 -c"$conns" -d"${secs}s" -s "$lua" "http://127.0.0.1:$port/v1/run/routing?mode=class4"
+read -r u1 s1 < <(awk '{print $14, $15}' /proc/$pid/stat)
+echo "server CPU over ${secs}s: user $(( (u1 - u0) * 10 )) ms, system $(( (s1 - s0) * 10 )) ms"
+rm -f "$lua"

@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Installs what building and testing callforge needs on a Debian machine, when missing:
+# a Rust toolchain, a C compiler (QuickJS is C), and the real peers the tests drive.
+set -euo pipefail
+
+as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
+
+missing=()
+command -v cc >/dev/null 2>&1 || missing+=(build-essential)
+command -v curl >/dev/null 2>&1 || missing+=(curl ca-certificates)
+if [ "${1:-}" = "--test" ]; then
+  command -v sipp >/dev/null 2>&1 || missing+=(sip-tester)
+  command -v espeak-ng >/dev/null 2>&1 || missing+=(espeak-ng)
+  command -v sox >/dev/null 2>&1 || missing+=(sox)
+fi
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "installing: ${missing[*]}" >&2
+  as_root apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+
+if ! command -v cargo >/dev/null 2>&1; then
+  if [ -x "$HOME/.cargo/bin/cargo" ]; then
+    export PATH="$HOME/.cargo/bin:$PATH"
+  else
+    echo "installing the Rust toolchain with rustup" >&2
+    curl -sSf https://sh.rustup.rs | sh -s -- -y --profile minimal >&2
+    export PATH="$HOME/.cargo/bin:$PATH"
+  fi
+fi
