@@ -1,1 +1,4 @@
 //! SIP signalling: sans-IO message handling, transactions, dialogs and SDP, plus thin tokio transports.
+
+pub mod message;
+pub mod parse;
