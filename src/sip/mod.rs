@@ -1,4 +1,5 @@
 //! SIP signalling: sans-IO message handling, transactions, dialogs and SDP, plus thin tokio transports.
 
+pub mod framing;
 pub mod message;
 pub mod parse;
