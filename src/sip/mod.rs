@@ -4,3 +4,5 @@ pub mod framing;
 pub mod message;
 pub mod parse;
 pub mod sdp;
+pub mod timer;
+pub mod transaction;
