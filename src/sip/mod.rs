@@ -1,5 +1,6 @@
 //! SIP signalling: sans-IO message handling, transactions, dialogs and SDP, plus thin tokio transports.
 
+pub mod dialog;
 pub mod framing;
 pub mod message;
 pub mod parse;
