@@ -7,3 +7,4 @@ pub mod parse;
 pub mod sdp;
 pub mod timer;
 pub mod transaction;
+pub mod ua;

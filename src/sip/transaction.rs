@@ -134,7 +134,7 @@ impl TxKey {
                 call_id: message::call_id(&req.headers).unwrap_or_default(),
                 from_tag: message::from_tag(&req.headers).unwrap_or_default(),
                 cseq: message::cseq(&req.headers).map(|c| c.0).unwrap_or(0),
-                via: format!("{}", via.sent_by()).to_ascii_lowercase(),
+                via: via.sent_by().to_ascii_lowercase(),
                 method,
             },
         }
@@ -243,20 +243,20 @@ impl Core {
 
 #[derive(Debug)]
 enum Kind {
-    ServerInvite {
+    InviteServer {
         last: Option<Vec<u8>>,
         g: Duration,
     },
-    ServerNonInvite {
+    NonInviteServer {
         last: Option<Vec<u8>>,
     },
-    ClientInvite {
-        request: rsip::Request,
+    InviteClient {
+        request: Box<rsip::Request>,
         bytes: Vec<u8>,
         a: Duration,
         ack: Option<Vec<u8>>,
     },
-    ClientNonInvite {
+    NonInviteClient {
         bytes: Vec<u8>,
         e: Duration,
     },
@@ -287,8 +287,8 @@ impl Transaction {
     fn on_request_retransmit(&mut self, out: &mut Vec<TxOutput>) {
         let last = match (&self.kind, self.core.state) {
             // RFC 6026 §7.1: in Accepted, retransmitted INVITEs are absorbed (the TU resends 2xx).
-            (Kind::ServerInvite { last, .. }, State::Proceeding | State::Completed) => last.clone(),
-            (Kind::ServerNonInvite { last }, State::Proceeding | State::Completed) => last.clone(),
+            (Kind::InviteServer { last, .. }, State::Proceeding | State::Completed) => last.clone(),
+            (Kind::NonInviteServer { last }, State::Proceeding | State::Completed) => last.clone(),
             _ => None,
         };
         if let Some(bytes) = last {
@@ -303,7 +303,7 @@ impl Transaction {
         q: &mut TimerQueue<(TxKey, TimerKind)>,
         out: &mut Vec<TxOutput>,
     ) {
-        if !matches!(self.kind, Kind::ServerInvite { .. }) || self.core.state != State::Completed {
+        if !matches!(self.kind, Kind::InviteServer { .. }) || self.core.state != State::Completed {
             return;
         }
         self.core.state = State::Confirmed;
@@ -328,7 +328,7 @@ impl Transaction {
     ) -> Result<(), TxError> {
         let cfg = self.core.cfg;
         match &mut self.kind {
-            Kind::ServerInvite { last, g } => {
+            Kind::InviteServer { last, g } => {
                 if !matches!(self.core.state, State::Proceeding) {
                     return Err(TxError::WrongState);
                 }
@@ -351,7 +351,7 @@ impl Transaction {
                     }
                 }
             }
-            Kind::ServerNonInvite { last } => {
+            Kind::NonInviteServer { last } => {
                 if !matches!(self.core.state, State::Trying | State::Proceeding) {
                     return Err(TxError::WrongState);
                 }
@@ -386,7 +386,7 @@ impl Transaction {
         let key = self.core.key.clone();
         let reliable = self.core.reliable();
         match &mut self.kind {
-            Kind::ClientInvite { request, ack, .. } => match (self.core.state, code) {
+            Kind::InviteClient { request, ack, .. } => match (self.core.state, code) {
                 (State::Calling | State::Proceeding, 100..=199) => {
                     self.core.state = State::Proceeding;
                     self.core.disarm(TimerKind::A);
@@ -432,7 +432,7 @@ impl Transaction {
                 }
                 _ => {}
             },
-            Kind::ClientNonInvite { .. } => match (self.core.state, code) {
+            Kind::NonInviteClient { .. } => match (self.core.state, code) {
                 (State::Trying | State::Proceeding, 100..=199) => {
                     self.core.state = State::Proceeding;
                     out.push(TxOutput::Response {
@@ -473,7 +473,7 @@ impl Transaction {
         let cfg = self.core.cfg;
         let key = self.core.key.clone();
         match (&mut self.kind, kind) {
-            (Kind::ServerInvite { last, g }, TimerKind::G) => {
+            (Kind::InviteServer { last, g }, TimerKind::G) => {
                 if let Some(bytes) = last.clone() {
                     self.core.send(&bytes, out);
                 }
@@ -481,18 +481,18 @@ impl Transaction {
                 let at = now + *g;
                 self.core.arm(TimerKind::G, at, q);
             }
-            (Kind::ServerInvite { .. }, TimerKind::H) => {
+            (Kind::InviteServer { .. }, TimerKind::H) => {
                 out.push(TxOutput::Timeout { key });
                 self.core.terminate(out);
             }
-            (Kind::ClientInvite { bytes, a, .. }, TimerKind::A) => {
+            (Kind::InviteClient { bytes, a, .. }, TimerKind::A) => {
                 let b = bytes.clone();
                 self.core.send(&b, out);
                 *a *= 2;
                 let at = now + *a;
                 self.core.arm(TimerKind::A, at, q);
             }
-            (Kind::ClientNonInvite { bytes, e }, TimerKind::E) => {
+            (Kind::NonInviteClient { bytes, e }, TimerKind::E) => {
                 let b = bytes.clone();
                 self.core.send(&b, out);
                 *e = if self.core.state == State::Proceeding {
@@ -616,7 +616,7 @@ impl TransactionTable {
             return Some(ServerMatch::New(key));
         };
         if req.method == rsip::Method::Ack {
-            if !matches!(tx.kind, Kind::ServerInvite { .. }) || tx.core.state == State::Accepted {
+            if !matches!(tx.kind, Kind::InviteServer { .. }) || tx.core.state == State::Accepted {
                 // ACK for a 2xx: it belongs to the dialog, not to the transaction.
                 return Some(ServerMatch::New(key));
             }
@@ -660,12 +660,12 @@ impl TransactionTable {
             if let Some(t) = &trying {
                 core.send(t, out);
             }
-            Kind::ServerInvite {
+            Kind::InviteServer {
                 last: trying,
                 g: self.cfg.t1,
             }
         } else {
-            Kind::ServerNonInvite { last: None }
+            Kind::NonInviteServer { last: None }
         };
         self.txs.insert(key, Transaction { core, kind });
         Ok(())
@@ -723,8 +723,8 @@ impl TransactionTable {
                 core.arm(TimerKind::A, now + self.cfg.t1, &mut self.timers);
             }
             core.arm(TimerKind::B, now + self.cfg.t1x64(), &mut self.timers);
-            Kind::ClientInvite {
-                request,
+            Kind::InviteClient {
+                request: Box::new(request),
                 bytes,
                 a: self.cfg.t1,
                 ack: None,
@@ -734,7 +734,7 @@ impl TransactionTable {
                 core.arm(TimerKind::E, now + self.cfg.t1, &mut self.timers);
             }
             core.arm(TimerKind::F, now + self.cfg.t1x64(), &mut self.timers);
-            Kind::ClientNonInvite {
+            Kind::NonInviteClient {
                 bytes,
                 e: self.cfg.t1,
             }
