@@ -7,4 +7,5 @@ pub mod parse;
 pub mod sdp;
 pub mod timer;
 pub mod transaction;
+pub mod transport;
 pub mod ua;
