@@ -191,7 +191,7 @@ impl Dialog {
             routes.push(format!("<{}>", self.remote_target));
             NameAddr::parse(&first).map(|n| n.uri).unwrap_or(first)
         };
-        let uri = rsip::Uri::try_from(uri_text.as_str()).unwrap_or_default();
+        let uri = message::parse_uri(&uri_text);
         let mut headers = rsip::Headers::default();
         headers.push(message::make_header("Via", via));
         for r in routes {

@@ -146,6 +146,60 @@ pub fn has_option_tag(headers: &Headers, name: &str, tag: &str) -> bool {
         .any(|t| t.eq_ignore_ascii_case(tag))
 }
 
+/// A URI rsip cannot represent (IPv6 hosts, `tel:`, `urn:`), kept as exact text: rsip prints a
+/// scheme-less, auth-less URI as its host string, so the text round-trips unchanged.
+pub fn opaque_uri(raw: &str) -> rsip::Uri {
+    rsip::Uri {
+        host_with_port: rsip::Host::Domain(raw.into()).into(),
+        ..Default::default()
+    }
+}
+
+/// Parses a URI with rsip when it can (sip/sips with a host rsip understands), otherwise keeps
+/// it opaque. Never fails.
+pub fn parse_uri(raw: &str) -> rsip::Uri {
+    let raw = raw.trim();
+    let lower = raw.to_ascii_lowercase();
+    let sipish = lower.starts_with("sip:") || lower.starts_with("sips:");
+    if sipish && !raw.contains('[') {
+        if let Ok(u) = rsip::Uri::try_from(raw) {
+            return u;
+        }
+    }
+    opaque_uri(raw)
+}
+
+/// User part of a URI string: `sip:+1555@h` → `+1555`, `tel:+1555;npdi` → `+1555`.
+pub fn uri_user(uri: &str) -> Option<String> {
+    let uri = uri.trim().trim_start_matches('<').trim_end_matches('>');
+    let (scheme, rest) = uri.split_once(':')?;
+    if scheme.eq_ignore_ascii_case("tel") {
+        let num = rest.split(';').next()?.trim();
+        return (!num.is_empty()).then(|| num.to_string());
+    }
+    let (user, _) = rest.split_once('@')?;
+    let user = user.split(':').next()?;
+    (!user.is_empty()).then(|| user.to_string())
+}
+
+/// Host and port of a sip/sips URI string (IPv6 brackets kept off the host).
+pub fn uri_host_port(uri: &str) -> Option<(String, Option<u16>)> {
+    let uri = uri.trim().trim_start_matches('<').trim_end_matches('>');
+    let (scheme, rest) = uri.split_once(':')?;
+    if !scheme.eq_ignore_ascii_case("sip") && !scheme.eq_ignore_ascii_case("sips") {
+        return None;
+    }
+    let rest = rest.rsplit_once('@').map(|(_, h)| h).unwrap_or(rest);
+    let hostport = rest.split([';', '?']).next()?;
+    let (host, port) = split_host_port(hostport).ok()?;
+    Some((
+        host.trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_string(),
+        port,
+    ))
+}
+
 type Params = Vec<(String, Option<String>)>;
 
 fn parse_params(s: &str) -> Params {
@@ -566,6 +620,36 @@ mod tests {
         assert!(v6.is_reliable());
         assert!(Via::parse("garbage").is_err());
         assert!(Via::parse("SIP/2.0/UDP host:notaport").is_err());
+    }
+
+    #[test]
+    fn uri_helpers_cover_what_rsip_cannot() {
+        for raw in [
+            "sip:[2001:db8::1]:5060;transport=tcp",
+            "tel:+15551234;npdi",
+            "urn:service:sos",
+        ] {
+            assert_eq!(parse_uri(raw).to_string(), raw);
+        }
+        assert_eq!(
+            parse_uri("sip:+1555@10.0.0.1;user=phone").user(),
+            Some("+1555")
+        );
+        assert_eq!(
+            uri_user("sip:+15551234@10.0.0.1;user=phone").as_deref(),
+            Some("+15551234")
+        );
+        assert_eq!(uri_user("tel:+15551234;npdi").as_deref(), Some("+15551234"));
+        assert_eq!(uri_user("sip:10.0.0.1"), None);
+        assert_eq!(
+            uri_host_port("sip:a@[2001:db8::1]:5070;lr"),
+            Some(("2001:db8::1".into(), Some(5070)))
+        );
+        assert_eq!(
+            uri_host_port("sip:p.example;lr"),
+            Some(("p.example".into(), None))
+        );
+        assert_eq!(uri_host_port("tel:+1"), None);
     }
 
     #[test]

@@ -403,8 +403,35 @@ impl RawMessage {
         }
         text.extend_from_slice(format!("Content-Length: {}\r\n\r\n", self.body.len()).as_bytes());
         text.extend_from_slice(&self.body);
-        rsip::SipMessage::try_from(text.as_slice())
-            .map_err(|e| ParseError::Rsip(truncate(&e.to_string(), 120)))
+        let first_try = rsip::SipMessage::try_from(text.as_slice());
+        let StartLine::Request { method, uri } = &self.start else {
+            return first_try.map_err(|e| ParseError::Rsip(truncate(&e.to_string(), 120)));
+        };
+        match first_try {
+            Ok(rsip::SipMessage::Request(mut req)) => {
+                let lower = uri.to_ascii_lowercase();
+                if !(lower.starts_with("sip:") || lower.starts_with("sips:")) {
+                    // rsip prints unknown schemes as "tel://..."; keep the text instead.
+                    req.uri = message::opaque_uri(uri);
+                }
+                Ok(rsip::SipMessage::Request(req))
+            }
+            Ok(other) => Ok(other),
+            Err(e) => {
+                // rsip cannot parse IPv6 hosts or tel:/urn: URIs: parse the rest with a
+                // placeholder Request-URI, then put the original text back as an opaque URI.
+                let line_end = text.iter().position(|b| *b == b'\n').unwrap_or(0);
+                let mut retry = format!("{method} sip:placeholder.invalid SIP/2.0\r").into_bytes();
+                retry.extend_from_slice(&text[line_end..]);
+                match rsip::SipMessage::try_from(retry.as_slice()) {
+                    Ok(rsip::SipMessage::Request(mut req)) => {
+                        req.uri = message::opaque_uri(uri);
+                        Ok(rsip::SipMessage::Request(req))
+                    }
+                    _ => Err(ParseError::Rsip(truncate(&e.to_string(), 120))),
+                }
+            }
+        }
     }
 }
 
@@ -638,6 +665,23 @@ l: 0\r\n\r\n";
             parse(text.as_bytes(), &ParseLimits::default()),
             Err(ParseError::CSeqMethodMismatch { .. })
         ));
+    }
+
+    #[test]
+    fn request_uris_rsip_cannot_parse_are_kept_verbatim() {
+        for uri in [
+            "tel:+15551234",
+            "sip:+1555@[2001:db8::1]:5060",
+            "urn:service:sos",
+        ] {
+            let text = INVITE.replace("sip:+15551234@10.0.0.1;user=phone", uri);
+            let rsip::SipMessage::Request(req) =
+                parse(text.as_bytes(), &ParseLimits::default()).unwrap()
+            else {
+                panic!()
+            };
+            assert_eq!(req.uri.to_string(), uri);
+        }
     }
 
     #[test]

@@ -1081,6 +1081,30 @@ mod tests {
     }
 
     #[test]
+    fn client_invite_2xx_accepted_until_m() {
+        let t0 = Instant::now();
+        let mut t = TransactionTable::new(TimerConfig::default(), 10);
+        let mut out = Vec::new();
+        t.send_request(invite("z9hG4bKm1"), udp(), t0, &mut out)
+            .unwrap();
+        let ok = resp("SIP/2.0 200 OK\r\nVia: SIP/2.0/UDP 192.0.2.1:5060;branch=z9hG4bKm1\r\nFrom: <sip:a@x>;tag=f1\r\nTo: <sip:b@y>;tag=rt\r\nCall-ID: cid1\r\nCSeq: 1 INVITE\r\nContent-Length: 0\r\n\r\n");
+        let mut out = Vec::new();
+        t.on_response(ok.clone(), t0 + ms(100), &mut out);
+        assert_eq!(out.len(), 1, "2xx delivered, no ACK from the transaction");
+        out.clear();
+        t.on_response(ok, t0 + ms(600), &mut out);
+        assert_eq!(
+            out.len(),
+            1,
+            "RFC 6026: retransmitted 2xx also delivered, so the TU re-ACKs"
+        );
+        assert_eq!(sends(&step(&mut t, t0 + ms(2_000))), 0, "timer A stopped");
+        assert!(step(&mut t, t0 + ms(32_099)).is_empty());
+        assert_eq!(step(&mut t, t0 + ms(32_100)).len(), 1, "timer M");
+        assert!(t.is_empty());
+    }
+
+    #[test]
     fn reliable_client_has_no_retransmit_timers() {
         let t0 = Instant::now();
         let mut t = TransactionTable::new(TimerConfig::default(), 10);

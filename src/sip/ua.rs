@@ -5,7 +5,7 @@
 //! `now` from the caller, so tests drive it with a fake clock.
 
 use super::dialog::{AnswerRetransmit, Dialog, DialogId, Refresher, RetransmitStep, SessionTimer};
-use super::message::{self, ResponseBase, Via};
+use super::message::{self, NameAddr, ResponseBase, Via};
 use super::parse::{self, ParseError, ParseLimits};
 use super::sdp::{self, MediaConfig, Negotiated, SdpError, SessionDescription};
 use super::timer::TimerQueue;
@@ -106,6 +106,9 @@ pub enum UaEvent {
     IncomingCall {
         call: CallHandle,
         request: Box<rsip::Request>,
+        /// Caller (From) and callee (To), parsed; `message::uri_user` gives the numbers.
+        from: NameAddr,
+        to: NameAddr,
         offer: Option<SessionDescription>,
         source: Target,
     },
@@ -716,9 +719,19 @@ impl UserAgent {
                 peer_allows_update,
             },
         );
+        let (from, to) = match self.calls.get(&handle) {
+            Some(c) => (c.dialog.remote.clone(), {
+                let mut to = c.dialog.local.clone();
+                to.params.retain(|(k, _)| !k.eq_ignore_ascii_case("tag"));
+                to
+            }),
+            None => return,
+        };
         self.emit(UaEvent::IncomingCall {
             call: handle,
             request: Box::new(req),
+            from,
+            to,
             offer,
             source,
         });
@@ -1148,16 +1161,11 @@ impl UserAgent {
             return call.source;
         }
         let uri = call.dialog.next_hop_uri();
-        rsip::Uri::try_from(uri.as_str())
-            .ok()
-            .and_then(|u| {
-                let ip: IpAddr = match &u.host_with_port.host {
-                    rsip::Host::IpAddr(ip) => *ip,
-                    rsip::Host::Domain(d) => d.to_string().trim_matches(['[', ']']).parse().ok()?,
-                };
-                let port = u.host_with_port.port.map(|p| *p.value()).unwrap_or(5060);
+        message::uri_host_port(&uri)
+            .and_then(|(host, port)| {
+                let ip: IpAddr = host.parse().ok()?;
                 Some(Target {
-                    addr: SocketAddr::new(ip, port),
+                    addr: SocketAddr::new(ip, port.unwrap_or(5060)),
                     transport: call.source.transport,
                 })
             })

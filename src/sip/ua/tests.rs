@@ -793,3 +793,197 @@ fn malformed_corpus_gets_400_or_is_dropped() {
         h.input_bytes(&good.as_bytes()[..cut]);
     }
 }
+
+fn established_with(h: &mut H, extra: &str) -> (CallHandle, String) {
+    h.input(&invite("z9hG4bKst2", 1, Some(OFFER), extra));
+    let call = match h.take_events().as_slice() {
+        [UaEvent::IncomingCall { call, .. }] => *call,
+        other => panic!("{other:?}"),
+    };
+    h.take_sent();
+    h.ua.answer(call, &H::media(), h.now).unwrap();
+    h.drain();
+    let ok = h.take_sent().pop().unwrap();
+    let tag = to_tag_of(&ok);
+    h.input(&in_dialog("ACK", "z9hG4bKack2", 1, &tag, None));
+    h.take_events();
+    (call, tag)
+}
+
+fn reply_to(req: &str, code: u16, sdp: Option<&str>) -> String {
+    let mut out = format!("SIP/2.0 {code} X\r\n");
+    for l in req.lines() {
+        if ["Via:", "From:", "To:", "Call-ID:", "CSeq:"]
+            .iter()
+            .any(|p| l.starts_with(p))
+        {
+            out.push_str(l);
+            if l.starts_with("To:") && !l.contains("tag=") {
+                out.push_str(";tag=peer");
+            }
+            out.push_str("\r\n");
+        }
+    }
+    let body = sdp.unwrap_or("");
+    if sdp.is_some() {
+        out.push_str("Content-Type: application/sdp\r\n");
+    }
+    out.push_str(&format!("Content-Length: {}\r\n\r\n{body}", body.len()));
+    out
+}
+
+#[test]
+fn uas_refresher_sends_update_at_half_interval() {
+    let mut h = H::new();
+    let (_, _) = established_with(
+        &mut h,
+        "Session-Expires: 120;refresher=uas\r\nSupported: timer\r\nAllow: INVITE, ACK, BYE, CANCEL, UPDATE\r\n",
+    );
+    h.advance(ms(59_990));
+    assert!(h.take_sent().is_empty(), "no refresh before SE/2");
+    h.advance(ms(10));
+    let sent = h.take_sent();
+    assert_eq!(sent.len(), 1);
+    let update = &sent[0];
+    assert!(
+        update.starts_with("UPDATE sip:+15559999@198.51.100.9:5060 SIP/2.0\r\n"),
+        "{update}"
+    );
+    assert!(update.contains("Session-Expires: 120;refresher=uas\r\n"));
+    assert!(update.contains("CSeq: 1 UPDATE\r\n"));
+    h.input(&reply_to(update, 200, None));
+    // Next refresh 60 s after the 200.
+    h.advance(ms(59_990));
+    assert!(h.take_sent().is_empty());
+    h.advance(ms(10));
+    assert!(h.take_sent()[0].contains("CSeq: 2 UPDATE\r\n"));
+}
+
+#[test]
+fn uas_refresher_uses_reinvite_and_acks_its_2xx() {
+    let mut h = H::new();
+    let (call, _) = established_with(
+        &mut h,
+        "Session-Expires: 120;refresher=uas\r\nSupported: timer\r\n",
+    );
+    h.advance(ms(60_000));
+    let sent = h.take_sent();
+    let reinvite = sent
+        .iter()
+        .find(|s| s.starts_with("INVITE "))
+        .expect("re-INVITE");
+    assert!(
+        reinvite.contains("m=audio 20000 RTP/AVP 0 101\r\n"),
+        "offers our current SDP"
+    );
+    h.input(&reply_to(reinvite, 200, Some(OFFER)));
+    let sent = h.take_sent();
+    assert!(
+        sent.iter().any(
+            |s| s.starts_with("ACK sip:+15559999@198.51.100.9:5060 SIP/2.0\r\n")
+                && s.contains("CSeq: 1 ACK")
+        ),
+        "{sent:?}"
+    );
+    // A failed refresh (481) ends the call with BYE.
+    h.advance(ms(60_000));
+    let sent = h.take_sent();
+    let reinvite = sent.iter().find(|s| s.starts_with("INVITE ")).unwrap();
+    h.input(&reply_to(reinvite, 481, None));
+    assert_eq!(
+        h.take_events(),
+        vec![UaEvent::CallEnded {
+            call,
+            by: EndedBy::Local,
+            reason: EndReason::RefreshFailed
+        }]
+    );
+    let sent = h.take_sent();
+    assert!(
+        sent.iter().any(|s| s.starts_with("ACK ")),
+        "481 is ACKed in-transaction"
+    );
+    assert!(sent.iter().any(|s| s.starts_with("BYE ")));
+}
+
+#[test]
+fn ipv6_contact_and_tel_request_uri() {
+    let mut h = H::new();
+    let text = invite("z9hG4bK6", 1, Some(OFFER), "")
+        .replace(
+            "INVITE sip:+15550001@203.0.113.1 SIP/2.0",
+            "INVITE tel:+15550001 SIP/2.0",
+        )
+        .replace(
+            "Contact: <sip:+15559999@198.51.100.9:5060>",
+            "Contact: <sip:+15559999@[2001:db8::9]:5062>",
+        );
+    h.input(&text);
+    let call = match h.take_events().as_slice() {
+        [UaEvent::IncomingCall {
+            call,
+            request,
+            from,
+            ..
+        }] => {
+            assert_eq!(request.uri.to_string(), "tel:+15550001");
+            assert_eq!(message::uri_user(&from.uri).as_deref(), Some("+15559999"));
+            *call
+        }
+        other => panic!("{other:?}"),
+    };
+    h.ua.answer(call, &H::media(), h.now).unwrap();
+    h.drain();
+    let tag = to_tag_of(&h.take_sent().pop().unwrap());
+    h.input(&in_dialog("ACK", "z9hG4bKa6", 1, &tag, None));
+    h.ua.hangup(call, h.now).unwrap();
+    h.drain();
+    let (to, bye) = h.sent.pop().unwrap();
+    assert!(
+        bye.starts_with("BYE sip:+15559999@[2001:db8::9]:5062 SIP/2.0\r\n"),
+        "{bye}"
+    );
+    assert_eq!(to.addr, "[2001:db8::9]:5062".parse().unwrap());
+}
+
+#[test]
+fn early_media_183_then_same_sdp_in_200() {
+    let mut h = H::new();
+    let call = h.incoming_call();
+    h.take_sent();
+    let neg = h.ua.ring(call, Some(&H::media()), h.now).unwrap();
+    assert!(neg.is_some());
+    h.drain();
+    let p = h.take_sent().pop().unwrap();
+    assert!(p.starts_with("SIP/2.0 183 Session Progress\r\n"));
+    h.ua.answer(call, &H::media(), h.now).unwrap();
+    h.drain();
+    let ok = h.take_sent().pop().unwrap();
+    let sdp_of = |m: &str| m.split("\r\n\r\n").nth(1).unwrap().to_string();
+    assert_eq!(sdp_of(&p), sdp_of(&ok));
+}
+
+#[test]
+fn invite_without_sdp_gets_our_offer_and_ack_carries_answer() {
+    let mut h = H::new();
+    h.input(&invite("z9hG4bKdo", 1, None, ""));
+    let call = match h.take_events().as_slice() {
+        [UaEvent::IncomingCall {
+            call, offer: None, ..
+        }] => *call,
+        other => panic!("{other:?}"),
+    };
+    h.take_sent();
+    assert_eq!(h.ua.answer(call, &H::media(), h.now), Ok(None));
+    h.drain();
+    let ok = h.take_sent().pop().unwrap();
+    assert!(ok.contains("m=audio 20000 RTP/AVP 0 8 101\r\n"));
+    let tag = to_tag_of(&ok);
+    h.input(&in_dialog("ACK", "z9hG4bKa", 1, &tag, Some(OFFER)));
+    match h.take_events().as_slice() {
+        [UaEvent::CallAcked {
+            answer: Some(sdp), ..
+        }] => assert_eq!(sdp.media[0].port, 40000),
+        other => panic!("{other:?}"),
+    }
+}
