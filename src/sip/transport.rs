@@ -636,9 +636,10 @@ mod tests {
             .await
             .unwrap()
             .unwrap();
-        let UaEvent::IncomingCall { call, .. } = ev else {
+        let UaEvent::IncomingCall(ic) = ev else {
             panic!("{ev:?}")
         };
+        let call = ic.call;
         handle
             .redirect(call, vec!["sip:1000@gw.example".into()])
             .await

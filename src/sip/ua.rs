@@ -99,19 +99,25 @@ pub enum InDialogKind {
     Options,
 }
 
+/// A new incoming INVITE.
+#[derive(Debug, Clone, PartialEq)]
+pub struct IncomingCall {
+    pub call: CallHandle,
+    pub request: rsip::Request,
+    /// Caller (From) and callee (To), parsed; `message::uri_user` gives the numbers.
+    pub from: NameAddr,
+    pub to: NameAddr,
+    /// The SDP offer, `None` for a delayed-offer INVITE.
+    pub offer: Option<SessionDescription>,
+    /// Where the INVITE came from.
+    pub source: Target,
+}
+
 /// What the layer above is told.
 #[derive(Debug, Clone, PartialEq)]
 pub enum UaEvent {
     /// A new INVITE; 100 Trying has been sent. Answer with a command.
-    IncomingCall {
-        call: CallHandle,
-        request: Box<rsip::Request>,
-        /// Caller (From) and callee (To), parsed; `message::uri_user` gives the numbers.
-        from: NameAddr,
-        to: NameAddr,
-        offer: Option<SessionDescription>,
-        source: Target,
-    },
+    IncomingCall(Box<IncomingCall>),
     /// The ACK for our 2xx arrived; `answer` is its SDP when we made the offer.
     CallAcked {
         call: CallHandle,
@@ -727,14 +733,14 @@ impl UserAgent {
             }),
             None => return,
         };
-        self.emit(UaEvent::IncomingCall {
+        self.emit(UaEvent::IncomingCall(Box::new(IncomingCall {
             call: handle,
-            request: Box::new(req),
+            request: req,
             from,
             to,
             offer,
             source,
-        });
+        })));
     }
 
     /// Reads an SDP body; the error is the response to send (400 or 415).

@@ -111,7 +111,7 @@ impl H {
         self.input(&invite("z9hG4bKinv1", 1, Some(OFFER), ""));
         let evs = self.take_events();
         match evs.as_slice() {
-            [UaEvent::IncomingCall { call, .. }] => *call,
+            [UaEvent::IncomingCall(ic)] => ic.call,
             other => panic!("expected IncomingCall, got {other:?}"),
         }
     }
@@ -459,7 +459,7 @@ fn session_timer_expiry_sends_bye_and_refresh_postpones_it() {
         "Session-Expires: 120\r\nSupported: timer\r\n",
     ));
     let call = match h.take_events().as_slice() {
-        [UaEvent::IncomingCall { call, .. }] => *call,
+        [UaEvent::IncomingCall(ic)] => ic.call,
         other => panic!("{other:?}"),
     };
     h.take_sent();
@@ -618,7 +618,7 @@ fn no_common_codec_lets_caller_send_488() {
     let g729 = "v=0\r\nc=IN IP4 198.51.100.9\r\nm=audio 4000 RTP/AVP 18\r\n";
     h.input(&invite("z9hG4bKg", 1, Some(g729), ""));
     let call = match h.take_events().as_slice() {
-        [UaEvent::IncomingCall { call, .. }] => *call,
+        [UaEvent::IncomingCall(ic)] => ic.call,
         other => panic!("{other:?}"),
     };
     assert!(matches!(
@@ -797,7 +797,7 @@ fn malformed_corpus_gets_400_or_is_dropped() {
 fn established_with(h: &mut H, extra: &str) -> (CallHandle, String) {
     h.input(&invite("z9hG4bKst2", 1, Some(OFFER), extra));
     let call = match h.take_events().as_slice() {
-        [UaEvent::IncomingCall { call, .. }] => *call,
+        [UaEvent::IncomingCall(ic)] => ic.call,
         other => panic!("{other:?}"),
     };
     h.take_sent();
@@ -920,15 +920,13 @@ fn ipv6_contact_and_tel_request_uri() {
         );
     h.input(&text);
     let call = match h.take_events().as_slice() {
-        [UaEvent::IncomingCall {
-            call,
-            request,
-            from,
-            ..
-        }] => {
-            assert_eq!(request.uri.to_string(), "tel:+15550001");
-            assert_eq!(message::uri_user(&from.uri).as_deref(), Some("+15559999"));
-            *call
+        [UaEvent::IncomingCall(ic)] => {
+            assert_eq!(ic.request.uri.to_string(), "tel:+15550001");
+            assert_eq!(
+                message::uri_user(&ic.from.uri).as_deref(),
+                Some("+15559999")
+            );
+            ic.call
         }
         other => panic!("{other:?}"),
     };
@@ -968,9 +966,7 @@ fn invite_without_sdp_gets_our_offer_and_ack_carries_answer() {
     let mut h = H::new();
     h.input(&invite("z9hG4bKdo", 1, None, ""));
     let call = match h.take_events().as_slice() {
-        [UaEvent::IncomingCall {
-            call, offer: None, ..
-        }] => *call,
+        [UaEvent::IncomingCall(ic)] if ic.offer.is_none() => ic.call,
         other => panic!("{other:?}"),
     };
     h.take_sent();
