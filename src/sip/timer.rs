@@ -41,10 +41,7 @@ impl<K> TimerQueue<K> {
         self.entries.remove(&first).map(|k| (first.0, k))
     }
 
-    pub fn len(&self) -> usize {
-        self.entries.len()
-    }
-
+    #[cfg(test)]
     pub fn is_empty(&self) -> bool {
         self.entries.is_empty()
     }
