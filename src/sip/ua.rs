@@ -41,6 +41,8 @@ pub struct UaConfig {
     pub advertised_addr: Option<SocketAddr>,
     /// Seed for tags, branches and SDP session ids; the driver passes a random value.
     pub seed: u64,
+    /// A call the layer above neither answers nor rejects within this time gets 408.
+    pub pending_timeout: std::time::Duration,
 }
 
 impl Default for UaConfig {
@@ -56,6 +58,7 @@ impl Default for UaConfig {
             contact_user: "callforge".into(),
             advertised_addr: None,
             seed: 0x5eed_ca11_f0e6_e001,
+            pending_timeout: std::time::Duration::from_secs(180),
         }
     }
 }
@@ -88,6 +91,8 @@ pub enum EndReason {
     SessionExpired,
     /// A session refresh we sent failed (timeout or 408/481).
     RefreshFailed,
+    /// Nobody answered or rejected within `pending_timeout`; 408 was sent.
+    NotAnswered,
 }
 
 /// The kind of an in-dialog request passed up.
@@ -196,6 +201,7 @@ impl CallState {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum CallTimer {
+    Pending,
     Retransmit,
     SessionExpiry,
     SessionRefresh,
@@ -395,10 +401,10 @@ impl UserAgent {
 
     fn announce_timer(&mut self) {
         let next = self.poll_timeout();
-        if next.is_some() && next != self.announced {
+        if let Some(at) = next.filter(|at| Some(*at) != self.announced) {
             self.next_id += 1;
             self.actions.push_back(Action::ArmTimer {
-                at: next.unwrap_or_else(|| unreachable!()),
+                at,
                 id: TimerId(self.next_id),
             });
         }
@@ -725,6 +731,8 @@ impl UserAgent {
                 peer_allows_update,
             },
         );
+        self.timers
+            .arm(now + self.cfg.pending_timeout, (handle, CallTimer::Pending));
         let (from, to) = match self.calls.get(&handle) {
             Some(c) => (c.dialog.remote.clone(), {
                 let mut to = c.dialog.local.clone();
@@ -780,12 +788,13 @@ impl UserAgent {
         let call = invite_key
             .as_ref()
             .and_then(|k| self.invites.get(k).copied());
-        let pending = invite_key
-            .as_ref()
-            .and_then(|k| self.txs.get(k))
-            .is_some_and(|tx| tx.awaiting_final());
+        let invite_tx = invite_key.as_ref().and_then(|k| self.txs.get(k));
+        let pending = invite_tx.is_some_and(|tx| tx.awaiting_final());
         let Some(call) = call.filter(|_| pending) else {
-            let resp = self.simple_response(req, 481, None);
+            // §9.2: a CANCEL for an already-answered INVITE gets 200 and changes nothing;
+            // only a CANCEL matching no transaction gets 481.
+            let code = if invite_tx.is_some() { 200 } else { 481 };
+            let resp = self.simple_response(req, code, None);
             self.respond_new(key, req, resp, target, now);
             return;
         };
@@ -1115,6 +1124,20 @@ impl UserAgent {
             return;
         };
         match timer {
+            CallTimer::Pending => {
+                if matches!(call.state, CallState::Incoming | CallState::Early) {
+                    tracing::warn!(
+                        call = handle.0,
+                        "call neither answered nor rejected in time"
+                    );
+                    let _ = self.final_response(handle, 408, None, &[], now);
+                    self.emit(UaEvent::CallEnded {
+                        call: handle,
+                        by: EndedBy::Local,
+                        reason: EndReason::NotAnswered,
+                    });
+                }
+            }
             CallTimer::Retransmit => {
                 let Some(r) = call.retransmit.as_mut() else {
                     return;
@@ -1421,10 +1444,35 @@ impl UserAgent {
         if !(300..=699).contains(&code) {
             return Err(UaError::BadStatus(code));
         }
+        self.final_response(handle, code, reason, extra_headers, now)?;
+        self.emit(UaEvent::CallEnded {
+            call: handle,
+            by: EndedBy::Local,
+            reason: EndReason::Rejected(code),
+        });
+        self.announce_timer();
+        Ok(())
+    }
+
+    fn final_response(
+        &mut self,
+        handle: CallHandle,
+        code: u16,
+        reason: Option<&str>,
+        extra_headers: &[(String, String)],
+        now: Instant,
+    ) -> Result<(), UaError> {
         let call = self.pending_call(handle)?;
         let tag = call.dialog.id.local_tag.clone();
         let mut resp = ResponseBase::from_request(&call.invite).response(code, reason, Some(&tag));
         for (n, v) in extra_headers {
+            let valid = !n.is_empty()
+                && n.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "-.!%*_+`'~".contains(c));
+            if !valid {
+                tracing::warn!(header = %n, "dropping extra header with an invalid name");
+                continue;
+            }
             let clean: String = v.chars().filter(|c| *c != '\r' && *c != '\n').collect();
             resp.headers.push(message::make_header(n, clean));
         }
@@ -1434,12 +1482,6 @@ impl UserAgent {
         self.txs.respond(&key, &resp, now, &mut out)?;
         self.drain_tx(out, now);
         self.remove_call(handle);
-        self.emit(UaEvent::CallEnded {
-            call: handle,
-            by: EndedBy::Local,
-            reason: EndReason::Rejected(code),
-        });
-        self.announce_timer();
         Ok(())
     }
 

@@ -983,3 +983,71 @@ fn invite_without_sdp_gets_our_offer_and_ack_carries_answer() {
         other => panic!("{other:?}"),
     }
 }
+
+#[test]
+fn unanswered_call_times_out_with_408() {
+    let mut h = H::new();
+    let call = h.incoming_call();
+    h.take_sent();
+    h.advance(ms(179_990));
+    assert!(h.take_events().is_empty());
+    h.advance(ms(10));
+    assert_eq!(statuses(&h.take_sent()), vec![408]);
+    assert_eq!(
+        h.take_events(),
+        vec![UaEvent::CallEnded {
+            call,
+            by: EndedBy::Local,
+            reason: EndReason::NotAnswered
+        }]
+    );
+    assert_eq!(h.ua.call_count(), 0);
+}
+
+#[test]
+fn cancel_after_answer_gets_200_without_effect() {
+    let mut h = H::new();
+    let call = h.incoming_call();
+    h.ua.answer(call, &H::media(), h.now).unwrap();
+    h.drain();
+    h.take_sent();
+    let cancel = "CANCEL sip:+15550001@203.0.113.1 SIP/2.0\r\nVia: SIP/2.0/UDP 198.51.100.9:5060;branch=z9hG4bKinv1\r\nMax-Forwards: 70\r\nFrom: <sip:+15559999@198.51.100.9>;tag=caller1\r\nTo: <sip:+15550001@203.0.113.1>\r\nCall-ID: call-1@198.51.100.9\r\nCSeq: 1 CANCEL\r\nContent-Length: 0\r\n\r\n";
+    h.input(cancel);
+    assert_eq!(statuses(&h.take_sent()), vec![200]);
+    assert!(h.take_events().is_empty());
+    assert_eq!(h.ua.call_count(), 1);
+    h.input(&cancel.replace("z9hG4bKinv1", "z9hG4bKnone"));
+    assert_eq!(
+        statuses(&h.take_sent()),
+        vec![481],
+        "a CANCEL matching nothing"
+    );
+}
+
+#[test]
+fn extra_header_names_cannot_inject() {
+    let mut h = H::new();
+    let call = h.incoming_call();
+    h.take_sent();
+    h.ua.reject(
+        call,
+        603,
+        Some("Decline\r\nX-Evil: 1"),
+        &[
+            ("X-Ok".into(), "a\r\nX-Evil: 2".into()),
+            ("Bad: Name".into(), "v".into()),
+        ],
+        h.now,
+    )
+    .unwrap();
+    h.drain();
+    let sent = h.take_sent();
+    assert!(
+        sent[0].starts_with("SIP/2.0 603 DeclineX-Evil: 1\r\n"),
+        "{}",
+        sent[0]
+    );
+    assert!(sent[0].contains("X-Ok: aX-Evil: 2\r\n"));
+    assert!(!sent[0].contains("Bad: Name"));
+    assert_eq!(sent[0].matches("\r\nX-Evil").count(), 0);
+}
