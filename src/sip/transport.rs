@@ -222,7 +222,9 @@ pub async fn start(
     let (in_tx, in_rx) = mpsc::unbounded_channel();
     let (cmd_tx, cmd_rx) = mpsc::unbounded_channel();
     let (ev_tx, ev_rx) = mpsc::unbounded_channel();
+    // Bind everything before spawning anything, so a failed bind leaves nothing running.
     let mut udp = Vec::new();
+    let mut tcp = Vec::new();
     let mut local_addrs = Vec::new();
     for spec in specs {
         let bind_err = |source| TransportError::Bind {
@@ -232,25 +234,37 @@ pub async fn start(
         match spec.transport {
             TransportKind::Udp => {
                 let sock = Arc::new(UdpSocket::bind(spec.addr).await.map_err(bind_err)?);
-                let local = sock.local_addr().map_err(bind_err)?;
+                let addr = sock.local_addr().map_err(bind_err)?;
                 local_addrs.push(ListenSpec {
                     transport: TransportKind::Udp,
-                    addr: local,
+                    addr,
                 });
-                tokio::spawn(udp_reader(sock.clone(), local, max_message, in_tx.clone()));
-                udp.push(sock);
+                udp.push((sock, addr));
             }
             TransportKind::Tcp => {
                 let listener = TcpListener::bind(spec.addr).await.map_err(bind_err)?;
-                let local = listener.local_addr().map_err(bind_err)?;
+                let addr = listener.local_addr().map_err(bind_err)?;
                 local_addrs.push(ListenSpec {
                     transport: TransportKind::Tcp,
-                    addr: local,
+                    addr,
                 });
-                tokio::spawn(tcp_acceptor(listener, max_message, in_tx.clone()));
+                tcp.push(listener);
             }
         }
     }
+    let mut sockets = Vec::new();
+    for (sock, addr) in &udp {
+        let reader = udp_reader(sock.clone(), *addr, max_message, in_tx.clone());
+        sockets.push(tokio::spawn(reader));
+    }
+    for listener in tcp {
+        sockets.push(tokio::spawn(tcp_acceptor(
+            listener,
+            max_message,
+            in_tx.clone(),
+        )));
+    }
+    let udp = udp.into_iter().map(|(s, _)| s).collect();
     let driver = Driver {
         ua: UserAgent::new(cfg),
         udp,
@@ -259,6 +273,7 @@ pub async fn start(
         events: ev_tx,
         inputs: in_tx,
         max_message,
+        sockets,
     };
     let task = tokio::spawn(driver.run(in_rx, cmd_rx));
     Ok(SipTransport {
@@ -378,6 +393,16 @@ struct Driver {
     events: mpsc::UnboundedSender<UaEvent>,
     inputs: mpsc::UnboundedSender<Input>,
     max_message: usize,
+    /// Reader and acceptor tasks, stopped with the driver so the ports are released.
+    sockets: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Drop for Driver {
+    fn drop(&mut self) {
+        for t in &self.sockets {
+            t.abort();
+        }
+    }
 }
 
 fn now() -> std::time::Instant {
@@ -612,6 +637,24 @@ mod tests {
         assert!(reply.starts_with("SIP/2.0 200 OK\r\n"), "{reply}");
         assert!(reply.contains("Allow: INVITE"));
         sip.handle.shutdown();
+    }
+
+    #[tokio::test]
+    async fn bind_errors_name_the_spec() {
+        let first = start(&["tcp:127.0.0.1:0".parse().unwrap()], UaConfig::default())
+            .await
+            .unwrap();
+        let taken = first.local_addrs[0];
+        let err = start(&[taken], UaConfig::default()).await.unwrap_err();
+        assert!(
+            err.to_string().starts_with(&format!("cannot bind {taken}")),
+            "{err}"
+        );
+        assert!(matches!(
+            start(&[], UaConfig::default()).await,
+            Err(TransportError::NothingToListen)
+        ));
+        first.handle.shutdown();
     }
 
     #[tokio::test]
