@@ -1051,3 +1051,58 @@ fn extra_header_names_cannot_inject() {
     assert!(!sent[0].contains("Bad: Name"));
     assert_eq!(sent[0].matches("\r\nX-Evil").count(), 0);
 }
+
+#[test]
+fn mutated_messages_never_panic() {
+    let mut h = H::new();
+    let (_, tag) = h.established();
+    let seeds = [
+        invite("z9hG4bKf1", 2, Some(OFFER), "Session-Expires: 100\r\nSupported: timer\r\n"),
+        in_dialog("INVITE", "z9hG4bKf2", 3, &tag, Some(OFFER)),
+        in_dialog("BYE", "z9hG4bKf3", 4, &tag, None),
+        in_dialog("INFO", "z9hG4bKf4", 5, &tag, Some("Signal=5\r\n")),
+        in_dialog("ACK", "z9hG4bKf5", 1, &tag, None),
+        "SIP/2.0 200 OK\r\nVia: SIP/2.0/UDP 203.0.113.1:5060;branch=z9hG4bKx\r\nFrom: <sip:a@b>;tag=1\r\nTo: <sip:c@d>;tag=2\r\nCall-ID: c\r\nCSeq: 1 BYE\r\nContent-Length: 0\r\n\r\n".to_string(),
+    ];
+    let mut seed: u64 = 0x1234_5678;
+    let mut rnd = move |n: usize| {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        (seed % n.max(1) as u64) as usize
+    };
+    let alphabet = b" :;,<>\"=@\r\n\t0123456789zZ[]/\\\x00\xff";
+    for i in 0..6000 {
+        let mut m = seeds[i % seeds.len()].clone().into_bytes();
+        for _ in 0..1 + rnd(4) {
+            match rnd(5) {
+                0 => {
+                    let at = rnd(m.len());
+                    m[at] = alphabet[rnd(alphabet.len())];
+                }
+                1 => m.truncate(rnd(m.len() + 1)),
+                2 => {
+                    let (a, b) = (rnd(m.len()), rnd(m.len()));
+                    let (a, b) = (a.min(b), a.max(b));
+                    let chunk = m[a..b].to_vec();
+                    let at = rnd(m.len() + 1);
+                    m.splice(at..at, chunk);
+                }
+                3 => {
+                    let (a, b) = (rnd(m.len()), rnd(m.len()));
+                    m.drain(a.min(b)..a.max(b));
+                }
+                _ => {
+                    let at = rnd(m.len() + 1);
+                    m.insert(at, alphabet[rnd(alphabet.len())]);
+                }
+            }
+        }
+        h.input_bytes(&m);
+        if i % 100 == 0 {
+            h.advance(ms(700));
+        }
+        h.take_sent();
+        h.take_events();
+    }
+}
