@@ -517,7 +517,8 @@ impl UserAgent {
             *first = v.to_string();
         }
         let target = response_target(via.as_ref(), source);
-        let mut resp = base.response(code, reason.as_deref(), None);
+        let tag = self.auto_tag(base.call_id.as_deref().unwrap_or(""));
+        let mut resp = base.response(code, reason.as_deref(), Some(&tag));
         if code == 501 {
             resp.headers.push(message::make_header("Allow", ALLOW));
         }
@@ -590,9 +591,29 @@ impl UserAgent {
         code: u16,
         to_tag: Option<&str>,
     ) -> rsip::Response {
+        let auto;
+        let to_tag = match to_tag {
+            // §8.2.6.2: every response but 100 carries a To tag.
+            None if code > 100 => {
+                auto = self.auto_tag(&message::call_id(&req.headers).unwrap_or_default());
+                Some(auto.as_str())
+            }
+            t => t,
+        };
         let mut resp = message::response_to(req, code, to_tag);
         self.push_server_header(&mut resp);
         resp
+    }
+
+    /// A To tag for responses outside any call, derived from the Call-ID so that a
+    /// retransmitted request gets the same tag.
+    fn auto_tag(&self, call_id: &str) -> String {
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        std::hash::Hash::hash(call_id, &mut h);
+        format!(
+            "{:016x}",
+            splitmix(self.cfg.seed ^ std::hash::Hasher::finish(&h))
+        )
     }
 
     fn options_response(&self, req: &rsip::Request, to_tag: Option<&str>) -> rsip::Response {
@@ -773,10 +794,11 @@ impl UserAgent {
             return Err(Box::new(resp));
         }
         SessionDescription::parse(&req.body).map(Some).map_err(|e| {
+            let tag = self.auto_tag(&message::call_id(&req.headers).unwrap_or_default());
             let mut resp = message::ResponseBase::from_request(req).response(
                 400,
                 Some(&format!("Malformed SDP: {e}")),
-                None,
+                Some(&tag),
             );
             self.push_server_header(&mut resp);
             Box::new(resp)

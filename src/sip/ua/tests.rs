@@ -203,6 +203,10 @@ fn options_out_of_dialog_gets_200_with_capabilities() {
     assert!(sent[0].contains("Allow: INVITE, ACK, CANCEL, BYE, OPTIONS, INFO, UPDATE\r\n"));
     assert!(sent[0].contains("Accept: application/sdp\r\n"));
     assert!(sent[0].contains("Supported: timer\r\n"));
+    assert!(
+        sent[0].contains("To: <sip:203.0.113.1>;tag="),
+        "§8.2.6.2 To tag"
+    );
     assert!(h.take_events().is_empty());
 }
 
