@@ -709,4 +709,79 @@ mod tests {
         ));
         handle.shutdown();
     }
+
+    async fn read_msg(tcp: &mut TcpStream, framer: &mut StreamFramer) -> String {
+        let mut buf = vec![0u8; 4096];
+        tokio::time::timeout(std::time::Duration::from_secs(5), async {
+            loop {
+                if let Ok(Some(m)) = framer.next_message() {
+                    return String::from_utf8_lossy(&m).to_string();
+                }
+                let n = tcp.read(&mut buf).await.unwrap();
+                assert!(n > 0, "connection closed");
+                framer.push(&buf[..n]);
+            }
+        })
+        .await
+        .expect("message in time")
+    }
+
+    #[tokio::test]
+    async fn tcp_call_answer_ack_and_local_bye_on_the_same_connection() {
+        let sip = start(&["tcp:127.0.0.1:0".parse().unwrap()], UaConfig::default())
+            .await
+            .unwrap();
+        let SipTransport {
+            handle,
+            mut events,
+            local_addrs,
+            ..
+        } = sip;
+        let server = local_addrs[0].addr;
+        let mut tcp = TcpStream::connect(server).await.unwrap();
+        let me = tcp.local_addr().unwrap();
+        let sdp = "v=0\r\nc=IN IP4 127.0.0.1\r\nm=audio 4000 RTP/AVP 8 0\r\n";
+        let invite = format!(
+            "INVITE sip:1000@{server} SIP/2.0\r\nVia: SIP/2.0/TCP {me};branch=z9hG4bKt1\r\nFrom: <sip:a@{me}>;tag=a\r\nTo: <sip:1000@{server}>\r\nCall-ID: tcp1\r\nCSeq: 1 INVITE\r\nContact: <sip:a@{me};transport=tcp>\r\nMax-Forwards: 70\r\nContent-Type: application/sdp\r\nContent-Length: {}\r\n\r\n{sdp}",
+            sdp.len()
+        );
+        tcp.write_all(invite.as_bytes()).await.unwrap();
+        let mut framer = StreamFramer::new(65_535);
+        assert!(read_msg(&mut tcp, &mut framer)
+            .await
+            .starts_with("SIP/2.0 100 Trying"));
+        let Some(UaEvent::IncomingCall(ic)) = events.recv().await else {
+            panic!("no call")
+        };
+        let mut media = MediaConfig::new("127.0.0.1".parse().unwrap(), 5000);
+        media.codecs = vec![crate::sip::Codec::Pcma];
+        let neg = handle.answer(ic.call, media).await.unwrap().unwrap();
+        assert_eq!(neg.payload_type, 8);
+        let ok = read_msg(&mut tcp, &mut framer).await;
+        assert!(ok.starts_with("SIP/2.0 200 OK"), "{ok}");
+        let tag = ok
+            .split("To: ")
+            .nth(1)
+            .unwrap()
+            .split("tag=")
+            .nth(1)
+            .unwrap()
+            .split("\r\n")
+            .next()
+            .unwrap()
+            .to_string();
+        let ack = format!(
+            "ACK sip:callforge@{server};transport=tcp SIP/2.0\r\nVia: SIP/2.0/TCP {me};branch=z9hG4bKt2\r\nFrom: <sip:a@{me}>;tag=a\r\nTo: <sip:1000@{server}>;tag={tag}\r\nCall-ID: tcp1\r\nCSeq: 1 ACK\r\nMax-Forwards: 70\r\nContent-Length: 0\r\n\r\n"
+        );
+        tcp.write_all(ack.as_bytes()).await.unwrap();
+        assert!(matches!(
+            events.recv().await,
+            Some(UaEvent::CallAcked { .. })
+        ));
+        handle.hangup(ic.call).await.unwrap();
+        let bye = read_msg(&mut tcp, &mut framer).await;
+        assert!(bye.starts_with("BYE sip:a@"), "{bye}");
+        assert!(bye.contains("Via: SIP/2.0/TCP "));
+        handle.shutdown();
+    }
 }
