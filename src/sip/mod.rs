@@ -58,7 +58,13 @@
 //! `ring(call, None)` → 180, `ring(call, Some(media))` → 183 with SDP,
 //! `answer(call, media)` → 200 + SDP (an [`SdpError`](sdp::SdpError) means: reject with 488),
 //! `reject(call, code, reason, headers)` → any 3xx–6xx, `redirect(call, uris)` → 302 with
-//! one Contact per URI, `hangup(call)` → BYE (480 if not yet answered).
+//! one Contact per URI, `hangup(call)` → BYE (480 if not yet answered, CANCEL if it is our
+//! outbound call still ringing).
+//!
+//! Outbound calls (UAC): `invite(OutboundCall { target, request_uri, from, to, media, .. })`
+//! returns a [`CallHandle`]; then `CallProgress { call, code, media }` for 18x,
+//! `CallAnswered { call, media }` once the 2xx is ACKed, or
+//! `CallEnded { by: Remote, reason: Failed(code) }` / `Timeout` / `Cancelled`.
 //!
 //! The stack handles by itself: OPTIONS (in and out of dialog), CANCEL (200 + 487),
 //! unknown dialogs (481), out-of-order CSeq (500), malformed requests (400 with the

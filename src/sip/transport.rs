@@ -7,7 +7,7 @@
 use super::framing::StreamFramer;
 use super::sdp::{MediaConfig, Negotiated};
 use super::transaction::{Target, TransportKind};
-use super::ua::{Action, CallHandle, TimerId, UaConfig, UaError, UaEvent, UserAgent};
+use super::ua::{Action, CallHandle, OutboundCall, TimerId, UaConfig, UaError, UaEvent, UserAgent};
 use std::collections::{BTreeMap, HashMap};
 use std::hash::{BuildHasher, Hasher};
 use std::net::SocketAddr;
@@ -85,6 +85,7 @@ pub enum TransportError {
 }
 
 enum Command {
+    Invite(Box<OutboundCall>, Reply<CallHandle>),
     Ring(CallHandle, Option<MediaConfig>, Reply<Option<Negotiated>>),
     Answer(CallHandle, MediaConfig, Reply<Option<Negotiated>>),
     Reject(
@@ -135,6 +136,12 @@ impl SipHandle {
             .send(make(tx))
             .map_err(|_| TransportError::Stopped)?;
         Ok(rx.await.map_err(|_| TransportError::Stopped)??)
+    }
+
+    /// Places an outbound call; progress comes as `CallProgress`/`CallAnswered`/`CallEnded`.
+    /// `call.local` defaults to this stack's listener for the target's transport.
+    pub async fn invite(&self, call: OutboundCall) -> Result<CallHandle, TransportError> {
+        self.call(|r| Command::Invite(Box::new(call), r)).await
     }
 
     /// 180 Ringing, or 183 with early-media SDP when `media` is given.
@@ -267,6 +274,7 @@ pub async fn start(
     let udp = udp.into_iter().map(|(s, _)| s).collect();
     let driver = Driver {
         ua: UserAgent::new(cfg),
+        listeners: local_addrs.clone(),
         udp,
         conns: HashMap::new(),
         deadlines: BTreeMap::new(),
@@ -387,6 +395,7 @@ async fn tcp_connection(
 
 struct Driver {
     ua: UserAgent,
+    listeners: Vec<ListenSpec>,
     udp: Vec<Arc<UdpSocket>>,
     conns: HashMap<SocketAddr, mpsc::UnboundedSender<Vec<u8>>>,
     deadlines: BTreeMap<std::time::Instant, TimerId>,
@@ -461,6 +470,16 @@ impl Driver {
     fn on_command(&mut self, cmd: Command) {
         let t = now();
         match cmd {
+            Command::Invite(mut oc, r) => {
+                if oc.local.is_none() {
+                    oc.local = self
+                        .listeners
+                        .iter()
+                        .find(|l| l.transport == oc.target.transport)
+                        .map(|l| l.addr);
+                }
+                let _ = r.send(self.ua.invite(*oc, t));
+            }
             Command::Ring(c, m, r) => {
                 let _ = r.send(self.ua.ring(c, m.as_ref(), t));
             }

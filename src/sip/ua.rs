@@ -93,6 +93,12 @@ pub enum EndReason {
     RefreshFailed,
     /// Nobody answered or rejected within `pending_timeout`; 408 was sent.
     NotAnswered,
+    /// Outbound: the callee answered with this final failure status (3xx–6xx).
+    Failed(u16),
+    /// Outbound: no response at all (timer B).
+    Timeout,
+    /// Outbound: we cancelled before the callee answered.
+    Cancelled,
 }
 
 /// The kind of an in-dialog request passed up.
@@ -136,6 +142,17 @@ pub enum UaEvent {
         by: EndedBy,
         reason: EndReason,
     },
+    /// Outbound: a provisional response (180/183); `media` when it carried an SDP answer.
+    CallProgress {
+        call: CallHandle,
+        code: u16,
+        media: Option<Negotiated>,
+    },
+    /// Outbound: the callee answered (2xx, already ACKed).
+    CallAnswered {
+        call: CallHandle,
+        media: Option<Negotiated>,
+    },
     /// A request inside the dialog, already answered (200, or 488 for a bad offer).
     InDialogRequest {
         call: CallHandle,
@@ -175,10 +192,14 @@ pub enum UaError {
     Sdp(#[from] SdpError),
     #[error(transparent)]
     Transaction(#[from] TxError),
+    #[error("too many calls")]
+    Overloaded,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum CallState {
+    /// Our INVITE is out, no final response yet.
+    Calling,
     /// INVITE received, nothing but 100 sent.
     Incoming,
     /// 18x sent.
@@ -191,6 +212,7 @@ enum CallState {
 impl CallState {
     fn name(self) -> &'static str {
         match self {
+            Self::Calling => "calling out",
             Self::Incoming => "incoming",
             Self::Early => "ringing",
             Self::Answered => "answered (awaiting ACK)",
@@ -211,6 +233,8 @@ enum CallTimer {
 enum ClientPurpose {
     Bye,
     Refresh,
+    Invite,
+    Cancel,
 }
 
 #[derive(Debug)]
@@ -233,6 +257,14 @@ struct Call {
     /// Hangup requested before the ACK arrived: BYE goes out when it does (§15).
     bye_pending: bool,
     peer_allows_update: bool,
+    /// Outbound (UAC) call state: we placed it.
+    outbound: bool,
+    provisional_seen: bool,
+    /// Hangup before any provisional: CANCEL goes out with the first one (§9.1).
+    cancel_pending: bool,
+    cancel_sent: bool,
+    /// Our ACK for the 2xx, resent when the 2xx is retransmitted.
+    ack: Option<(Target, Vec<u8>)>,
 }
 
 /// The user agent core. Feed it with [`handle_input`](Self::handle_input),
@@ -429,9 +461,24 @@ impl UserAgent {
                 TxOutput::Send { target, bytes } => self.send_raw(target, bytes),
                 TxOutput::Response { key, response } => self.on_client_response(key, response, now),
                 TxOutput::Timeout { key } => {
-                    if let Some((call, ClientPurpose::Refresh)) = self.client_txs.get(&key).copied()
-                    {
-                        self.end_with_bye(call, EndReason::RefreshFailed, now);
+                    match self.client_txs.get(&key).copied() {
+                        Some((call, ClientPurpose::Refresh)) => {
+                            self.end_with_bye(call, EndReason::RefreshFailed, now)
+                        }
+                        Some((call, ClientPurpose::Invite))
+                            if self
+                                .calls
+                                .get(&call)
+                                .is_some_and(|c| c.state == CallState::Calling) =>
+                        {
+                            self.remove_call(call);
+                            self.emit(UaEvent::CallEnded {
+                                call,
+                                by: EndedBy::Local,
+                                reason: EndReason::Timeout,
+                            });
+                        }
+                        _ => {}
                     }
                     tracing::debug!(?key, "transaction timed out");
                 }
@@ -750,6 +797,11 @@ impl UserAgent {
                 refreshed_at: now,
                 bye_pending: false,
                 peer_allows_update,
+                outbound: false,
+                provisional_seen: false,
+                cancel_pending: false,
+                cancel_sent: false,
+                ack: None,
             },
         );
         self.timers
@@ -892,7 +944,7 @@ impl UserAgent {
                 let resp = self.simple_response(&req, 200, None);
                 self.respond_new(key, &req, resp, target, now);
                 if let Some(c) = self.calls.get(&handle) {
-                    if matches!(c.state, CallState::Incoming | CallState::Early) {
+                    if !c.outbound && matches!(c.state, CallState::Incoming | CallState::Early) {
                         // BYE in an early dialog: the INVITE still needs a final answer.
                         let (ik, tag) = (c.invite_key.clone(), c.dialog.id.local_tag.clone());
                         let resp = self.simple_response(&c.invite, 487, Some(&tag));
@@ -1070,6 +1122,10 @@ impl UserAgent {
             return;
         };
         let code = resp.status_code.code();
+        if purpose == ClientPurpose::Invite {
+            self.on_invite_response(handle, resp, now);
+            return;
+        }
         if purpose != ClientPurpose::Refresh || code < 200 {
             return;
         }
@@ -1147,7 +1203,13 @@ impl UserAgent {
         };
         match timer {
             CallTimer::Pending => {
-                if matches!(call.state, CallState::Incoming | CallState::Early) {
+                if call.state == CallState::Calling {
+                    tracing::info!(
+                        call = handle.0,
+                        "outbound call not answered in time; cancelling"
+                    );
+                    self.cancel_outbound(handle, now);
+                } else if matches!(call.state, CallState::Incoming | CallState::Early) {
                     tracing::warn!(
                         call = handle.0,
                         "call neither answered nor rejected in time"
@@ -1532,6 +1594,7 @@ impl UserAgent {
     pub fn hangup(&mut self, handle: CallHandle, now: Instant) -> Result<(), UaError> {
         let call = self.calls.get_mut(&handle).ok_or(UaError::UnknownCall)?;
         match call.state {
+            CallState::Calling => self.cancel_outbound(handle, now),
             CallState::Incoming | CallState::Early => {
                 return self.reject(handle, 480, None, &[], now)
             }
@@ -1542,6 +1605,9 @@ impl UserAgent {
         Ok(())
     }
 }
+
+mod outbound;
+pub use outbound::OutboundCall;
 
 #[cfg(test)]
 mod tests;

@@ -1110,3 +1110,189 @@ fn mutated_messages_never_panic() {
         h.take_events();
     }
 }
+
+fn outbound(h: &mut H) -> (CallHandle, String) {
+    let oc = OutboundCall {
+        target: h.peer,
+        request_uri: "sip:+15557777@198.51.100.9".into(),
+        from: NameAddr::parse("\"Callforge\" <sip:+15550001@203.0.113.1>").unwrap(),
+        to: NameAddr::parse("<sip:+15557777@198.51.100.9>").unwrap(),
+        media: H::media(),
+        local: Some(LOCAL.parse().unwrap()),
+        headers: vec![("X-Account".into(), "42".into())],
+    };
+    let call = h.ua.invite(oc, h.now).unwrap();
+    h.drain();
+    let sent = h.take_sent();
+    assert_eq!(sent.len(), 1);
+    (call, sent[0].clone())
+}
+
+/// A response from the callee to our request, with To tag `callee`.
+fn callee_reply(req: &str, code: u16, sdp: Option<&str>) -> String {
+    let mut out = reply_to(req, code, sdp).replace(";tag=peer", ";tag=callee");
+    if (101..300).contains(&code) {
+        out = out.replacen(
+            "Content-Length",
+            "Contact: <sip:+15557777@198.51.100.9:5080>\r\nContent-Length",
+            1,
+        );
+    }
+    out
+}
+
+#[test]
+fn outbound_call_progress_answer_ack_and_remote_bye() {
+    let mut h = H::new();
+    let (call, inv) = outbound(&mut h);
+    assert!(
+        inv.starts_with("INVITE sip:+15557777@198.51.100.9 SIP/2.0\r\n"),
+        "{inv}"
+    );
+    assert!(inv.contains("CSeq: 1 INVITE\r\n"));
+    assert!(inv.contains("X-Account: 42\r\n"));
+    assert!(inv.contains("m=audio 20000 RTP/AVP 0 8 101\r\n"));
+    h.input(&callee_reply(&inv, 180, None));
+    assert_eq!(
+        h.take_events(),
+        vec![UaEvent::CallProgress {
+            call,
+            code: 180,
+            media: None
+        }]
+    );
+    h.input(&callee_reply(&inv, 200, Some(OFFER)));
+    let ack = h.take_sent();
+    assert_eq!(ack.len(), 1);
+    assert!(
+        ack[0].starts_with("ACK sip:+15557777@198.51.100.9:5080 SIP/2.0\r\n"),
+        "{}",
+        ack[0]
+    );
+    assert!(ack[0].contains("CSeq: 1 ACK\r\n"));
+    assert!(ack[0].contains(";tag=callee"));
+    match h.take_events().as_slice() {
+        [UaEvent::CallAnswered {
+            call: c,
+            media: Some(m),
+        }] => {
+            assert_eq!(*c, call);
+            assert_eq!(m.remote_rtp, Some("198.51.100.9:40000".parse().unwrap()));
+        }
+        other => panic!("{other:?}"),
+    }
+    // Retransmitted 2xx: the same ACK again, no new event.
+    h.input(&callee_reply(&inv, 200, Some(OFFER)));
+    assert_eq!(h.take_sent(), ack);
+    assert!(h.take_events().is_empty());
+    // The callee hangs up; its BYE names our From tag as To tag.
+    let our_tag = inv
+        .split("tag=")
+        .nth(1)
+        .unwrap()
+        .split("\r\n")
+        .next()
+        .unwrap();
+    let bye = format!("BYE sip:callforge@203.0.113.1:5060 SIP/2.0\r\nVia: SIP/2.0/UDP 198.51.100.9:5060;branch=z9hG4bKcb\r\nFrom: <sip:+15557777@198.51.100.9>;tag=callee\r\nTo: \"Callforge\" <sip:+15550001@203.0.113.1>;tag={our_tag}\r\nCall-ID: {}\r\nCSeq: 1 BYE\r\nContent-Length: 0\r\n\r\n",
+        inv.split("Call-ID: ").nth(1).unwrap().split("\r\n").next().unwrap());
+    h.input(&bye);
+    assert_eq!(statuses(&h.take_sent()), vec![200]);
+    assert_eq!(
+        h.take_events(),
+        vec![UaEvent::CallEnded {
+            call,
+            by: EndedBy::Remote,
+            reason: EndReason::Bye
+        }]
+    );
+}
+
+#[test]
+fn outbound_failure_is_acked_and_reported() {
+    let mut h = H::new();
+    let (call, inv) = outbound(&mut h);
+    h.input(&callee_reply(&inv, 486, None));
+    let sent = h.take_sent();
+    assert!(sent[0].starts_with("ACK sip:+15557777@198.51.100.9 SIP/2.0\r\n"));
+    assert_eq!(
+        h.take_events(),
+        vec![UaEvent::CallEnded {
+            call,
+            by: EndedBy::Remote,
+            reason: EndReason::Failed(486)
+        }]
+    );
+}
+
+#[test]
+fn outbound_cancel_waits_for_a_provisional() {
+    let mut h = H::new();
+    let (call, inv) = outbound(&mut h);
+    h.ua.hangup(call, h.now).unwrap();
+    h.drain();
+    assert!(
+        h.take_sent().is_empty(),
+        "no CANCEL before a provisional (§9.1)"
+    );
+    h.input(&callee_reply(&inv, 180, None));
+    let sent = h.take_sent();
+    let cancel = &sent[0];
+    assert!(cancel.starts_with("CANCEL sip:+15557777@198.51.100.9 SIP/2.0\r\n"));
+    assert!(cancel.contains("CSeq: 1 CANCEL\r\n"));
+    let inv_branch = inv
+        .split("branch=")
+        .nth(1)
+        .unwrap()
+        .split(';')
+        .next()
+        .unwrap();
+    assert!(cancel.contains(&format!("branch={inv_branch}")));
+    h.input(&callee_reply(cancel, 200, None));
+    h.input(&callee_reply(&inv, 487, None));
+    assert!(h.take_sent()[0].starts_with("ACK "));
+    assert_eq!(
+        h.take_events(),
+        vec![UaEvent::CallEnded {
+            call,
+            by: EndedBy::Local,
+            reason: EndReason::Cancelled
+        }]
+    );
+}
+
+#[test]
+fn outbound_without_response_retransmits_then_times_out() {
+    let mut h = H::new();
+    let (call, _) = outbound(&mut h);
+    h.advance(ms(31_990));
+    assert_eq!(
+        h.take_sent().len(),
+        6,
+        "timer A: 0.5, 1.5, 3.5, 7.5, 15.5, 31.5 s"
+    );
+    assert!(h.take_events().is_empty());
+    h.advance(ms(10));
+    assert_eq!(
+        h.take_events(),
+        vec![UaEvent::CallEnded {
+            call,
+            by: EndedBy::Local,
+            reason: EndReason::Timeout
+        }]
+    );
+}
+
+#[test]
+fn outbound_local_hangup_after_answer_sends_bye_to_contact() {
+    let mut h = H::new();
+    let (call, inv) = outbound(&mut h);
+    h.input(&callee_reply(&inv, 200, Some(OFFER)));
+    h.take_sent();
+    h.take_events();
+    h.ua.hangup(call, h.now).unwrap();
+    h.drain();
+    let (to, bye) = h.sent.pop().unwrap();
+    assert_eq!(to.addr, "198.51.100.9:5080".parse().unwrap());
+    assert!(bye.starts_with("BYE sip:+15557777@198.51.100.9:5080 SIP/2.0\r\n"));
+    assert!(bye.contains("CSeq: 2 BYE\r\n"));
+}
