@@ -803,4 +803,78 @@ mod tests {
         assert!(bye.contains("Via: SIP/2.0/TCP "));
         handle.shutdown();
     }
+
+    #[tokio::test]
+    async fn outbound_invite_over_udp_is_answered() {
+        let sip = start(&["udp:127.0.0.1:0".parse().unwrap()], UaConfig::default())
+            .await
+            .unwrap();
+        let SipTransport {
+            handle, mut events, ..
+        } = sip;
+        let callee = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let callee_addr = callee.local_addr().unwrap();
+        let oc = OutboundCall {
+            target: Target {
+                addr: callee_addr,
+                transport: TransportKind::Udp,
+            },
+            request_uri: format!("sip:2000@{callee_addr}"),
+            from: crate::sip::message::NameAddr::new("sip:1000@127.0.0.1"),
+            to: crate::sip::message::NameAddr::new(format!("sip:2000@{callee_addr}")),
+            media: MediaConfig::new("127.0.0.1".parse().unwrap(), 6000),
+            local: None,
+            headers: Vec::new(),
+        };
+        let call = handle.invite(oc).await.unwrap();
+        let mut buf = vec![0u8; 8192];
+        let (n, from) = tokio::time::timeout(
+            std::time::Duration::from_secs(5),
+            callee.recv_from(&mut buf),
+        )
+        .await
+        .unwrap()
+        .unwrap();
+        let invite = String::from_utf8_lossy(&buf[..n]).to_string();
+        assert!(invite.starts_with("INVITE sip:2000@"), "{invite}");
+        let mut reply = String::from("SIP/2.0 200 OK\r\n");
+        for l in invite.lines() {
+            if ["Via:", "From:", "Call-ID:", "CSeq:"]
+                .iter()
+                .any(|p| l.starts_with(p))
+            {
+                reply.push_str(l);
+                reply.push_str("\r\n");
+            }
+            if l.starts_with("To:") {
+                reply.push_str(l);
+                reply.push_str(";tag=b\r\n");
+            }
+        }
+        let sdp = "v=0\r\nc=IN IP4 127.0.0.1\r\nm=audio 7000 RTP/AVP 0\r\n";
+        reply.push_str(&format!(
+            "Contact: <sip:2000@{callee_addr}>\r\nContent-Type: application/sdp\r\nContent-Length: {}\r\n\r\n{sdp}",
+            sdp.len()
+        ));
+        callee.send_to(reply.as_bytes(), from).await.unwrap();
+        let (n, _) = tokio::time::timeout(
+            std::time::Duration::from_secs(5),
+            callee.recv_from(&mut buf),
+        )
+        .await
+        .unwrap()
+        .unwrap();
+        assert!(String::from_utf8_lossy(&buf[..n]).starts_with("ACK sip:2000@"));
+        match tokio::time::timeout(std::time::Duration::from_secs(5), events.recv()).await {
+            Ok(Some(UaEvent::CallAnswered {
+                call: c,
+                media: Some(m),
+            })) => {
+                assert_eq!(c, call);
+                assert_eq!(m.remote_rtp, Some("127.0.0.1:7000".parse().unwrap()));
+            }
+            other => panic!("{other:?}"),
+        }
+        handle.shutdown();
+    }
 }
