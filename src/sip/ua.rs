@@ -1,7 +1,8 @@
 //! The sans-IO user agent core: bytes and timer expiries in; sends, timers and call events out.
 //!
-//! It ties parsing, transactions, dialogs and SDP together for the UAS side of calls
-//! (incoming INVITE → events; answer/ring/reject/redirect/hangup commands). Everything takes
+//! It ties parsing, transactions, dialogs and SDP together: incoming calls (INVITE → events;
+//! ring/answer/reject/redirect/hangup commands, in `commands`), everything else that arrives
+//! (`incoming`), outbound calls (`outbound`) and where replies go (`reply`). Everything takes
 //! `now` from the caller, so tests drive it with a fake clock.
 
 use super::dialog::{AnswerRetransmit, Dialog, DialogId, Refresher, RetransmitStep, SessionTimer};

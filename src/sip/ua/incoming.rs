@@ -72,6 +72,14 @@ impl UserAgent {
             None => return,
         };
 
+        let uri = req.uri.to_string().to_ascii_lowercase();
+        let scheme_ok = ["sip:", "sips:", "tel:"].iter().any(|p| uri.starts_with(p));
+        if !scheme_ok && req.method != rsip::Method::Ack {
+            let resp = self.simple_response(&req, 416, None);
+            self.respond_new(key, &req, resp, target, now);
+            return;
+        }
+
         match req.method {
             rsip::Method::Ack => self.on_ack(&req, now),
             rsip::Method::Cancel => self.on_cancel(&req, key, target, now),

@@ -751,6 +751,13 @@ fn malformed_corpus_gets_400_or_is_dropped() {
             good.replace("c=IN IP4 198.51.100.9", "c=IN IP4 nowhere"),
             Some(400),
         ),
+        (
+            good.replace(
+                "INVITE sip:+15550001@203.0.113.1",
+                "INVITE http://example.com/",
+            ),
+            Some(416),
+        ),
         (good[..40].to_string(), None),
         ("\u{0}\u{1}\u{2}garbage\r\n\r\n".to_string(), None),
         (
