@@ -279,6 +279,10 @@ pub struct UserAgent {
     invites: HashMap<TxKey, CallHandle>,
     client_txs: HashMap<TxKey, (CallHandle, ClientPurpose)>,
     timers: TimerQueue<(CallHandle, CallTimer)>,
+    /// Dialogs ended in the last 64*T1, so a BYE crossing ours gets 200, not 481.
+    ended: VecDeque<(Instant, DialogId)>,
+    /// The instant of the input being processed (for bookkeeping that has no `now` param).
+    now: Option<Instant>,
     actions: VecDeque<Action>,
     announced: Option<Instant>,
     next_id: u64,
@@ -302,6 +306,8 @@ impl UserAgent {
             invites: HashMap::new(),
             client_txs: HashMap::new(),
             timers: TimerQueue::default(),
+            ended: VecDeque::new(),
+            now: None,
             actions: VecDeque::new(),
             announced: None,
             next_id: 0,
@@ -417,6 +423,7 @@ impl UserAgent {
 
     /// One datagram, or one framed stream message, from `source`, received on `local`.
     pub fn handle_input(&mut self, bytes: &[u8], source: Target, local: SocketAddr, now: Instant) {
+        self.set_now(now);
         self.handle_input_inner(bytes, source, local, now);
         self.announce_timer();
     }
@@ -453,6 +460,7 @@ impl UserAgent {
 
     /// Runs everything due at `now`.
     pub fn handle_timeout(&mut self, now: Instant) {
+        self.set_now(now);
         let mut out = Vec::new();
         self.txs.handle_timeout(now, &mut out);
         self.drain_tx(out, now);
@@ -675,7 +683,28 @@ impl UserAgent {
         if let Some(c) = self.calls.remove(&handle) {
             self.dialogs.remove(&c.dialog.id);
             self.invites.remove(&c.invite_key);
+            if let (Some(now), false) = (self.now, c.dialog.id.remote_tag.is_empty()) {
+                self.ended.push_back((now, c.dialog.id));
+            }
         }
+    }
+
+    /// Records the current instant and forgets tombstones older than 64*T1.
+    fn set_now(&mut self, now: Instant) {
+        self.now = Some(now);
+        let keep = self.cfg.timers.t1x64();
+        while self
+            .ended
+            .front()
+            .is_some_and(|(at, _)| now.saturating_duration_since(*at) > keep)
+        {
+            self.ended.pop_front();
+        }
+    }
+
+    /// True if this dialog ended recently.
+    fn recently_ended(&self, id: &DialogId) -> bool {
+        self.ended.iter().any(|(_, d)| d == id)
     }
 }
 

@@ -19,6 +19,7 @@ impl UserAgent {
         media: Option<&MediaConfig>,
         now: Instant,
     ) -> Result<Option<Negotiated>, UaError> {
+        self.set_now(now);
         let call = self.pending_call(handle)?;
         let tag = call.dialog.id.local_tag.clone();
         let contact = call.dialog.local_contact.clone();
@@ -87,6 +88,7 @@ impl UserAgent {
         media: &MediaConfig,
         now: Instant,
     ) -> Result<Option<Negotiated>, UaError> {
+        self.set_now(now);
         self.pending_call(handle)?;
         let (sdp, neg) = self.make_answer(handle, media)?;
         let call = self.calls.get(&handle).ok_or(UaError::UnknownCall)?;
@@ -139,6 +141,7 @@ impl UserAgent {
         extra_headers: &[(String, String)],
         now: Instant,
     ) -> Result<(), UaError> {
+        self.set_now(now);
         if !(300..=699).contains(&code) {
             return Err(UaError::BadStatus(code));
         }
@@ -206,6 +209,7 @@ impl UserAgent {
 
     /// Ends a call: BYE once established (after the ACK, per §15), 480 while still pending.
     pub fn hangup(&mut self, handle: CallHandle, now: Instant) -> Result<(), UaError> {
+        self.set_now(now);
         let call = self.calls.get_mut(&handle).ok_or(UaError::UnknownCall)?;
         match call.state {
             CallState::Calling => self.cancel_outbound(handle, now),

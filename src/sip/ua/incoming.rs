@@ -412,7 +412,10 @@ impl UserAgent {
     ) {
         let handle = DialogId::of_incoming(&req).and_then(|id| self.dialogs.get(&id).copied());
         let Some(handle) = handle else {
-            let resp = self.simple_response(&req, 481, None);
+            let crossed_bye = req.method == rsip::Method::Bye
+                && DialogId::of_incoming(&req).is_some_and(|id| self.recently_ended(&id));
+            let code = if crossed_bye { 200 } else { 481 };
+            let resp = self.simple_response(&req, code, None);
             self.respond_new(key, &req, resp, target, now);
             return;
         };

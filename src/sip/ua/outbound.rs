@@ -31,6 +31,7 @@ impl UserAgent {
     /// Sends an INVITE with an SDP offer. Progress arrives as `CallProgress`, success as
     /// `CallAnswered`, failure as `CallEnded { by: Remote, reason: Failed(code) }`.
     pub fn invite(&mut self, oc: OutboundCall, now: Instant) -> Result<CallHandle, UaError> {
+        self.set_now(now);
         if self.calls.len() >= self.cfg.max_calls {
             return Err(UaError::Overloaded);
         }

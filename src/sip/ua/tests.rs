@@ -1303,3 +1303,22 @@ fn outbound_local_hangup_after_answer_sends_bye_to_contact() {
     assert!(bye.starts_with("BYE sip:+15557777@198.51.100.9:5080 SIP/2.0\r\n"));
     assert!(bye.contains("CSeq: 2 BYE\r\n"));
 }
+
+#[test]
+fn bye_crossing_ours_gets_200() {
+    let mut h = H::new();
+    let (call, tag) = h.established();
+    h.take_sent();
+    h.ua.hangup(call, h.now).unwrap();
+    h.drain();
+    h.take_sent();
+    h.take_events();
+    h.input(&in_dialog("BYE", "z9hG4bKcross", 2, &tag, None));
+    assert_eq!(statuses(&h.take_sent()), vec![200]);
+    assert!(h.take_events().is_empty(), "the call already ended once");
+    // Long after, the dialog is forgotten.
+    h.advance(ms(40_000));
+    h.take_sent();
+    h.input(&in_dialog("BYE", "z9hG4bKlate", 3, &tag, None));
+    assert_eq!(statuses(&h.take_sent()), vec![481]);
+}
