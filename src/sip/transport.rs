@@ -321,11 +321,26 @@ async fn udp_reader(
     }
 }
 
+/// Most TCP connections accepted at once per listener; more are closed on accept.
+pub const MAX_TCP_CONNECTIONS: usize = 4096;
+
 async fn tcp_acceptor(listener: TcpListener, max: usize, out: mpsc::UnboundedSender<Input>) {
+    let open = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     loop {
         match listener.accept().await {
             Ok((stream, peer)) => {
-                tokio::spawn(tcp_connection(stream, peer, max, out.clone()));
+                use std::sync::atomic::Ordering;
+                if open.load(Ordering::Relaxed) >= MAX_TCP_CONNECTIONS {
+                    tracing::warn!(%peer, "too many TCP connections; closing the new one");
+                    drop(stream);
+                    continue;
+                }
+                open.fetch_add(1, Ordering::Relaxed);
+                let (open, out) = (open.clone(), out.clone());
+                tokio::spawn(async move {
+                    tcp_connection(stream, peer, max, out).await;
+                    open.fetch_sub(1, Ordering::Relaxed);
+                });
             }
             Err(e) => {
                 tracing::warn!(error = %e, "tcp accept failed");
