@@ -51,8 +51,10 @@
 //! - `InDialogRequest { call, kind, request, media }`: INFO / re-INVITE / UPDATE / OPTIONS,
 //!   already answered; `media` holds the new negotiation (e.g. hold: sendonly → recvonly).
 //! - Terminal, exactly one per call: `CallCancelled { call }` or
-//!   `CallEnded { call, by: Remote|Local, reason }` (BYE, Rejected(code), NoAck,
-//!   SessionExpired, RefreshFailed).
+//!   `CallEnded { call, by: Remote|Local, reason }` with [`EndReason`]: `Bye`,
+//!   `Rejected(code)` (our reject/redirect), `NoAck`, `SessionExpired`, `RefreshFailed`,
+//!   `NotAnswered` (no command within `UaConfig::pending_timeout`; 408 sent), and for
+//!   outbound calls `Failed(code)`, `Timeout`, `Cancelled`.
 //!
 //! Commands (on [`SipHandle`], or directly on [`UserAgent`] with a `now`):
 //! `ring(call, None)` → 180, `ring(call, Some(media))` → 183 with SDP,
@@ -70,9 +72,12 @@
 //! unknown dialogs (481), out-of-order CSeq (500), malformed requests (400 with the
 //! reason, or dropped with one warning when unanswerable), unknown methods (501),
 //! unsupported `Require` (420), too-small session intervals (422), limits (503 +
-//! Retry-After), RFC 3581 rport, 2xx retransmission and no-ACK teardown, session-timer
-//! refresh/expiry, and re-INVITE/UPDATE offers (answered with the media config given
-//! at answer time).
+//! Retry-After), unsupported URI schemes (416), RFC 3581 rport, 2xx retransmission and
+//! no-ACK teardown, session-timer refresh/expiry, a BYE crossing ours (200), and
+//! re-INVITE/UPDATE offers (answered with the media config given at answer time).
+//!
+//! Bind to a concrete IP, or set `UaConfig::advertised_addr`: Via and Contact carry the
+//! receiving socket's address, and `0.0.0.0` is not an address a peer can reach.
 
 pub mod dialog;
 pub mod framing;
