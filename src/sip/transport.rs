@@ -225,6 +225,13 @@ pub async fn start(
         return Err(TransportError::NothingToListen);
     }
     cfg.seed = random_seed();
+    if cfg.advertised_addr.is_none() {
+        for spec in specs {
+            if spec.transport == TransportKind::Udp && spec.addr.ip().is_unspecified() {
+                tracing::warn!(%spec, "UDP bound to a wildcard address without advertised_addr: Via/Contact will carry an unroutable address");
+            }
+        }
+    }
     let max_message = cfg.limits.max_message_size;
     let (in_tx, in_rx) = mpsc::unbounded_channel();
     let (cmd_tx, cmd_rx) = mpsc::unbounded_channel();
