@@ -1,0 +1,902 @@
+//! The thin tokio driver: sockets and a deadline map around the sans-IO [`UserAgent`].
+//!
+//! One task owns the user agent. Socket reader tasks feed it bytes; it executes the
+//! agent's actions (send, arm timer, publish event) and the commands of the layer above.
+//! No SIP logic lives here.
+
+use super::framing::StreamFramer;
+use super::sdp::{MediaConfig, Negotiated};
+use super::transaction::{Target, TransportKind};
+use super::ua::{Action, CallHandle, OutboundCall, TimerId, UaConfig, UaError, UaEvent, UserAgent};
+use std::collections::{BTreeMap, HashMap};
+use std::hash::{BuildHasher, Hasher};
+use std::net::SocketAddr;
+use std::str::FromStr;
+use std::sync::Arc;
+use thiserror::Error;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream, UdpSocket};
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant as TokioInstant;
+
+/// One listening socket, written `udp:127.0.0.1:5060` or `tcp:[::1]:5060`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ListenSpec {
+    pub transport: TransportKind,
+    pub addr: SocketAddr,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum ListenSpecError {
+    #[error("listen spec {0:?} needs a transport prefix, like udp:127.0.0.1:5060")]
+    MissingTransport(String),
+    #[error("unknown transport {0:?} (expected udp or tcp)")]
+    UnknownTransport(String),
+    #[error("{0:?} is not an IP:port address (IPv6 goes in brackets: tcp:[::1]:5060)")]
+    BadAddress(String),
+}
+
+impl FromStr for ListenSpec {
+    type Err = ListenSpecError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let s = s.trim();
+        let (proto, addr) = s
+            .split_once(':')
+            .ok_or_else(|| ListenSpecError::MissingTransport(s.to_string()))?;
+        let transport = match proto.to_ascii_lowercase().as_str() {
+            "udp" => TransportKind::Udp,
+            "tcp" => TransportKind::Tcp,
+            _ if proto.parse::<std::net::IpAddr>().is_ok() || proto.starts_with('[') => {
+                return Err(ListenSpecError::MissingTransport(s.to_string()))
+            }
+            _ => return Err(ListenSpecError::UnknownTransport(proto.to_string())),
+        };
+        let addr = addr
+            .parse()
+            .map_err(|_| ListenSpecError::BadAddress(addr.to_string()))?;
+        Ok(Self { transport, addr })
+    }
+}
+
+impl std::fmt::Display for ListenSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let p = match self.transport {
+            TransportKind::Udp => "udp",
+            TransportKind::Tcp => "tcp",
+        };
+        write!(f, "{p}:{}", self.addr)
+    }
+}
+
+#[derive(Debug, Error)]
+pub enum TransportError {
+    #[error("cannot bind {spec}: {source}")]
+    Bind {
+        spec: ListenSpec,
+        source: std::io::Error,
+    },
+    #[error("no listen spec given")]
+    NothingToListen,
+    #[error("the SIP driver has stopped")]
+    Stopped,
+    #[error(transparent)]
+    Ua(#[from] UaError),
+}
+
+enum Command {
+    Invite(Box<OutboundCall>, Reply<CallHandle>),
+    Ring(CallHandle, Option<MediaConfig>, Reply<Option<Negotiated>>),
+    Answer(CallHandle, MediaConfig, Reply<Option<Negotiated>>),
+    Reject(
+        CallHandle,
+        u16,
+        Option<String>,
+        Vec<(String, String)>,
+        Reply<()>,
+    ),
+    Redirect(CallHandle, Vec<String>, Reply<()>),
+    Hangup(CallHandle, Reply<()>),
+    Shutdown,
+}
+
+type Reply<T> = oneshot::Sender<Result<T, UaError>>;
+
+enum Input {
+    Message {
+        bytes: Vec<u8>,
+        source: Target,
+        local: SocketAddr,
+    },
+    Connected {
+        peer: SocketAddr,
+        writer: mpsc::UnboundedSender<Vec<u8>>,
+    },
+    Disconnected {
+        peer: SocketAddr,
+    },
+}
+
+/// Commands for the layer above; cheap to clone.
+#[derive(Clone, Debug)]
+pub struct SipHandle {
+    commands: mpsc::UnboundedSender<Command>,
+}
+
+impl std::fmt::Debug for Command {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Command")
+    }
+}
+
+impl SipHandle {
+    async fn call<T>(&self, make: impl FnOnce(Reply<T>) -> Command) -> Result<T, TransportError> {
+        let (tx, rx) = oneshot::channel();
+        self.commands
+            .send(make(tx))
+            .map_err(|_| TransportError::Stopped)?;
+        Ok(rx.await.map_err(|_| TransportError::Stopped)??)
+    }
+
+    /// Places an outbound call; progress comes as `CallProgress`/`CallAnswered`/`CallEnded`.
+    /// `call.local` defaults to this stack's listener for the target's transport.
+    pub async fn invite(&self, call: OutboundCall) -> Result<CallHandle, TransportError> {
+        self.call(|r| Command::Invite(Box::new(call), r)).await
+    }
+
+    /// 180 Ringing, or 183 with early-media SDP when `media` is given.
+    pub async fn ring(
+        &self,
+        call: CallHandle,
+        media: Option<MediaConfig>,
+    ) -> Result<Option<Negotiated>, TransportError> {
+        self.call(|r| Command::Ring(call, media, r)).await
+    }
+
+    /// 200 OK with our SDP; see [`UserAgent::answer`].
+    pub async fn answer(
+        &self,
+        call: CallHandle,
+        media: MediaConfig,
+    ) -> Result<Option<Negotiated>, TransportError> {
+        self.call(|r| Command::Answer(call, media, r)).await
+    }
+
+    /// A 3xx–6xx final response with optional reason phrase and extra headers.
+    pub async fn reject(
+        &self,
+        call: CallHandle,
+        code: u16,
+        reason: Option<String>,
+        headers: Vec<(String, String)>,
+    ) -> Result<(), TransportError> {
+        self.call(|r| Command::Reject(call, code, reason, headers, r))
+            .await
+    }
+
+    /// 302 with one Contact per URI.
+    pub async fn redirect(
+        &self,
+        call: CallHandle,
+        contacts: Vec<String>,
+    ) -> Result<(), TransportError> {
+        self.call(|r| Command::Redirect(call, contacts, r)).await
+    }
+
+    /// BYE (or 480 if not answered yet).
+    pub async fn hangup(&self, call: CallHandle) -> Result<(), TransportError> {
+        self.call(|r| Command::Hangup(call, r)).await
+    }
+
+    /// Stops the driver task.
+    pub fn shutdown(&self) {
+        let _ = self.commands.send(Command::Shutdown);
+    }
+}
+
+/// A running SIP stack: its command handle, its event stream and its bound addresses.
+#[derive(Debug)]
+pub struct SipTransport {
+    pub handle: SipHandle,
+    /// Unbounded so the driver never blocks on a slow consumer; consume it promptly.
+    pub events: mpsc::UnboundedReceiver<UaEvent>,
+    /// Actual bound addresses (ephemeral ports resolved).
+    pub local_addrs: Vec<ListenSpec>,
+    pub task: tokio::task::JoinHandle<()>,
+}
+
+fn random_seed() -> u64 {
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0),
+    );
+    h.finish()
+}
+
+/// Binds every spec and starts the driver. `cfg.seed` is replaced with a random one.
+pub async fn start(
+    specs: &[ListenSpec],
+    mut cfg: UaConfig,
+) -> Result<SipTransport, TransportError> {
+    if specs.is_empty() {
+        return Err(TransportError::NothingToListen);
+    }
+    cfg.seed = random_seed();
+    if cfg.advertised_addr.is_none() {
+        for spec in specs {
+            if spec.transport == TransportKind::Udp && spec.addr.ip().is_unspecified() {
+                tracing::warn!(%spec, "UDP bound to a wildcard address without advertised_addr: Via/Contact will carry an unroutable address");
+            }
+        }
+    }
+    let max_message = cfg.limits.max_message_size;
+    let (in_tx, in_rx) = mpsc::unbounded_channel();
+    let (cmd_tx, cmd_rx) = mpsc::unbounded_channel();
+    let (ev_tx, ev_rx) = mpsc::unbounded_channel();
+    // Bind everything before spawning anything, so a failed bind leaves nothing running.
+    let mut udp = Vec::new();
+    let mut tcp = Vec::new();
+    let mut local_addrs = Vec::new();
+    for spec in specs {
+        let bind_err = |source| TransportError::Bind {
+            spec: *spec,
+            source,
+        };
+        match spec.transport {
+            TransportKind::Udp => {
+                let sock = Arc::new(UdpSocket::bind(spec.addr).await.map_err(bind_err)?);
+                let addr = sock.local_addr().map_err(bind_err)?;
+                local_addrs.push(ListenSpec {
+                    transport: TransportKind::Udp,
+                    addr,
+                });
+                udp.push((sock, addr));
+            }
+            TransportKind::Tcp => {
+                let listener = TcpListener::bind(spec.addr).await.map_err(bind_err)?;
+                let addr = listener.local_addr().map_err(bind_err)?;
+                local_addrs.push(ListenSpec {
+                    transport: TransportKind::Tcp,
+                    addr,
+                });
+                tcp.push(listener);
+            }
+        }
+    }
+    let mut sockets = Vec::new();
+    for (sock, addr) in &udp {
+        let reader = udp_reader(sock.clone(), *addr, max_message, in_tx.clone());
+        sockets.push(tokio::spawn(reader));
+    }
+    for listener in tcp {
+        sockets.push(tokio::spawn(tcp_acceptor(
+            listener,
+            max_message,
+            in_tx.clone(),
+        )));
+    }
+    let udp = udp.into_iter().map(|(s, _)| s).collect();
+    let driver = Driver {
+        ua: UserAgent::new(cfg),
+        listeners: local_addrs.clone(),
+        udp,
+        conns: HashMap::new(),
+        deadlines: BTreeMap::new(),
+        events: ev_tx,
+        inputs: in_tx,
+        max_message,
+        sockets,
+    };
+    let task = tokio::spawn(driver.run(in_rx, cmd_rx));
+    Ok(SipTransport {
+        handle: SipHandle { commands: cmd_tx },
+        events: ev_rx,
+        local_addrs,
+        task,
+    })
+}
+
+async fn udp_reader(
+    sock: Arc<UdpSocket>,
+    local: SocketAddr,
+    max: usize,
+    out: mpsc::UnboundedSender<Input>,
+) {
+    // One byte more than the limit so oversize datagrams reach the parser and get 513.
+    let mut buf = vec![0u8; max.max(65_535) + 1];
+    loop {
+        match sock.recv_from(&mut buf).await {
+            Ok((n, from)) => {
+                let input = Input::Message {
+                    bytes: buf[..n].to_vec(),
+                    source: Target {
+                        addr: from,
+                        transport: TransportKind::Udp,
+                    },
+                    local,
+                };
+                if out.send(input).is_err() {
+                    return;
+                }
+            }
+            // ICMP port-unreachable surfaces as an error on some platforms; keep reading.
+            Err(e) => tracing::debug!(error = %e, "udp recv error"),
+        }
+    }
+}
+
+/// Most TCP connections accepted at once per listener; more are closed on accept.
+pub const MAX_TCP_CONNECTIONS: usize = 4096;
+
+async fn tcp_acceptor(listener: TcpListener, max: usize, out: mpsc::UnboundedSender<Input>) {
+    let open = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    loop {
+        match listener.accept().await {
+            Ok((stream, peer)) => {
+                use std::sync::atomic::Ordering;
+                if open.load(Ordering::Relaxed) >= MAX_TCP_CONNECTIONS {
+                    tracing::warn!(%peer, "too many TCP connections; closing the new one");
+                    drop(stream);
+                    continue;
+                }
+                open.fetch_add(1, Ordering::Relaxed);
+                let (open, out) = (open.clone(), out.clone());
+                tokio::spawn(async move {
+                    tcp_connection(stream, peer, max, out).await;
+                    open.fetch_sub(1, Ordering::Relaxed);
+                });
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "tcp accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+async fn tcp_connection(
+    stream: TcpStream,
+    peer: SocketAddr,
+    max: usize,
+    out: mpsc::UnboundedSender<Input>,
+) {
+    let Ok(local) = stream.local_addr() else {
+        return;
+    };
+    let (mut rd, mut wr) = stream.into_split();
+    let (wtx, mut wrx) = mpsc::unbounded_channel::<Vec<u8>>();
+    if out.send(Input::Connected { peer, writer: wtx }).is_err() {
+        return;
+    }
+    tokio::spawn(async move {
+        while let Some(bytes) = wrx.recv().await {
+            if wr.write_all(&bytes).await.is_err() {
+                break;
+            }
+        }
+    });
+    let mut framer = StreamFramer::new(max);
+    let mut buf = vec![0u8; 16 * 1024];
+    'read: loop {
+        let n = match rd.read(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        framer.push(&buf[..n]);
+        loop {
+            match framer.next_message() {
+                Ok(Some(bytes)) => {
+                    let source = Target {
+                        addr: peer,
+                        transport: TransportKind::Tcp,
+                    };
+                    if out
+                        .send(Input::Message {
+                            bytes,
+                            source,
+                            local,
+                        })
+                        .is_err()
+                    {
+                        break 'read;
+                    }
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    tracing::warn!(%peer, error = %e, "closing TCP connection");
+                    break 'read;
+                }
+            }
+        }
+    }
+    let _ = out.send(Input::Disconnected { peer });
+}
+
+struct Driver {
+    ua: UserAgent,
+    listeners: Vec<ListenSpec>,
+    udp: Vec<Arc<UdpSocket>>,
+    conns: HashMap<SocketAddr, mpsc::UnboundedSender<Vec<u8>>>,
+    deadlines: BTreeMap<std::time::Instant, TimerId>,
+    events: mpsc::UnboundedSender<UaEvent>,
+    inputs: mpsc::UnboundedSender<Input>,
+    max_message: usize,
+    /// Reader and acceptor tasks, stopped with the driver so the ports are released.
+    sockets: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Drop for Driver {
+    fn drop(&mut self) {
+        for t in &self.sockets {
+            t.abort();
+        }
+    }
+}
+
+fn now() -> std::time::Instant {
+    TokioInstant::now().into_std()
+}
+
+impl Driver {
+    async fn run(
+        mut self,
+        mut inputs: mpsc::UnboundedReceiver<Input>,
+        mut commands: mpsc::UnboundedReceiver<Command>,
+    ) {
+        loop {
+            let sleep_until = self
+                .deadlines
+                .keys()
+                .next()
+                .map(|at| TokioInstant::from_std(*at));
+            tokio::select! {
+                Some(input) = inputs.recv() => self.on_input(input),
+                cmd = commands.recv() => match cmd {
+                    Some(Command::Shutdown) | None => return,
+                    Some(cmd) => self.on_command(cmd),
+                },
+                _ = sleep(sleep_until) => {
+                    let now = now();
+                    while let Some((&at, _)) = self.deadlines.iter().next() {
+                        if at > now {
+                            break;
+                        }
+                        self.deadlines.remove(&at);
+                    }
+                    self.ua.handle_timeout(now);
+                }
+            }
+            self.flush().await;
+        }
+    }
+
+    fn on_input(&mut self, input: Input) {
+        match input {
+            Input::Message {
+                bytes,
+                source,
+                local,
+            } => self.ua.handle_input(&bytes, source, local, now()),
+            Input::Connected { peer, writer } => {
+                self.conns.insert(peer, writer);
+            }
+            Input::Disconnected { peer } => {
+                self.conns.remove(&peer);
+            }
+        }
+    }
+
+    fn on_command(&mut self, cmd: Command) {
+        let t = now();
+        match cmd {
+            Command::Invite(mut oc, r) => {
+                if oc.local.is_none() {
+                    oc.local = self
+                        .listeners
+                        .iter()
+                        .find(|l| l.transport == oc.target.transport)
+                        .map(|l| l.addr);
+                }
+                let _ = r.send(self.ua.invite(*oc, t));
+            }
+            Command::Ring(c, m, r) => {
+                let _ = r.send(self.ua.ring(c, m.as_ref(), t));
+            }
+            Command::Answer(c, m, r) => {
+                let _ = r.send(self.ua.answer(c, &m, t));
+            }
+            Command::Reject(c, code, reason, h, r) => {
+                let _ = r.send(self.ua.reject(c, code, reason.as_deref(), &h, t));
+            }
+            Command::Redirect(c, contacts, r) => {
+                let _ = r.send(self.ua.redirect(c, &contacts, t));
+            }
+            Command::Hangup(c, r) => {
+                let _ = r.send(self.ua.hangup(c, t));
+            }
+            Command::Shutdown => {}
+        }
+    }
+
+    async fn flush(&mut self) {
+        while let Some(action) = self.ua.poll_action() {
+            match action {
+                Action::Send {
+                    to,
+                    transport,
+                    bytes,
+                } => self.send(to, transport, bytes).await,
+                Action::ArmTimer { at, id } => {
+                    self.deadlines.insert(at, id);
+                }
+                Action::Event(ev) => {
+                    if self.events.send(ev).is_err() {
+                        tracing::debug!("SIP event receiver dropped");
+                    }
+                }
+            }
+        }
+    }
+
+    async fn send(&mut self, to: SocketAddr, transport: TransportKind, bytes: Vec<u8>) {
+        match transport {
+            TransportKind::Udp => {
+                let sock = self
+                    .udp
+                    .iter()
+                    .find(|s| s.local_addr().is_ok_and(|l| l.is_ipv4() == to.is_ipv4()))
+                    .or(self.udp.first());
+                match sock {
+                    Some(s) => {
+                        if let Err(e) = s.send_to(&bytes, to).await {
+                            tracing::debug!(%to, error = %e, "udp send failed");
+                        }
+                    }
+                    None => tracing::warn!(%to, "no UDP socket to send from"),
+                }
+            }
+            TransportKind::Tcp => {
+                if let Some(w) = self.conns.get(&to) {
+                    if w.send(bytes).is_ok() {
+                        return;
+                    }
+                    self.conns.remove(&to);
+                    return;
+                }
+                // No connection (closed, or a new destination): connect in the background.
+                let inputs = self.inputs.clone();
+                let max = self.max_message;
+                tokio::spawn(async move {
+                    match TcpStream::connect(to).await {
+                        Ok(mut stream) => {
+                            if stream.write_all(&bytes).await.is_ok() {
+                                tcp_connection(stream, to, max, inputs).await;
+                            }
+                        }
+                        Err(e) => tracing::warn!(%to, error = %e, "tcp connect failed"),
+                    }
+                });
+            }
+        }
+    }
+}
+
+async fn sleep(until: Option<TokioInstant>) {
+    match until {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn listen_specs() {
+        let s: ListenSpec = "udp:127.0.0.1:5060".parse().unwrap();
+        assert_eq!(s.transport, TransportKind::Udp);
+        assert_eq!(s.to_string(), "udp:127.0.0.1:5060");
+        let s: ListenSpec = "TCP:[::1]:5070".parse().unwrap();
+        assert_eq!(s.transport, TransportKind::Tcp);
+        assert_eq!(s.addr, "[::1]:5070".parse().unwrap());
+        assert!(matches!(
+            "127.0.0.1:5060".parse::<ListenSpec>(),
+            Err(ListenSpecError::MissingTransport(_))
+        ));
+        assert!(matches!(
+            "sctp:127.0.0.1:5060".parse::<ListenSpec>(),
+            Err(ListenSpecError::UnknownTransport(_))
+        ));
+        assert!(matches!(
+            "udp:localhost".parse::<ListenSpec>(),
+            Err(ListenSpecError::BadAddress(_))
+        ));
+    }
+
+    fn options(branch: &str, transport: &str, from: SocketAddr) -> String {
+        format!(
+            "OPTIONS sip:{from} SIP/2.0\r\nVia: SIP/2.0/{transport} {from};branch={branch};rport\r\nFrom: <sip:test@{from}>;tag=t1\r\nTo: <sip:callforge@{from}>\r\nCall-ID: {branch}@test\r\nCSeq: 1 OPTIONS\r\nMax-Forwards: 70\r\nContent-Length: 0\r\n\r\n"
+        )
+    }
+
+    #[tokio::test]
+    async fn options_over_udp_and_tcp_get_200() {
+        let specs: Vec<ListenSpec> = vec![
+            "udp:127.0.0.1:0".parse().unwrap(),
+            "tcp:127.0.0.1:0".parse().unwrap(),
+        ];
+        let sip = start(&specs, UaConfig::default()).await.unwrap();
+        let udp_addr = sip.local_addrs[0].addr;
+        let tcp_addr = sip.local_addrs[1].addr;
+
+        let client = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let me = client.local_addr().unwrap();
+        client
+            .send_to(options("z9hG4bKudp1", "UDP", me).as_bytes(), udp_addr)
+            .await
+            .unwrap();
+        let mut buf = vec![0u8; 4096];
+        let (n, _) = tokio::time::timeout(
+            std::time::Duration::from_secs(5),
+            client.recv_from(&mut buf),
+        )
+        .await
+        .expect("udp reply in time")
+        .unwrap();
+        let reply = String::from_utf8_lossy(&buf[..n]).to_string();
+        assert!(reply.starts_with("SIP/2.0 200 OK\r\n"), "{reply}");
+        assert!(reply.contains(&format!("rport={}", me.port())));
+
+        let mut tcp = TcpStream::connect(tcp_addr).await.unwrap();
+        let me = tcp.local_addr().unwrap();
+        // Split the request across two writes to exercise framing on the server.
+        let req = options("z9hG4bKtcp1", "TCP", me);
+        let (a, b) = req.as_bytes().split_at(30);
+        tcp.write_all(a).await.unwrap();
+        tcp.flush().await.unwrap();
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        tcp.write_all(b).await.unwrap();
+        let mut got = Vec::new();
+        let reply = tokio::time::timeout(std::time::Duration::from_secs(5), async {
+            loop {
+                let n = tcp.read(&mut buf).await.unwrap();
+                assert!(n > 0, "connection closed early");
+                got.extend_from_slice(&buf[..n]);
+                let mut f = StreamFramer::new(65_535);
+                f.push(&got);
+                if let Ok(Some(m)) = f.next_message() {
+                    return String::from_utf8_lossy(&m).to_string();
+                }
+            }
+        })
+        .await
+        .expect("tcp reply in time");
+        assert!(reply.starts_with("SIP/2.0 200 OK\r\n"), "{reply}");
+        assert!(reply.contains("Allow: INVITE"));
+        sip.handle.shutdown();
+    }
+
+    #[tokio::test]
+    async fn bind_errors_name_the_spec() {
+        let first = start(&["tcp:127.0.0.1:0".parse().unwrap()], UaConfig::default())
+            .await
+            .unwrap();
+        let taken = first.local_addrs[0];
+        let err = start(&[taken], UaConfig::default()).await.unwrap_err();
+        assert!(
+            err.to_string().starts_with(&format!("cannot bind {taken}")),
+            "{err}"
+        );
+        assert!(matches!(
+            start(&[], UaConfig::default()).await,
+            Err(TransportError::NothingToListen)
+        ));
+        first.handle.shutdown();
+    }
+
+    #[tokio::test]
+    async fn invite_event_and_command_round_trip() {
+        let sip = start(&["udp:127.0.0.1:0".parse().unwrap()], UaConfig::default())
+            .await
+            .unwrap();
+        let SipTransport {
+            handle,
+            mut events,
+            local_addrs,
+            ..
+        } = sip;
+        let server = local_addrs[0].addr;
+        let client = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let me = client.local_addr().unwrap();
+        let invite = format!(
+            "INVITE sip:1000@{server} SIP/2.0\r\nVia: SIP/2.0/UDP {me};branch=z9hG4bKi1\r\nFrom: <sip:a@{me}>;tag=a\r\nTo: <sip:1000@{server}>\r\nCall-ID: inv1\r\nCSeq: 1 INVITE\r\nContact: <sip:a@{me}>\r\nMax-Forwards: 70\r\nContent-Length: 0\r\n\r\n"
+        );
+        client.send_to(invite.as_bytes(), server).await.unwrap();
+        let ev = tokio::time::timeout(std::time::Duration::from_secs(5), events.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        let UaEvent::IncomingCall(ic) = ev else {
+            panic!("{ev:?}")
+        };
+        let call = ic.call;
+        handle
+            .redirect(call, vec!["sip:1000@gw.example".into()])
+            .await
+            .unwrap();
+        let mut buf = vec![0u8; 4096];
+        let mut codes = Vec::new();
+        while !codes.contains(&302) {
+            let (n, _) = tokio::time::timeout(
+                std::time::Duration::from_secs(5),
+                client.recv_from(&mut buf),
+            )
+            .await
+            .unwrap()
+            .unwrap();
+            let s = String::from_utf8_lossy(&buf[..n]).to_string();
+            codes.push(s[8..11].parse::<u16>().unwrap());
+        }
+        assert_eq!(codes, vec![100, 302]);
+        assert!(matches!(
+            handle
+                .answer(call, MediaConfig::new("127.0.0.1".parse().unwrap(), 4000))
+                .await,
+            Err(TransportError::Ua(UaError::UnknownCall))
+        ));
+        handle.shutdown();
+    }
+
+    async fn read_msg(tcp: &mut TcpStream, framer: &mut StreamFramer) -> String {
+        let mut buf = vec![0u8; 4096];
+        tokio::time::timeout(std::time::Duration::from_secs(5), async {
+            loop {
+                if let Ok(Some(m)) = framer.next_message() {
+                    return String::from_utf8_lossy(&m).to_string();
+                }
+                let n = tcp.read(&mut buf).await.unwrap();
+                assert!(n > 0, "connection closed");
+                framer.push(&buf[..n]);
+            }
+        })
+        .await
+        .expect("message in time")
+    }
+
+    #[tokio::test]
+    async fn tcp_call_answer_ack_and_local_bye_on_the_same_connection() {
+        let sip = start(&["tcp:127.0.0.1:0".parse().unwrap()], UaConfig::default())
+            .await
+            .unwrap();
+        let SipTransport {
+            handle,
+            mut events,
+            local_addrs,
+            ..
+        } = sip;
+        let server = local_addrs[0].addr;
+        let mut tcp = TcpStream::connect(server).await.unwrap();
+        let me = tcp.local_addr().unwrap();
+        let sdp = "v=0\r\nc=IN IP4 127.0.0.1\r\nm=audio 4000 RTP/AVP 8 0\r\n";
+        let invite = format!(
+            "INVITE sip:1000@{server} SIP/2.0\r\nVia: SIP/2.0/TCP {me};branch=z9hG4bKt1\r\nFrom: <sip:a@{me}>;tag=a\r\nTo: <sip:1000@{server}>\r\nCall-ID: tcp1\r\nCSeq: 1 INVITE\r\nContact: <sip:a@{me};transport=tcp>\r\nMax-Forwards: 70\r\nContent-Type: application/sdp\r\nContent-Length: {}\r\n\r\n{sdp}",
+            sdp.len()
+        );
+        tcp.write_all(invite.as_bytes()).await.unwrap();
+        let mut framer = StreamFramer::new(65_535);
+        assert!(read_msg(&mut tcp, &mut framer)
+            .await
+            .starts_with("SIP/2.0 100 Trying"));
+        let Some(UaEvent::IncomingCall(ic)) = events.recv().await else {
+            panic!("no call")
+        };
+        let mut media = MediaConfig::new("127.0.0.1".parse().unwrap(), 5000);
+        media.codecs = vec![crate::sip::Codec::Pcma];
+        let neg = handle.answer(ic.call, media).await.unwrap().unwrap();
+        assert_eq!(neg.payload_type, 8);
+        let ok = read_msg(&mut tcp, &mut framer).await;
+        assert!(ok.starts_with("SIP/2.0 200 OK"), "{ok}");
+        let tag = ok
+            .split("To: ")
+            .nth(1)
+            .unwrap()
+            .split("tag=")
+            .nth(1)
+            .unwrap()
+            .split("\r\n")
+            .next()
+            .unwrap()
+            .to_string();
+        let ack = format!(
+            "ACK sip:callforge@{server};transport=tcp SIP/2.0\r\nVia: SIP/2.0/TCP {me};branch=z9hG4bKt2\r\nFrom: <sip:a@{me}>;tag=a\r\nTo: <sip:1000@{server}>;tag={tag}\r\nCall-ID: tcp1\r\nCSeq: 1 ACK\r\nMax-Forwards: 70\r\nContent-Length: 0\r\n\r\n"
+        );
+        tcp.write_all(ack.as_bytes()).await.unwrap();
+        assert!(matches!(
+            events.recv().await,
+            Some(UaEvent::CallAcked { .. })
+        ));
+        handle.hangup(ic.call).await.unwrap();
+        let bye = read_msg(&mut tcp, &mut framer).await;
+        assert!(bye.starts_with("BYE sip:a@"), "{bye}");
+        assert!(bye.contains("Via: SIP/2.0/TCP "));
+        handle.shutdown();
+    }
+
+    #[tokio::test]
+    async fn outbound_invite_over_udp_is_answered() {
+        let sip = start(&["udp:127.0.0.1:0".parse().unwrap()], UaConfig::default())
+            .await
+            .unwrap();
+        let SipTransport {
+            handle, mut events, ..
+        } = sip;
+        let callee = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let callee_addr = callee.local_addr().unwrap();
+        let oc = OutboundCall {
+            target: Target {
+                addr: callee_addr,
+                transport: TransportKind::Udp,
+            },
+            request_uri: format!("sip:2000@{callee_addr}"),
+            from: crate::sip::message::NameAddr::new("sip:1000@127.0.0.1"),
+            to: crate::sip::message::NameAddr::new(format!("sip:2000@{callee_addr}")),
+            media: MediaConfig::new("127.0.0.1".parse().unwrap(), 6000),
+            local: None,
+            headers: Vec::new(),
+        };
+        let call = handle.invite(oc).await.unwrap();
+        let mut buf = vec![0u8; 8192];
+        let (n, from) = tokio::time::timeout(
+            std::time::Duration::from_secs(5),
+            callee.recv_from(&mut buf),
+        )
+        .await
+        .unwrap()
+        .unwrap();
+        let invite = String::from_utf8_lossy(&buf[..n]).to_string();
+        assert!(invite.starts_with("INVITE sip:2000@"), "{invite}");
+        let mut reply = String::from("SIP/2.0 200 OK\r\n");
+        for l in invite.lines() {
+            if ["Via:", "From:", "Call-ID:", "CSeq:"]
+                .iter()
+                .any(|p| l.starts_with(p))
+            {
+                reply.push_str(l);
+                reply.push_str("\r\n");
+            }
+            if l.starts_with("To:") {
+                reply.push_str(l);
+                reply.push_str(";tag=b\r\n");
+            }
+        }
+        let sdp = "v=0\r\nc=IN IP4 127.0.0.1\r\nm=audio 7000 RTP/AVP 0\r\n";
+        reply.push_str(&format!(
+            "Contact: <sip:2000@{callee_addr}>\r\nContent-Type: application/sdp\r\nContent-Length: {}\r\n\r\n{sdp}",
+            sdp.len()
+        ));
+        callee.send_to(reply.as_bytes(), from).await.unwrap();
+        let (n, _) = tokio::time::timeout(
+            std::time::Duration::from_secs(5),
+            callee.recv_from(&mut buf),
+        )
+        .await
+        .unwrap()
+        .unwrap();
+        assert!(String::from_utf8_lossy(&buf[..n]).starts_with("ACK sip:2000@"));
+        match tokio::time::timeout(std::time::Duration::from_secs(5), events.recv()).await {
+            Ok(Some(UaEvent::CallAnswered {
+                call: c,
+                media: Some(m),
+            })) => {
+                assert_eq!(c, call);
+                assert_eq!(m.remote_rtp, Some("127.0.0.1:7000".parse().unwrap()));
+            }
+            other => panic!("{other:?}"),
+        }
+        handle.shutdown();
+    }
+}
