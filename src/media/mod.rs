@@ -1,1 +1,3 @@
 //! Media: sans-IO RTP sessions, G.711, DTMF and prompt audio, plus a thin tokio RTP socket driver.
+
+pub mod g711;
