@@ -1,3 +1,5 @@
 //! Media: sans-IO RTP sessions, G.711, DTMF and prompt audio, plus a thin tokio RTP socket driver.
 
 pub mod g711;
+pub mod goertzel;
+pub mod tone;
