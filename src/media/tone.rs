@@ -217,7 +217,7 @@ mod tests {
             Tone::parse("100+200+300+400+500,10"),
             Err(ToneError::TooManyFrequencies { .. })
         ));
-        let long = vec!["440,60000"; 11].join(";");
+        let long = ["440,60000"; 11].join(";");
         assert_eq!(Tone::parse(&long), Err(ToneError::TooLong));
         // Errors read well.
         let e = Tone::parse("440,x").unwrap_err().to_string();
