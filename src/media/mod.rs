@@ -1,5 +1,6 @@
 //! Media: sans-IO RTP sessions, G.711, DTMF and prompt audio, plus a thin tokio RTP socket driver.
 
+pub mod dtmf;
 pub mod g711;
 pub mod goertzel;
 pub mod tone;
