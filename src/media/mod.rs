@@ -3,4 +3,6 @@
 pub mod dtmf;
 pub mod g711;
 pub mod goertzel;
+pub mod jitter;
+pub mod rtp;
 pub mod tone;
