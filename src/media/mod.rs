@@ -4,5 +4,6 @@ pub mod dtmf;
 pub mod g711;
 pub mod goertzel;
 pub mod jitter;
+pub mod player;
 pub mod rtp;
 pub mod tone;
