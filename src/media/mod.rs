@@ -6,4 +6,5 @@ pub mod goertzel;
 pub mod jitter;
 pub mod player;
 pub mod rtp;
+pub mod session;
 pub mod tone;
