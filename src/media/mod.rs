@@ -7,6 +7,7 @@ pub mod jitter;
 pub mod paths;
 pub mod player;
 pub mod prompt;
+pub mod recorder;
 pub mod rtp;
 pub mod session;
 pub mod tone;
