@@ -9,5 +9,6 @@ pub mod player;
 pub mod prompt;
 pub mod recorder;
 pub mod rtp;
+pub mod rtp_socket;
 pub mod session;
 pub mod tone;
