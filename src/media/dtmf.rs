@@ -681,53 +681,12 @@ mod tests {
         assert_eq!(out, "55655");
     }
 
-    /// Minimal pcap reader for the fixtures: yields the UDP payloads of Ethernet/IPv4 frames.
-    pub(crate) fn pcap_udp_payloads(bytes: &[u8]) -> Vec<Vec<u8>> {
-        assert!(bytes.len() >= 24, "pcap global header");
-        let le = match bytes[..4] {
-            [0xd4, 0xc3, 0xb2, 0xa1] => true,
-            [0xa1, 0xb2, 0xc3, 0xd4] => false,
-            _ => panic!("not a pcap file"),
-        };
-        let u32_at = |b: &[u8], o: usize| {
-            let a = [b[o], b[o + 1], b[o + 2], b[o + 3]];
-            if le {
-                u32::from_le_bytes(a)
-            } else {
-                u32::from_be_bytes(a)
-            }
-        };
-        assert_eq!(u32_at(bytes, 20), 1, "link type must be Ethernet");
-        let mut out = Vec::new();
-        let mut off = 24;
-        while off + 16 <= bytes.len() {
-            let incl = u32_at(bytes, off + 8) as usize;
-            let frame = &bytes[off + 16..off + 16 + incl];
-            off += 16 + incl;
-            assert_eq!(&frame[12..14], &[0x08, 0x00], "IPv4 ethertype");
-            let ip = &frame[14..];
-            assert_eq!(ip[9], 17, "UDP");
-            let ihl = usize::from(ip[0] & 0x0F) * 4;
-            let udp = &ip[ihl..];
-            let udp_len = usize::from(u16::from_be_bytes([udp[4], udp[5]]));
-            out.push(udp[8..udp_len].to_vec());
-        }
-        out
-    }
-
     #[test]
     fn sipp_pcaps_each_yield_their_one_digit() {
-        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures");
-        let cases: Vec<(String, char)> = (0..10)
-            .map(|n| (format!("dtmf_2833_{n}.pcap"), char::from(b'0' + n)))
-            .chain([
-                ("dtmf_2833_pound.pcap".into(), '#'),
-                ("dtmf_2833_star.pcap".into(), '*'),
-            ])
-            .collect();
-        for (file, want) in cases {
-            let bytes = std::fs::read(format!("{dir}/{file}")).unwrap();
-            let packets = pcap_udp_payloads(&bytes);
+        use crate::media::pcap::{sipp_dtmf_cases, FIXTURES};
+        for (file, want) in sipp_dtmf_cases() {
+            let bytes = std::fs::read(format!("{FIXTURES}/{file}")).unwrap();
+            let packets = crate::media::pcap::udp_payloads(&bytes);
             assert_eq!(packets.len(), 10, "{file}");
             let mut d = DtmfDecoder::new();
             let t0 = Instant::now();
