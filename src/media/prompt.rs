@@ -321,6 +321,7 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::media::g711::G711;
     use crate::media::goertzel::InbandDetector;
 
     fn write_wav(path: &Path, rate: u32, channels: u16, frames: &[Vec<i16>]) {
@@ -393,6 +394,54 @@ mod tests {
                 (i32::from(peak) - want).abs() < 400,
                 "{rate}/{ch}: peak {peak}"
             );
+        }
+    }
+
+    /// A WAV with G.711 samples (format tag 7 = µ-law, 6 = A-law), written by hand since
+    /// hound only writes PCM.
+    fn write_g711_wav(path: &Path, codec: G711, samples: &[i16]) {
+        let mut data = Vec::new();
+        codec.encode_into(samples, &mut data);
+        let tag: u16 = if codec == G711::Pcmu { 7 } else { 6 };
+        let mut f = Vec::new();
+        f.extend_from_slice(b"RIFF");
+        f.extend_from_slice(&(4 + 26 + 12 + 8 + data.len() as u32).to_le_bytes());
+        f.extend_from_slice(b"WAVEfmt ");
+        f.extend_from_slice(&18u32.to_le_bytes());
+        for v in [tag, 1] {
+            f.extend_from_slice(&v.to_le_bytes());
+        }
+        f.extend_from_slice(&8000u32.to_le_bytes()); // sample rate
+        f.extend_from_slice(&8000u32.to_le_bytes()); // byte rate
+        for v in [1u16, 8, 0] {
+            f.extend_from_slice(&v.to_le_bytes()); // block align, bits, cbSize
+        }
+        f.extend_from_slice(b"fact");
+        f.extend_from_slice(&4u32.to_le_bytes());
+        f.extend_from_slice(&(data.len() as u32).to_le_bytes());
+        f.extend_from_slice(b"data");
+        f.extend_from_slice(&(data.len() as u32).to_le_bytes());
+        f.extend_from_slice(&data);
+        std::fs::write(path, f).unwrap();
+    }
+
+    #[test]
+    fn decodes_g711_wav_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = sine(8000, 700.0, 0.25, 9000.0);
+        for codec in [G711::Pcmu, G711::Pcma] {
+            let p = dir.path().join(format!("{codec:?}.wav"));
+            write_g711_wav(&p, codec, &s);
+            let out = decode_file(&p).unwrap_or_else(|e| panic!("{codec:?}: {e}"));
+            assert_eq!(out.len(), s.len(), "{codec:?}");
+            // Same expansion as ours, give or take symphonia's rounding.
+            for (i, (&o, &x)) in out.iter().zip(&s).enumerate() {
+                let want = codec.decode_sample(codec.encode_sample(x));
+                assert!(
+                    (i32::from(o) - i32::from(want)).abs() <= 8,
+                    "{codec:?} @{i}: {o} vs {want}"
+                );
+            }
         }
     }
 
