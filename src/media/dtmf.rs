@@ -683,10 +683,10 @@ mod tests {
 
     #[test]
     fn sipp_pcaps_each_yield_their_one_digit() {
-        use crate::media::pcap::{sipp_dtmf_cases, FIXTURES};
+        use crate::media::testutil::{sipp_dtmf_cases, FIXTURES};
         for (file, want) in sipp_dtmf_cases() {
             let bytes = std::fs::read(format!("{FIXTURES}/{file}")).unwrap();
-            let packets = crate::media::pcap::udp_payloads(&bytes);
+            let packets = crate::media::testutil::udp_payloads(&bytes);
             assert_eq!(packets.len(), 10, "{file}");
             let mut d = DtmfDecoder::new();
             let t0 = Instant::now();

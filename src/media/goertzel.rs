@@ -200,15 +200,10 @@ mod tests {
 
     /// Deterministic white noise (xorshift32, uniform) with the given RMS.
     fn noise(len: usize, rms: f64, seed: u32) -> Vec<f64> {
-        let mut x = seed.max(1);
+        let mut rng = crate::media::testutil::XorShift::new(seed);
         let scale = rms * 3f64.sqrt(); // uniform on [-a, a] has RMS a/sqrt(3)
         (0..len)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 17;
-                x ^= x << 5;
-                (f64::from(x) / f64::from(u32::MAX) * 2.0 - 1.0) * scale
-            })
+            .map(|_| (f64::from(rng.next_u32()) / f64::from(u32::MAX) * 2.0 - 1.0) * scale)
             .collect()
     }
 

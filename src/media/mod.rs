@@ -51,7 +51,7 @@ pub mod session;
 pub mod tone;
 
 #[cfg(test)]
-mod pcap;
+mod testutil;
 
 pub use dtmf::{DtmfError, DtmfSource};
 pub use g711::G711;

@@ -220,17 +220,10 @@ mod tests {
 
     #[test]
     fn garbage_never_panics() {
-        let mut x = 0x1234_5678u32;
+        let mut rng = crate::media::testutil::XorShift::new(0x1234_5678);
         for len in 0..200 {
             for _ in 0..50 {
-                let buf: Vec<u8> = (0..len)
-                    .map(|_| {
-                        x ^= x << 13;
-                        x ^= x >> 17;
-                        x ^= x << 5;
-                        x as u8
-                    })
-                    .collect();
+                let buf: Vec<u8> = (0..len).map(|_| rng.next_u32() as u8).collect();
                 let _ = RtpPacket::parse(&buf);
                 // Force the v2 bit pattern too, with padding/extension flags set at random.
                 if len > 0 {

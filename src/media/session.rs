@@ -808,7 +808,7 @@ mod tests {
     #[test]
     fn sipp_pcaps_through_the_whole_receive_path() {
         // Same-sequence end retransmissions pass the reorder window; one digit per capture.
-        use crate::media::pcap::{sipp_dtmf_cases, udp_payloads, FIXTURES};
+        use crate::media::testutil::{sipp_dtmf_cases, udp_payloads, FIXTURES};
         for (file, want) in sipp_dtmf_cases() {
             let bytes = std::fs::read(format!("{FIXTURES}/{file}")).unwrap();
             let t0 = Instant::now();
@@ -840,13 +840,8 @@ mod tests {
         s.set_audio_tap(true);
         s.start_echo(ms(0));
         let from = addr("192.0.2.10:4000");
-        let mut x = 0x9E37_79B9u32;
-        let mut rnd = move || {
-            x ^= x << 13;
-            x ^= x >> 17;
-            x ^= x << 5;
-            x
-        };
+        let mut rng = crate::media::testutil::XorShift::new(0x9E37_79B9);
+        let mut rnd = move || rng.next_u32();
         for i in 0..20_000u64 {
             let len = (rnd() % 300) as usize;
             let mut d: Vec<u8> = (0..len).map(|_| rnd() as u8).collect();

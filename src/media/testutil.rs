@@ -1,6 +1,26 @@
-//! Test-only reader for the pcap fixtures: classic pcap (not pcapng), Ethernet link type,
-//! IPv4/UDP frames; yields each UDP payload. Panics on anything else, which in a test is
-//! the right report of a broken fixture.
+//! Test-only helpers: a deterministic PRNG and a reader for the pcap fixtures.
+//!
+//! The pcap reader takes classic pcap (not pcapng) with the Ethernet link type and IPv4/UDP
+//! frames, and yields each UDP payload. It panics on anything else, which in a test is the
+//! right report of a broken fixture.
+
+/// xorshift32: deterministic, seedable noise for tests (seed 0 is mapped to 1).
+pub(crate) struct XorShift(u32);
+
+impl XorShift {
+    pub(crate) fn new(seed: u32) -> Self {
+        XorShift(seed.max(1))
+    }
+
+    pub(crate) fn next_u32(&mut self) -> u32 {
+        let mut x = self.0;
+        x ^= x << 13;
+        x ^= x >> 17;
+        x ^= x << 5;
+        self.0 = x;
+        x
+    }
+}
 
 /// Directory of the binary fixtures.
 pub(crate) const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures");
