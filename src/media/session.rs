@@ -480,6 +480,13 @@ mod tests {
         std::iter::from_fn(|| s.poll_event()).collect()
     }
 
+    fn digit_events(s: &mut MediaSession) -> Vec<MediaEvent> {
+        events(s)
+            .into_iter()
+            .filter(|e| matches!(e, MediaEvent::Digit { .. }))
+            .collect()
+    }
+
     fn audio_pkt(seq: u16, ts: u32, byte: u8) -> Vec<u8> {
         crate::media::rtp::build(0, false, seq, ts, 77, &[byte; 160])
     }
@@ -718,10 +725,7 @@ mod tests {
             }
             now += ms(20);
         }
-        let digits: Vec<_> = events(&mut b)
-            .into_iter()
-            .filter(|e| matches!(e, MediaEvent::Digit { .. }))
-            .collect();
+        let digits: Vec<_> = digit_events(&mut b);
         assert_eq!(digits.len(), 1, "{digits:?}");
         // INFO for the same press is merged too; a different key is not.
         let info_at = t0 + ms(150);
@@ -737,10 +741,7 @@ mod tests {
             "Signal=3\r\nDuration=100",
         )
         .unwrap();
-        let digits: Vec<_> = events(&mut b)
-            .into_iter()
-            .filter(|e| matches!(e, MediaEvent::Digit { .. }))
-            .collect();
+        let digits: Vec<_> = digit_events(&mut b);
         assert_eq!(
             digits,
             vec![MediaEvent::Digit {
@@ -818,10 +819,7 @@ mod tests {
                 s.handle_input(t0 + ms(20 * i as u64), from, p).unwrap();
             }
             s.poll_transmit(t0 + ms(2000));
-            let digits: Vec<_> = events(&mut s)
-                .into_iter()
-                .filter(|e| matches!(e, MediaEvent::Digit { .. }))
-                .collect();
+            let digits: Vec<_> = digit_events(&mut s);
             assert_eq!(
                 digits,
                 vec![MediaEvent::Digit {
