@@ -1,0 +1,278 @@
+//! Thin tokio driver for a [`MediaSession`]: an even UDP port for RTP (and port+1 drained for
+//! RTCP), received datagrams fed in with the current time, and one timer armed at the
+//! session's next deadline.
+//!
+//! All timing lives in the session: the driver never sleeps "20 ms", it sleeps until
+//! `poll_timeout()` with `sleep_until`, so a late wake-up does not shift later frames.
+//! Sends use `try_send_to`: a UDP send only fails to complete immediately when the socket
+//! buffer is full, and then dropping the packet is the right thing for real-time audio. This
+//! also makes [`RtpSocket::drive`] safe to cancel in a `select!`.
+
+use std::collections::{BTreeSet, VecDeque};
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::ops::RangeInclusive;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use tokio::net::UdpSocket;
+
+use crate::media::session::MediaSession;
+
+/// Default RTP port range, as in most SIP media servers.
+pub const DEFAULT_PORT_RANGE: RangeInclusive<u16> = 16384..=32767;
+/// Largest datagram we read; bigger ones are truncated and then fail to parse.
+const MAX_DATAGRAM: usize = 2048;
+
+#[derive(Debug)]
+struct Ports {
+    free: VecDeque<u16>,
+    used: BTreeSet<u16>,
+}
+
+/// Hands out even RTP ports (the odd port above each is left for RTCP) and takes them back.
+///
+/// Freed ports go to the back of the queue, so a port is reused as late as possible and
+/// stray packets for a finished call are unlikely to reach the next one.
+#[derive(Debug)]
+pub struct PortAllocator {
+    ports: Mutex<Ports>,
+}
+
+impl Default for PortAllocator {
+    fn default() -> Self {
+        Self::new(DEFAULT_PORT_RANGE)
+    }
+}
+
+impl PortAllocator {
+    /// An allocator over the even ports in `range` whose odd neighbour is also in range.
+    pub fn new(range: RangeInclusive<u16>) -> Self {
+        let (lo, hi) = (*range.start(), *range.end());
+        let first = lo.saturating_add(lo % 2);
+        let free = (u32::from(first)..u32::from(hi))
+            .step_by(2)
+            .map(|p| p as u16)
+            .collect();
+        PortAllocator {
+            ports: Mutex::new(Ports {
+                free,
+                used: BTreeSet::new(),
+            }),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Ports> {
+        self.ports.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Takes a free even port, or `None` when all are in use.
+    pub fn allocate(&self) -> Option<u16> {
+        let mut p = self.lock();
+        let port = p.free.pop_front()?;
+        p.used.insert(port);
+        Some(port)
+    }
+
+    /// Returns a port; unknown or already returned ports are ignored.
+    pub fn release(&self, port: u16) {
+        let mut p = self.lock();
+        if p.used.remove(&port) {
+            p.free.push_back(port);
+        }
+    }
+
+    /// Ports currently free.
+    pub fn available(&self) -> usize {
+        self.lock().free.len()
+    }
+}
+
+/// A port pair held for one call, released when dropped.
+#[derive(Debug)]
+pub struct PortLease {
+    port: u16,
+    alloc: Arc<PortAllocator>,
+}
+
+impl PortLease {
+    /// The even RTP port.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+}
+
+impl Drop for PortLease {
+    fn drop(&mut self) {
+        self.alloc.release(self.port);
+    }
+}
+
+/// The sockets of one call.
+#[derive(Debug)]
+pub struct RtpSocket {
+    rtp: UdpSocket,
+    rtcp: UdpSocket,
+    _lease: PortLease,
+    buf: Vec<u8>,
+    rtcp_buf: Vec<u8>,
+}
+
+impl RtpSocket {
+    /// Binds RTP on an even port from `alloc` and RTCP on the port above it, on `ip`.
+    /// Ports that some other program holds are skipped (and given back to the pool).
+    pub async fn bind(alloc: &Arc<PortAllocator>, ip: IpAddr) -> io::Result<Self> {
+        let mut skipped = Vec::new();
+        let result = loop {
+            let Some(port) = alloc.allocate() else {
+                break Err(io::Error::new(
+                    io::ErrorKind::AddrInUse,
+                    "no free RTP port in the configured range",
+                ));
+            };
+            let lease = PortLease {
+                port,
+                alloc: alloc.clone(),
+            };
+            let rtp = match UdpSocket::bind(SocketAddr::new(ip, port)).await {
+                Ok(s) => s,
+                Err(_) => {
+                    skipped.push(lease);
+                    continue;
+                }
+            };
+            match UdpSocket::bind(SocketAddr::new(ip, port + 1)).await {
+                Ok(rtcp) => {
+                    break Ok(RtpSocket {
+                        rtp,
+                        rtcp,
+                        _lease: lease,
+                        buf: vec![0; MAX_DATAGRAM],
+                        rtcp_buf: vec![0; MAX_DATAGRAM],
+                    })
+                }
+                Err(_) => skipped.push(lease),
+            }
+        };
+        // Dropping the skipped leases returns those ports to the back of the queue.
+        drop(skipped);
+        result
+    }
+
+    /// The local RTP address (for our SDP).
+    pub fn local_addr(&self) -> io::Result<SocketAddr> {
+        self.rtp.local_addr()
+    }
+
+    /// Waits for one datagram or the session's next deadline, then sends all that is due.
+    ///
+    /// Call in a loop (typically inside the call task's `select!`, then drain
+    /// `session.poll_event()`). Cancel-safe. Receive errors such as ICMP port-unreachable
+    /// reports are not fatal to the call and are ignored, so this cannot fail.
+    pub async fn drive(&mut self, session: &mut MediaSession) {
+        let deadline = tokio::time::Instant::from_std(session.poll_timeout());
+        tokio::select! {
+            r = self.rtp.recv_from(&mut self.buf) => {
+                if let Ok((n, from)) = r {
+                    if let Err(e) = session.handle_input(Instant::now(), from, &self.buf[..n]) {
+                        tracing::trace!(%from, error = %e, "RTP datagram ignored");
+                    }
+                }
+            }
+            // RTCP is not used (see session.rs); reading keeps the socket buffer empty.
+            _ = self.rtcp.recv_from(&mut self.rtcp_buf) => {}
+            _ = tokio::time::sleep_until(deadline) => {}
+        }
+        let now = Instant::now();
+        while let Some(t) = session.poll_transmit(now) {
+            if let Err(e) = self.rtp.try_send_to(&t.data, t.dest) {
+                tracing::debug!(dest = %t.dest, error = %e, "RTP packet dropped");
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::media::g711::G711;
+    use crate::media::session::{MediaEvent, SessionConfig};
+    use std::time::Duration;
+
+    #[test]
+    fn allocator_hands_out_even_ports_and_reuses_freed_ones() {
+        let a = PortAllocator::new(101..=111);
+        let got: Vec<u16> = std::iter::from_fn(|| a.allocate()).collect();
+        assert_eq!(got, vec![102, 104, 106, 108, 110]);
+        assert_eq!(a.available(), 0);
+        a.release(106);
+        a.release(106);
+        a.release(107);
+        assert_eq!(a.allocate(), Some(106));
+        assert_eq!(a.allocate(), None);
+        let d = PortAllocator::default();
+        assert_eq!(d.allocate(), Some(16384));
+        assert_eq!(d.available(), 8191);
+    }
+
+    #[tokio::test]
+    async fn two_sockets_exchange_50_frames_in_sequence() {
+        let alloc = Arc::new(PortAllocator::new(41000..=41999));
+        let lo: IpAddr = "127.0.0.1".parse().unwrap();
+        let mut sa = RtpSocket::bind(&alloc, lo).await.unwrap();
+        let mut sb = RtpSocket::bind(&alloc, lo).await.unwrap();
+        assert_eq!(sa.local_addr().unwrap().port() % 2, 0);
+        assert_ne!(sa.local_addr().unwrap(), sb.local_addr().unwrap());
+        let now = Instant::now();
+        let mut a = MediaSession::new(
+            SessionConfig::new(sb.local_addr().unwrap(), G711::Pcmu),
+            now,
+        );
+        let mut b = MediaSession::new(
+            SessionConfig::new(sa.local_addr().unwrap(), G711::Pcmu),
+            now,
+        );
+        b.set_audio_tap(true);
+        // Frame k carries a constant value that identifies it.
+        let prompt: Vec<i16> = (0..50).flat_map(|k| [k as i16 * 200 + 100; 160]).collect();
+        a.play(prompt.into(), false);
+        let started = Instant::now();
+
+        let task_a = tokio::spawn(async move {
+            let end = tokio::time::Instant::now() + Duration::from_millis(1300);
+            while tokio::time::Instant::now() < end {
+                sa.drive(&mut a).await;
+            }
+            a.stats()
+        });
+        let mut frames: Vec<i16> = Vec::new();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while frames.len() < 50 && tokio::time::Instant::now() < deadline {
+            tokio::time::timeout(Duration::from_millis(100), sb.drive(&mut b))
+                .await
+                .ok();
+            while let Some(e) = b.poll_event() {
+                if let MediaEvent::Audio(s) = e {
+                    if s.iter().any(|&x| x != 0) || !frames.is_empty() {
+                        frames.push(s[0]);
+                    }
+                }
+            }
+        }
+        let elapsed = started.elapsed();
+        let want: Vec<i16> = (0..50)
+            .map(|k| G711::Pcmu.decode_sample(G711::Pcmu.encode_sample(k * 200 + 100)))
+            .collect();
+        assert_eq!(
+            &frames[..50.min(frames.len())],
+            &want[..],
+            "in order, none missing"
+        );
+        let st = b.stats();
+        assert_eq!((st.lost, st.late_or_duplicate, st.malformed), (0, 0, 0));
+        // 50 frames are paced over ~1 s, not sent in a burst.
+        assert!(elapsed >= Duration::from_millis(950), "{elapsed:?}");
+        let sa_stats = task_a.await.unwrap();
+        assert!(sa_stats.sent >= 50);
+    }
+}
