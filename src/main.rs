@@ -57,7 +57,7 @@ struct RunArgs {
     script: PathBuf,
     #[arg(long)]
     mode: Option<Mode>,
-    /// Input data as JSON text.
+    /// Input data as JSON text ('-' reads standard input).
     #[arg(long, conflicts_with_all = ["data_file"])]
     data: Option<String>,
     /// Input data from a file ('-' reads standard input).
@@ -122,15 +122,20 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
 }
 
 fn read_data(args: &RunArgs) -> anyhow::Result<serde_json::Value> {
+    let from_stdin = args.data.as_deref() == Some("-")
+        || args
+            .data_file
+            .as_ref()
+            .is_some_and(|p| p.as_os_str() == "-");
     let text = match (&args.data, &args.data_file) {
-        (Some(text), _) => text.clone(),
-        (None, Some(path)) if path.as_os_str() == "-" => {
+        _ if from_stdin => {
             let mut s = String::new();
             std::io::stdin()
                 .read_to_string(&mut s)
                 .context("reading data from stdin")?;
             s
         }
+        (Some(text), _) => text.clone(),
         (None, Some(path)) => std::fs::read_to_string(path)
             .with_context(|| format!("cannot read data file {}", path.display()))?,
         (None, None) => return Ok(serde_json::json!({})),
