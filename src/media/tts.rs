@@ -144,10 +144,13 @@ struct Key {
     text: String,
 }
 
+/// Cached phrases and the total samples they hold.
+type Phrases = (LruCache<Key, Arc<[i16]>>, usize);
+
 /// Rendered phrases, bounded by total samples, shared by every call.
 pub struct TtsCache {
     renderer: Box<dyn TtsRenderer>,
-    inner: Mutex<(LruCache<Key, Arc<[i16]>>, usize)>,
+    inner: Mutex<Phrases>,
     max_samples: usize,
 }
 
@@ -186,7 +189,7 @@ impl TtsCache {
         Ok(samples)
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, (LruCache<Key, Arc<[i16]>>, usize)> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Phrases> {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
