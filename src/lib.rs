@@ -6,3 +6,4 @@ pub mod http;
 pub mod media;
 pub mod script;
 pub mod sip;
+pub mod voice;

@@ -1,0 +1,3 @@
+//! Class 5 voice: one task per call, holding the dialog, the RTP session and the script's `ctx`.
+
+pub mod collect;
