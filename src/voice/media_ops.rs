@@ -29,6 +29,17 @@ pub struct MediaContext {
     pub default_voice: String,
 }
 
+impl MediaContext {
+    /// How `ctx.play()` names a recording: relative to the media folder when the recordings
+    /// folder is inside it (the default, `media/recordings`), so `play(rec.file)` just works.
+    pub fn playable_name(&self, name: &str) -> String {
+        match self.recordings.strip_prefix(self.prompts.root()) {
+            Ok(sub) if !sub.as_os_str().is_empty() => format!("{}/{name}", sub.display()),
+            _ => name.to_string(),
+        }
+    }
+}
+
 pub fn hangup_error() -> HostError {
     HostError::new("Hangup", "the caller hung up")
 }
@@ -358,7 +369,8 @@ pub async fn record(ctx: MediaContext, args: Vec<Json>) -> HostResult {
     let recorder = Recorder::start(&ctx.recordings, &name, opts)
         .map_err(|e| HostError::error(format!("ctx.record: {e}")))?;
     let media = ctx.media.clone();
-    let file = name.clone();
+    let file = ctx.playable_name(&name);
+    let name = file.clone();
     let finish = async move {
         let out = media
             .record(recorder, &file, &terminators)
@@ -665,8 +677,37 @@ mod tests {
             .unwrap()
             .unwrap();
         assert_eq!(out["reason"], "dtmf");
-        assert_eq!(out["file"], "msg.wav");
+        assert_eq!(
+            out["file"], "msg.wav",
+            "the recordings folder is outside the media folder here"
+        );
         assert!(out["seconds"].as_f64().unwrap() > 0.3, "{out}");
         assert!(rig.ctx.recordings.join("msg.wav").exists());
+    }
+
+    #[tokio::test]
+    async fn a_recording_can_be_played_back_by_the_name_record_returned() {
+        let mut rig = rig().await;
+        let media_root = rig._dir.path().join("media");
+        std::fs::create_dir_all(media_root.join("recordings")).unwrap();
+        rig.ctx.prompts = Arc::new(PromptCache::new(&media_root, 1 << 20));
+        rig.ctx.recordings = media_root.join("recordings");
+        let op = tokio::spawn(record(
+            rig.ctx.clone(),
+            vec![json!("back"), json!({"maxSeconds": 0.3})],
+        ));
+        let local = rig.ctx.media.local_addr;
+        for i in 0..30u16 {
+            let p = build(0, i == 0, 700 + i, i as u32 * 160, 5, &[0x30; 160]);
+            rig.peer.send_to(&p, local).await.unwrap();
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let out = op.await.unwrap().unwrap();
+        assert_eq!(out["file"], "recordings/back.wav");
+        assert_eq!(out["reason"], "max");
+        let played = play(rig.ctx.clone(), vec![out["file"].clone()])
+            .await
+            .unwrap();
+        assert_eq!(played["status"], "completed");
     }
 }
