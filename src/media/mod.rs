@@ -45,6 +45,8 @@ pub mod paths;
 pub mod player;
 pub mod prompt;
 pub mod recorder;
+pub mod relay;
+pub mod relay_driver;
 pub mod rtp;
 pub mod rtp_socket;
 pub mod session;
