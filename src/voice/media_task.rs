@@ -78,6 +78,7 @@ enum Command {
     },
     UpdateRemote(SocketAddr),
     SetSending(bool),
+    Detach(oneshot::Sender<(RtpSocket, MediaSession)>),
     Shutdown,
 }
 
@@ -257,6 +258,14 @@ impl MediaHandle {
         let _ = self.send(Command::SetSending(on));
     }
 
+    /// Stop the task and hand its socket and session back (a bridge relays the raw RTP
+    /// meanwhile; `spawn` them again to resume). A recording in progress ends as `stopped`.
+    pub async fn detach(&self) -> Result<(RtpSocket, MediaSession), MediaError> {
+        let (done, rx) = oneshot::channel();
+        self.send(Command::Detach(done))?;
+        rx.await.map_err(|_| MediaError::Gone)
+    }
+
     /// End the media task: a recording in progress ends with reason `hangup`.
     pub fn shutdown(&self) {
         let _ = self.send(Command::Shutdown);
@@ -312,6 +321,7 @@ async fn run(
     let mut plays: HashMap<PlayId, oneshot::Sender<PlayEnd>> = HashMap::new();
     let mut dtmf_waiters: Vec<oneshot::Sender<Result<(), MediaError>>> = Vec::new();
     let mut recording: Option<ActiveRecording> = None;
+    let mut detach_to = None;
     loop {
         tokio::select! {
             biased;
@@ -319,6 +329,10 @@ async fn run(
                 let Some(command) = command else { break };
                 match command {
                     Command::Shutdown => break,
+                    Command::Detach(done) => {
+                        detach_to = Some(done);
+                        break;
+                    }
                     Command::Play { samples, barge_in, done } => {
                         let id = session.play(samples, barge_in);
                         plays.insert(id, done);
@@ -413,12 +427,22 @@ async fn run(
             }
         }
     }
-    // The call is over: a recording keeps what was heard; prompts and DTMF end unfinished.
+    // A recording keeps what was heard; prompts and DTMF end unfinished.
+    let end = if detach_to.is_some() {
+        RecordEnd::Stopped
+    } else {
+        RecordEnd::Hangup
+    };
     if let Some(active) = recording.take() {
-        active.finish(RecordEnd::Hangup);
+        session.set_audio_tap(false);
+        active.finish(end);
     }
+    session.stop_playback();
     for (_, done) in plays.drain() {
         let _ = done.send(PlayEnd::Stopped);
+    }
+    if let Some(done) = detach_to {
+        let _ = done.send((socket, session));
     }
 }
 
@@ -564,5 +588,25 @@ mod tests {
             .unwrap();
         assert_eq!(out.reason, RecordEnd::Dtmf);
         assert_eq!(out.file, "t.wav");
+    }
+
+    #[tokio::test]
+    async fn detaching_hands_the_socket_back_and_a_new_task_resumes() {
+        let (media, peer, _dir) = pair().await;
+        let addr = media.local_addr;
+        let (socket, session) = media.detach().await.unwrap();
+        assert_eq!(socket.local_addr().unwrap(), addr);
+        assert!(matches!(
+            media.play(vec![0i16; 160].into(), false).await,
+            Err(MediaError::Gone)
+        ));
+        let resumed = spawn(socket, session).unwrap();
+        let end = resumed
+            .play(vec![100i16; 1600].into(), false)
+            .await
+            .unwrap();
+        assert_eq!(end, PlayEnd::Completed);
+        let mut buf = [0u8; 512];
+        assert!(peer.recv_from(&mut buf).await.is_ok());
     }
 }
