@@ -99,6 +99,7 @@ fn main() -> ExitCode {
 }
 
 fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    raise_open_file_limit();
     let mut config = match &args.config {
         Some(path) => Config::load(path)?,
         None if Path::new("callforge.toml").exists() => Config::load(Path::new("callforge.toml"))?,
@@ -240,5 +241,25 @@ fn check(scripts: &[PathBuf]) -> ExitCode {
         ExitCode::from(1)
     } else {
         ExitCode::SUCCESS
+    }
+}
+
+/// Every call holds two UDP sockets (RTP and RTCP): lift the soft open-file limit to the hard
+/// one, as servers do, so a thousand calls do not run into Debian's default of 1,024.
+fn raise_open_file_limit() {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit only read and write the struct we pass.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && limit.rlim_cur < limit.rlim_max
+        {
+            let wanted = limit.rlim_max;
+            limit.rlim_cur = wanted;
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
+                tracing::warn!("cannot raise the open-file limit to {wanted}");
+            }
+        }
     }
 }
