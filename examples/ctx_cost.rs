@@ -66,7 +66,17 @@ fn main() {
         "memory" => {
             let rt = Runtime::new().unwrap();
             let base = rt.memory_usage().malloc_size;
-            let ctx = Context::custom::<(Date, RegExpCompiler, RegExp, Json, Proxy, MapSet, Promise, WeakRef)>(&rt).unwrap();
+            let ctx = Context::custom::<(
+                Date,
+                RegExpCompiler,
+                RegExp,
+                Json,
+                Proxy,
+                MapSet,
+                Promise,
+                WeakRef,
+            )>(&rt)
+            .unwrap();
             let with_ctx = rt.memory_usage().malloc_size;
             println!("runtime alone: {base} B, with a context: {with_ctx} B");
             drop(ctx);
