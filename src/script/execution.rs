@@ -844,13 +844,19 @@ fn json_to_js<'js>(ctx: &Ctx<'js>, json: &Json) -> rquickjs::Result<Value<'js>> 
             Some(i) => Value::new_int(ctx.clone(), i),
             None => Value::new_float(ctx.clone(), n.as_f64().unwrap_or(f64::NAN)),
         }),
-        Json::Array(_) | Json::Object(_) => {
-            let text = serde_json::to_string(json).map_err(|e| rquickjs::Error::IntoJs {
-                from: "json",
-                to: "value",
-                message: Some(e.to_string()),
-            })?;
-            ctx.json_parse(text)
+        Json::Array(items) => {
+            let array = rquickjs::Array::new(ctx.clone())?;
+            for (i, item) in items.iter().enumerate() {
+                array.set(i, json_to_js(ctx, item)?)?;
+            }
+            Ok(array.into_value())
+        }
+        Json::Object(map) => {
+            let object = Object::new(ctx.clone())?;
+            for (key, item) in map {
+                object.set(key.as_str(), json_to_js(ctx, item)?)?;
+            }
+            Ok(object.into_value())
         }
     }
 }
