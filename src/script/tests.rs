@@ -264,7 +264,7 @@ async fn limits_end_runaway_scripts_with_a_named_500() {
             "CPU time limit of 300 ms",
         ),
         (
-            "function main(){ const a=[]; while(true){ a.push('x'.repeat(1000) + a.length) } }",
+            "function main(){ const a=[]; while(true){ a.push('x'.repeat(100000) + a.length) } }",
             Mode::App,
             "memory limit of 16 MiB",
         ),
