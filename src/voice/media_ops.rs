@@ -466,6 +466,39 @@ pub async fn next_digit(ctx: MediaContext, args: Vec<Json>) -> HostResult {
     .await
 }
 
+/// `ctx.blockDtmf(digits)`: those keys stop reaching the script; `""` unblocks.
+pub fn block_dtmf(ctx: &MediaContext, args: &[Json]) -> HostResult {
+    let digits = match args.first() {
+        None | Some(Json::Null) => "",
+        Some(Json::String(s)) => s.as_str(),
+        Some(_) => return Err(type_error("blockDtmf", "digits must be a string")),
+    };
+    ctx.media.digits.block(digits);
+    Ok(Json::Null)
+}
+
+/// The primitive behind `ctx.waitFor`: wait (up to `timeoutMs`) until a key arrives after
+/// press number `count`, then answer `{count, digits}` with every key pressed since `count`.
+/// Several waits may run at once; none consumes digits from the buffer `ivr` reads.
+pub async fn digits_after(ctx: MediaContext, args: Vec<Json>) -> HostResult {
+    let seen = num(args.first(), "waitFor", "count", 0.0)? as u64;
+    let ms = num(args.get(1), "waitFor", "timeoutMs", 0.0)?;
+    let digits = ctx.media.digits.clone();
+    until_hangup(&ctx.hangup, async move {
+        let changed = digits.changed_since(seen);
+        if ms > 0.0 {
+            let _ = tokio::time::timeout(Duration::from_millis(ms as u64), changed).await;
+        } else {
+            changed.await;
+        }
+        let count = digits.count();
+        let history = digits.history();
+        let new = (count.saturating_sub(seen) as usize).min(history.len());
+        Ok(json!({"count": count, "digits": &history[history.len() - new..]}))
+    })
+    .await
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
