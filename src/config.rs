@@ -28,6 +28,43 @@ pub struct Config {
     pub http: HttpConfig,
     pub scripts: ScriptsConfig,
     pub limits: LimitsConfig,
+    /// Prompts, recordings, text to speech (`[media]`).
+    pub media: MediaConfig,
+}
+
+/// `[media]`: where prompts and recordings live, and how text is spoken.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MediaConfig {
+    /// Prompts folder: `ctx.play("ivr/menu.wav")` resolves inside it.
+    pub dir: PathBuf,
+    /// Recordings folder (inside `dir` by default, so `play(rec.file)` works).
+    pub recordings: PathBuf,
+    /// Decoded prompts kept in memory, in MiB.
+    pub prompt_cache_mb: usize,
+    /// Rendered TTS phrases kept in memory, in MiB.
+    pub tts_cache_mb: usize,
+    /// The espeak-ng program, or an `http(s)://` URL template of a TTS service with
+    /// `{text}` and `{voice}` placeholders that answers with a WAV file.
+    pub tts: String,
+    /// Default TTS voice.
+    pub voice: String,
+    /// Detect in-band DTMF tones even when the caller negotiated telephone-event.
+    pub inband_dtmf: bool,
+}
+
+impl Default for MediaConfig {
+    fn default() -> Self {
+        MediaConfig {
+            dir: PathBuf::from("media"),
+            recordings: PathBuf::from("media/recordings"),
+            prompt_cache_mb: 64,
+            tts_cache_mb: 32,
+            tts: "espeak-ng".into(),
+            voice: "en".into(),
+            inband_dtmf: false,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
