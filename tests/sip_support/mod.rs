@@ -203,7 +203,7 @@ pub fn sipp(
     let stats = std::fs::read_to_string(&stf).unwrap_or_default();
     let mut rows = stats.lines().filter(|l| !l.trim().is_empty());
     let header: Vec<&str> = rows.next().unwrap_or_default().split(';').collect();
-    let last: Vec<&str> = rows.last().unwrap_or_default().split(';').collect();
+    let last: Vec<&str> = rows.next_back().unwrap_or_default().split(';').collect();
     let col = |name: &str| -> u64 {
         header
             .iter()
