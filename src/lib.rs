@@ -4,6 +4,7 @@ pub mod app;
 pub mod config;
 pub mod http;
 pub mod media;
+pub mod routing;
 pub mod script;
 pub mod sip;
 pub mod voice;

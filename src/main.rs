@@ -50,6 +50,9 @@ struct ServeArgs {
     /// Scripts folder (overrides [scripts] dir).
     #[arg(long)]
     scripts: Option<PathBuf>,
+    /// SIP listener, e.g. udp:127.0.0.1:5060 (repeatable; replaces [sip] listen).
+    #[arg(long = "sip", value_name = "PROTO:HOST:PORT")]
+    sip: Vec<callforge::sip::ListenSpec>,
 }
 
 #[derive(Args)]
@@ -110,6 +113,9 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
     }
     if let Some(dir) = args.scripts {
         config.scripts.dir = dir;
+    }
+    if !args.sip.is_empty() {
+        config.sip.listen = args.sip.iter().map(ToString::to_string).collect();
     }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
