@@ -12,14 +12,14 @@ use tokio::sync::mpsc;
 use crate::{
     config::{Config, RouteMode, SipConfig},
     http::{self, ApiState},
-    media::PortAllocator,
+    media::{EspeakRenderer, PortAllocator, PromptCache, TtsCache},
     routing::{request::request_user, Class4Server, RouteError, RouteTable},
     script::{Engine, EngineConfig, EngineError, HostModules, ScriptLibrary},
     sip::{
         self, sdp::Codec, CallHandle, EndedBy, ListenSpec, SipHandle, TransportError, UaConfig,
         UaEvent,
     },
-    voice::{CallEvent, VoiceServer},
+    voice::{media_bind::MediaShared, CallEvent, VoiceServer},
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -40,6 +40,12 @@ pub enum AppError {
     SipConfig(String),
     #[error("SIP: {0}")]
     Sip(#[from] TransportError),
+    #[error("[media] {what}: {source}")]
+    Media {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 /// A started engine with its script library, ready to serve.
@@ -152,6 +158,7 @@ impl App {
             rtp_ports: Arc::new(PortAllocator::new(lo..=hi)),
             rtp_ip,
             codecs: codecs(cfg)?,
+            media: media_shared(&self.config.media)?,
         };
         tokio::spawn(dispatch(transport.events, routes, class4, voice));
         Ok(Some(handle))
@@ -233,7 +240,19 @@ async fn dispatch(
                 continue;
             }
             UaEvent::CallAcked { call, .. } => (call, CallEvent::Acked),
-            UaEvent::InDialogRequest { call, kind, .. } => (call, CallEvent::InDialog(kind)),
+            UaEvent::InDialogRequest {
+                call,
+                kind,
+                request,
+                media,
+            } => (
+                call,
+                CallEvent::InDialog {
+                    kind,
+                    request,
+                    media,
+                },
+            ),
             UaEvent::CallCancelled { call } => (call, CallEvent::Ended { remote: true }),
             UaEvent::CallEnded { call, by, .. } => (
                 call,
@@ -268,4 +287,32 @@ async fn shutdown_signal() {
     let term = std::future::pending::<()>();
     tokio::select! { _ = ctrl_c => {}, _ = term => {} }
     tracing::info!("shutting down");
+}
+
+/// The caches and folders every call's media shares, from `[media]`.
+fn media_shared(cfg: &crate::config::MediaConfig) -> Result<MediaShared, AppError> {
+    std::fs::create_dir_all(&cfg.recordings).map_err(|source| AppError::Media {
+        what: format!(
+            "cannot create the recordings folder {}",
+            cfg.recordings.display()
+        ),
+        source,
+    })?;
+    let renderer = EspeakRenderer {
+        program: cfg.tts.clone().into(),
+        ..EspeakRenderer::default()
+    };
+    Ok(MediaShared {
+        prompts: Arc::new(PromptCache::new(
+            &cfg.dir,
+            cfg.prompt_cache_mb * 1024 * 1024,
+        )),
+        tts: Arc::new(TtsCache::new(
+            Box::new(renderer),
+            cfg.tts_cache_mb * 1024 * 1024,
+        )),
+        recordings: cfg.recordings.clone(),
+        default_voice: cfg.voice.clone(),
+        inband_always: cfg.inband_dtmf,
+    })
 }

@@ -6,26 +6,33 @@ use serde_json::{json, Value as Json};
 use tokio::sync::{mpsc, watch};
 
 use super::{
-    ctx::{hangup_error, CallCtx, CtxRequest, Reply},
+    ctx::{hangup_error, CallCtx, CtxRequest, OutHeaders, Reply},
     data,
+    media_bind::{self, MediaShared, MediaSlot},
 };
 use crate::{
     media::{PortAllocator, RtpSocket},
     routing::Route,
     script::{vars, Engine, HostError, Invocation, Mode, ScriptError, ScriptLibrary},
     sip::{
-        sdp::Codec, CallHandle, IncomingCall, MediaConfig, Negotiated, SipHandle, TransportError,
+        sdp::{Codec, Direction},
+        CallHandle, InDialogKind, IncomingCall, MediaConfig, Negotiated, SipHandle, TransportError,
         UaError,
     },
 };
 
 /// What the SIP dispatcher tells a call task.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum CallEvent {
     /// Our 200 OK was acknowledged.
     Acked,
     /// A re-INVITE / UPDATE / INFO / OPTIONS was answered by the stack (media seam: hold).
-    InDialog(crate::sip::InDialogKind),
+    InDialog {
+        kind: InDialogKind,
+        request: Box<rsip::Request>,
+        /// The new negotiation when the request carried an offer (re-INVITE, UPDATE).
+        media: Option<Negotiated>,
+    },
     /// The call is over; `remote` when the caller ended it (BYE, CANCEL).
     Ended { remote: bool },
 }
@@ -39,6 +46,8 @@ pub struct VoiceServer {
     pub rtp_ports: Arc<PortAllocator>,
     pub rtp_ip: IpAddr,
     pub codecs: Vec<Codec>,
+    /// Prompt and TTS caches and the recordings folder, shared by every call.
+    pub media: MediaShared,
 }
 
 impl VoiceServer {
@@ -82,16 +91,22 @@ impl VoiceServer {
         }
         let (req_tx, req_rx) = mpsc::unbounded_channel();
         let (hangup_tx, hangup_rx) = watch::channel(false);
+        let out_headers = OutHeaders::default();
+        let media = MediaSlot::default();
         let ctx = CallCtx::new(
             req_tx,
             hangup_rx,
             input["call_id"].as_str().unwrap_or_default().to_string(),
             data::builtin_vars(&input),
             data::invite_headers(&call),
+            out_headers.clone(),
+            media.clone(),
         );
         let mut inv = Invocation::new(script, Mode::Class5, input);
         inv.ctx = Some(Box::new(ctx));
         let mut state = CallState::new(self, handle, hangup_tx);
+        state.media = media;
+        state.out_headers = out_headers;
         let outcome = state.drive(inv, req_rx, events).await;
         state.finish(outcome).await;
     }
@@ -111,6 +126,9 @@ struct CallState {
     /// Bound at answer/early media; the media issue's session drives it.
     rtp: Option<RtpSocket>,
     negotiated: Option<Negotiated>,
+    /// The running media task, shared with the ctx.
+    media: MediaSlot,
+    out_headers: OutHeaders,
 }
 
 fn sip_error(e: TransportError) -> HostError {
@@ -133,6 +151,8 @@ impl CallState {
             hangup,
             rtp: None,
             negotiated: None,
+            media: MediaSlot::default(),
+            out_headers: OutHeaders::default(),
         }
     }
 
@@ -172,11 +192,14 @@ impl CallState {
                     let _ = r.send(Ok(json!(true)));
                 }
             }
-            CallEvent::InDialog(kind) => {
-                tracing::debug!(call = ?self.call, ?kind, "in-dialog request")
-            }
+            CallEvent::InDialog {
+                kind,
+                request,
+                media,
+            } => self.in_dialog(kind, &request, media),
             CallEvent::Ended { remote } => {
                 self.ended = true;
+                self.media.shutdown();
                 if remote {
                     let _ = self.hangup.send(true);
                 }
@@ -236,11 +259,19 @@ impl CallState {
                 };
                 let _ = reply.send(r);
             }
-            CtxRequest::Hangup { cause, reply } => {
+            CtxRequest::Hangup {
+                cause,
+                headers,
+                reply,
+            } => {
                 if !self.ended {
                     self.ended = true;
+                    self.media.shutdown();
                     let sent = if self.answered {
-                        self.server.sip.hangup(self.call).await
+                        self.server
+                            .sip
+                            .hangup_with_headers(self.call, headers)
+                            .await
                     } else {
                         let code = cause.filter(|c| (300..=699).contains(c)).unwrap_or(480);
                         self.server
@@ -296,6 +327,7 @@ impl CallState {
             Ok(neg) => {
                 self.answered = true;
                 self.negotiated = neg;
+                self.start_media();
                 Ok(())
             }
             Err(TransportError::Ua(UaError::Sdp(e))) => {
@@ -325,8 +357,54 @@ impl CallState {
             .map_err(sip_error)?;
         if neg.is_some() {
             self.negotiated = neg;
+            self.start_media();
         }
         Ok(json!(true))
+    }
+
+    /// The SDP is agreed: hand the bound RTP socket to a media task the ctx can use.
+    fn start_media(&mut self) {
+        if self.media.get().is_some() {
+            return;
+        }
+        let (Some(socket), Some(neg)) = (self.rtp.take(), self.negotiated.as_ref()) else {
+            return;
+        };
+        match media_bind::start(socket, neg, &self.server.media, self.hangup.subscribe()) {
+            Ok(media) => self.media.set(media),
+            Err(e) => tracing::warn!(call = ?self.call, "cannot start the call's media: {e}"),
+        }
+    }
+
+    /// INFO may carry a digit; a re-INVITE or UPDATE may move or hold the media.
+    fn in_dialog(
+        &mut self,
+        kind: InDialogKind,
+        request: &rsip::Request,
+        media: Option<Negotiated>,
+    ) {
+        let Some(ctx) = self.media.get() else { return };
+        match kind {
+            InDialogKind::Info => {
+                let content_type = crate::sip::message::header(&request.headers, "Content-Type")
+                    .unwrap_or_default();
+                let body = String::from_utf8_lossy(&request.body);
+                ctx.media.info(&content_type, &body);
+            }
+            InDialogKind::ReInvite | InDialogKind::Update => {
+                let Some(neg) = media else { return };
+                let sending = matches!(
+                    neg.local_direction,
+                    Direction::SendRecv | Direction::SendOnly
+                ) && neg.remote_rtp.is_some();
+                if let Some(remote) = neg.remote_rtp {
+                    ctx.media.update_remote(remote);
+                }
+                ctx.media.set_sending(sending);
+                self.negotiated = Some(neg);
+            }
+            InDialogKind::Options => {}
+        }
     }
 
     /// The script is over: reject with its error before answer, else make sure the call ends.
@@ -334,6 +412,7 @@ impl CallState {
         if let Err(e) = &outcome {
             tracing::info!(call = ?self.call, code = e.code, "class5 script ended with an error: {}", e.message);
         }
+        self.media.shutdown();
         if self.ended {
             return;
         }
@@ -351,7 +430,17 @@ impl CallState {
                     .reject(self.call, code, Some(reason), Vec::new())
                     .await
             }
-            _ => self.server.sip.hangup(self.call).await,
+            _ => {
+                let headers = self
+                    .out_headers
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .clone();
+                self.server
+                    .sip
+                    .hangup_with_headers(self.call, headers)
+                    .await
+            }
         };
         if let Err(e) = sent {
             tracing::debug!(call = ?self.call, "final hangup not sent: {e}");

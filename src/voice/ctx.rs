@@ -4,12 +4,16 @@
 //! `hangup`, `reject`, `waitForHangup`. Once the caller has hung up, every async operation
 //! except `hangup` and `waitForHangup` rejects with an error named `Hangup`.
 
-use std::cell::RefCell;
+use std::{
+    cell::RefCell,
+    sync::{Arc, Mutex},
+};
 
 use futures::FutureExt;
 use serde_json::{json, Map, Value as Json};
 use tokio::sync::{mpsc, oneshot, watch};
 
+use super::media_bind::{self, MediaSlot};
 use crate::script::{host::HostResult, HostCall, HostError, HostMethod, HostObject};
 
 /// The reply channel of one awaited operation.
@@ -23,7 +27,11 @@ pub enum CtxRequest {
     /// 180, or 183 with SDP when `early`.
     Ring { early: bool, reply: Reply },
     /// BYE when answered; before that a final status (`cause` when it is 300–699, else 480).
-    Hangup { cause: Option<u16>, reply: Reply },
+    Hangup {
+        cause: Option<u16>,
+        headers: Vec<(String, String)>,
+        reply: Reply,
+    },
     /// A 300–699 final status, with the headers set by `ctx.header(name, value)`.
     Reject {
         code: u16,
@@ -39,7 +47,25 @@ pub fn hangup_error() -> HostError {
     HostError::new("Hangup", "the caller hung up")
 }
 
+/// Headers the script set with `ctx.header(name, value)`, shared with the call task so the
+/// BYE callforge sends carries them even when the script ends without `hangup()`.
+pub type OutHeaders = Arc<Mutex<Vec<(String, String)>>>;
+
 const METHODS: &[HostMethod] = &[
+    // Media (media_bind::MEDIA_METHODS), listed here so the ctx object has them.
+    HostMethod::asynchronous("play"),
+    HostMethod::asynchronous("tts"),
+    HostMethod::asynchronous("say"),
+    HostMethod::asynchronous("ivr"),
+    HostMethod::asynchronous("collect"),
+    HostMethod::asynchronous("record"),
+    HostMethod::sync("stopRecord"),
+    HostMethod::asynchronous("echo"),
+    HostMethod::asynchronous("sendDtmf"),
+    HostMethod::asynchronous("sleep"),
+    HostMethod::sync("blockDtmf"),
+    HostMethod::sync("dtmfCount"),
+    HostMethod::asynchronous("digitsAfter"),
     HostMethod::asynchronous("answer"),
     HostMethod::asynchronous("ring"),
     HostMethod::asynchronous("earlyMedia"),
@@ -59,7 +85,8 @@ pub struct CallCtx {
     call_id: String,
     vars: RefCell<Map<String, Json>>,
     invite_headers: Vec<(String, String)>,
-    out_headers: RefCell<Vec<(String, String)>>,
+    out_headers: OutHeaders,
+    media: MediaSlot,
 }
 
 impl CallCtx {
@@ -69,6 +96,8 @@ impl CallCtx {
         call_id: String,
         vars: Map<String, Json>,
         invite_headers: Vec<(String, String)>,
+        out_headers: OutHeaders,
+        media: MediaSlot,
     ) -> Self {
         CallCtx {
             requests,
@@ -76,7 +105,8 @@ impl CallCtx {
             call_id,
             vars: RefCell::new(vars),
             invite_headers,
-            out_headers: RefCell::new(Vec::new()),
+            out_headers,
+            media,
         }
     }
 
@@ -103,6 +133,13 @@ impl CallCtx {
         HostCall::Pending(
             async move { rx.await.unwrap_or_else(|_| Err(hangup_error())) }.boxed_local(),
         )
+    }
+
+    fn headers(&self) -> Vec<(String, String)> {
+        self.out_headers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     fn get(&self, name: &str) -> Json {
@@ -142,6 +179,10 @@ impl HostObject for CallCtx {
     }
 
     fn call(&self, method: &str, args: Vec<Json>) -> HostCall {
+        let args = match media_bind::call(&self.media, &self.hangup, method, args) {
+            Ok(answered) => return answered,
+            Err(args) => args,
+        };
         match method {
             "answer" => self.request(true, CtxRequest::Answer),
             "ring" => {
@@ -157,7 +198,12 @@ impl HostObject for CallCtx {
             "earlyMedia" => self.request(true, |reply| CtxRequest::Ring { early: true, reply }),
             "hangup" => {
                 let cause = code_arg(args.first());
-                self.request(false, |reply| CtxRequest::Hangup { cause, reply })
+                let headers = self.headers();
+                self.request(false, |reply| CtxRequest::Hangup {
+                    cause,
+                    headers,
+                    reply,
+                })
             }
             "reject" => {
                 let Some(code) = code_arg(args.first()).filter(|c| (300..=699).contains(c)) else {
@@ -166,7 +212,7 @@ impl HostObject for CallCtx {
                     )));
                 };
                 let reason = args.get(1).filter(|v| !v.is_null()).map(text);
-                let headers = self.out_headers.borrow().clone();
+                let headers = self.headers();
                 self.request(true, |reply| CtxRequest::Reject {
                     code,
                     reason,
@@ -200,8 +246,7 @@ impl HostObject for CallCtx {
                 match args.get(1) {
                     None | Some(Json::Null) => {
                         let set = self
-                            .out_headers
-                            .borrow()
+                            .headers()
                             .iter()
                             .rev()
                             .find(|(n, _)| n.eq_ignore_ascii_case(name))
@@ -219,7 +264,7 @@ impl HostObject for CallCtx {
                             .chars()
                             .map(|c| if c.is_control() { ' ' } else { c })
                             .collect();
-                        let mut out = self.out_headers.borrow_mut();
+                        let mut out = self.out_headers.lock().unwrap_or_else(|p| p.into_inner());
                         out.retain(|(n, _)| !n.eq_ignore_ascii_case(name));
                         out.push((name.to_string(), value));
                         HostCall::Ready(Ok(json!(true)))
@@ -252,7 +297,19 @@ mod tests {
         let mut vars = Map::new();
         vars.insert("sip_from_user".into(), json!("1001"));
         let headers = vec![("X-Tenant".to_string(), "acme".to_string())];
-        (CallCtx::new(tx, hrx, "c1".into(), vars, headers), rx, htx)
+        (
+            CallCtx::new(
+                tx,
+                hrx,
+                "c1".into(),
+                vars,
+                headers,
+                OutHeaders::default(),
+                MediaSlot::default(),
+            ),
+            rx,
+            htx,
+        )
     }
 
     fn ready(c: HostCall) -> HostResult {

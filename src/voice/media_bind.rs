@@ -109,18 +109,18 @@ pub const MEDIA_METHODS: &[HostMethod] = &[
     HostMethod::asynchronous("digitsAfter"),
 ];
 
-/// Serve a media method, or `None` when `method` is not one.
+/// Serve a media method; the arguments come back when `method` is not one.
 pub fn call(
     slot: &MediaSlot,
     hangup: &watch::Receiver<bool>,
     method: &str,
     args: Vec<Json>,
-) -> Option<HostCall> {
+) -> Result<HostCall, Vec<Json>> {
     if !MEDIA_METHODS.iter().any(|m| m.name == method) {
-        return None;
+        return Err(args);
     }
     if method == "sleep" {
-        return Some(HostCall::Pending(
+        return Ok(HostCall::Pending(
             media_ops::sleep(hangup.clone(), args).boxed_local(),
         ));
     }
@@ -132,9 +132,9 @@ pub fn call(
                 "ctx.{method}: the call has no media yet: call ctx.answer() first (or ctx.ring({{earlyMedia: true}}) for early media)"
             ))
         };
-        return Some(HostCall::Ready(Err(error)));
+        return Ok(HostCall::Ready(Err(error)));
     };
-    Some(match method {
+    Ok(match method {
         "play" => HostCall::Pending(media_ops::play(ctx, args).boxed_local()),
         "tts" | "say" => HostCall::Pending(media_ops::tts(ctx, args).boxed_local()),
         "ivr" => HostCall::Pending(media_ops::ivr(ctx, args).boxed_local()),
@@ -146,7 +146,7 @@ pub fn call(
         "blockDtmf" => HostCall::Ready(media_ops::block_dtmf(&ctx, &args)),
         "dtmfCount" => HostCall::Ready(Ok(Json::from(ctx.media.digits.count()))),
         "digitsAfter" => HostCall::Pending(media_ops::digits_after(ctx, args).boxed_local()),
-        _ => return None,
+        _ => return Err(args),
     })
 }
 
@@ -217,7 +217,7 @@ mod tests {
         let slot = MediaSlot::default();
         let (tx, rx) = watch::channel(false);
         match call(&slot, &rx, "play", vec![Json::from("ivr/menu.wav")]) {
-            Some(HostCall::Ready(Err(e))) => {
+            Ok(HostCall::Ready(Err(e))) => {
                 assert_eq!(e.name, "TypeError");
                 assert!(e.message.contains("ctx.answer()"), "{e}");
             }
@@ -225,11 +225,11 @@ mod tests {
         }
         tx.send(true).unwrap();
         match call(&slot, &rx, "ivr", vec![]) {
-            Some(HostCall::Ready(Err(e))) => assert_eq!(e.name, "Hangup"),
+            Ok(HostCall::Ready(Err(e))) => assert_eq!(e.name, "Hangup"),
             other => panic!("{other:?}"),
         }
         assert!(
-            call(&slot, &rx, "answer", vec![]).is_none(),
+            call(&slot, &rx, "answer", vec![]).is_err(),
             "signalling is not media"
         );
     }

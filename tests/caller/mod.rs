@@ -476,36 +476,65 @@ pub fn decode_ulaw(packets: &[Received]) -> Vec<i16> {
 }
 
 /// The best normalised cross-correlation of `reference` inside `heard`, and its offset.
+///
+/// Speech correlates in a peak a few samples wide, so a coarse sample-step search would miss
+/// it: candidates come from correlating 5 ms energy envelopes, then each is searched sample
+/// by sample.
 pub fn best_correlation(heard: &[i16], reference: &[i16]) -> (f64, usize) {
-    if reference.is_empty() || heard.len() < reference.len() {
+    const BLOCK: usize = 40;
+    if reference.len() < BLOCK || heard.len() < reference.len() {
         return (0.0, 0);
     }
-    let r: Vec<f64> = reference.iter().map(|&x| x as f64).collect();
-    let r_energy: f64 = r.iter().map(|x| x * x).sum::<f64>().sqrt();
-    let mut best = (0.0, 0);
-    // Coarse search by 8-sample steps, then refine around the best.
-    let score = |off: usize| {
-        let h = &heard[off..off + r.len()];
-        let dot: f64 = h.iter().zip(&r).map(|(&a, b)| a as f64 * b).sum();
-        let h_energy: f64 = h.iter().map(|&a| (a as f64).powi(2)).sum::<f64>().sqrt();
-        if h_energy == 0.0 || r_energy == 0.0 {
+    let envelope = |x: &[i16]| -> Vec<f64> {
+        x.chunks(BLOCK)
+            .map(|c| c.iter().map(|&s| (s as f64).abs()).sum::<f64>() / c.len() as f64)
+            .collect()
+    };
+    let normalised = |a: &[f64], b: &[f64]| {
+        let dot: f64 = a.iter().zip(b).map(|(x, y)| x * y).sum();
+        let (ea, eb) = (
+            a.iter().map(|x| x * x).sum::<f64>().sqrt(),
+            b.iter().map(|x| x * x).sum::<f64>().sqrt(),
+        );
+        if ea == 0.0 || eb == 0.0 {
             0.0
         } else {
-            dot / (h_energy * r_energy)
+            dot / (ea * eb)
         }
     };
+    let (h_env, r_env) = (
+        envelope(heard),
+        envelope(&reference[..reference.len() / BLOCK * BLOCK]),
+    );
+    let mut candidates: Vec<(f64, usize)> = (0..=h_env.len().saturating_sub(r_env.len()))
+        .map(|b| {
+            // Envelopes are all positive: centre them so silence does not correlate with speech.
+            let h = &h_env[b..b + r_env.len()];
+            let (mh, mr) = (
+                h.iter().sum::<f64>() / h.len() as f64,
+                r_env.iter().sum::<f64>() / r_env.len() as f64,
+            );
+            let hc: Vec<f64> = h.iter().map(|x| x - mh).collect();
+            let rc: Vec<f64> = r_env.iter().map(|x| x - mr).collect();
+            (normalised(&hc, &rc), b)
+        })
+        .collect();
+    candidates.sort_by(|a, b| b.0.total_cmp(&a.0));
+    let r: Vec<f64> = reference.iter().map(|&x| x as f64).collect();
     let last = heard.len() - reference.len();
-    for off in (0..=last).step_by(8) {
-        let s = score(off);
-        if s > best.0 {
-            best = (s, off);
-        }
-    }
-    let (lo, hi) = (best.1.saturating_sub(8), (best.1 + 8).min(last));
-    for off in lo..=hi {
-        let s = score(off);
-        if s > best.0 {
-            best = (s, off);
+    let mut best = (0.0, 0);
+    for &(_, b) in candidates.iter().take(8) {
+        let lo = (b * BLOCK).saturating_sub(2 * BLOCK);
+        let hi = (b * BLOCK + 2 * BLOCK).min(last);
+        for off in lo..=hi {
+            let h: Vec<f64> = heard[off..off + r.len()]
+                .iter()
+                .map(|&x| x as f64)
+                .collect();
+            let score = normalised(&h, &r);
+            if score > best.0 {
+                best = (score, off);
+            }
         }
     }
     best
