@@ -84,7 +84,7 @@ fn assert_heard(heard: &[i16], reference: &[i16], what: &str) {
 
 #[tokio::test]
 async fn ivr_plays_the_menu_takes_the_branch_and_paces_at_20ms() {
-    let (server, recordings) = start();
+    let (server, _media) = start();
     let mut call = Call::place(server.udp, "7000").await.expect("answered");
     tokio::time::sleep(Duration::from_millis(3500)).await;
     call.send_digits("2").await;
@@ -117,7 +117,7 @@ async fn ivr_plays_the_menu_takes_the_branch_and_paces_at_20ms() {
 
 #[tokio::test]
 async fn digits_collected_equal_the_digits_sent() {
-    let (server, recordings) = start();
+    let (server, _media) = start();
     let mut call = Call::place(server.udp, "7001").await.expect("answered");
     tokio::time::sleep(Duration::from_millis(300)).await;
     call.send_digits("4071*9#").await;
@@ -131,7 +131,7 @@ async fn digits_collected_equal_the_digits_sent() {
 
 #[tokio::test]
 async fn the_recording_contains_what_the_caller_said_and_is_played_back() {
-    let (server, recordings) = start();
+    let (server, media) = start();
     let mut call = Call::place(server.udp, "7000").await.expect("answered");
     tokio::time::sleep(Duration::from_millis(3000)).await;
     call.send_digits("3").await;
@@ -145,7 +145,7 @@ async fn the_recording_contains_what_the_caller_said_and_is_played_back() {
         .await
         .expect("BYE");
     assert_eq!(bye.header("X-IVR-Choice"), Some("3"));
-    let file = std::fs::read_dir(recordings.path().join("recordings"))
+    let file = std::fs::read_dir(media.path().join("recordings"))
         .unwrap()
         .map(|e| e.unwrap().path())
         .find(|p| p.extension().is_some_and(|e| e == "wav"))
@@ -164,7 +164,7 @@ async fn the_recording_contains_what_the_caller_said_and_is_played_back() {
 
 #[tokio::test]
 async fn tts_speaks_and_the_caller_hears_speech() {
-    let (server, recordings) = start();
+    let (server, _media) = start();
     let call = Call::place(server.udp, "7002").await.expect("answered");
     call.wait_for_bye(Duration::from_secs(15))
         .await
