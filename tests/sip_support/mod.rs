@@ -175,18 +175,29 @@ pub fn sipp(
     calls: u32,
     extra: &[&str],
 ) -> SippRun {
-    let work = tempfile::tempdir().unwrap();
-    let stf = work.path().join("stat.csv");
-    let err = work.path().join("errors.log");
     let scenario_path: PathBuf = Path::new(ROOT)
         .join("tests/sipp")
         .join(format!("{scenario}.xml"));
+    sipp_file(&scenario_path, target, service, calls, extra)
+}
+
+/// Runs a scenario file given by path (one a test wrote, say) like [`sipp`].
+pub fn sipp_file(
+    scenario_path: &Path,
+    target: SocketAddr,
+    service: &str,
+    calls: u32,
+    extra: &[&str],
+) -> SippRun {
+    let work = tempfile::tempdir().unwrap();
+    let stf = work.path().join("stat.csv");
+    let err = work.path().join("errors.log");
     let local = free_port();
     let media = free_port();
     let status = Command::new("sipp")
         .arg(target.to_string())
         .arg("-sf")
-        .arg(&scenario_path)
+        .arg(scenario_path)
         .args(["-s", service, "-m", &calls.to_string(), "-i", "127.0.0.1"])
         .args(["-p", &local.to_string(), "-mp", &media.to_string()])
         .args(["-timeout", "60s", "-timeout_error", "-nostdin"])
