@@ -103,6 +103,7 @@ fn main() -> ExitCode {
 
 fn serve(args: ServeArgs) -> anyhow::Result<()> {
     raise_open_file_limit();
+    limit_malloc_arenas();
     let mut config = match &args.config {
         Some(path) => Config::load(path)?,
         None if Path::new("callforge.toml").exists() => Config::load(Path::new("callforge.toml"))?,
@@ -267,5 +268,16 @@ fn raise_open_file_limit() {
                 tracing::warn!("cannot raise the open-file limit to {wanted}");
             }
         }
+    }
+}
+
+/// glibc gives each thread that allocates its own arena, which fragments memory when calls
+/// move between the async runtime's threads and the script workers; two arenas keep the
+/// resident size per call down without measurable contention at 2 cores.
+fn limit_malloc_arenas() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only changes allocator tuning; called before threads start.
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, 2);
     }
 }

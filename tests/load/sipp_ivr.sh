@@ -34,7 +34,9 @@ target/release/callforge serve --config "$work/callforge.toml" --scripts scripts
 pid=$!
 for _ in $(seq 100); do grep -q "sip listening" "$work/out.log" 2>/dev/null && break; sleep 0.1; done
 rss_kib() { awk '/VmRSS/ {print $2}' /proc/$pid/status; }
+fds() { ls /proc/$pid/fd | wc -l; }
 base=$(rss_kib)
+base_fds=$(fds)
 read -r u0 s0 < <(awk '{print $14, $15}' /proc/$pid/stat)
 sed "s#tests/fixtures/#$PWD/tests/fixtures/#" tests/sipp/ivr_load.xml > "$work/ivr_load.xml"
 start=$(date +%s.%N)
@@ -45,6 +47,8 @@ sipp_pid=$!
 # Let concurrency build up (calls last ~4 s), then probe pacing and memory at the plateau.
 sleep 8
 peak=$(rss_kib)
+# Each live call holds two UDP sockets (RTP and RTCP).
+live=$(( ($(fds) - base_fds) / 2 ))
 probe=$(target/release/examples/rtp_probe 127.0.0.1:$port 8001 10 5 2>&1 | tail -1)
 wait "$sipp_pid" || true
 end=$(date +%s.%N)
@@ -54,9 +58,8 @@ header=$(head -1 "$work/stat.csv")
 col() { echo "$header" | tr ';' '\n' | grep -nx "$1" | cut -d: -f1; }
 val() { echo "$stats" | cut -d';' -f"$(col "$1")"; }
 created=$(val "TotalCallCreated"); ok=$(val "SuccessfulCall(C)"); failed=$(val "FailedCall(C)")
-peak_calls=$(( rate * 4 ))
-echo "calls: created $created, successful $ok, failed $failed (rate $rate/s, ~$peak_calls concurrent at plateau)"
+echo "calls: created $created, successful $ok, failed $failed (offered $rate/s; $live calls live when sampled)"
 echo "$probe"
-echo "memory: baseline ${base} KiB, at plateau ${peak} KiB -> $(( (peak - base) / peak_calls )) KiB per concurrent call"
+echo "memory: baseline ${base} KiB, with $live live calls ${peak} KiB -> $(( (peak - base) / (live > 0 ? live : 1) )) KiB per live call"
 echo "server CPU: user $(( (u1 - u0) * 10 )) ms, system $(( (s1 - s0) * 10 )) ms for $created calls; wall $(echo "$end - $start" | bc) s"
 [ "$failed" = "0" ] && [ "$ok" = "$total" ]
