@@ -4,5 +4,7 @@ pub mod app;
 pub mod config;
 pub mod http;
 pub mod media;
+pub mod modules;
 pub mod script;
 pub mod sip;
+pub mod store;
