@@ -2,7 +2,7 @@
 
 use std::{
     path::{Path, PathBuf},
-    sync::{Arc, Mutex},
+    sync::{Arc, Mutex, OnceLock},
 };
 
 use rusqlite::Connection;
@@ -68,53 +68,72 @@ CREATE INDEX IF NOT EXISTS cdrs_started ON cdrs (started_at);
 ";
 
 /// The embedded database, shared by the KV store, userspace tables and records.
+///
+/// It opens on first use ([`Store::lazy`]) or at once ([`Store::open`]): `callforge run` of
+/// a script that never touches the store creates no file.
 #[derive(Clone)]
 pub struct Store {
-    conn: Arc<Mutex<Connection>>,
+    inner: Arc<Inner>,
+}
+
+struct Inner {
     path: PathBuf,
+    synchronous: Synchronous,
+    conn: OnceLock<Result<Mutex<Connection>, String>>,
 }
 
 impl std::fmt::Debug for Store {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Store").field("path", &self.path).finish()
+        f.debug_struct("Store")
+            .field("path", &self.inner.path)
+            .finish()
     }
 }
 
+fn open_connection(path: &Path, synchronous: Synchronous) -> Result<Connection, String> {
+    if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(parent).map_err(|e| e.to_string())?;
+    }
+    let conn = Connection::open(path).map_err(|e| e.to_string())?;
+    let sync = match synchronous {
+        Synchronous::Normal => "NORMAL",
+        Synchronous::Full => "FULL",
+    };
+    conn.execute_batch(&format!(
+        "PRAGMA journal_mode = WAL; PRAGMA synchronous = {sync}; PRAGMA busy_timeout = 5000;"
+    ))
+    .map_err(|e| e.to_string())?;
+    let mode: String = conn
+        .query_row("PRAGMA journal_mode", [], |r| r.get(0))
+        .map_err(|e| e.to_string())?;
+    if !mode.eq_ignore_ascii_case("wal") {
+        return Err(format!("WAL mode refused (journal_mode is {mode})"));
+    }
+    conn.execute_batch(SCHEMA).map_err(|e| e.to_string())?;
+    Ok(conn)
+}
+
 impl Store {
-    /// Open (creating when missing) the database at `path`, in WAL mode, with the schema.
+    /// A store that opens (creating when missing) the database at `path` on first use.
+    pub fn lazy(path: &Path, synchronous: Synchronous) -> Self {
+        Store {
+            inner: Arc::new(Inner {
+                path: path.to_path_buf(),
+                synchronous,
+                conn: OnceLock::new(),
+            }),
+        }
+    }
+
+    /// Open (creating when missing) the database at `path` now, in WAL mode, with the schema.
     pub fn open(path: &Path, synchronous: Synchronous) -> Result<Self, StoreError> {
-        let fail = |message: String| StoreError::Open {
-            path: path.display().to_string(),
-            message,
-        };
-        if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
-            std::fs::create_dir_all(parent).map_err(|e| fail(e.to_string()))?;
-        }
-        let conn = Connection::open(path).map_err(|e| fail(e.to_string()))?;
-        let sync = match synchronous {
-            Synchronous::Normal => "NORMAL",
-            Synchronous::Full => "FULL",
-        };
-        conn.execute_batch(&format!(
-            "PRAGMA journal_mode = WAL; PRAGMA synchronous = {sync}; PRAGMA busy_timeout = 5000;"
-        ))
-        .map_err(|e| fail(e.to_string()))?;
-        let mode: String = conn
-            .query_row("PRAGMA journal_mode", [], |r| r.get(0))
-            .map_err(|e| fail(e.to_string()))?;
-        if !mode.eq_ignore_ascii_case("wal") {
-            return Err(fail(format!("WAL mode refused (journal_mode is {mode})")));
-        }
-        conn.execute_batch(SCHEMA)
-            .map_err(|e| fail(e.to_string()))?;
-        Ok(Store {
-            conn: Arc::new(Mutex::new(conn)),
-            path: path.to_path_buf(),
-        })
+        let store = Self::lazy(path, synchronous);
+        store.with_blocking(|_| Ok(()))?;
+        Ok(store)
     }
 
     pub fn path(&self) -> &Path {
-        &self.path
+        &self.inner.path
     }
 
     /// Run `f` on the connection, on the calling thread.
@@ -122,9 +141,18 @@ impl Store {
         &self,
         f: impl FnOnce(&mut Connection) -> Result<R, StoreError>,
     ) -> Result<R, StoreError> {
+        let inner = &self.inner;
+        let conn = inner
+            .conn
+            .get_or_init(|| open_connection(&inner.path, inner.synchronous).map(Mutex::new))
+            .as_ref()
+            .map_err(|message| StoreError::Open {
+                path: inner.path.display().to_string(),
+                message: message.clone(),
+            })?;
         // A panic while holding the lock leaves the connection usable: SQLite rolls back
         // an unfinished transaction when it is dropped.
-        let mut conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
+        let mut conn = conn.lock().unwrap_or_else(|p| p.into_inner());
         f(&mut conn)
     }
 
