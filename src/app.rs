@@ -6,6 +6,7 @@ use crate::{
     config::Config,
     http::{self, ApiState},
     script::{Engine, EngineConfig, EngineError, HostModules, ScriptLibrary},
+    store::Records,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -27,6 +28,8 @@ pub struct App {
     pub config: Config,
     pub engine: Arc<Engine>,
     pub library: Arc<ScriptLibrary>,
+    /// Where execution records (and CDRs) go; `None` when records are disabled.
+    pub records: Option<Records>,
 }
 
 impl App {
@@ -42,7 +45,14 @@ impl App {
             config,
             engine: Arc::new(engine),
             library: Arc::new(library),
+            records: None,
         })
+    }
+
+    /// Write an execution record for every HTTP run, and serve `/v1/executions` and `/v1/cdrs`.
+    pub fn with_records(mut self, records: Option<Records>) -> Self {
+        self.records = records;
+        self
     }
 
     pub fn router(&self) -> axum::Router {
@@ -51,6 +61,7 @@ impl App {
             library: self.library.clone(),
             token: self.config.http.token.clone(),
             max_body_bytes: self.config.http.max_body_bytes,
+            records: self.records.clone(),
         }))
     }
 
