@@ -59,10 +59,17 @@ async fn thousand_parallel_increments(engine: Arc<Engine>) {
         seen.push(t.await.unwrap().as_i64().unwrap());
     }
     seen.sort();
-    assert_eq!(seen, (1..=1000).collect::<Vec<_>>(), "every increment got its own value");
-    let total = run(&engine, "async function main(){ return await require('kv').get('hits') }")
-        .await
-        .unwrap();
+    assert_eq!(
+        seen,
+        (1..=1000).collect::<Vec<_>>(),
+        "every increment got its own value"
+    );
+    let total = run(
+        &engine,
+        "async function main(){ return await require('kv').get('hits') }",
+    )
+    .await
+    .unwrap();
     assert_eq!(total, json!(1000));
 }
 
@@ -94,7 +101,13 @@ fn check_kv_api(out: Value) {
     assert_eq!(out[4], json!(true));
     assert_eq!(out[5], json!(false));
     assert_eq!(out[6], json!("TypeError"));
-    assert!(out[7].as_str().unwrap().contains("kv.set: argument 1 (key)"), "{out}");
+    assert!(
+        out[7]
+            .as_str()
+            .unwrap()
+            .contains("kv.set: argument 1 (key)"),
+        "{out}"
+    );
 }
 
 #[tokio::test]
@@ -109,7 +122,10 @@ async fn embedded_kv_incr_is_atomic_under_1000_parallel_runs() {
 async fn redis_kv_incr_is_atomic_under_1000_parallel_runs() {
     let redis = support::redis();
     let dir = tempfile::tempdir().unwrap();
-    let engine = Arc::new(engine(&format!("[kv]\nbackend = \"{}\"\n", redis.url), dir.path()));
+    let engine = Arc::new(engine(
+        &format!("[kv]\nbackend = \"{}\"\n", redis.url),
+        dir.path(),
+    ));
     thousand_parallel_increments(engine.clone()).await;
     check_kv_api(run(&engine, KV_API).await.unwrap());
     // The window of a new counter is set once, atomically with its creation.
@@ -127,14 +143,20 @@ async fn embedded_kv_survives_a_restart() {
     let dir = tempfile::tempdir().unwrap();
     {
         let engine = engine("", dir.path());
-        run(&engine, "async function main(){ await require('cxKV').set('k', [1, 2]) }")
-            .await
-            .unwrap();
-    }
-    let engine = engine("", dir.path());
-    let v = run(&engine, "async function main(){ return await require('kv').get('k') }")
+        run(
+            &engine,
+            "async function main(){ await require('cxKV').set('k', [1, 2]) }",
+        )
         .await
         .unwrap();
+    }
+    let engine = engine("", dir.path());
+    let v = run(
+        &engine,
+        "async function main(){ return await require('kv').get('k') }",
+    )
+    .await
+    .unwrap();
     assert_eq!(v, json!([1, 2]));
     assert!(dir.path().join("callforge.db").exists());
 }
@@ -143,11 +165,17 @@ async fn embedded_kv_survives_a_restart() {
 async fn unreachable_redis_is_a_clear_script_error() {
     let port = support::free_port();
     let dir = tempfile::tempdir().unwrap();
-    let engine = engine(&format!("[kv]\nbackend = \"redis://127.0.0.1:{port}/\"\n"), dir.path());
+    let engine = engine(
+        &format!("[kv]\nbackend = \"redis://127.0.0.1:{port}/\"\n"),
+        dir.path(),
+    );
     let started = std::time::Instant::now();
-    let e = run(&engine, "async function main(){ return await require('kv').get('x') }")
-        .await
-        .unwrap_err();
+    let e = run(
+        &engine,
+        "async function main(){ return await require('kv').get('x') }",
+    )
+    .await
+    .unwrap_err();
     assert!(e.contains("cannot connect to redis://127.0.0.1"), "{e}");
     assert!(started.elapsed() < Duration::from_secs(10));
 }

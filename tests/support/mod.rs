@@ -74,14 +74,17 @@ pub fn try_start(dir: &Path) -> Result<Engine, String> {
         let _ = child.wait();
         let mut err = String::new();
         use std::io::Read;
-        child.stderr.take().unwrap().read_to_string(&mut err).unwrap();
+        child
+            .stderr
+            .take()
+            .unwrap()
+            .read_to_string(&mut err)
+            .unwrap();
         return Err(err);
     }
     // Keep draining stderr so the child never blocks on a full pipe.
     let stderr = child.stderr.take().unwrap();
-    std::thread::spawn(move || {
-        for _ in BufReader::new(stderr).lines() {}
-    });
+    std::thread::spawn(move || for _ in BufReader::new(stderr).lines() {});
     let addr = line.trim().rsplit(' ').next().unwrap().to_string();
     Ok(Engine {
         child,
@@ -156,7 +159,10 @@ async fn lookup_asr(
         .and_then(|v| v.to_str().ok())
         .unwrap_or("");
     if auth != "Bearer lookup-secret" {
-        return (StatusCode::UNAUTHORIZED, Json(json!({"error": "bad token"})));
+        return (
+            StatusCode::UNAUTHORIZED,
+            Json(json!({"error": "bad token"})),
+        );
     }
     let number = q.number.unwrap_or_default();
     // Numbers ending in 0 have a poor answer-seizure ratio.
@@ -176,7 +182,10 @@ async fn webhook(
         .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
         .is_ok()
     {
-        return (StatusCode::SERVICE_UNAVAILABLE, Json(json!({"error": "try later"})));
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({"error": "try later"})),
+        );
     }
     let auth = headers
         .get("authorization")
@@ -196,7 +205,10 @@ pub async fn http_server() -> (SocketAddr, Arc<Api>) {
         .route("/lookup/asr", get(lookup_asr).post(lookup_asr))
         .route("/sms", post(webhook))
         .route("/notify", post(webhook))
-        .route("/hooks/reject", post(|| async { (StatusCode::BAD_REQUEST, "no") }))
+        .route(
+            "/hooks/reject",
+            post(|| async { (StatusCode::BAD_REQUEST, "no") }),
+        )
         .route(
             "/json",
             get(|| async {
@@ -215,10 +227,20 @@ pub async fn http_server() -> (SocketAddr, Arc<Api>) {
             }),
         )
         .route("/big", get(|| async { "x".repeat(300_000) }))
-        .route("/redirect-out", get(|| async {
-            (StatusCode::FOUND, [("location", "http://localhost:1/elsewhere")], "")
-        }))
-        .route("/text", get(|| async { (StatusCode::NOT_FOUND, "not here") }))
+        .route(
+            "/redirect-out",
+            get(|| async {
+                (
+                    StatusCode::FOUND,
+                    [("location", "http://localhost:1/elsewhere")],
+                    "",
+                )
+            }),
+        )
+        .route(
+            "/text",
+            get(|| async { (StatusCode::NOT_FOUND, "not here") }),
+        )
         .with_state(api.clone());
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
@@ -324,7 +346,16 @@ impl Drop for Redis {
 pub fn redis() -> Redis {
     let port = free_port();
     let child = Command::new("redis-server")
-        .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+        .args([
+            "--port",
+            &port.to_string(),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
