@@ -41,7 +41,7 @@ pub fn opt_seconds(
     match args.get(index) {
         None | Some(Json::Null) => Ok(None),
         Some(Json::Number(n)) => match n.as_f64() {
-            Some(s) if s.is_finite() && s >= 0.0 && s <= 1e10 => {
+            Some(s) if (0.0..=1e10).contains(&s) => {
                 Ok(Some(Duration::from_secs_f64(s)).filter(|d| !d.is_zero()))
             }
             _ => Err(HostError::type_error(format!(

@@ -67,11 +67,14 @@ fn answer(number: &str, table: &str, row: Option<Json>) -> Json {
     Json::Object(out)
 }
 
+/// Rows of a table by normalised number.
+type Rows = Arc<HashMap<String, Json>>;
+
 /// A CSV file (first row = header), reloaded when its modification time changes.
 struct CsvTable {
     path: PathBuf,
     key_column: String,
-    loaded: Mutex<(Option<SystemTime>, Arc<HashMap<String, Json>>)>,
+    loaded: Mutex<(Option<SystemTime>, Rows)>,
 }
 
 impl CsvTable {
@@ -102,7 +105,7 @@ impl CsvTable {
         Ok(rows)
     }
 
-    fn rows(&self) -> Result<Arc<HashMap<String, Json>>, String> {
+    fn rows(&self) -> Result<Rows, String> {
         let modified = std::fs::metadata(&self.path)
             .and_then(|m| m.modified())
             .map_err(|e| format!("{}: {e}", self.path.display()))?;
