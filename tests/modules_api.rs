@@ -533,3 +533,80 @@ fn bad_config_is_a_clear_startup_error() {
         }
     }
 }
+
+#[tokio::test]
+async fn lrn_lookup_reads_an_sqlite_table() {
+    let dir = workdir(
+        "[lookup.lrn]\nprovider = \"table\"\nsqlite = \"numbers.db\"\ntable = \"lrn\"\nkey_column = \"msisdn\"\n",
+    );
+    {
+        let db = rusqlite::Connection::open(dir.path().join("numbers.db")).unwrap();
+        db.execute_batch(
+            "CREATE TABLE lrn (msisdn TEXT PRIMARY KEY, lrn TEXT, carrier TEXT, cost REAL);
+             INSERT INTO lrn VALUES ('12125550100', '2125550000', 'Verizon', 0.004);
+             CREATE TABLE ported (msisdn TEXT PRIMARY KEY, lrn TEXT);
+             INSERT INTO ported VALUES ('12125550100', '9999999999');",
+        )
+        .unwrap();
+    }
+    let s = start(dir.path());
+    s.put_script(
+        "lrn",
+        r#"async function main(d) {
+            const errs = [];
+            for (const t of ["bad name;", "missing"]) {
+                try { await api.lookup.lrn("1", t) } catch (e) { errs.push(e.name + ": " + e.message) }
+            }
+            return [await api.lookup.lrn(d.n), await api.lookup.lrn("+" + d.n, "ported"), await api.lookup.lrn("1"), errs];
+        }"#,
+    );
+    let (status, body) = s.post("/v1/run/lrn", json!({"n": "12125550100"})).await;
+    assert_eq!(status, 200, "{body}");
+    let r = &body["result"];
+    assert_eq!(r[0]["lrn"], "2125550000");
+    assert_eq!(r[0]["carrier"], "Verizon");
+    assert_eq!(r[0]["cost"], 0.004);
+    assert_eq!(r[0]["found"], true);
+    assert_eq!(r[1]["lrn"], "9999999999");
+    assert_eq!(r[1]["table"], "ported");
+    assert_eq!(r[2]["found"], false);
+    assert!(r[3][0].as_str().unwrap().starts_with("TypeError"), "{r}");
+    assert!(
+        r[3][1].as_str().unwrap().contains("no such table: missing"),
+        "{r}"
+    );
+}
+
+#[test]
+fn the_run_command_has_the_modules_of_its_config() {
+    let dir = workdir("[lookup.tps]\nprovider = \"table\"\ncsv = \"scripts/dnc_list.csv\"\n");
+    let run = |dest: &str| {
+        std::process::Command::new(support::BIN)
+            .arg("run")
+            .arg(dir.path().join("scripts/dnc_check.js"))
+            .args(["--mode", "class4", "--config"])
+            .arg(dir.path().join("callforge.toml"))
+            .args(["--data", &routing(dest, "1").to_string()])
+            .output()
+            .unwrap()
+    };
+    let out = run("447700900123");
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("604"));
+    let out = run("447700900555");
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        !dir.path().join("callforge.db").exists(),
+        "no script touched the store"
+    );
+}
