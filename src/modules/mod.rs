@@ -45,6 +45,8 @@ pub struct Built {
     pub store: Store,
     /// Present when `[records] enabled` (the default).
     pub records: Option<Records>,
+    /// The send channels; the SIP layer attaches `api.send.sip` here (`attach_sip`).
+    pub send: Arc<send::SendService>,
 }
 
 /// Build every module from `config`. `open_store_now` opens the database at once (for
@@ -87,7 +89,7 @@ pub fn build(config: &Config, open_store_now: bool) -> Result<Built, ModuleError
         &["send", "cxSend"],
         Arc::new(send::SendModule::new(send.clone())),
     );
-    modules.register_global("api", Arc::new(api::ApiModule::new(lookup, send)));
+    modules.register_global("api", Arc::new(api::ApiModule::new(lookup, send.clone())));
     modules.register_global("fetch", Arc::new(fetch::FetchModule::new(fetch)));
 
     let records = if config.records.enabled {
@@ -100,5 +102,6 @@ pub fn build(config: &Config, open_store_now: bool) -> Result<Built, ModuleError
         modules,
         store,
         records,
+        send,
     })
 }

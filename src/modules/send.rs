@@ -2,8 +2,17 @@
 //! queued (at most `max_in_flight` at once), runs as its own task so it completes even when the
 //! script does not wait, and is retried with exponential backoff. It resolves with
 //! `{ok: true, attempts, ...}` or, after the last attempt, `{ok: false, error, attempts}`.
+//!
+//! `api.send.sip({to, body})` goes through a [`SipMessenger`] the SIP layer attaches with
+//! [`SendService::attach_sip`]; until one is attached it rejects with a clear `SendError`.
 
-use std::{future::Future, sync::Arc, time::Duration};
+use std::{
+    future::Future,
+    sync::{Arc, OnceLock},
+    time::Duration,
+};
+
+use futures::future::BoxFuture;
 
 use serde_json::{json, Map, Value as Json};
 use tokio::sync::{oneshot, Semaphore};
@@ -63,8 +72,20 @@ where
     }
 }
 
+/// What `api.send.sip` needs from the SIP stack: send a SIP MESSAGE (RFC 3428) to `to` and
+/// report the final response's status code, or why no final response came.
+pub trait SipMessenger: Send + Sync {
+    fn message(
+        &self,
+        to: String,
+        body: String,
+        content_type: String,
+    ) -> BoxFuture<'static, Result<u16, String>>;
+}
+
 /// The configured channels and the queue they share.
 pub struct SendService {
+    sip: OnceLock<Arc<dyn SipMessenger>>,
     smtp: Option<Arc<SmtpSender>>,
     sms: Option<Arc<Webhook>>,
     notify: Option<Arc<Webhook>>,
@@ -85,6 +106,7 @@ impl SendService {
             ));
         }
         Ok(SendService {
+            sip: OnceLock::new(),
             smtp: config
                 .smtp
                 .as_ref()
@@ -109,6 +131,11 @@ impl SendService {
             },
             queue: Arc::new(Semaphore::new(config.max_in_flight)),
         })
+    }
+
+    /// Give `api.send.sip` its way out; false when one was already attached.
+    pub fn attach_sip(&self, messenger: Arc<dyn SipMessenger>) -> bool {
+        self.sip.set(messenger).is_ok()
     }
 
     /// Queue a delivery as its own task; the script's promise observes its outcome.
@@ -174,13 +201,51 @@ impl SendService {
                     async move { hook.send(&body).await }
                 })
             }
-            "sip" => HostCall::Ready(Err(send_error(
-                "api.send.sip is not available yet: SIP MESSAGE needs the SIP stack's user agent",
-            ))),
+            "sip" => {
+                let Some(sip) = self.sip.get().cloned() else {
+                    return HostCall::Ready(Err(send_error(
+                        "api.send.sip is not available: no SIP user agent is attached to the send module",
+                    )));
+                };
+                let to = match params.get("to").and_then(Json::as_str) {
+                    Some(to) if to.starts_with("sip:") || to.starts_with("sips:") => to.to_string(),
+                    _ => {
+                        return HostCall::Ready(Err(HostError::type_error(format!(
+                            "{method}: to must be a sip: or sips: URI"
+                        ))))
+                    }
+                };
+                let body = match params.get("body") {
+                    Some(Json::String(b)) => b.clone(),
+                    None | Some(Json::Null) => String::new(),
+                    Some(other) => other.to_string(),
+                };
+                let content_type = params
+                    .get("contentType")
+                    .and_then(Json::as_str)
+                    .unwrap_or("text/plain")
+                    .to_string();
+                self.queue(move || {
+                    let fut = sip.message(to.clone(), body.clone(), content_type.clone());
+                    async move { sip_attempt(fut.await) }
+                })
+            }
             other => HostCall::Ready(Err(HostError::type_error(format!(
                 "api.send.{other} does not exist"
             )))),
         }
+    }
+}
+
+/// 2xx is done; 408, 480 and 5xx are worth retrying; other final answers are fatal.
+fn sip_attempt(answer: Result<u16, String>) -> Attempt {
+    match answer {
+        Ok(code @ 200..=299) => Attempt::Done(json!({"status": code})),
+        Ok(code @ (408 | 480 | 500..=599)) => {
+            Attempt::Retry(format!("SIP MESSAGE answered {code}"))
+        }
+        Ok(code) => Attempt::Fatal(format!("SIP MESSAGE answered {code}")),
+        Err(e) => Attempt::Retry(format!("SIP MESSAGE: {e}")),
     }
 }
 
@@ -233,6 +298,80 @@ impl HostObject for SendObject {
 mod tests {
     use super::*;
     use std::sync::atomic::{AtomicU32, Ordering};
+
+    /// A messenger standing in for the SIP layer: answers from a script of status codes.
+    struct Answers(
+        std::sync::Mutex<Vec<Result<u16, String>>>,
+        std::sync::Mutex<Vec<(String, String, String)>>,
+    );
+    impl SipMessenger for Answers {
+        fn message(
+            &self,
+            to: String,
+            body: String,
+            ct: String,
+        ) -> BoxFuture<'static, Result<u16, String>> {
+            self.1.lock().unwrap().push((to, body, ct));
+            let next = self.0.lock().unwrap().remove(0);
+            Box::pin(async move { next })
+        }
+    }
+
+    async fn settle(call: HostCall) -> Result<Json, HostError> {
+        match call {
+            HostCall::Ready(r) => r,
+            HostCall::Pending(f) => f.await,
+        }
+    }
+
+    #[tokio::test]
+    async fn sip_messages_go_through_the_attached_messenger_with_retries() {
+        let config = SendConfig {
+            backoff_ms: 1,
+            ..SendConfig::default()
+        };
+        let service = SendService::new(&config).unwrap();
+        let e = settle(service.call("sip", vec![json!({"to": "sip:a@b", "body": "hi"})]))
+            .await
+            .unwrap_err();
+        assert!(e.message.contains("no SIP user agent"), "{e}");
+        let answers = Arc::new(Answers(
+            std::sync::Mutex::new(vec![Err("timeout".into()), Ok(503), Ok(202), Ok(404)]),
+            Default::default(),
+        ));
+        assert!(service.attach_sip(answers.clone()));
+        let ok = settle(service.call("sip", vec![json!({"to": "sip:a@b", "body": "hi"})]))
+            .await
+            .unwrap();
+        assert_eq!(ok, json!({"ok": true, "attempts": 3, "status": 202}));
+        let fatal = settle(service.call(
+            "sip",
+            vec![json!({"to": "sip:a@b", "body": {"x": 1}, "contentType": "application/json"})],
+        ))
+        .await
+        .unwrap();
+        assert_eq!(
+            fatal,
+            json!({"ok": false, "attempts": 1, "error": "SIP MESSAGE answered 404"})
+        );
+        let sent = answers.1.lock().unwrap().clone();
+        assert_eq!(
+            sent[0],
+            ("sip:a@b".into(), "hi".into(), "text/plain".into())
+        );
+        assert_eq!(
+            sent[3],
+            (
+                "sip:a@b".into(),
+                r#"{"x":1}"#.into(),
+                "application/json".into()
+            )
+        );
+        let e = settle(service.call("sip", vec![json!({"to": "tel:+44"})]))
+            .await
+            .unwrap_err();
+        assert_eq!(e.name, "TypeError");
+    }
 
     #[tokio::test(start_paused = true)]
     async fn retries_back_off_and_end_with_ok_false() {
