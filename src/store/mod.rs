@@ -29,6 +29,8 @@ pub enum StoreError {
     NotInteger(String),
     #[error("{0}")]
     Conflict(String),
+    #[error("cannot write records: {0}")]
+    Write(String),
     #[error("the store's worker thread failed: {0}")]
     Join(String),
     #[error("cannot write the JSON-lines export {path}: {source}")]

@@ -100,11 +100,24 @@ pub struct Page<T> {
 }
 
 /// Writes and reads records in the store.
+///
+/// Execution records go through one writer thread that commits whatever has queued up in one
+/// transaction (group commit) and then acknowledges each record: every caller still waits
+/// for its own commit, but a burst of runs costs one commit, not one each.
 #[derive(Clone)]
 pub struct Records {
     store: Store,
     export: Option<Arc<Mutex<(PathBuf, File)>>>,
+    writer: std::sync::mpsc::Sender<PendingExecution>,
 }
+
+struct PendingExecution {
+    record: ExecutionRecord,
+    ack: tokio::sync::oneshot::Sender<Result<ExecutionRecord, StoreError>>,
+}
+
+/// The most records one group commit takes.
+const MAX_BATCH: usize = 512;
 
 impl std::fmt::Debug for Records {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -145,52 +158,35 @@ impl Records {
                 Some(Arc::new(Mutex::new((path, file))))
             }
         };
-        Ok(Records { store, export })
+        let (writer, queue) = std::sync::mpsc::channel::<PendingExecution>();
+        // The thread holds no sender: it ends when the last `Records` is dropped.
+        let (thread_store, thread_export) = (store.clone(), export.clone());
+        std::thread::Builder::new()
+            .name("records-writer".into())
+            .spawn(move || write_executions(queue, thread_store, thread_export))
+            .map_err(|e| StoreError::Write(format!("cannot start the records writer: {e}")))?;
+        Ok(Records {
+            store,
+            export,
+            writer,
+        })
     }
 
     fn export_line(&self, kind: &str, record: &impl Serialize) -> Result<(), StoreError> {
-        let Some(export) = &self.export else {
-            return Ok(());
-        };
-        let mut line = serde_json::json!({ "kind": kind, "record": record }).to_string();
-        line.push('\n');
-        let mut guard = export.lock().unwrap_or_else(|p| p.into_inner());
-        let (path, file) = &mut *guard;
-        file.write_all(line.as_bytes())
-            .map_err(|source| StoreError::Export {
-                path: path.display().to_string(),
-                source,
-            })
+        export_line(self.export.as_ref(), kind, record)
     }
 
     /// Write an execution record; returns it with its id. Committed when this returns.
     pub async fn write_execution(
         &self,
-        mut record: ExecutionRecord,
+        record: ExecutionRecord,
     ) -> Result<ExecutionRecord, StoreError> {
-        let records = self.clone();
-        self.store
-            .with(move |c| {
-                c.execute(
-                    "INSERT INTO executions (started_at, script, mode, function, duration_us, ok, code, message, result)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
-                    params![
-                        record.started_at,
-                        record.script,
-                        record.mode,
-                        record.function,
-                        record.duration_us as i64,
-                        record.ok,
-                        record.code,
-                        record.message,
-                        record.result.as_ref().map(recorded_result),
-                    ],
-                )?;
-                record.id = c.last_insert_rowid();
-                records.export_line("execution", &record)?;
-                Ok(record)
-            })
-            .await
+        let (ack, done) = tokio::sync::oneshot::channel();
+        self.writer
+            .send(PendingExecution { record, ack })
+            .map_err(|_| StoreError::Write("the records writer has stopped".into()))?;
+        done.await
+            .map_err(|_| StoreError::Write("the records writer has stopped".into()))?
     }
 
     /// Write a CDR; returns it with its id. Committed when this returns.
@@ -285,6 +281,83 @@ impl Records {
     }
 }
 
+fn export_line(
+    export: Option<&Arc<Mutex<(PathBuf, File)>>>,
+    kind: &str,
+    record: &impl Serialize,
+) -> Result<(), StoreError> {
+    let Some(export) = export else {
+        return Ok(());
+    };
+    let mut line = serde_json::json!({ "kind": kind, "record": record }).to_string();
+    line.push('\n');
+    let mut guard = export.lock().unwrap_or_else(|p| p.into_inner());
+    let (path, file) = &mut *guard;
+    file.write_all(line.as_bytes())
+        .map_err(|source| StoreError::Export {
+            path: path.display().to_string(),
+            source,
+        })
+}
+
+/// The writer thread: take what is queued, commit it in one transaction, acknowledge each.
+fn write_executions(
+    queue: std::sync::mpsc::Receiver<PendingExecution>,
+    store: Store,
+    export: Option<Arc<Mutex<(PathBuf, File)>>>,
+) {
+    while let Ok(first) = queue.recv() {
+        let mut batch = vec![first];
+        while batch.len() < MAX_BATCH {
+            match queue.try_recv() {
+                Ok(p) => batch.push(p),
+                Err(_) => break,
+            }
+        }
+        let mut records: Vec<ExecutionRecord> = batch.iter().map(|p| p.record.clone()).collect();
+        let written = store.with_blocking(|c| {
+            let tx = c.transaction()?;
+            {
+                let mut insert = tx.prepare_cached(
+                    "INSERT INTO executions (started_at, script, mode, function, duration_us, ok, code, message, result)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+                )?;
+                for record in records.iter_mut() {
+                    insert.execute(params![
+                        record.started_at,
+                        record.script,
+                        record.mode,
+                        record.function,
+                        record.duration_us as i64,
+                        record.ok,
+                        record.code,
+                        record.message,
+                        record.result.as_ref().map(recorded_result),
+                    ])?;
+                    record.id = tx.last_insert_rowid();
+                }
+            }
+            tx.commit()?;
+            Ok(())
+        });
+        match written {
+            Ok(()) => {
+                for (pending, record) in batch.into_iter().zip(records) {
+                    let answer =
+                        export_line(export.as_ref(), "execution", &record).map(|()| record);
+                    let _ = pending.ack.send(answer);
+                }
+            }
+            Err(e) => {
+                let message = e.to_string();
+                for pending in batch {
+                    let _ = pending.ack.send(Err(StoreError::Write(message.clone())));
+                }
+            }
+        }
+    }
+}
+
 fn page<T>(
     c: &mut Connection,
     table: &str,
@@ -375,6 +448,35 @@ mod tests {
         assert!(lines
             .lines()
             .all(|l| serde_json::from_str::<Json>(l).is_ok()));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_writes_are_group_committed_each_with_its_own_id() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("r.db"), Synchronous::Normal).unwrap();
+        let records = Records::new(store, None).unwrap();
+        let tasks: Vec<_> = (0..300)
+            .map(|i| {
+                let records = records.clone();
+                tokio::spawn(async move { records.write_execution(exec(i)).await.unwrap() })
+            })
+            .collect();
+        let mut ids = Vec::new();
+        for t in tasks {
+            let written = t.await.unwrap();
+            assert_eq!(written.script, format!("s{}", written.started_at - 1_000));
+            ids.push(written.id);
+        }
+        ids.sort();
+        assert_eq!(ids, (1..=300).collect::<Vec<_>>());
+        let page = records
+            .executions(RecordQuery {
+                limit: Some(1000),
+                ..RecordQuery::default()
+            })
+            .await
+            .unwrap();
+        assert_eq!(page.items.len(), 300);
     }
 
     #[tokio::test]
