@@ -524,6 +524,10 @@ fn bad_config_is_a_clear_startup_error() {
             "missing field `tls`",
         ),
         ("[records]\nenabeld = false\n", "enabeld"),
+        (
+            "[store]\npath = \"/proc/no/such/dir/cf.db\"\n",
+            "cannot open the store at /proc/no/such/dir/cf.db",
+        ),
     ];
     for (config, needle) in cases {
         let dir = workdir(config);

@@ -234,6 +234,7 @@ impl FetchService {
             }
         }
         let max = self.max_bytes;
+        let requested = parsed.to_string();
         HostCall::Pending(Box::pin(async move {
             let timed_out =
                 || fetch_error(format!("{url} timed out after {} ms", timeout.as_millis()));
@@ -259,7 +260,7 @@ impl FetchService {
                     "status": status.as_u16(),
                     "statusText": status.canonical_reason().unwrap_or(""),
                     "url": final_url,
-                    "redirected": final_url != url,
+                    "redirected": final_url != requested,
                     "headers": headers,
                     "body": String::from_utf8_lossy(&body),
                 }))
