@@ -723,3 +723,51 @@ async fn a_prelude_that_does_not_compile_is_a_clear_error() {
     let e = out.result.unwrap_err();
     assert!(e.message.contains("prelude does not compile"), "{e}");
 }
+
+/// Global host objects, preludes and pending host calls leave nothing behind: runtimes are
+/// reused across runs and finally freed, which QuickJS aborts on if any object leaked.
+#[test]
+fn host_globals_and_preludes_leak_nothing_across_reused_runtimes() {
+    let mut modules = HostModules::new();
+    modules.register(&["wrapped"], Arc::new(Wrapped));
+    modules.register_global("api", Arc::new(Nested));
+    modules.register_global("wrap", Arc::new(Wrapped));
+    let sandbox = Sandbox::new(Limits::default(), modules, "test".into());
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let local = tokio::task::LocalSet::new();
+    let script = Arc::new(
+        compile(
+            "t",
+            r#"async function main(d) {
+                const a = await wrap(String(d.i));
+                const w = require('wrapped');
+                const pending = api.lookup.tps('x'); // never awaited: dropped with the run
+                if (d.i % 3 == 0) exit({early: d.i});
+                return [a.wrapped.number, typeof w, api.lookup.deep.echo(d.i)];
+            }"#,
+        )
+        .unwrap(),
+    );
+    for i in 0..50 {
+        let out = local.block_on(
+            &rt,
+            sandbox.run(RunRequest {
+                script: script.clone(),
+                mode: Mode::App,
+                data: json!({"i": i}),
+                function: None,
+                ctx: None,
+            }),
+        );
+        let want = if i % 3 == 0 {
+            json!({"early": i})
+        } else {
+            json!([i.to_string(), "function", [i]])
+        };
+        assert_eq!(out.result, Ok(want));
+    }
+    drop(sandbox);
+}
