@@ -234,7 +234,7 @@ method = "POST"
 async fn email_reaches_the_smtp_sink() {
     let (smtp, mails) = smtp_sink().await;
     let dir = workdir(&format!(
-        "[send.smtp]\nserver = \"127.0.0.1\"\nport = {}\ntls = \"none\"\nfrom = \"callforge@example.org\"\n",
+        "[send.smtp]\nserver = \"127.0.0.1\"\nport = {}\ntls = \"none\"\nfrom = \"callforge@example.org\"\nusername = \"cf-user\"\npassword = \"s3cret\"\n",
         smtp.port()
     ));
     let s = start(dir.path());
@@ -269,6 +269,8 @@ async fn email_reaches_the_smtp_sink() {
         mail.data
     );
     assert!(mail.data.contains("text/html"), "{}", mail.data);
+    // base64("\0cf-user\0s3cret"): the credentials from the config.
+    assert_eq!(mail.auth.as_deref(), Some("AGNmLXVzZXIAczNjcmV0"));
     // Bad params are the script's error, at once.
     s.put_script(
         "badmail",

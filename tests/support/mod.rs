@@ -256,6 +256,8 @@ pub struct Mail {
     pub from: String,
     pub to: Vec<String>,
     pub data: String,
+    /// The `AUTH PLAIN` argument (base64) the client sent on this connection, if any.
+    pub auth: Option<String>,
 }
 
 /// A minimal SMTP server (plain, no TLS) that accepts every message and keeps it.
@@ -276,10 +278,14 @@ pub async fn smtp_sink() -> (SocketAddr, Arc<Mutex<Vec<Mail>>>) {
                 let _ = write.write_all(b"220 sink ESMTP\r\n").await;
                 let mut from = String::new();
                 let mut to = Vec::new();
+                let mut auth = None;
                 while let Ok(Some(line)) = lines.next_line().await {
                     let upper = line.to_ascii_uppercase();
                     let reply: &[u8] = if upper.starts_with("EHLO") || upper.starts_with("HELO") {
-                        b"250-sink\r\n250 8BITMIME\r\n"
+                        b"250-sink\r\n250-AUTH PLAIN\r\n250 8BITMIME\r\n"
+                    } else if upper.starts_with("AUTH PLAIN ") {
+                        auth = Some(line[11..].trim().to_string());
+                        b"235 accepted\r\n"
                     } else if upper.starts_with("MAIL FROM:") {
                         from = line[10..].trim().to_string();
                         b"250 ok\r\n"
@@ -300,6 +306,7 @@ pub async fn smtp_sink() -> (SocketAddr, Arc<Mutex<Vec<Mail>>>) {
                             from: std::mem::take(&mut from),
                             to: std::mem::take(&mut to),
                             data,
+                            auth: auth.clone(),
                         });
                         b"250 queued\r\n"
                     } else if upper == "QUIT" {
