@@ -63,6 +63,24 @@ fn main() {
             }
             println!("fresh runtime each  : {:?}/ctx", t.elapsed() / n);
         }
+        "memory" => {
+            let rt = Runtime::new().unwrap();
+            let base = rt.memory_usage().malloc_size;
+            let ctx = Context::custom::<(
+                Date,
+                RegExpCompiler,
+                RegExp,
+                Json,
+                Proxy,
+                MapSet,
+                Promise,
+                WeakRef,
+            )>(&rt)
+            .unwrap();
+            let with_ctx = rt.memory_usage().malloc_size;
+            println!("runtime alone: {base} B, with a context: {with_ctx} B");
+            drop(ctx);
+        }
         "lean" => measure::<(Date, RegExpCompiler, RegExp, Json, MapSet, Promise)>("lean", n),
         _ => eprintln!("sets: base full no-typed lean"),
     }

@@ -1,12 +1,26 @@
-//! Wiring: configuration in, engine + script library + HTTP API (later SIP) running.
+//! Wiring: configuration in, engine + script library + HTTP API + SIP (routes → class4/class5) running.
 
-use std::{net::SocketAddr, sync::Arc};
+use std::{
+    collections::HashMap,
+    net::{IpAddr, Ipv4Addr, SocketAddr},
+    sync::Arc,
+    time::Duration,
+};
+
+use tokio::sync::mpsc;
 
 use crate::{
-    config::Config,
+    config::{Config, RouteMode, SipConfig},
     http::{self, ApiState},
+    media::{EspeakRenderer, PortAllocator, PromptCache, TtsCache},
+    routing::{request::request_user, Class4Server, RouteError, RouteTable},
     script::{Engine, EngineConfig, EngineError, HostModules, ScriptLibrary},
+    sip::{
+        self, sdp::Codec, CallHandle, EndedBy, ListenSpec, SipHandle, TransportError, UaConfig,
+        UaEvent,
+    },
     store::Records,
+    voice::{media_bind::MediaShared, CallEvent, VoiceServer},
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -21,6 +35,18 @@ pub enum AppError {
     },
     #[error("HTTP server failed: {0}")]
     Serve(std::io::Error),
+    #[error(transparent)]
+    Routes(#[from] RouteError),
+    #[error("[sip] {0}")]
+    SipConfig(String),
+    #[error("SIP: {0}")]
+    Sip(#[from] TransportError),
+    #[error("[media] {what}: {source}")]
+    Media {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 /// A started engine with its script library, ready to serve.
@@ -65,8 +91,9 @@ impl App {
         }))
     }
 
-    /// Serve HTTP until ctrl-c / SIGTERM.
+    /// Serve HTTP (and SIP when routes are configured) until ctrl-c / SIGTERM.
     pub async fn serve(self) -> Result<(), AppError> {
+        let sip = self.start_sip().await?;
         let addr = self.config.http.listen;
         if !addr.ip().is_loopback() && self.config.http.token.is_none() {
             tracing::warn!(
@@ -85,10 +112,174 @@ impl App {
         );
         // Tests and wrappers read this line to learn an ephemeral port.
         println!("callforge http listening on {local}");
-        axum::serve(listener, self.router())
+        let served = axum::serve(listener, self.router())
             .with_graceful_shutdown(shutdown_signal())
             .await
-            .map_err(AppError::Serve)
+            .map_err(AppError::Serve);
+        if let Some(handle) = sip {
+            handle.shutdown();
+        }
+        served
+    }
+
+    /// Starts SIP when there is at least one `[[route]]`; prints one line per listener.
+    pub async fn start_sip(&self) -> Result<Option<SipHandle>, AppError> {
+        let routes = RouteTable::build(&self.config.route, self.library.dir())?;
+        if !self.config.sip.enabled {
+            tracing::info!("[sip] enabled = false: SIP not started");
+            return Ok(None);
+        }
+        if routes.is_empty() {
+            tracing::info!("no [[route]] configured: SIP not started");
+            return Ok(None);
+        }
+        let cfg = &self.config.sip;
+        let specs = listen_specs(cfg)?;
+        let transport = sip::start(&specs, ua_config(cfg)).await?;
+        for spec in &transport.local_addrs {
+            tracing::info!(%spec, routes = routes.len(), "callforge sip listening");
+            println!("callforge sip listening on {spec}");
+        }
+        let rtp_ip = cfg.rtp_ip.unwrap_or_else(|| {
+            let ip = specs[0].addr.ip();
+            if ip.is_unspecified() {
+                tracing::warn!(
+                    "SIP bound to a wildcard address and no [sip] rtp_ip: SDP will say 127.0.0.1"
+                );
+                IpAddr::V4(Ipv4Addr::LOCALHOST)
+            } else {
+                ip
+            }
+        });
+        let [lo, hi] = cfg.rtp_ports;
+        if lo > hi {
+            return Err(AppError::SipConfig(format!("rtp_ports {lo}-{hi} is empty")));
+        }
+        let handle = transport.handle.clone();
+        let class4 = Class4Server {
+            engine: self.engine.clone(),
+            library: self.library.clone(),
+            gateways: Arc::new(self.config.gateways.clone()),
+            sip: handle.clone(),
+        };
+        let voice = VoiceServer {
+            engine: self.engine.clone(),
+            library: self.library.clone(),
+            sip: handle.clone(),
+            rtp_ports: Arc::new(PortAllocator::new(lo..=hi)),
+            rtp_ip,
+            codecs: codecs(cfg)?,
+            media: media_shared(&self.config.media)?,
+        };
+        tokio::spawn(dispatch(transport.events, routes, class4, voice));
+        Ok(Some(handle))
+    }
+}
+
+fn listen_specs(cfg: &SipConfig) -> Result<Vec<ListenSpec>, AppError> {
+    let specs = cfg
+        .listen
+        .iter()
+        .map(|s| {
+            s.parse::<ListenSpec>()
+                .map_err(|e| AppError::SipConfig(e.to_string()))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    if specs.is_empty() {
+        return Err(AppError::SipConfig("listen is empty".into()));
+    }
+    Ok(specs)
+}
+
+fn codecs(cfg: &SipConfig) -> Result<Vec<Codec>, AppError> {
+    let list = cfg
+        .codecs
+        .iter()
+        .map(|c| match c.to_ascii_uppercase().as_str() {
+            "PCMU" => Ok(Codec::Pcmu),
+            "PCMA" => Ok(Codec::Pcma),
+            other => Err(AppError::SipConfig(format!(
+                "unknown codec {other:?} (PCMU, PCMA)"
+            ))),
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    if list.is_empty() {
+        return Err(AppError::SipConfig("codecs is empty".into()));
+    }
+    Ok(list)
+}
+
+fn ua_config(cfg: &SipConfig) -> UaConfig {
+    let mut ua = UaConfig::default();
+    ua.timers.t1 = Duration::from_millis(cfg.t1_ms.max(1));
+    ua.max_calls = cfg.max_calls;
+    ua.max_transactions = cfg.max_transactions;
+    ua.limits.max_message_size = cfg.max_message_bytes;
+    ua.pending_timeout = Duration::from_secs(cfg.pending_timeout_s.max(1));
+    ua
+}
+
+/// Routes each new INVITE (404 when no route matches) and forwards class5 calls' events.
+async fn dispatch(
+    mut events: mpsc::UnboundedReceiver<UaEvent>,
+    routes: RouteTable,
+    class4: Class4Server,
+    voice: VoiceServer,
+) {
+    let mut calls: HashMap<CallHandle, mpsc::UnboundedSender<CallEvent>> = HashMap::new();
+    while let Some(event) = events.recv().await {
+        let (call, ev) = match event {
+            UaEvent::IncomingCall(incoming) => {
+                let user = request_user(&incoming);
+                match routes.find(&user) {
+                    None => {
+                        let sip = class4.sip.clone();
+                        tokio::spawn(async move {
+                            let _ = sip
+                                .reject(incoming.call, 404, Some("No Route".into()), Vec::new())
+                                .await;
+                        });
+                    }
+                    Some(route) if route.mode == RouteMode::Class4 => {
+                        tokio::spawn(class4.clone().handle(incoming, route.clone()));
+                    }
+                    Some(route) => {
+                        let handle = incoming.call;
+                        calls.insert(handle, voice.start(incoming, route.clone()));
+                    }
+                }
+                continue;
+            }
+            UaEvent::CallAcked { call, .. } => (call, CallEvent::Acked),
+            UaEvent::InDialogRequest {
+                call,
+                kind,
+                request,
+                media,
+            } => (
+                call,
+                CallEvent::InDialog {
+                    kind,
+                    request,
+                    media,
+                },
+            ),
+            UaEvent::CallCancelled { call } => (call, CallEvent::Ended { remote: true }),
+            UaEvent::CallEnded { call, by, .. } => (
+                call,
+                CallEvent::Ended {
+                    remote: by == EndedBy::Remote,
+                },
+            ),
+            UaEvent::CallProgress { .. } | UaEvent::CallAnswered { .. } => continue,
+        };
+        let terminal = matches!(ev, CallEvent::Ended { .. });
+        if let Some(tx) = calls.get(&call) {
+            let _ = tx.send(ev);
+        }
+        if terminal {
+            calls.remove(&call);
+        }
     }
 }
 
@@ -107,4 +298,32 @@ async fn shutdown_signal() {
     let term = std::future::pending::<()>();
     tokio::select! { _ = ctrl_c => {}, _ = term => {} }
     tracing::info!("shutting down");
+}
+
+/// The caches and folders every call's media shares, from `[media]`.
+fn media_shared(cfg: &crate::config::MediaConfig) -> Result<MediaShared, AppError> {
+    std::fs::create_dir_all(&cfg.recordings).map_err(|source| AppError::Media {
+        what: format!(
+            "cannot create the recordings folder {}",
+            cfg.recordings.display()
+        ),
+        source,
+    })?;
+    let renderer = EspeakRenderer {
+        program: cfg.tts.clone().into(),
+        ..EspeakRenderer::default()
+    };
+    Ok(MediaShared {
+        prompts: Arc::new(PromptCache::new(
+            &cfg.dir,
+            cfg.prompt_cache_mb * 1024 * 1024,
+        )),
+        tts: Arc::new(TtsCache::new(
+            Box::new(renderer),
+            cfg.tts_cache_mb * 1024 * 1024,
+        )),
+        recordings: cfg.recordings.clone(),
+        default_voice: cfg.voice.clone(),
+        inband_always: cfg.inband_dtmf,
+    })
 }

@@ -1,14 +1,13 @@
 //! `callforge.toml`: every section optional, every field defaulted, unknown keys refused.
 
 use std::{
-    net::SocketAddr,
+    collections::BTreeMap,
+    net::{IpAddr, SocketAddr},
     path::{Path, PathBuf},
     time::Duration,
 };
 
 use serde::Deserialize;
-
-use std::collections::BTreeMap;
 
 use crate::{
     script::{LibraryLimits, Limits},
@@ -33,6 +32,14 @@ pub struct Config {
     pub http: HttpConfig,
     pub scripts: ScriptsConfig,
     pub limits: LimitsConfig,
+    /// Prompts, recordings, text to speech (`[media]`).
+    pub media: MediaConfig,
+    /// SIP listeners and stack knobs (`[sip]`).
+    pub sip: SipConfig,
+    /// `[[route]]` tables: which script answers which INVITE, first match wins.
+    pub route: Vec<RouteConfig>,
+    /// `[gateways]`: gateway id → SIP URI, for Class 4 redirect Contacts.
+    pub gateways: BTreeMap<String, String>,
     pub store: StoreConfig,
     pub kv: KvConfig,
     pub records: RecordsConfig,
@@ -231,6 +238,106 @@ impl Default for FetchConfig {
     }
 }
 
+/// `[media]`: where prompts and recordings live, and how text is spoken.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MediaConfig {
+    /// Prompts folder: `ctx.play("ivr/menu.wav")` resolves inside it.
+    pub dir: PathBuf,
+    /// Recordings folder (inside `dir` by default, so `play(rec.file)` works).
+    pub recordings: PathBuf,
+    /// Decoded prompts kept in memory, in MiB.
+    pub prompt_cache_mb: usize,
+    /// Rendered TTS phrases kept in memory, in MiB.
+    pub tts_cache_mb: usize,
+    /// The espeak-ng program, or an `http(s)://` URL template of a TTS service with
+    /// `{text}` and `{voice}` placeholders that answers with a WAV file.
+    pub tts: String,
+    /// Default TTS voice.
+    pub voice: String,
+    /// Detect in-band DTMF tones even when the caller negotiated telephone-event.
+    pub inband_dtmf: bool,
+}
+
+impl Default for MediaConfig {
+    fn default() -> Self {
+        MediaConfig {
+            dir: PathBuf::from("media"),
+            recordings: PathBuf::from("media/recordings"),
+            prompt_cache_mb: 64,
+            tts_cache_mb: 32,
+            tts: "espeak-ng".into(),
+            voice: "en".into(),
+            inband_dtmf: false,
+        }
+    }
+}
+
+/// `[sip]`: where SIP listens and the stack's limits.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SipConfig {
+    /// Listen specs, `udp:IP:PORT` / `tcp:IP:PORT`; `serve --sip` replaces the list.
+    pub listen: Vec<String>,
+    /// Start SIP at all (`false` serves HTTP only).
+    pub enabled: bool,
+    /// RFC 3261 T1 in milliseconds (retransmission base; 64*T1 is the transaction timeout).
+    pub t1_ms: u64,
+    pub max_calls: usize,
+    pub max_transactions: usize,
+    /// Largest SIP message accepted, in bytes.
+    pub max_message_bytes: usize,
+    /// A Class 5 INVITE the script neither answers nor rejects in this time gets 408.
+    pub pending_timeout_s: u64,
+    /// Codec preference for answers, best first: "PCMU", "PCMA".
+    pub codecs: Vec<String>,
+    /// Address written in SDP and bound for RTP; default: the first listener's IP.
+    pub rtp_ip: Option<IpAddr>,
+    /// RTP port range (inclusive), even ports are used.
+    pub rtp_ports: [u16; 2],
+}
+
+impl Default for SipConfig {
+    fn default() -> Self {
+        SipConfig {
+            listen: vec!["udp:127.0.0.1:5060".into(), "tcp:127.0.0.1:5060".into()],
+            enabled: true,
+            t1_ms: 500,
+            max_calls: 10_000,
+            max_transactions: 50_000,
+            max_message_bytes: 65_535,
+            pending_timeout_s: 180,
+            codecs: vec!["PCMU".into(), "PCMA".into()],
+            rtp_ip: None,
+            rtp_ports: [16_384, 32_767],
+        }
+    }
+}
+
+/// Which interpreter mode a route runs its script in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RouteMode {
+    Class4,
+    Class5,
+}
+
+/// One `[[route]]`: INVITEs whose Request-URI user matches `match` run `script`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteConfig {
+    /// Regular expression on the Request-URI user (unanchored unless you anchor it).
+    #[serde(rename = "match")]
+    pub pattern: String,
+    /// Script name in the scripts folder (`routing.js` or `routing`).
+    pub script: String,
+    pub mode: RouteMode,
+    /// Extra vars TOML merged into `data` (relative paths are inside the scripts folder).
+    pub vars: Option<PathBuf>,
+    /// Class 4: the SIP status a script failure or timeout becomes (default 500).
+    pub timeout_action: Option<u16>,
+}
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct HttpConfig {
@@ -350,6 +457,28 @@ impl Config {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sip_routes_and_gateways_parse() {
+        let c = Config::parse(
+            "[sip]\nlisten = [\"udp:127.0.0.1:0\"]\nt1_ms = 250\n[[route]]\nmatch = \"^44\"\nscript = \"routing.js\"\nmode = \"class4\"\ntimeout_action = 503\n[[route]]\nmatch = \".\"\nscript = \"answer\"\nmode = \"class5\"\n[gateways]\nalpha = \"sip:alpha.example.net:5060\"\n",
+            "x",
+        )
+        .unwrap();
+        assert_eq!(c.sip.listen, vec!["udp:127.0.0.1:0".to_string()]);
+        assert_eq!(c.sip.t1_ms, 250);
+        assert_eq!(c.route.len(), 2);
+        assert_eq!(c.route[0].mode, RouteMode::Class4);
+        assert_eq!(c.route[0].timeout_action, Some(503));
+        assert_eq!(c.route[1].mode, RouteMode::Class5);
+        assert_eq!(c.gateways["alpha"], "sip:alpha.example.net:5060");
+        let e = Config::parse(
+            "[[route]]\nmatch = \"x\"\nscript = \"a\"\nmode = \"class9\"\n",
+            "cf.toml",
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("class9"), "{e}");
+    }
 
     #[test]
     fn empty_config_is_all_defaults() {

@@ -5,6 +5,8 @@ pub mod config;
 pub mod http;
 pub mod media;
 pub mod modules;
+pub mod routing;
 pub mod script;
 pub mod sip;
 pub mod store;
+pub mod voice;

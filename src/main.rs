@@ -50,6 +50,9 @@ struct ServeArgs {
     /// Scripts folder (overrides [scripts] dir).
     #[arg(long)]
     scripts: Option<PathBuf>,
+    /// SIP listener, e.g. udp:127.0.0.1:5060 (repeatable; replaces [sip] listen).
+    #[arg(long = "sip", value_name = "PROTO:HOST:PORT")]
+    sip: Vec<callforge::sip::ListenSpec>,
 }
 
 #[derive(Args)]
@@ -57,7 +60,7 @@ struct RunArgs {
     script: PathBuf,
     #[arg(long)]
     mode: Option<Mode>,
-    /// Input data as JSON text.
+    /// Input data as JSON text ('-' reads standard input).
     #[arg(long, conflicts_with_all = ["data_file"])]
     data: Option<String>,
     /// Input data from a file ('-' reads standard input).
@@ -110,12 +113,16 @@ fn load_config(path: Option<&Path>) -> anyhow::Result<Config> {
 }
 
 fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    raise_open_file_limit();
     let mut config = load_config(args.config.as_deref())?;
     if let Some(addr) = args.http {
         config.http.listen = addr;
     }
     if let Some(dir) = args.scripts {
         config.scripts.dir = dir;
+    }
+    if !args.sip.is_empty() {
+        config.sip.listen = args.sip.iter().map(ToString::to_string).collect();
     }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -131,15 +138,20 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
 }
 
 fn read_data(args: &RunArgs) -> anyhow::Result<serde_json::Value> {
+    let from_stdin = args.data.as_deref() == Some("-")
+        || args
+            .data_file
+            .as_ref()
+            .is_some_and(|p| p.as_os_str() == "-");
     let text = match (&args.data, &args.data_file) {
-        (Some(text), _) => text.clone(),
-        (None, Some(path)) if path.as_os_str() == "-" => {
+        _ if from_stdin => {
             let mut s = String::new();
             std::io::stdin()
                 .read_to_string(&mut s)
                 .context("reading data from stdin")?;
             s
         }
+        (Some(text), _) => text.clone(),
         (None, Some(path)) => std::fs::read_to_string(path)
             .with_context(|| format!("cannot read data file {}", path.display()))?,
         (None, None) => return Ok(serde_json::json!({})),
@@ -255,5 +267,25 @@ fn check(scripts: &[PathBuf]) -> ExitCode {
         ExitCode::from(1)
     } else {
         ExitCode::SUCCESS
+    }
+}
+
+/// Every call holds two UDP sockets (RTP and RTCP): lift the soft open-file limit to the hard
+/// one, as servers do, so a thousand calls do not run into Debian's default of 1,024.
+fn raise_open_file_limit() {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit only read and write the struct we pass.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && limit.rlim_cur < limit.rlim_max
+        {
+            let wanted = limit.rlim_max;
+            limit.rlim_cur = wanted;
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
+                tracing::warn!("cannot raise the open-file limit to {wanted}");
+            }
+        }
     }
 }

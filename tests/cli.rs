@@ -115,25 +115,28 @@ fn data_comes_from_a_file_or_stdin_and_vars_are_merged() {
         assert!(pool.contains(&cli), "{cli}");
     }
 
-    let mut child = Command::new(BIN)
-        .args(["run", "scripts/hello.js", "--data-file", "-"])
-        .current_dir(ROOT)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    use std::io::Write;
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(br#"{"name":"stdin"}"#)
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert_eq!(
-        stdout_json(&out),
-        json!({"hello": "stdin", "script": "hello"})
-    );
+    for flag in ["--data", "--data-file"] {
+        let mut child = Command::new(BIN)
+            .args(["run", "scripts/hello.js", flag, "-"])
+            .current_dir(ROOT)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        use std::io::Write;
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(br#"{"name":"stdin"}"#)
+            .unwrap();
+        let out = child.wait_with_output().unwrap();
+        assert_eq!(
+            stdout_json(&out),
+            json!({"hello": "stdin", "script": "hello"}),
+            "{flag}"
+        );
+    }
 }
 
 #[test]

@@ -45,10 +45,13 @@ pub mod paths;
 pub mod player;
 pub mod prompt;
 pub mod recorder;
+pub mod relay;
+pub mod relay_driver;
 pub mod rtp;
 pub mod rtp_socket;
 pub mod session;
 pub mod tone;
+pub mod tts;
 
 #[cfg(test)]
 mod testutil;
@@ -63,3 +66,4 @@ pub use rtp::RtpError;
 pub use rtp_socket::{PortAllocator, RtpSocket};
 pub use session::{MediaEvent, MediaSession, RtpStats, SessionConfig, SessionError, Transmit};
 pub use tone::{Tone, ToneError};
+pub use tts::{EspeakRenderer, TtsCache, TtsError, TtsRenderer};

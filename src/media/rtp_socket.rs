@@ -164,6 +164,17 @@ impl RtpSocket {
         self.rtp.local_addr()
     }
 
+    /// Receive one datagram on the RTP port, bypassing any session (the bridge relay).
+    pub async fn recv_raw(&mut self) -> io::Result<(&[u8], SocketAddr)> {
+        let (n, from) = self.rtp.recv_from(&mut self.buf).await?;
+        Ok((&self.buf[..n], from))
+    }
+
+    /// Send one datagram from the RTP port without waiting (a full buffer drops it, as UDP would).
+    pub fn send_raw(&self, data: &[u8], to: SocketAddr) -> io::Result<usize> {
+        self.rtp.try_send_to(data, to)
+    }
+
     /// Waits for one datagram or the session's next deadline, then sends all that is due.
     ///
     /// Call in a loop (typically inside the call task's `select!`, then drain

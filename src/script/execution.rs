@@ -850,13 +850,19 @@ fn json_to_js<'js>(ctx: &Ctx<'js>, json: &Json) -> rquickjs::Result<Value<'js>> 
             Some(i) => Value::new_int(ctx.clone(), i),
             None => Value::new_float(ctx.clone(), n.as_f64().unwrap_or(f64::NAN)),
         }),
-        Json::Array(_) | Json::Object(_) => {
-            let text = serde_json::to_string(json).map_err(|e| rquickjs::Error::IntoJs {
-                from: "json",
-                to: "value",
-                message: Some(e.to_string()),
-            })?;
-            ctx.json_parse(text)
+        Json::Array(items) => {
+            let array = rquickjs::Array::new(ctx.clone())?;
+            for (i, item) in items.iter().enumerate() {
+                array.set(i, json_to_js(ctx, item)?)?;
+            }
+            Ok(array.into_value())
+        }
+        Json::Object(map) => {
+            let object = Object::new(ctx.clone())?;
+            for (key, item) in map {
+                object.set(key.as_str(), json_to_js(ctx, item)?)?;
+            }
+            Ok(object.into_value())
         }
     }
 }
@@ -874,6 +880,14 @@ fn js_to_json<'js>(ctx: &Ctx<'js>, value: Value<'js>) -> rquickjs::Result<Json> 
     if let Some(s) = value.as_string() {
         return Ok(Json::String(s.to_string()?));
     }
+    let proto: Option<Object> = ctx
+        .globals()
+        .get::<_, Object>("Object")
+        .and_then(|o| o.get("prototype"))
+        .ok();
+    if let Some(json) = proto.and_then(|p| plain_to_json(&value, &p, 0)) {
+        return Ok(json);
+    }
     match ctx.json_stringify(value)? {
         None => Ok(Json::Null),
         Some(text) => {
@@ -884,6 +898,68 @@ fn js_to_json<'js>(ctx: &Ctx<'js>, value: Value<'js>) -> rquickjs::Result<Json> 
             })
         }
     }
+}
+
+/// Convert plain data (objects whose prototype is `Object.prototype`, arrays, strings,
+/// numbers, booleans, null) straight to JSON, the way `JSON.stringify` would. `None` for
+/// anything else (a Date, a `toJSON`, a Map, a cycle, a BigInt...): the caller then uses
+/// `JSON.stringify`, whose rules and errors are the reference. QuickJS-NG's stringify costs
+/// about 25 ns per byte, so the common case skips it.
+fn plain_to_json<'js>(
+    value: &Value<'js>,
+    object_proto: &Object<'js>,
+    depth: usize,
+) -> Option<Json> {
+    if depth > 64 {
+        return None;
+    }
+    if value.is_null() {
+        return Some(Json::Null);
+    }
+    if let Some(b) = value.as_bool() {
+        return Some(Json::Bool(b));
+    }
+    if let Some(i) = value.as_int() {
+        return Some(Json::from(i));
+    }
+    if let Some(f) = value.as_float() {
+        // Integral doubles print as integers (and -0 as 0), as JSON.stringify does.
+        if f.fract() == 0.0 && f.abs() < 9_007_199_254_740_992.0 {
+            return Some(Json::from(f as i64));
+        }
+        return Some(serde_json::Number::from_f64(f).map_or(Json::Null, Json::Number));
+    }
+    if let Some(s) = value.as_string() {
+        return s.to_string().ok().map(Json::String);
+    }
+    if let Some(array) = value.as_array() {
+        let mut out = Vec::with_capacity(array.len());
+        for item in array.iter::<Value>() {
+            let item = item.ok()?;
+            if item.is_undefined() || item.is_function() || item.is_symbol() {
+                out.push(Json::Null);
+            } else {
+                out.push(plain_to_json(&item, object_proto, depth + 1)?);
+            }
+        }
+        return Some(Json::Array(out));
+    }
+    let object = value.as_object()?;
+    if value.is_function() || object.get_prototype().as_ref() != Some(object_proto) {
+        return None;
+    }
+    let mut out = serde_json::Map::new();
+    for entry in object.props::<String, Value>() {
+        let (key, item) = entry.ok()?;
+        if key == "toJSON" {
+            return None;
+        }
+        if item.is_undefined() || item.is_function() || item.is_symbol() {
+            continue;
+        }
+        out.insert(key, plain_to_json(&item, object_proto, depth + 1)?);
+    }
+    Some(Json::Object(out))
 }
 
 fn host_error_to_js<'js>(ctx: &Ctx<'js>, e: &HostError) -> rquickjs::Result<Value<'js>> {

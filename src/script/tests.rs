@@ -264,7 +264,7 @@ async fn limits_end_runaway_scripts_with_a_named_500() {
             "CPU time limit of 300 ms",
         ),
         (
-            "function main(){ const a=[]; while(true){ a.push('x'.repeat(1000) + a.length) } }",
+            "function main(){ const a=[]; while(true){ a.push('x'.repeat(100000) + a.length) } }",
             Mode::App,
             "memory limit of 16 MiB",
         ),
@@ -770,4 +770,27 @@ fn host_globals_and_preludes_leak_nothing_across_reused_runtimes() {
         assert_eq!(out.result, Ok(want));
     }
     drop(sandbox);
+}
+
+#[tokio::test]
+async fn results_convert_as_json_stringify_would() {
+    let src = r#"function main() {
+        const d = new Date(0);
+        class Point { constructor() { this.x = 1 } }
+        return {
+            n: 3e9, neg0: -0, frac: 0.5, nan: NaN, inf: -Infinity, s: "é\u0000",
+            arr: [1, undefined, function () {}, null], skip: undefined, f: function () {},
+            date: d, custom: { toJSON() { return "custom" } }, point: new Point(),
+            nested: { deep: [{ a: [true] }] }, map: new Map([[1, 2]]),
+        };
+    }"#;
+    let out = run(src, Mode::App, Json::Null).await;
+    let v = out.result.unwrap();
+    let expected = json!({
+        "n": 3000000000u64, "neg0": 0, "frac": 0.5, "nan": null, "inf": null, "s": "é\u{0}",
+        "arr": [1, null, null, null], "date": "1970-01-01T00:00:00.000Z", "custom": "custom",
+        "point": {"x": 1}, "nested": {"deep": [{"a": [true]}]}, "map": {},
+    });
+    assert_eq!(v, expected);
+    assert_eq!(serde_json::to_string(&v["n"]).unwrap(), "3000000000");
 }

@@ -80,6 +80,7 @@
 //! receiving socket's address, and `0.0.0.0` is not an address a peer can reach.
 
 pub mod dialog;
+pub mod digest;
 pub mod framing;
 pub mod message;
 pub mod parse;

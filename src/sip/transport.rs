@@ -96,7 +96,7 @@ enum Command {
         Reply<()>,
     ),
     Redirect(CallHandle, Vec<String>, Reply<()>),
-    Hangup(CallHandle, Reply<()>),
+    Hangup(CallHandle, Vec<(String, String)>, Reply<()>),
     Shutdown,
 }
 
@@ -185,7 +185,16 @@ impl SipHandle {
 
     /// BYE (or 480 if not answered yet).
     pub async fn hangup(&self, call: CallHandle) -> Result<(), TransportError> {
-        self.call(|r| Command::Hangup(call, r)).await
+        self.call(|r| Command::Hangup(call, Vec::new(), r)).await
+    }
+
+    /// BYE (or the final response / CANCEL `hangup` would send), with extra BYE headers.
+    pub async fn hangup_with_headers(
+        &self,
+        call: CallHandle,
+        headers: Vec<(String, String)>,
+    ) -> Result<(), TransportError> {
+        self.call(|r| Command::Hangup(call, headers, r)).await
     }
 
     /// Stops the driver task.
@@ -514,8 +523,8 @@ impl Driver {
             Command::Redirect(c, contacts, r) => {
                 let _ = r.send(self.ua.redirect(c, &contacts, t));
             }
-            Command::Hangup(c, r) => {
-                let _ = r.send(self.ua.hangup(c, t));
+            Command::Hangup(c, headers, r) => {
+                let _ = r.send(self.ua.hangup_with_headers(c, headers, t));
             }
             Command::Shutdown => {}
         }

@@ -257,6 +257,8 @@ struct Call {
     refreshed_at: Instant,
     /// Hangup requested before the ACK arrived: BYE goes out when it does (§15).
     bye_pending: bool,
+    /// Extra headers the layer above wants on our BYE (a script's `ctx.header(...)`).
+    bye_headers: Vec<(String, String)>,
     peer_allows_update: bool,
     /// Outbound (UAC) call state: we placed it.
     outbound: bool,
@@ -613,6 +615,11 @@ impl UserAgent {
             "User-Agent",
             self.cfg.user_agent.clone(),
         ));
+        if method == rsip::Method::Bye {
+            for (name, value) in &call.bye_headers {
+                req.headers.push(message::make_header(name, value.clone()));
+            }
+        }
         if let (rsip::Method::Invite | rsip::Method::Update, Some(st)) =
             (method, call.session_timer)
         {

@@ -208,6 +208,18 @@ impl UserAgent {
     }
 
     /// Ends a call: BYE once established (after the ACK, per §15), 480 while still pending.
+    /// Hang up, putting `headers` on the BYE (they are ignored when the call ends another way).
+    pub fn hangup_with_headers(
+        &mut self,
+        handle: CallHandle,
+        headers: Vec<(String, String)>,
+        now: Instant,
+    ) -> Result<(), UaError> {
+        let call = self.calls.get_mut(&handle).ok_or(UaError::UnknownCall)?;
+        call.bye_headers = headers;
+        self.hangup(handle, now)
+    }
+
     pub fn hangup(&mut self, handle: CallHandle, now: Instant) -> Result<(), UaError> {
         self.set_now(now);
         let call = self.calls.get_mut(&handle).ok_or(UaError::UnknownCall)?;

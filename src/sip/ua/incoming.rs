@@ -272,6 +272,7 @@ impl UserAgent {
                 session_timer,
                 refreshed_at: now,
                 bye_pending: false,
+                bye_headers: Vec::new(),
                 peer_allows_update,
                 outbound: false,
                 provisional_seen: false,

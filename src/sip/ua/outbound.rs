@@ -127,6 +127,7 @@ impl UserAgent {
                 session_timer: None,
                 refreshed_at: now,
                 bye_pending: false,
+                bye_headers: Vec::new(),
                 peer_allows_update: false,
                 outbound: true,
                 provisional_seen: false,

@@ -1,0 +1,69 @@
+//! Places probe calls (with the in-repo test caller) to a running callforge and reports the
+//! pacing of the RTP it sends: mean and p99 of inter-packet intervals. Run it beside a SIPp
+//! load to see pacing under load (`tests/load/sipp_ivr.sh` does).
+//!
+//! `rtp_probe SIP_ADDR NUMBER CALLS SECONDS`
+
+#[path = "../tests/caller/mod.rs"]
+mod caller;
+
+use std::{net::SocketAddr, time::Duration};
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 1)]
+async fn main() {
+    let mut args = std::env::args().skip(1);
+    let server: SocketAddr = args
+        .next()
+        .and_then(|a| a.parse().ok())
+        .expect("usage: rtp_probe SIP_ADDR NUMBER CALLS SECONDS");
+    let number = args.next().unwrap_or_else(|| "probe".into());
+    let calls: usize = args.next().and_then(|a| a.parse().ok()).unwrap_or(5);
+    let seconds: u64 = args.next().and_then(|a| a.parse().ok()).unwrap_or(5);
+    let tasks: Vec<_> = (0..calls)
+        .map(|_| {
+            let number = number.clone();
+            tokio::spawn(async move {
+                let mut call = caller::Call::place(server, &number).await?;
+                tokio::time::sleep(Duration::from_secs(seconds)).await;
+                let packets = call.audio_packets();
+                let _ = call.bye().await;
+                Ok::<_, String>(packets)
+            })
+        })
+        .collect();
+    let mut gaps: Vec<f64> = Vec::new();
+    let mut failed = 0;
+    for t in tasks {
+        match t.await {
+            Ok(Ok(packets)) => gaps.extend(
+                packets
+                    .windows(2)
+                    .map(|w| (w[1].at - w[0].at).as_secs_f64() * 1000.0),
+            ),
+            Ok(Err(e)) => {
+                failed += 1;
+                eprintln!("probe call failed: {e}");
+            }
+            Err(e) => {
+                failed += 1;
+                eprintln!("probe task failed: {e}");
+            }
+        }
+    }
+    if gaps.is_empty() {
+        println!("probe: no RTP received ({failed} calls failed)");
+        std::process::exit(1);
+    }
+    gaps.sort_by(|a, b| a.total_cmp(b));
+    let mean = gaps.iter().sum::<f64>() / gaps.len() as f64;
+    let pct = |p: f64| gaps[((gaps.len() - 1) as f64 * p) as usize];
+    println!(
+        "probe: {} intervals from {} calls ({failed} failed): mean {mean:.2} ms, p1 {:.2} ms, p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
+        gaps.len(),
+        calls - failed,
+        pct(0.01),
+        pct(0.5),
+        pct(0.99),
+        gaps[gaps.len() - 1]
+    );
+}

@@ -1,0 +1,17 @@
+//! Class 4 over SIP: the route table, and the redirect server (INVITE → script → 302/4xx/6xx).
+//!
+//! | module | job |
+//! |---|---|
+//! | [`table`] | `[[route]]` entries compiled: Request-URI user → script, mode, vars |
+//! | [`request`] | `data.routing` built from an INVITE |
+//! | [`redirect`] | a normalised class4 result → 302 Contacts (pure, unit-tested) |
+//! | [`server`] | one INVITE end to end: run the script, answer over the [`SipHandle`](crate::sip::SipHandle) |
+
+pub mod redirect;
+pub mod request;
+pub mod server;
+pub mod table;
+
+pub use redirect::{contacts, Decision, RedirectError};
+pub use server::Class4Server;
+pub use table::{Route, RouteError, RouteTable};

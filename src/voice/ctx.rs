@@ -1,0 +1,386 @@
+//! The class5 `ctx` host object: signalling operations as requests to the call task.
+//!
+//! Sync: `get`, `set`, `header`, `log`. Async (promises): `answer`, `ring`, `earlyMedia`,
+//! `hangup`, `reject`, `waitForHangup`. Once the caller has hung up, every async operation
+//! except `hangup` and `waitForHangup` rejects with an error named `Hangup`.
+
+use std::{
+    cell::RefCell,
+    sync::{Arc, Mutex},
+};
+
+use futures::FutureExt;
+use serde_json::{json, Map, Value as Json};
+use tokio::sync::{mpsc, oneshot, watch};
+
+use super::media_bind::{self, MediaSlot};
+use crate::script::{host::HostResult, HostCall, HostError, HostMethod, HostObject};
+
+/// The reply channel of one awaited operation.
+pub type Reply = oneshot::Sender<HostResult>;
+
+/// What the script asks the call task to do.
+#[derive(Debug)]
+pub enum CtxRequest {
+    /// 200 OK with SDP; the reply comes when the ACK arrives.
+    Answer(Reply),
+    /// 180, or 183 with SDP when `early`.
+    Ring { early: bool, reply: Reply },
+    /// BYE when answered; before that a final status (`cause` when it is 300–699, else 480).
+    Hangup {
+        cause: Option<u16>,
+        headers: Vec<(String, String)>,
+        reply: Reply,
+    },
+    /// A 300–699 final status, with the headers set by `ctx.header(name, value)`.
+    Reject {
+        code: u16,
+        reason: Option<String>,
+        headers: Vec<(String, String)>,
+        reply: Reply,
+    },
+    /// Resolves when the call ends (either side).
+    WaitForHangup(Reply),
+}
+
+pub fn hangup_error() -> HostError {
+    HostError::new("Hangup", "the caller hung up")
+}
+
+/// Headers the script set with `ctx.header(name, value)`, shared with the call task so the
+/// BYE callforge sends carries them even when the script ends without `hangup()`.
+pub type OutHeaders = Arc<Mutex<Vec<(String, String)>>>;
+
+const METHODS: &[HostMethod] = &[
+    // Media (media_bind::MEDIA_METHODS), listed here so the ctx object has them.
+    HostMethod::asynchronous("play"),
+    HostMethod::asynchronous("tts"),
+    HostMethod::asynchronous("say"),
+    HostMethod::asynchronous("ivr"),
+    HostMethod::asynchronous("collect"),
+    HostMethod::asynchronous("record"),
+    HostMethod::sync("stopRecord"),
+    HostMethod::asynchronous("echo"),
+    HostMethod::asynchronous("sendDtmf"),
+    HostMethod::asynchronous("sleep"),
+    HostMethod::sync("blockDtmf"),
+    HostMethod::sync("dtmfCount"),
+    HostMethod::asynchronous("digitsAfter"),
+    HostMethod::asynchronous("answer"),
+    HostMethod::asynchronous("ring"),
+    HostMethod::asynchronous("earlyMedia"),
+    HostMethod::asynchronous("hangup"),
+    HostMethod::asynchronous("reject"),
+    HostMethod::asynchronous("waitForHangup"),
+    HostMethod::sync("get"),
+    HostMethod::sync("set"),
+    HostMethod::sync("header"),
+    HostMethod::sync("log"),
+];
+
+/// One call's `ctx`. `Send` so it can be handed to a script worker; used there only.
+pub struct CallCtx {
+    requests: mpsc::UnboundedSender<CtxRequest>,
+    hangup: watch::Receiver<bool>,
+    call_id: String,
+    vars: RefCell<Map<String, Json>>,
+    invite_headers: Vec<(String, String)>,
+    out_headers: OutHeaders,
+    media: MediaSlot,
+}
+
+impl CallCtx {
+    pub fn new(
+        requests: mpsc::UnboundedSender<CtxRequest>,
+        hangup: watch::Receiver<bool>,
+        call_id: String,
+        vars: Map<String, Json>,
+        invite_headers: Vec<(String, String)>,
+        out_headers: OutHeaders,
+        media: MediaSlot,
+    ) -> Self {
+        CallCtx {
+            requests,
+            hangup,
+            call_id,
+            vars: RefCell::new(vars),
+            invite_headers,
+            out_headers,
+            media,
+        }
+    }
+
+    fn invite_header(&self, name: &str) -> Option<&str> {
+        self.invite_headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// Sends a request; the promise settles with the call task's reply (Hangup if it is gone).
+    fn request(
+        &self,
+        refuse_after_hangup: bool,
+        make: impl FnOnce(Reply) -> CtxRequest,
+    ) -> HostCall {
+        if refuse_after_hangup && *self.hangup.borrow() {
+            return HostCall::Ready(Err(hangup_error()));
+        }
+        let (tx, rx) = oneshot::channel();
+        if self.requests.send(make(tx)).is_err() {
+            return HostCall::Ready(Err(hangup_error()));
+        }
+        HostCall::Pending(
+            async move { rx.await.unwrap_or_else(|_| Err(hangup_error())) }.boxed_local(),
+        )
+    }
+
+    fn headers(&self) -> Vec<(String, String)> {
+        self.out_headers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    fn get(&self, name: &str) -> Json {
+        if let Some(v) = self.vars.borrow().get(name) {
+            return v.clone();
+        }
+        name.strip_prefix("sip_h_")
+            .and_then(|h| self.invite_header(h))
+            .map_or(Json::Null, |v| json!(v))
+    }
+}
+
+fn code_arg(v: Option<&Json>) -> Option<u16> {
+    match v? {
+        Json::Number(n) => n.as_u64().and_then(|c| u16::try_from(c).ok()),
+        Json::String(s) => s.trim().parse().ok(),
+        _ => None,
+    }
+}
+
+fn text(v: &Json) -> String {
+    match v {
+        Json::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}
+
+fn is_token(s: &str) -> bool {
+    !s.is_empty()
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-.!%*_+`'~".contains(&b))
+}
+
+impl HostObject for CallCtx {
+    fn methods(&self) -> &[HostMethod] {
+        METHODS
+    }
+
+    fn call(&self, method: &str, args: Vec<Json>) -> HostCall {
+        let args = match media_bind::call(&self.media, &self.hangup, method, args) {
+            Ok(answered) => return answered,
+            Err(args) => args,
+        };
+        match method {
+            "answer" => self.request(true, CtxRequest::Answer),
+            "ring" => {
+                let early = match args.first() {
+                    Some(Json::Bool(b)) => *b,
+                    Some(Json::Object(o)) => {
+                        o.get("early").and_then(Json::as_bool).unwrap_or(false)
+                    }
+                    _ => false,
+                };
+                self.request(true, |reply| CtxRequest::Ring { early, reply })
+            }
+            "earlyMedia" => self.request(true, |reply| CtxRequest::Ring { early: true, reply }),
+            "hangup" => {
+                let cause = code_arg(args.first());
+                let headers = self.headers();
+                self.request(false, |reply| CtxRequest::Hangup {
+                    cause,
+                    headers,
+                    reply,
+                })
+            }
+            "reject" => {
+                let Some(code) = code_arg(args.first()).filter(|c| (300..=699).contains(c)) else {
+                    return HostCall::Ready(Err(HostError::type_error(
+                        "ctx.reject: code must be a SIP status from 300 to 699",
+                    )));
+                };
+                let reason = args.get(1).filter(|v| !v.is_null()).map(text);
+                let headers = self.headers();
+                self.request(true, |reply| CtxRequest::Reject {
+                    code,
+                    reason,
+                    headers,
+                    reply,
+                })
+            }
+            "waitForHangup" => self.request(false, CtxRequest::WaitForHangup),
+            "get" => match args.first().and_then(Json::as_str) {
+                Some(name) => HostCall::Ready(Ok(self.get(name))),
+                None => {
+                    HostCall::Ready(Err(HostError::type_error("ctx.get: name must be a string")))
+                }
+            },
+            "set" => match args.first().and_then(Json::as_str) {
+                Some(name) => {
+                    let value = args.get(1).cloned().unwrap_or(Json::Null);
+                    self.vars.borrow_mut().insert(name.to_string(), value);
+                    HostCall::Ready(Ok(json!(true)))
+                }
+                None => {
+                    HostCall::Ready(Err(HostError::type_error("ctx.set: name must be a string")))
+                }
+            },
+            "header" => {
+                let Some(name) = args.first().and_then(Json::as_str) else {
+                    return HostCall::Ready(Err(HostError::type_error(
+                        "ctx.header: name must be a string",
+                    )));
+                };
+                match args.get(1) {
+                    None | Some(Json::Null) => {
+                        let set = self
+                            .headers()
+                            .iter()
+                            .rev()
+                            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+                            .map(|(_, v)| v.clone());
+                        let v = set.or_else(|| self.invite_header(name).map(str::to_string));
+                        HostCall::Ready(Ok(v.map_or(Json::Null, Json::String)))
+                    }
+                    Some(value) => {
+                        if !is_token(name) {
+                            return HostCall::Ready(Err(HostError::type_error(format!(
+                                "ctx.header: {name:?} is not a valid header name"
+                            ))));
+                        }
+                        let value: String = text(value)
+                            .chars()
+                            .map(|c| if c.is_control() { ' ' } else { c })
+                            .collect();
+                        let mut out = self.out_headers.lock().unwrap_or_else(|p| p.into_inner());
+                        out.retain(|(n, _)| !n.eq_ignore_ascii_case(name));
+                        out.push((name.to_string(), value));
+                        HostCall::Ready(Ok(json!(true)))
+                    }
+                }
+            }
+            "log" => {
+                let line = args.iter().map(text).collect::<Vec<_>>().join(" ");
+                tracing::info!(call_id = %self.call_id, "ctx.log: {line}");
+                HostCall::Ready(Ok(Json::Null))
+            }
+            other => HostCall::Ready(Err(HostError::type_error(format!(
+                "ctx.{other} is not implemented"
+            )))),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ctx() -> (
+        CallCtx,
+        mpsc::UnboundedReceiver<CtxRequest>,
+        watch::Sender<bool>,
+    ) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let (htx, hrx) = watch::channel(false);
+        let mut vars = Map::new();
+        vars.insert("sip_from_user".into(), json!("1001"));
+        let headers = vec![("X-Tenant".to_string(), "acme".to_string())];
+        (
+            CallCtx::new(
+                tx,
+                hrx,
+                "c1".into(),
+                vars,
+                headers,
+                OutHeaders::default(),
+                MediaSlot::default(),
+            ),
+            rx,
+            htx,
+        )
+    }
+
+    fn ready(c: HostCall) -> HostResult {
+        match c {
+            HostCall::Ready(r) => r,
+            HostCall::Pending(_) => panic!("expected a ready answer"),
+        }
+    }
+
+    #[test]
+    fn vars_and_headers() {
+        let (c, _rx, _h) = ctx();
+        assert_eq!(
+            ready(c.call("get", vec![json!("sip_from_user")])),
+            Ok(json!("1001"))
+        );
+        assert_eq!(
+            ready(c.call("get", vec![json!("sip_h_x-tenant")])),
+            Ok(json!("acme"))
+        );
+        assert_eq!(ready(c.call("get", vec![json!("nope")])), Ok(Json::Null));
+        ready(c.call("set", vec![json!("lang"), json!("fr")])).unwrap();
+        assert_eq!(ready(c.call("get", vec![json!("lang")])), Ok(json!("fr")));
+        assert_eq!(
+            ready(c.call("header", vec![json!("x-tenant")])),
+            Ok(json!("acme"))
+        );
+        ready(c.call("header", vec![json!("X-Out"), json!("1\r\nEvil: y")])).unwrap();
+        assert_eq!(
+            ready(c.call("header", vec![json!("X-Out")])),
+            Ok(json!("1  Evil: y"))
+        );
+        assert!(ready(c.call("header", vec![json!("Bad Name"), json!("v")])).is_err());
+        assert!(ready(c.call("get", vec![])).is_err());
+    }
+
+    #[tokio::test]
+    async fn requests_reach_the_call_task_and_hangup_refuses_later_ones() {
+        let (c, mut rx, h) = ctx();
+        ready(c.call("header", vec![json!("X-Why"), json!("dnc")])).unwrap();
+        let HostCall::Pending(fut) = c.call("reject", vec![json!(604), json!("DNC")]) else {
+            panic!("reject should be pending")
+        };
+        match rx.recv().await.unwrap() {
+            CtxRequest::Reject {
+                code,
+                reason,
+                headers,
+                reply,
+            } => {
+                assert_eq!((code, reason.as_deref()), (604, Some("DNC")));
+                assert_eq!(headers, vec![("X-Why".to_string(), "dnc".to_string())]);
+                reply.send(Ok(json!(true))).unwrap();
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+        assert_eq!(fut.await, Ok(json!(true)));
+        assert!(
+            matches!(c.call("reject", vec![json!(200)]), HostCall::Ready(Err(e)) if e.name == "TypeError")
+        );
+        // A dropped reply is a hang-up.
+        let HostCall::Pending(fut) = c.call("answer", vec![]) else {
+            panic!()
+        };
+        drop(rx.recv().await.unwrap());
+        assert_eq!(fut.await.unwrap_err().name, "Hangup");
+        h.send(true).unwrap();
+        assert!(matches!(c.call("answer", vec![]), HostCall::Ready(Err(e)) if e.name == "Hangup"));
+        assert!(matches!(
+            c.call("waitForHangup", vec![]),
+            HostCall::Pending(_)
+        ));
+    }
+}

@@ -1,0 +1,236 @@
+//! Binding a call to its media: the session configuration from the negotiated SDP, the media
+//! task started at answer (or early media), and the ctx methods that use it.
+
+use std::{
+    path::PathBuf,
+    sync::{Arc, Mutex},
+    time::Instant,
+};
+
+use futures::FutureExt;
+use serde_json::Value as Json;
+use tokio::sync::watch;
+
+use super::{
+    media_ops::{self, MediaContext},
+    media_task::{self, MediaHandle},
+};
+use crate::{
+    media::{MediaSession, PromptCache, RtpSocket, SessionConfig, TtsCache, G711},
+    script::{HostCall, HostError, HostMethod},
+    sip::{sdp::Codec, Negotiated},
+};
+
+/// What every call's media shares: prompt and TTS caches, the recordings folder.
+#[derive(Clone)]
+pub struct MediaShared {
+    pub prompts: Arc<PromptCache>,
+    pub tts: Arc<TtsCache>,
+    pub recordings: PathBuf,
+    pub default_voice: String,
+    /// Listen for in-band DTMF tones even when the peer offered telephone-event.
+    pub inband_always: bool,
+}
+
+/// The session settings for what the SDP negotiated. In-band detection is on when the peer
+/// offered no telephone-event (or the route asks for it).
+pub fn session_config(neg: &Negotiated, inband_always: bool) -> SessionConfig {
+    let codec = match neg.codec {
+        Codec::Pcmu => G711::Pcmu,
+        Codec::Pcma => G711::Pcma,
+    };
+    let remote = neg
+        .remote_rtp
+        .unwrap_or_else(|| std::net::SocketAddr::from(([0, 0, 0, 0], 9)));
+    let mut cfg = SessionConfig::new(remote, codec);
+    cfg.audio_pt = neg.payload_type;
+    cfg.dtmf_pt = neg.dtmf_payload_type;
+    cfg.inband_dtmf = inband_always || neg.dtmf_payload_type.is_none();
+    cfg
+}
+
+/// Start a call's media task on its bound socket.
+pub fn start(
+    socket: RtpSocket,
+    neg: &Negotiated,
+    shared: &MediaShared,
+    hangup: watch::Receiver<bool>,
+) -> std::io::Result<MediaContext> {
+    let session = MediaSession::new(session_config(neg, shared.inband_always), Instant::now());
+    let media: MediaHandle = media_task::spawn(socket, session)?;
+    if neg.remote_rtp.is_none() {
+        media.set_sending(false);
+    }
+    Ok(MediaContext {
+        media,
+        prompts: shared.prompts.clone(),
+        tts: shared.tts.clone(),
+        recordings: shared.recordings.clone(),
+        hangup,
+        default_voice: shared.default_voice.clone(),
+    })
+}
+
+/// Where a call's ctx finds its media once the call task has started it.
+#[derive(Clone, Default)]
+pub struct MediaSlot(Arc<Mutex<Option<MediaContext>>>);
+
+impl MediaSlot {
+    pub fn set(&self, media: MediaContext) {
+        *self.0.lock().unwrap_or_else(|p| p.into_inner()) = Some(media);
+    }
+
+    pub fn get(&self) -> Option<MediaContext> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// The call is over: stop its media task.
+    pub fn shutdown(&self) {
+        if let Some(m) = self.0.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            m.media.shutdown();
+        }
+    }
+}
+
+/// The ctx methods served by the media layer.
+pub const MEDIA_METHODS: &[HostMethod] = &[
+    HostMethod::asynchronous("play"),
+    HostMethod::asynchronous("tts"),
+    HostMethod::asynchronous("say"),
+    HostMethod::asynchronous("ivr"),
+    HostMethod::asynchronous("collect"),
+    HostMethod::asynchronous("record"),
+    HostMethod::sync("stopRecord"),
+    HostMethod::asynchronous("echo"),
+    HostMethod::asynchronous("sendDtmf"),
+    HostMethod::asynchronous("sleep"),
+    HostMethod::sync("blockDtmf"),
+    HostMethod::sync("dtmfCount"),
+    HostMethod::asynchronous("digitsAfter"),
+];
+
+/// Serve a media method; the arguments come back when `method` is not one.
+pub fn call(
+    slot: &MediaSlot,
+    hangup: &watch::Receiver<bool>,
+    method: &str,
+    args: Vec<Json>,
+) -> Result<HostCall, Vec<Json>> {
+    if !MEDIA_METHODS.iter().any(|m| m.name == method) {
+        return Err(args);
+    }
+    if method == "sleep" {
+        return Ok(HostCall::Pending(
+            media_ops::sleep(hangup.clone(), args).boxed_local(),
+        ));
+    }
+    let Some(ctx) = slot.get() else {
+        let error = if *hangup.borrow() {
+            media_ops::hangup_error()
+        } else {
+            HostError::type_error(format!(
+                "ctx.{method}: the call has no media yet: call ctx.answer() first (or ctx.ring({{earlyMedia: true}}) for early media)"
+            ))
+        };
+        return Ok(HostCall::Ready(Err(error)));
+    };
+    Ok(match method {
+        "play" => HostCall::Pending(media_ops::play(ctx, args).boxed_local()),
+        "tts" | "say" => HostCall::Pending(media_ops::tts(ctx, args).boxed_local()),
+        "ivr" => HostCall::Pending(media_ops::ivr(ctx, args).boxed_local()),
+        "collect" => HostCall::Pending(media_ops::collect(ctx, args).boxed_local()),
+        "record" => HostCall::Pending(media_ops::record(ctx, args).boxed_local()),
+        "stopRecord" => HostCall::Ready(media_ops::stop_record(&ctx)),
+        "echo" => HostCall::Pending(media_ops::echo(ctx, args).boxed_local()),
+        "sendDtmf" => HostCall::Pending(media_ops::send_dtmf(ctx, args).boxed_local()),
+        "blockDtmf" => HostCall::Ready(media_ops::block_dtmf(&ctx, &args)),
+        "dtmfCount" => HostCall::Ready(Ok(Json::from(ctx.media.digits.count()))),
+        "digitsAfter" => HostCall::Pending(media_ops::digits_after(ctx, args).boxed_local()),
+        _ => return Err(args),
+    })
+}
+
+/// JS run around the raw ctx: `waitFor` needs RegExps and functions, which do not cross into
+/// Rust as JSON, so it is written here over the `dtmfCount`/`digitsAfter` primitives.
+pub const CTX_PRELUDE: &str = r#"(function (raw) {
+  const ctx = raw;
+  const matches = (m, s) => {
+    if (m === undefined || m === null || m === "") return false;
+    if (typeof m === "function") return !!m(s);
+    if (m instanceof RegExp) { m.lastIndex = 0; return m.test(s); }
+    return s.endsWith(String(m));
+  };
+  ctx.waitFor = async function (match, quit, timeout) {
+    if (match === undefined || match === null) throw new TypeError("ctx.waitFor: match is required");
+    const start = raw.dtmfCount();
+    const deadline = timeout > 0 ? Date.now() + timeout : Infinity;
+    let count = start, seen = "";
+    for (;;) {
+      const left = deadline - Date.now();
+      if (left <= 0) {
+        const e = new Error("ctx.waitFor: timed out after " + timeout + " ms with digits '" + seen + "'");
+        e.name = "Timeout"; e.digits = seen; throw e;
+      }
+      const r = await raw.digitsAfter(count, Math.min(left, 3600000));
+      count = r.count; seen += r.digits;
+      if (matches(quit, seen)) {
+        const e = new Error("ctx.waitFor: quit on digits '" + seen + "'");
+        e.name = "Quit"; e.digits = seen; throw e;
+      }
+      if (matches(match, seen)) return seen;
+    }
+  };
+  return ctx;
+})"#;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sip::sdp::Direction;
+
+    fn negotiated(dtmf: Option<u8>, remote: Option<&str>) -> Negotiated {
+        Negotiated {
+            codec: Codec::Pcma,
+            payload_type: 8,
+            dtmf_payload_type: dtmf,
+            remote_rtp: remote.map(|r| r.parse().unwrap()),
+            remote_ptime: None,
+            offered_direction: Direction::SendRecv,
+            local_direction: Direction::SendRecv,
+            media_index: 0,
+        }
+    }
+
+    #[test]
+    fn inband_detection_is_on_only_without_telephone_event() {
+        let cfg = session_config(&negotiated(Some(96), Some("127.0.0.1:4000")), false);
+        assert_eq!(
+            (cfg.codec, cfg.audio_pt, cfg.dtmf_pt, cfg.inband_dtmf),
+            (G711::Pcma, 8, Some(96), false)
+        );
+        assert!(session_config(&negotiated(None, Some("127.0.0.1:4000")), false).inband_dtmf);
+        assert!(session_config(&negotiated(Some(96), Some("127.0.0.1:4000")), true).inband_dtmf);
+    }
+
+    #[test]
+    fn media_methods_before_answer_or_after_hangup_are_clear_errors() {
+        let slot = MediaSlot::default();
+        let (tx, rx) = watch::channel(false);
+        match call(&slot, &rx, "play", vec![Json::from("ivr/menu.wav")]) {
+            Ok(HostCall::Ready(Err(e))) => {
+                assert_eq!(e.name, "TypeError");
+                assert!(e.message.contains("ctx.answer()"), "{e}");
+            }
+            other => panic!("{other:?}"),
+        }
+        tx.send(true).unwrap();
+        match call(&slot, &rx, "ivr", vec![]) {
+            Ok(HostCall::Ready(Err(e))) => assert_eq!(e.name, "Hangup"),
+            other => panic!("{other:?}"),
+        }
+        assert!(
+            call(&slot, &rx, "answer", vec![]).is_err(),
+            "signalling is not media"
+        );
+    }
+}

@@ -1,0 +1,32 @@
+//! Class 5 voice: one task per call, holding the dialog, the RTP socket and the script's `ctx`.
+//!
+//! | module | job |
+//! |---|---|
+//! | [`data`] | `data` and the initial call variables, from the INVITE |
+//! | [`ctx`] | the script's `ctx` ([`HostObject`](crate::script::HostObject)): requests to the call task |
+//! | [`call`] | the call task: runs the script, turns ctx requests into SIP commands, hang-up handling |
+//! | [`media_task`] | the call's media task: drives the RTP socket and session, serves media commands, buffers digits |
+//! | [`media_ops`] | the ctx media operations (play, tts, ivr, collect, record, echo, sendDtmf...) |
+//! | [`media_bind`] | negotiated SDP → media task at answer; the ctx's media method dispatch and JS prelude |
+//! | [`collect`] | the sans-IO digit collector behind `ivr`/`collect` |
+//!
+//! The `ctx` lives on a script worker thread (its futures are `!Send`); the call task lives
+//! on the main runtime. They talk through channels only: the ctx holds an
+//! `mpsc::UnboundedSender<CtxRequest>` and each awaited operation a `oneshot` reply.
+//!
+//! **Media seam.** `answer()` (and early media) binds an [`RtpSocket`](crate::media::RtpSocket)
+//! from the shared [`PortAllocator`](crate::media::PortAllocator) and keeps it in the call
+//! task with the negotiated codec; nothing is sent on it yet. Media operations (play, ivr,
+//! record...) are new [`ctx::CtxRequest`] variants handled by the call task, which owns
+//! the socket; the `watch` hang-up flag the task raises is what they select on.
+
+pub mod call;
+pub mod collect;
+pub mod ctx;
+pub mod data;
+pub mod media_bind;
+pub mod media_ops;
+pub mod media_task;
+
+pub use call::{CallEvent, VoiceServer};
+pub use ctx::{hangup_error, CallCtx, CtxRequest};
