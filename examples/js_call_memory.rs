@@ -13,7 +13,10 @@ struct WaitCtx(tokio::sync::watch::Receiver<bool>);
 
 impl HostObject for WaitCtx {
     fn methods(&self) -> &[HostMethod] {
-        const M: &[HostMethod] = &[HostMethod::asynchronous("answer"), HostMethod::asynchronous("ivr")];
+        const M: &[HostMethod] = &[
+            HostMethod::asynchronous("answer"),
+            HostMethod::asynchronous("ivr"),
+        ];
         M
     }
     fn call(&self, method: &str, _: Vec<Json>) -> HostCall {
@@ -42,8 +45,17 @@ fn rss_kib() -> u64 {
 
 #[tokio::main]
 async fn main() {
-    let n: usize = std::env::args().nth(1).and_then(|a| a.parse().ok()).unwrap_or(1000);
-    let engine = Arc::new(Engine::start(EngineConfig { workers: 2, ..EngineConfig::default() }).unwrap());
+    let n: usize = std::env::args()
+        .nth(1)
+        .and_then(|a| a.parse().ok())
+        .unwrap_or(1000);
+    let engine = Arc::new(
+        Engine::start(EngineConfig {
+            workers: 2,
+            ..EngineConfig::default()
+        })
+        .unwrap(),
+    );
     let script = Arc::new(compile("load_ivr", include_str!("../scripts/load_ivr.js")).unwrap());
     let (tx, rx) = tokio::sync::watch::channel(false);
     tokio::time::sleep(Duration::from_millis(200)).await;
@@ -60,7 +72,10 @@ async fn main() {
         .collect();
     tokio::time::sleep(Duration::from_secs(2)).await;
     let during = rss_kib();
-    println!("{n} waiting class5 scripts: {} KiB per script", (during - before) / n as u64);
+    println!(
+        "{n} waiting class5 scripts: {} KiB per script",
+        (during - before) / n as u64
+    );
     tx.send(true).unwrap();
     for r in runs {
         let _ = r.await;

@@ -19,6 +19,7 @@ use crate::{
         self, sdp::Codec, CallHandle, EndedBy, ListenSpec, SipHandle, TransportError, UaConfig,
         UaEvent,
     },
+    store::Records,
     voice::{media_bind::MediaShared, CallEvent, VoiceServer},
 };
 
@@ -53,6 +54,8 @@ pub struct App {
     pub config: Config,
     pub engine: Arc<Engine>,
     pub library: Arc<ScriptLibrary>,
+    /// Where execution records (and CDRs) go; `None` when records are disabled.
+    pub records: Option<Records>,
 }
 
 impl App {
@@ -68,7 +71,14 @@ impl App {
             config,
             engine: Arc::new(engine),
             library: Arc::new(library),
+            records: None,
         })
+    }
+
+    /// Write an execution record for every HTTP run, and serve `/v1/executions` and `/v1/cdrs`.
+    pub fn with_records(mut self, records: Option<Records>) -> Self {
+        self.records = records;
+        self
     }
 
     pub fn router(&self) -> axum::Router {
@@ -77,6 +87,7 @@ impl App {
             library: self.library.clone(),
             token: self.config.http.token.clone(),
             max_body_bytes: self.config.http.max_body_bytes,
+            records: self.records.clone(),
         }))
     }
 

@@ -9,7 +9,10 @@ use std::{
 
 use serde::Deserialize;
 
-use crate::script::{LibraryLimits, Limits};
+use crate::{
+    script::{LibraryLimits, Limits},
+    store::Synchronous,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -37,6 +40,202 @@ pub struct Config {
     pub route: Vec<RouteConfig>,
     /// `[gateways]`: gateway id → SIP URI, for Class 4 redirect Contacts.
     pub gateways: BTreeMap<String, String>,
+    pub store: StoreConfig,
+    pub kv: KvConfig,
+    pub records: RecordsConfig,
+    /// `[lookup.NAME]`: the provider behind `api.lookup.NAME`.
+    pub lookup: BTreeMap<String, LookupConfig>,
+    pub send: SendConfig,
+    pub fetch: FetchConfig,
+    /// The folder relative paths in the file are resolved against (the file's own folder).
+    #[serde(skip)]
+    pub base_dir: PathBuf,
+}
+
+/// `[store]`: the embedded SQLite database (kv, userspace tables, records).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StoreConfig {
+    /// Relative to the configuration file's folder.
+    pub path: PathBuf,
+    /// `"normal"` survives a process crash; `"full"` also a power loss (an fsync per write).
+    pub synchronous: Synchronous,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        StoreConfig {
+            path: PathBuf::from("callforge.db"),
+            synchronous: Synchronous::Normal,
+        }
+    }
+}
+
+/// `[kv]`: `backend = "embedded"` (the store) or a `redis://` URL.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct KvConfig {
+    pub backend: String,
+}
+
+impl Default for KvConfig {
+    fn default() -> Self {
+        KvConfig {
+            backend: "embedded".into(),
+        }
+    }
+}
+
+/// `[records]`: execution records and CDRs.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RecordsConfig {
+    pub enabled: bool,
+    /// Also append every record to this JSON-lines file (relative to the config's folder).
+    pub jsonl: Option<PathBuf>,
+}
+
+impl Default for RecordsConfig {
+    fn default() -> Self {
+        RecordsConfig {
+            enabled: true,
+            jsonl: None,
+        }
+    }
+}
+
+/// `[lookup.NAME]`: where `api.lookup.NAME(number[, table])` gets its answer.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(tag = "provider", rename_all = "lowercase", deny_unknown_fields)]
+pub enum LookupConfig {
+    /// A local table: exactly one of `csv` (first row = header), `sqlite` + `table`, or
+    /// `userspace` (an area of the store). Rows are found by `key_column` (default `number`).
+    Table {
+        csv: Option<PathBuf>,
+        sqlite: Option<PathBuf>,
+        table: Option<String>,
+        userspace: Option<String>,
+        key_column: Option<String>,
+    },
+    /// An HTTP API: `url` with `{number}` (and `{table}`) placeholders, JSON answer.
+    Http {
+        url: String,
+        #[serde(default = "default_get")]
+        method: String,
+        #[serde(default = "default_lookup_timeout")]
+        timeout_ms: u64,
+        /// Sent as the `Authorization` header.
+        auth_header: Option<String>,
+        #[serde(default)]
+        headers: BTreeMap<String, String>,
+        /// How long answers are cached; 0 disables the cache.
+        #[serde(default = "default_cache_ttl")]
+        cache_ttl_s: u64,
+    },
+}
+
+fn default_get() -> String {
+    "GET".into()
+}
+fn default_lookup_timeout() -> u64 {
+    3_000
+}
+fn default_cache_ttl() -> u64 {
+    60
+}
+
+/// `[send]`: retry policy shared by every channel, and each channel's settings.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SendConfig {
+    /// Attempts after the first one.
+    pub retries: u32,
+    /// Delay before the first retry; doubled for each next one.
+    pub backoff_ms: u64,
+    /// Sends in progress at once; more wait in the queue.
+    pub max_in_flight: usize,
+    pub smtp: Option<SmtpConfig>,
+    pub sms: Option<WebhookConfig>,
+    pub notify: Option<WebhookConfig>,
+}
+
+impl Default for SendConfig {
+    fn default() -> Self {
+        SendConfig {
+            retries: 3,
+            backoff_ms: 500,
+            max_in_flight: 32,
+            smtp: None,
+            sms: None,
+            notify: None,
+        }
+    }
+}
+
+/// How the SMTP connection is secured.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SmtpTls {
+    None,
+    Starttls,
+    Tls,
+}
+
+/// `[send.smtp]`: the relay `api.send.email` uses.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SmtpConfig {
+    pub server: String,
+    pub port: Option<u16>,
+    pub tls: SmtpTls,
+    pub username: Option<String>,
+    pub password: Option<String>,
+    pub from: String,
+    #[serde(default = "default_send_timeout")]
+    pub timeout_ms: u64,
+}
+
+/// `[send.sms]` / `[send.notify]`: an HTTP webhook. `template` is JSON text whose `{{name}}`
+/// placeholders are filled from the script's params; without one, the params are sent as-is.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WebhookConfig {
+    pub url: String,
+    #[serde(default = "default_post")]
+    pub method: String,
+    pub auth_header: Option<String>,
+    #[serde(default)]
+    pub headers: BTreeMap<String, String>,
+    pub template: Option<String>,
+    #[serde(default = "default_send_timeout")]
+    pub timeout_ms: u64,
+}
+
+fn default_post() -> String {
+    "POST".into()
+}
+fn default_send_timeout() -> u64 {
+    10_000
+}
+
+/// `[fetch]`: the hosts `fetch()` may reach and how much it may read.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FetchConfig {
+    /// `host` or `host:port` entries; everything else is refused.
+    pub allow: Vec<String>,
+    pub max_response_bytes: usize,
+    pub timeout_ms: u64,
+}
+
+impl Default for FetchConfig {
+    fn default() -> Self {
+        FetchConfig {
+            allow: Vec::new(),
+            max_response_bytes: 1024 * 1024,
+            timeout_ms: 10_000,
+        }
+    }
 }
 
 /// `[media]`: where prompts and recordings live, and how text is spoken.
@@ -240,7 +439,18 @@ impl Config {
             path: path.display().to_string(),
             source,
         })?;
-        Self::parse(&text, &path.display().to_string())
+        let mut config = Self::parse(&text, &path.display().to_string())?;
+        config.base_dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
+        Ok(config)
+    }
+
+    /// `path` resolved against the configuration file's folder when relative.
+    pub fn resolve(&self, path: &Path) -> PathBuf {
+        if path.is_absolute() {
+            path.to_path_buf()
+        } else {
+            self.base_dir.join(path)
+        }
     }
 }
 
@@ -290,5 +500,65 @@ mod tests {
         assert_eq!(c.limits.to_limits().memory_bytes, 32 * 1024 * 1024);
         let e = Config::parse("[limits]\nmemroy_mb = 3\n", "cf.toml").unwrap_err();
         assert!(e.to_string().contains("memroy_mb"), "{e}");
+    }
+
+    #[test]
+    fn module_sections_parse_and_typos_are_refused() {
+        let c = Config::parse(
+            r#"
+[store]
+path = "data/cf.db"
+synchronous = "full"
+[kv]
+backend = "redis://127.0.0.1:6379/0"
+[records]
+jsonl = "records.jsonl"
+[lookup.tps]
+provider = "table"
+csv = "dnc.csv"
+[lookup.asrplus]
+provider = "http"
+url = "http://127.0.0.1:9/asr?n={number}"
+cache_ttl_s = 5
+[send]
+retries = 1
+[send.smtp]
+server = "127.0.0.1"
+port = 2525
+tls = "none"
+from = "cf@localhost"
+[send.sms]
+url = "http://127.0.0.1:9/sms"
+template = '{"to": "{{to}}"}'
+[fetch]
+allow = ["127.0.0.1:8080"]
+"#,
+            "x",
+        )
+        .unwrap();
+        assert_eq!(c.store.synchronous, Synchronous::Full);
+        assert!(matches!(c.lookup["tps"], LookupConfig::Table { .. }));
+        assert!(matches!(
+            c.lookup["asrplus"],
+            LookupConfig::Http {
+                cache_ttl_s: 5,
+                timeout_ms: 3_000,
+                ..
+            }
+        ));
+        assert_eq!(c.send.smtp.as_ref().unwrap().tls, SmtpTls::None);
+        for (bad, needle) in [
+            ("[lookup.tps]\nprovider = \"ftp\"\n", "ftp"),
+            ("[lookup.tps]\nprovider = \"table\"\ncvs = \"x\"\n", "cvs"),
+            (
+                "[send.smtp]\nserver = \"h\"\ntls = \"maybe\"\nfrom = \"a\"\n",
+                "maybe",
+            ),
+            ("[fetch]\nalow = []\n", "alow"),
+            ("[store]\nsynchronous = \"off\"\n", "off"),
+        ] {
+            let e = Config::parse(bad, "cf.toml").unwrap_err();
+            assert!(e.to_string().contains(needle), "{bad}: {e}");
+        }
     }
 }

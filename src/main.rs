@@ -72,6 +72,9 @@ struct RunArgs {
     /// The function to call (driver mode).
     #[arg(long = "fn")]
     function: Option<String>,
+    /// Configuration file for the host modules (default: ./callforge.toml when it exists).
+    #[arg(long)]
+    config: Option<PathBuf>,
 }
 
 fn init_tracing() {
@@ -101,14 +104,18 @@ fn main() -> ExitCode {
     }
 }
 
-fn serve(args: ServeArgs) -> anyhow::Result<()> {
-    raise_open_file_limit();
-    limit_malloc_arenas();
-    let mut config = match &args.config {
+fn load_config(path: Option<&Path>) -> anyhow::Result<Config> {
+    Ok(match path {
         Some(path) => Config::load(path)?,
         None if Path::new("callforge.toml").exists() => Config::load(Path::new("callforge.toml"))?,
         None => Config::default(),
-    };
+    })
+}
+
+fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    raise_open_file_limit();
+    limit_malloc_arenas();
+    let mut config = load_config(args.config.as_deref())?;
     if let Some(addr) = args.http {
         config.http.listen = addr;
     }
@@ -122,8 +129,10 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
+    let built = callforge::modules::build(&config, true)
+        .with_context(|| "bad configuration".to_string())?;
     runtime.block_on(async {
-        let app = App::new(config, script::HostModules::new())?;
+        let app = App::new(config, built.modules)?.with_records(built.records);
         app.serve().await?;
         Ok(())
     })
@@ -175,6 +184,16 @@ fn run(args: RunArgs) -> ExitCode {
             }
         }
     }
+    // The store opens on first use: a script that never touches it creates no file.
+    let modules = match load_config(args.config.as_deref())
+        .and_then(|c| Ok(callforge::modules::build(&c, false)?))
+    {
+        Ok(built) => built.modules,
+        Err(e) => {
+            eprintln!("callforge: bad configuration: {e:#}");
+            return ExitCode::from(1);
+        }
+    };
     let mode = args.mode.unwrap_or_else(|| Engine::default_mode(&script));
     let outcome = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -184,6 +203,7 @@ fn run(args: RunArgs) -> ExitCode {
             rt.block_on(async {
                 let engine = Engine::start(EngineConfig {
                     workers: 1,
+                    modules,
                     ..EngineConfig::default()
                 })?;
                 let mut inv = Invocation::new(script, mode, data);

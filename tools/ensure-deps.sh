@@ -12,6 +12,7 @@ if [ "${1:-}" = "--test" ]; then
   command -v sipp >/dev/null 2>&1 || missing+=(sip-tester)
   command -v espeak-ng >/dev/null 2>&1 || missing+=(espeak-ng)
   command -v sox >/dev/null 2>&1 || missing+=(sox)
+  command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
 fi
 if [ ${#missing[@]} -gt 0 ]; then
   echo "installing: ${missing[*]}" >&2

@@ -1,6 +1,7 @@
-//! The HTTP API (axum): run scripts, forms and drivers; manage scripts; health.
+//! The HTTP API (axum): run scripts, forms and drivers; manage scripts; records; health.
 
 mod auth;
+mod records;
 mod reply;
 
 use std::{collections::BTreeMap, sync::Arc};
@@ -17,7 +18,10 @@ use axum::{
 use serde::Deserialize;
 use serde_json::{json, Value as Json};
 
-use crate::script::{Engine, Invocation, LoadError, Mode, ScriptLibrary};
+use crate::{
+    script::{Engine, Invocation, LoadError, Mode, ScriptLibrary},
+    store::{now_ms, ExecutionRecord, Records},
+};
 
 pub use reply::ApiError;
 
@@ -27,6 +31,8 @@ pub struct ApiState {
     pub library: Arc<ScriptLibrary>,
     pub token: Option<String>,
     pub max_body_bytes: usize,
+    /// Every run is recorded here before it is answered; `None` when records are disabled.
+    pub records: Option<Records>,
 }
 
 /// The API's routes; `/healthz` is open, `/v1/*` needs the bearer token when one is set.
@@ -36,6 +42,8 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .route("/v1/forms/{script}", post(submit_form))
         .route("/v1/drivers/{script}/{function}", post(call_driver))
         .route("/v1/scripts", get(list_scripts))
+        .route("/v1/executions", get(records::list_executions))
+        .route("/v1/cdrs", get(records::list_cdrs))
         .route(
             "/v1/scripts/{name}",
             get(get_script).put(put_script).delete(delete_script),
@@ -92,6 +100,7 @@ async fn execute(
     data: Json,
     function: Option<String>,
 ) -> Result<Response, ApiError> {
+    let started_at = now_ms();
     let script = state.library.get(name)?;
     let data = match state.library.vars(name) {
         Ok(Some(vars)) => crate::script::vars::merge(data, &vars),
@@ -104,13 +113,35 @@ async fn execute(
         }
     };
     let mut inv = Invocation::new(script, mode, data);
-    inv.function = function;
+    inv.function = function.clone();
     let out = state
         .engine
         .run(inv)
         .await
         .map_err(|e| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, e.to_string()))?;
     let duration_us = out.duration.as_micros() as u64;
+    if let Some(records) = &state.records {
+        // Committed before the answer leaves: a crash after a reply never loses its record.
+        let (ok, code, message, result) = match &out.result {
+            Ok(v) => (true, None, None, Some(v.clone())),
+            Err(e) => (false, Some(e.code), Some(e.message.clone()), None),
+        };
+        let record = ExecutionRecord {
+            id: 0,
+            started_at,
+            script: name.to_string(),
+            mode: mode.to_string(),
+            function,
+            duration_us,
+            ok,
+            code,
+            message,
+            result,
+        };
+        if let Err(e) = records.write_execution(record).await {
+            tracing::error!(script = name, "cannot write the execution record: {e}");
+        }
+    }
     Ok(match out.result {
         Ok(result) => JsonBody(json!({
             "result": result,

@@ -21,7 +21,7 @@ use super::{
     compile::{CompiledScript, SourceKind, DRIVER_FUNCTIONS},
     error::ScriptError,
     exception::{describe_exception, script_error_from, value_text},
-    host::{HostCall, HostError, HostModules, HostObject, HostResult, MethodKind},
+    host::{HostCall, HostError, HostModules, HostObject, HostResult, MethodKind, Registered},
     mode::{Limits, Mode},
 };
 
@@ -747,32 +747,38 @@ fn deliver(ctx: &Ctx<'_>, settler: Settler, result: HostResult) -> rquickjs::Res
     }
 }
 
+/// Run a classic script's bytecode; its completion value (the last expression) is returned.
+fn eval_global_bytecode<'js>(ctx: &Ctx<'js>, bytecode: &[u8]) -> rquickjs::Result<Value<'js>> {
+    // SAFETY: the bytecode was produced by `compile` from this crate's QuickJS build;
+    // JS_ReadObject copies from the slice; JS_EvalFunction consumes the function value.
+    let result = unsafe {
+        let func = qjs::JS_ReadObject(
+            ctx.as_raw().as_ptr(),
+            bytecode.as_ptr(),
+            bytecode.len() as _,
+            qjs::JS_READ_OBJ_BYTECODE as i32,
+        );
+        if qjs::JS_IsException(func) {
+            return Err(rquickjs::Error::Exception);
+        }
+        Value::from_raw(
+            ctx.clone(),
+            qjs::JS_EvalFunction(ctx.as_raw().as_ptr(), func),
+        )
+    };
+    if result.is_exception() {
+        return Err(rquickjs::Error::Exception);
+    }
+    Ok(result)
+}
+
 fn evaluate_top_level<'js>(
     ctx: &Ctx<'js>,
     script: &CompiledScript,
 ) -> rquickjs::Result<(Option<Object<'js>>, Option<Promise<'js>>)> {
     match script.kind {
         SourceKind::Global => {
-            // SAFETY: the bytecode was produced by `compile` from this crate's QuickJS build;
-            // JS_ReadObject copies from the slice; JS_EvalFunction consumes the function value.
-            let result = unsafe {
-                let func = qjs::JS_ReadObject(
-                    ctx.as_raw().as_ptr(),
-                    script.bytecode.as_ptr(),
-                    script.bytecode.len() as _,
-                    qjs::JS_READ_OBJ_BYTECODE as i32,
-                );
-                if qjs::JS_IsException(func) {
-                    return Err(rquickjs::Error::Exception);
-                }
-                Value::from_raw(
-                    ctx.clone(),
-                    qjs::JS_EvalFunction(ctx.as_raw().as_ptr(), func),
-                )
-            };
-            if result.is_exception() {
-                return Err(rquickjs::Error::Exception);
-            }
+            eval_global_bytecode(ctx, &script.bytecode)?;
             Ok((None, None))
         }
         SourceKind::Module => {
@@ -1003,6 +1009,11 @@ fn host_object_to_js<'js>(
 ) -> rquickjs::Result<Object<'js>> {
     let obj = Object::new(ctx.clone())?;
     for method in host.methods().to_vec() {
+        // "lookup.tps" is the function `tps` of the nested object `lookup`.
+        let (target, leaf) = match method.name.rsplit_once('.') {
+            None => (obj.clone(), method.name),
+            Some((path, leaf)) => (nested_object(ctx, &obj, path)?, leaf),
+        };
         let host = host.clone();
         let state = state.clone();
         let name = method.name;
@@ -1036,10 +1047,59 @@ fn host_object_to_js<'js>(
                 }
             }
         })?
-        .with_name(name)?;
-        obj.set(name, func)?;
+        .with_name(leaf)?;
+        target.set(leaf, func)?;
     }
     Ok(obj)
+}
+
+/// The object at the dotted `path` under `root`, creating empty objects on the way.
+fn nested_object<'js>(
+    ctx: &Ctx<'js>,
+    root: &Object<'js>,
+    path: &str,
+) -> rquickjs::Result<Object<'js>> {
+    let mut current = root.clone();
+    for segment in path.split('.') {
+        current = match current.get::<_, Option<Object>>(segment)? {
+            Some(existing) => existing,
+            None => {
+                let created = Object::new(ctx.clone())?;
+                current.set(segment, created.clone())?;
+                created
+            }
+        };
+    }
+    Ok(current)
+}
+
+/// What a script sees for a registered module: its host object, passed through the module's
+/// prelude when it has one.
+fn module_value<'js>(
+    ctx: &Ctx<'js>,
+    state: &Rc<RunState>,
+    name: &str,
+    registered: &Registered,
+) -> rquickjs::Result<Value<'js>> {
+    let host: Rc<dyn HostObject> = Rc::from(registered.module.instantiate());
+    let raw = host_object_to_js(ctx, state, host)?;
+    match &registered.prelude {
+        None => Ok(raw.into_value()),
+        Some(Ok(prelude)) => {
+            let wrap = eval_global_bytecode(ctx, &prelude.bytecode)?;
+            let Some(wrap) = wrap.as_function() else {
+                return Err(Exception::throw_internal(
+                    ctx,
+                    &format!("the prelude of module '{name}' is not a function expression"),
+                ));
+            };
+            wrap.call((raw,))
+        }
+        Some(Err(e)) => Err(Exception::throw_internal(
+            ctx,
+            &format!("module '{name}' is unavailable: its prelude does not compile: {e}"),
+        )),
+    }
 }
 
 /// What differs per run: the input, `process.env`, and timers in async modes.
@@ -1167,11 +1227,8 @@ fn install_common_globals<'js>(
             move |ctx: Ctx<'js>, name: rquickjs::Coerced<String>| {
                 let name = name.0;
                 let mode = st.mode.get();
-                match modules.get(&name).filter(|m| m.available_in(mode)) {
-                    Some(m) => {
-                        let host: Rc<dyn HostObject> = Rc::from(m.instantiate());
-                        host_object_to_js(&ctx, &st, host)
-                    }
+                match modules.entry(&name).filter(|r| r.module.available_in(mode)) {
+                    Some(registered) => module_value(&ctx, &st, &name, registered),
                     None => {
                         let allowed = modules.allowed_in(mode);
                         let list = if allowed.is_empty() {
@@ -1198,7 +1255,52 @@ fn install_common_globals<'js>(
         })
     };
     g.set("eval", disabled("eval")?)?;
+    install_host_globals(ctx, state, &sandbox.modules)?;
     install_lazy_typed_arrays(ctx)
+}
+
+/// Define each global host object (`api`, `fetch`) as an accessor that builds it on first
+/// access, in the modes where it is available (elsewhere it reads as `undefined`), and then
+/// replaces itself with a plain data property. The closures hold no JS handles.
+fn install_host_globals<'js>(
+    ctx: &Ctx<'js>,
+    state: &Rc<RunState>,
+    modules: &HostModules,
+) -> rquickjs::Result<()> {
+    let g = ctx.globals();
+    for (name, registered) in modules.globals() {
+        let name: Rc<str> = Rc::from(name);
+        let (get_name, set_name) = (name.clone(), name.clone());
+        let registered = registered.clone();
+        let st = state.clone();
+        let getter = move |ctx: Ctx<'js>| -> rquickjs::Result<Value<'js>> {
+            if !registered.module.available_in(st.mode.get()) {
+                return Ok(Value::new_undefined(ctx.clone()));
+            }
+            let value = module_value(&ctx, &st, &get_name, &registered)?;
+            ctx.globals().prop(
+                &*get_name,
+                rquickjs::object::Property::from(value.clone())
+                    .writable()
+                    .configurable(),
+            )?;
+            Ok(value)
+        };
+        let setter = move |ctx: Ctx<'js>, value: Value<'js>| -> rquickjs::Result<()> {
+            ctx.globals().prop(
+                &*set_name,
+                rquickjs::object::Property::from(value)
+                    .writable()
+                    .configurable()
+                    .enumerable(),
+            )
+        };
+        g.prop(
+            &*name,
+            rquickjs::object::Accessor::new(getter, setter).configurable(),
+        )?;
+    }
+    Ok(())
 }
 
 /// Define each typed-array global as a configurable accessor that, on first get or set, adds

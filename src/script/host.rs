@@ -3,13 +3,21 @@
 //! The core knows nothing of SIP, HTTP or storage. A host object lists its methods and answers
 //! calls with JSON values, either at once or with a future the run awaits (the script sees a
 //! promise). The voice layer implements `ctx` this way; host modules (`kv`, `lookup`, ...) too.
+//!
+//! A method name with dots (`"lookup.tps"`) appears to scripts as a nested object
+//! (`api.lookup.tps(...)`). A module may also ship a JS *prelude*: the source of a function
+//! expression, compiled once to bytecode, that receives the raw host object and returns what
+//! scripts see (the `fetch` module wraps its raw answer in a WHATWG-shaped `Response` this way).
 
 use std::{collections::BTreeMap, fmt, sync::Arc};
 
 use futures::future::LocalBoxFuture;
 use serde_json::Value as Json;
 
-use super::mode::Mode;
+use super::{
+    compile::{compile, CompiledScript},
+    mode::Mode,
+};
 
 /// Whether a method returns its value directly or a promise.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -95,17 +103,45 @@ pub trait HostModule: Send + Sync {
     fn available_in(&self, mode: Mode) -> bool {
         mode.is_async()
     }
+    /// JS source of a function expression `(function (raw) { ... })` that turns the raw host
+    /// object into the value scripts see. It is compiled once, when the module is registered.
+    fn prelude(&self) -> Option<&'static str> {
+        None
+    }
 }
 
-/// The `require` whitelist: module names (aliases included) to implementations.
+/// A registered module with its compiled prelude (or why the prelude did not compile).
+#[derive(Clone)]
+pub struct Registered {
+    pub module: Arc<dyn HostModule>,
+    pub prelude: Option<Result<Arc<CompiledScript>, String>>,
+}
+
+impl Registered {
+    fn new(name: &str, module: Arc<dyn HostModule>) -> Self {
+        let prelude = module.prelude().map(|source| {
+            compile(&format!("<prelude {name}>"), source)
+                .map(Arc::new)
+                .map_err(|e| e.to_string())
+        });
+        Registered { module, prelude }
+    }
+}
+
+/// The `require` whitelist: module names (aliases included) to implementations, plus the
+/// host objects installed as globals (`api`, `fetch`) in the modes where they are available.
 #[derive(Clone, Default)]
 pub struct HostModules {
-    modules: BTreeMap<String, Arc<dyn HostModule>>,
+    modules: BTreeMap<String, Registered>,
+    globals: BTreeMap<String, Registered>,
 }
 
 impl fmt::Debug for HostModules {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_list().entries(self.modules.keys()).finish()
+        f.debug_struct("HostModules")
+            .field("require", &self.modules.keys().collect::<Vec<_>>())
+            .field("globals", &self.globals.keys().collect::<Vec<_>>())
+            .finish()
     }
 }
 
@@ -116,20 +152,38 @@ impl HostModules {
 
     /// Register `module` under `name` and each alias (ScriptForge's `cxKV` for `kv`, say).
     pub fn register(&mut self, names: &[&str], module: Arc<dyn HostModule>) {
+        let Some(first) = names.first() else { return };
+        let registered = Registered::new(first, module);
         for name in names {
-            self.modules.insert((*name).to_string(), module.clone());
+            self.modules.insert((*name).to_string(), registered.clone());
         }
     }
 
+    /// Install `module` as the global `name` (e.g. `api`, `fetch`) in the modes it is
+    /// available in; elsewhere the global is `undefined`. Built on first access, so a run
+    /// that never touches it pays only for an accessor.
+    pub fn register_global(&mut self, name: &str, module: Arc<dyn HostModule>) {
+        self.globals
+            .insert(name.to_string(), Registered::new(name, module));
+    }
+
     pub fn get(&self, name: &str) -> Option<&Arc<dyn HostModule>> {
+        self.modules.get(name).map(|r| &r.module)
+    }
+
+    pub fn entry(&self, name: &str) -> Option<&Registered> {
         self.modules.get(name)
+    }
+
+    pub fn globals(&self) -> impl Iterator<Item = (&str, &Registered)> {
+        self.globals.iter().map(|(n, r)| (n.as_str(), r))
     }
 
     /// The names a script may require in `mode`, for error messages and docs.
     pub fn allowed_in(&self, mode: Mode) -> Vec<&str> {
         self.modules
             .iter()
-            .filter(|(_, m)| m.available_in(mode))
+            .filter(|(_, r)| r.module.available_in(mode))
             .map(|(n, _)| n.as_str())
             .collect()
     }

@@ -570,6 +570,208 @@ async fn typed_arrays_work_although_they_are_added_on_first_use() {
     );
 }
 
+/// A module with a dotted method, an async method and a prelude that wraps the raw object.
+struct Nested;
+struct NestedObject;
+impl HostObject for NestedObject {
+    fn methods(&self) -> &[HostMethod] {
+        const M: &[HostMethod] = &[
+            HostMethod::asynchronous("lookup.tps"),
+            HostMethod::sync("lookup.deep.echo"),
+            HostMethod::sync("top"),
+        ];
+        M
+    }
+    fn call(&self, method: &str, args: Vec<Json>) -> HostCall {
+        match method {
+            "lookup.tps" => HostCall::Pending(Box::pin(async move {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+                Ok(json!({"number": args.first().cloned().unwrap_or(Json::Null), "dnc": true}))
+            })),
+            "lookup.deep.echo" => HostCall::Ready(Ok(json!(args))),
+            "top" => HostCall::Ready(Err(HostError::new("LookupError", "no provider"))),
+            other => HostCall::Ready(Err(HostError::type_error(format!("no method {other}")))),
+        }
+    }
+}
+impl HostModule for Nested {
+    fn instantiate(&self) -> Box<dyn HostObject> {
+        Box::new(NestedObject)
+    }
+}
+
+struct Wrapped;
+impl HostModule for Wrapped {
+    fn instantiate(&self) -> Box<dyn HostObject> {
+        Box::new(NestedObject)
+    }
+    fn prelude(&self) -> Option<&'static str> {
+        Some("(function (raw) { return function wrapped(n) { return raw.lookup.tps(n).then(r => ({ wrapped: r, isDnc() { return r.dnc } })) } })")
+    }
+}
+
+fn engine_with_modules() -> Engine {
+    let mut modules = HostModules::new();
+    modules.register(&["nested", "cxNested"], Arc::new(Nested));
+    modules.register(&["wrapped"], Arc::new(Wrapped));
+    modules.register_global("api", Arc::new(Nested));
+    modules.register_global("wrap", Arc::new(Wrapped));
+    Engine::start(EngineConfig {
+        workers: 1,
+        modules,
+        ..EngineConfig::default()
+    })
+    .unwrap()
+}
+
+#[tokio::test]
+async fn dotted_methods_become_nested_objects() {
+    let engine = engine_with_modules();
+    let src = r#"async function main() {
+        const m = require('cxNested');
+        const r = await m.lookup.tps('4477');
+        let caught = null;
+        try { m.top() } catch (e) { caught = e.name + ': ' + e.message }
+        return [r, m.lookup.deep.echo(1, 'a'), caught, typeof m.lookup.tps];
+    }"#;
+    let out = run_in(&engine, src, Mode::App, Json::Null).await;
+    assert_eq!(
+        out.result,
+        Ok(
+            json!([{"number": "4477", "dnc": true}, [1, "a"], "LookupError: no provider", "function"])
+        )
+    );
+}
+
+#[tokio::test]
+async fn global_host_objects_exist_only_in_their_modes() {
+    let engine = engine_with_modules();
+    let src = r#"async function main() {
+        if (typeof api === 'undefined') return 'none';
+        const r = await api.lookup.tps('1');
+        return [r.dnc, api === api, typeof wrap];
+    }"#;
+    for mode in [Mode::App, Mode::Class4, Mode::Form] {
+        let data = if mode == Mode::Class4 {
+            json!({"routing": {}})
+        } else {
+            Json::Null
+        };
+        let out = run_in(&engine, src, mode, data).await;
+        let result = out.result.unwrap();
+        let result = if mode == Mode::Class4 {
+            result["routing"].clone()
+        } else {
+            result
+        };
+        assert_eq!(result, json!([true, true, "function"]), "{mode}");
+    }
+    let out = run_in(&engine, src, Mode::Script, Json::Null).await;
+    assert_eq!(out.result, Ok(json!("none")));
+    // A script may shadow the global like any other.
+    let out = run_in(
+        &engine,
+        "function main(){ api = 5; return api }",
+        Mode::App,
+        Json::Null,
+    )
+    .await;
+    assert_eq!(out.result, Ok(json!(5)));
+}
+
+#[tokio::test]
+async fn a_prelude_wraps_the_raw_host_object_in_js() {
+    let engine = engine_with_modules();
+    let src = r#"async function main() {
+        const a = await wrap('9');
+        const b = await require('wrapped')('8');
+        return [a.wrapped.number, a.isDnc(), b.wrapped.number];
+    }"#;
+    for _ in 0..3 {
+        let out = run_in(&engine, src, Mode::App, Json::Null).await;
+        assert_eq!(out.result, Ok(json!(["9", true, "8"])));
+    }
+}
+
+struct BrokenPrelude;
+impl HostModule for BrokenPrelude {
+    fn instantiate(&self) -> Box<dyn HostObject> {
+        Box::new(NestedObject)
+    }
+    fn prelude(&self) -> Option<&'static str> {
+        Some("(function (raw) { return raw ")
+    }
+}
+
+#[tokio::test]
+async fn a_prelude_that_does_not_compile_is_a_clear_error() {
+    let mut modules = HostModules::new();
+    modules.register(&["broken"], Arc::new(BrokenPrelude));
+    let engine = Engine::start(EngineConfig {
+        workers: 1,
+        modules,
+        ..EngineConfig::default()
+    })
+    .unwrap();
+    let out = run_in(
+        &engine,
+        "function main(){ return require('broken') }",
+        Mode::App,
+        Json::Null,
+    )
+    .await;
+    let e = out.result.unwrap_err();
+    assert!(e.message.contains("prelude does not compile"), "{e}");
+}
+
+/// Global host objects, preludes and pending host calls leave nothing behind: runtimes are
+/// reused across runs and finally freed, which QuickJS aborts on if any object leaked.
+#[test]
+fn host_globals_and_preludes_leak_nothing_across_reused_runtimes() {
+    let mut modules = HostModules::new();
+    modules.register(&["wrapped"], Arc::new(Wrapped));
+    modules.register_global("api", Arc::new(Nested));
+    modules.register_global("wrap", Arc::new(Wrapped));
+    let sandbox = Sandbox::new(Limits::default(), modules, "test".into());
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let local = tokio::task::LocalSet::new();
+    let script = Arc::new(
+        compile(
+            "t",
+            r#"async function main(d) {
+                const a = await wrap(String(d.i));
+                const w = require('wrapped');
+                const pending = api.lookup.tps('x'); // never awaited: dropped with the run
+                if (d.i % 3 == 0) exit({early: d.i});
+                return [a.wrapped.number, typeof w, api.lookup.deep.echo(d.i)];
+            }"#,
+        )
+        .unwrap(),
+    );
+    for i in 0..50 {
+        let out = local.block_on(
+            &rt,
+            sandbox.run(RunRequest {
+                script: script.clone(),
+                mode: Mode::App,
+                data: json!({"i": i}),
+                function: None,
+                ctx: None,
+            }),
+        );
+        let want = if i % 3 == 0 {
+            json!({"early": i})
+        } else {
+            json!([i.to_string(), "function", [i]])
+        };
+        assert_eq!(out.result, Ok(want));
+    }
+    drop(sandbox);
+}
+
 #[tokio::test]
 async fn results_convert_as_json_stringify_would() {
     let src = r#"function main() {

@@ -1,0 +1,107 @@
+//! Host modules scripts reach, built from `callforge.toml`: `kv`, `userspace`, `lookup`
+//! (also `api.lookup`), `send` (also `api.send`) and the global `fetch`.
+//!
+//! Each is a `script::HostModule`; [`build`] checks the configuration and registers them.
+
+pub mod api;
+pub mod args;
+pub mod fetch;
+pub mod kv;
+pub mod lookup;
+pub mod send;
+pub mod smtp;
+pub mod userspace;
+pub mod webhook;
+
+use std::sync::Arc;
+
+use crate::{
+    config::Config,
+    script::HostModules,
+    store::{Kv, Records, RedisKv, SqliteKv, Store, StoreError},
+};
+
+/// A configuration problem found while building the modules: names the key at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum ModuleError {
+    #[error("[{key}]: {message}")]
+    Config { key: String, message: String },
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+impl ModuleError {
+    pub fn config(key: impl Into<String>, message: impl Into<String>) -> Self {
+        ModuleError::Config {
+            key: key.into(),
+            message: message.into(),
+        }
+    }
+}
+
+/// The modules with the store and records they share.
+pub struct Built {
+    pub modules: HostModules,
+    pub store: Store,
+    /// Present when `[records] enabled` (the default).
+    pub records: Option<Records>,
+    /// The send channels; the SIP layer attaches `api.send.sip` here (`attach_sip`).
+    pub send: Arc<send::SendService>,
+}
+
+/// Build every module from `config`. `open_store_now` opens the database at once (for
+/// `serve`, so a bad path is a startup error); otherwise it opens on first use.
+pub fn build(config: &Config, open_store_now: bool) -> Result<Built, ModuleError> {
+    let path = config.resolve(&config.store.path);
+    let store = if open_store_now {
+        Store::open(&path, config.store.synchronous)?
+    } else {
+        Store::lazy(&path, config.store.synchronous)
+    };
+    let kv: Arc<dyn Kv> = match config.kv.backend.as_str() {
+        "embedded" | "" => Arc::new(SqliteKv::new(store.clone())),
+        url if url.starts_with("redis://") || url.starts_with("redis+unix://") => Arc::new(
+            RedisKv::new(url).map_err(|e| ModuleError::config("kv", format!("backend: {e}")))?,
+        ),
+        other => {
+            return Err(ModuleError::config(
+                "kv",
+                format!("backend = \"{other}\": expected \"embedded\" or a redis:// URL"),
+            ))
+        }
+    };
+    let userspace = crate::store::Userspace::new(store.clone());
+    let lookup = Arc::new(lookup::LookupService::new(config, userspace.clone())?);
+    let send = Arc::new(send::SendService::new(&config.send)?);
+    let fetch = Arc::new(fetch::FetchService::new(&config.fetch)?);
+
+    let mut modules = HostModules::new();
+    modules.register(&["kv", "cxKV"], Arc::new(kv::KvModule::new(kv)));
+    modules.register(
+        &["userspace", "cxUserspace"],
+        Arc::new(userspace::UserspaceModule::new(userspace)),
+    );
+    modules.register(
+        &["lookup"],
+        Arc::new(lookup::LookupModule::new(lookup.clone())),
+    );
+    modules.register(
+        &["send", "cxSend"],
+        Arc::new(send::SendModule::new(send.clone())),
+    );
+    modules.register_global("api", Arc::new(api::ApiModule::new(lookup, send.clone())));
+    modules.register_global("fetch", Arc::new(fetch::FetchModule::new(fetch)));
+
+    let records = if config.records.enabled {
+        let jsonl = config.records.jsonl.as_ref().map(|p| config.resolve(p));
+        Some(Records::new(store.clone(), jsonl)?)
+    } else {
+        None
+    };
+    Ok(Built {
+        modules,
+        store,
+        records,
+        send,
+    })
+}
