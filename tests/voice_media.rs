@@ -25,6 +25,11 @@ mode = "class5"
 match = "^7002$"
 script = "say_hello.js"
 mode = "class5"
+
+[[route]]
+match = "^7003$"
+script = "wait_for.js"
+mode = "class5"
 "#;
 
 /// A µ-law WAV (the shipped prompts' format) decoded without callforge's code.
@@ -178,4 +183,27 @@ async fn tts_speaks_and_the_caller_hears_speech() {
         loud > 25,
         "at least half a second of speech: {loud} loud frames"
     );
+}
+
+#[tokio::test]
+async fn wait_for_matches_a_regexp_quits_on_a_function_and_blocked_keys_never_arrive() {
+    let (server, _media) = start();
+    // 9 is blocked by the script: "12934#" reaches it as "1234#", which matches.
+    let mut call = Call::place(server.udp, "7003").await.expect("answered");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    call.send_digits("12934#").await;
+    let bye = call
+        .wait_for_bye(Duration::from_secs(10))
+        .await
+        .expect("BYE");
+    assert_eq!(bye.header("X-Wait"), Some("pin 1234#"));
+
+    let mut call = Call::place(server.udp, "7003").await.expect("answered");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    call.send_digits("12*").await;
+    let bye = call
+        .wait_for_bye(Duration::from_secs(10))
+        .await
+        .expect("BYE");
+    assert_eq!(bye.header("X-Wait"), Some("Quit 12*"));
 }

@@ -523,10 +523,14 @@ async fn execute_steps(
             let data = json_to_js(&ctx, &req.data).map_err(fail)?;
             install_run_globals(&ctx, state, &script, data.clone()).map_err(fail)?;
             let ctx_object = match &ctx_host {
-                Some(host) => Some(Persistent::save(
-                    &ctx,
-                    host_object_to_js(&ctx, state, host.clone()).map_err(fail)?,
-                )),
+                Some(host) => {
+                    let raw = host_object_to_js(&ctx, state, host.clone()).map_err(fail)?;
+                    let object = match host.prelude() {
+                        None => raw,
+                        Some(prelude) => wrap_with_prelude(&ctx, &prelude, raw).map_err(fail)?,
+                    };
+                    Some(Persistent::save(&ctx, object))
+                }
                 None => None,
             };
             let (namespace, promise) = evaluate_top_level(&ctx, &script).map_err(fail)?;
@@ -1071,6 +1075,25 @@ fn nested_object<'js>(
         };
     }
     Ok(current)
+}
+
+/// Pass a host object through its prelude (a compiled function expression).
+fn wrap_with_prelude<'js>(
+    ctx: &Ctx<'js>,
+    prelude: &CompiledScript,
+    raw: Object<'js>,
+) -> rquickjs::Result<Object<'js>> {
+    let wrap = eval_global_bytecode(ctx, &prelude.bytecode)?;
+    let Some(wrap) = wrap.as_function() else {
+        return Err(Exception::throw_internal(
+            ctx,
+            "a host object's prelude is not a function expression",
+        ));
+    };
+    let wrapped: Value = wrap.call((raw,))?;
+    wrapped.into_object().ok_or_else(|| {
+        Exception::throw_internal(ctx, "a host object's prelude did not return an object")
+    })
 }
 
 /// What a script sees for a registered module: its host object, passed through the module's

@@ -93,6 +93,11 @@ pub trait HostObject {
     fn methods(&self) -> &[HostMethod];
     /// Called with the method's name and its arguments as JSON (`undefined` becomes `null`).
     fn call(&self, method: &str, args: Vec<Json>) -> HostCall;
+    /// Compiled prelude (a function expression) that wraps the raw object before scripts see
+    /// it, for what JSON cannot carry (callbacks, RegExps): the class5 `ctx` uses one.
+    fn prelude(&self) -> Option<Arc<CompiledScript>> {
+        None
+    }
 }
 
 /// A host module `require(name)` can return, shared by all runs.

@@ -6,7 +6,7 @@
 
 use std::{
     cell::RefCell,
-    sync::{Arc, Mutex},
+    sync::{Arc, Mutex, OnceLock},
 };
 
 use futures::FutureExt;
@@ -14,7 +14,9 @@ use serde_json::{json, Map, Value as Json};
 use tokio::sync::{mpsc, oneshot, watch};
 
 use super::media_bind::{self, MediaSlot};
-use crate::script::{host::HostResult, HostCall, HostError, HostMethod, HostObject};
+use crate::script::{
+    compile, host::HostResult, CompiledScript, HostCall, HostError, HostMethod, HostObject,
+};
 
 /// The reply channel of one awaited operation.
 pub type Reply = oneshot::Sender<HostResult>;
@@ -173,9 +175,27 @@ fn is_token(s: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b"-.!%*_+`'~".contains(&b))
 }
 
+/// The ctx prelude (`waitFor`), compiled once.
+fn compiled_prelude() -> Option<Arc<CompiledScript>> {
+    static PRELUDE: OnceLock<Option<Arc<CompiledScript>>> = OnceLock::new();
+    PRELUDE
+        .get_or_init(|| match compile("<ctx prelude>", media_bind::CTX_PRELUDE) {
+            Ok(c) => Some(Arc::new(c)),
+            Err(e) => {
+                tracing::error!("the ctx prelude does not compile: {e}");
+                None
+            }
+        })
+        .clone()
+}
+
 impl HostObject for CallCtx {
     fn methods(&self) -> &[HostMethod] {
         METHODS
+    }
+
+    fn prelude(&self) -> Option<Arc<CompiledScript>> {
+        compiled_prelude()
     }
 
     fn call(&self, method: &str, args: Vec<Json>) -> HostCall {
