@@ -170,6 +170,7 @@ impl App {
             rtp_ip,
             codecs: codecs(cfg)?,
             media: media_shared(&self.config.media)?,
+            records: self.records.clone(),
         };
         tokio::spawn(dispatch(transport.events, routes, class4, voice));
         Ok(Some(handle))

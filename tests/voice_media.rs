@@ -207,3 +207,41 @@ async fn wait_for_matches_a_regexp_quits_on_a_function_and_blocked_keys_never_ar
         .expect("BYE");
     assert_eq!(bye.header("X-Wait"), Some("Quit 12*"));
 }
+
+#[tokio::test]
+async fn every_call_writes_a_cdr_with_its_digits_and_who_hung_up() {
+    let (server, _media) = start();
+    let mut call = Call::place(server.udp, "7001").await.expect("answered");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    call.send_digits("55#").await;
+    call.wait_for_bye(Duration::from_secs(10))
+        .await
+        .expect("BYE");
+    let url = format!("http://{}/v1/cdrs?limit=10", server.http);
+    let mut found = None;
+    for _ in 0..50 {
+        let page: serde_json::Value = reqwest::get(&url).await.unwrap().json().await.unwrap();
+        let rows = page["cdrs"]
+            .as_array()
+            .or(page["items"].as_array())
+            .cloned()
+            .unwrap_or_default();
+        found = rows
+            .into_iter()
+            .find(|c| c["call_id"] == call.call_id.as_str());
+        if found.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let cdr = found.expect("a CDR for the call");
+    assert_eq!(
+        cdr["script"], "collect_digits",
+        "a script is named by its file without .js"
+    );
+    assert_eq!(cdr["hangup_side"], "script");
+    assert!(cdr["answered_at"].as_i64().unwrap() >= cdr["started_at"].as_i64().unwrap());
+    assert!(cdr["ended_at"].as_i64().unwrap() >= cdr["answered_at"].as_i64().unwrap());
+    assert_eq!(cdr["digits"], serde_json::json!(["55#"]));
+    assert!(cdr["error"].is_null(), "{cdr}");
+}

@@ -19,6 +19,7 @@ use crate::{
         CallHandle, InDialogKind, IncomingCall, MediaConfig, Negotiated, SipHandle, TransportError,
         UaError,
     },
+    store::{Cdr, CdrError, Records},
 };
 
 /// What the SIP dispatcher tells a call task.
@@ -48,6 +49,8 @@ pub struct VoiceServer {
     pub codecs: Vec<Codec>,
     /// Prompt and TTS caches and the recordings folder, shared by every call.
     pub media: MediaShared,
+    /// Where each call's CDR is written when it ends; `None` when records are off.
+    pub records: Option<Records>,
 }
 
 impl VoiceServer {
@@ -102,11 +105,20 @@ impl VoiceServer {
             out_headers.clone(),
             media.clone(),
         );
+        let cdr = Cdr {
+            call_id: input["call_id"].as_str().unwrap_or_default().to_string(),
+            from: input["from"].as_str().unwrap_or_default().to_string(),
+            to: input["to"].as_str().unwrap_or_default().to_string(),
+            script: Some(route.script.clone()),
+            started_at: now_ms(),
+            ..Cdr::default()
+        };
         let mut inv = Invocation::new(script, Mode::Class5, input);
         inv.ctx = Some(Box::new(ctx));
         let mut state = CallState::new(self, handle, hangup_tx);
         state.media = media;
         state.out_headers = out_headers;
+        state.cdr = cdr;
         let outcome = state.drive(inv, req_rx, events).await;
         state.finish(outcome).await;
     }
@@ -129,6 +141,14 @@ struct CallState {
     /// The running media task, shared with the ctx.
     media: MediaSlot,
     out_headers: OutHeaders,
+    /// Filled in as the call goes; written when it ends.
+    cdr: Cdr,
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
 }
 
 fn sip_error(e: TransportError) -> HostError {
@@ -153,6 +173,7 @@ impl CallState {
             negotiated: None,
             media: MediaSlot::default(),
             out_headers: OutHeaders::default(),
+            cdr: Cdr::default(),
         }
     }
 
@@ -199,7 +220,17 @@ impl CallState {
             } => self.in_dialog(kind, &request, media),
             CallEvent::Ended { remote } => {
                 self.ended = true;
-                self.media.shutdown();
+                self.stop_media();
+                let cause = if self.answered {
+                    "normal_clearing"
+                } else {
+                    "cancelled"
+                };
+                if remote {
+                    self.ended_by("caller", cause.to_string());
+                } else {
+                    self.ended_by("engine", "ended".to_string());
+                }
                 if remote {
                     let _ = self.hangup.send(true);
                 }
@@ -266,7 +297,10 @@ impl CallState {
             } => {
                 if !self.ended {
                     self.ended = true;
-                    self.media.shutdown();
+                    self.stop_media();
+                    let why =
+                        cause.map_or_else(|| "normal_clearing".to_string(), |c| c.to_string());
+                    self.ended_by("script", why);
                     let sent = if self.answered {
                         self.server
                             .sip
@@ -302,6 +336,7 @@ impl CallState {
                     ))
                 } else {
                     self.ended = true;
+                    self.ended_by("script", code.to_string());
                     self.server
                         .sip
                         .reject(self.call, code, reason, headers)
@@ -326,6 +361,7 @@ impl CallState {
         match self.server.sip.answer(self.call, media).await {
             Ok(neg) => {
                 self.answered = true;
+                self.cdr.answered_at = Some(now_ms());
                 self.negotiated = neg;
                 self.start_media();
                 Ok(())
@@ -360,6 +396,30 @@ impl CallState {
             self.start_media();
         }
         Ok(json!(true))
+    }
+
+    /// Stop the media task, keeping the digits and recordings it saw for the CDR.
+    fn stop_media(&mut self) {
+        if let Some(media) = self.media.shutdown() {
+            let digits = media.media.digits.history();
+            if !digits.is_empty() {
+                self.cdr.digits.push(digits);
+            }
+            let recorded = media
+                .recorded
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone();
+            self.cdr.recordings.extend(recorded);
+        }
+    }
+
+    /// Who ended the call and why, the first time it is known.
+    fn ended_by(&mut self, side: &str, cause: String) {
+        if self.cdr.hangup_side.is_none() {
+            self.cdr.hangup_side = Some(side.to_string());
+            self.cdr.hangup_cause = Some(cause);
+        }
     }
 
     /// The SDP is agreed: hand the bound RTP socket to a media task the ctx can use.
@@ -412,18 +472,46 @@ impl CallState {
         if let Err(e) = &outcome {
             tracing::info!(call = ?self.call, code = e.code, "class5 script ended with an error: {}", e.message);
         }
-        self.media.shutdown();
+        self.stop_media();
+        self.end_call(&outcome).await;
+        self.write_cdr(outcome).await;
+    }
+
+    /// Write the call's CDR before the task ends (a crash after this loses nothing).
+    async fn write_cdr(&mut self, outcome: Result<Json, ScriptError>) {
+        let Some(records) = self.server.records.clone() else {
+            return;
+        };
+        let mut cdr = std::mem::take(&mut self.cdr);
+        cdr.ended_at = Some(now_ms());
+        match outcome {
+            Ok(result) => cdr.result = Some(result),
+            Err(e) => {
+                cdr.error = Some(CdrError {
+                    code: e.code,
+                    message: e.message,
+                })
+            }
+        }
+        if let Err(e) = records.write_cdr(cdr).await {
+            tracing::error!(call = ?self.call, "CDR not written: {e}");
+        }
+    }
+
+    /// The script is over: reject with its error before answer, else make sure the call ends.
+    async fn end_call(&mut self, outcome: &Result<Json, ScriptError>) {
         if self.ended {
             return;
         }
         self.ended = true;
-        let sent = match (&outcome, self.answered) {
+        let sent = match (outcome, self.answered) {
             (Err(e), false) => {
                 let code = if (300..=699).contains(&e.code) {
                     e.code
                 } else {
                     500
                 };
+                self.ended_by("engine", code.to_string());
                 let reason = crate::routing::redirect::sanitize_reason(&e.message);
                 self.server
                     .sip
@@ -431,6 +519,7 @@ impl CallState {
                     .await
             }
             _ => {
+                self.ended_by("engine", "script_ended".to_string());
                 let headers = self
                     .out_headers
                     .lock()

@@ -68,6 +68,7 @@ pub fn start(
         recordings: shared.recordings.clone(),
         hangup,
         default_voice: shared.default_voice.clone(),
+        recorded: Default::default(),
     })
 }
 
@@ -84,11 +85,13 @@ impl MediaSlot {
         self.0.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
-    /// The call is over: stop its media task.
-    pub fn shutdown(&self) {
-        if let Some(m) = self.0.lock().unwrap_or_else(|p| p.into_inner()).take() {
+    /// The call is over: stop its media task (and hand back what it knew, for the CDR).
+    pub fn shutdown(&self) -> Option<MediaContext> {
+        let taken = self.0.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(m) = &taken {
             m.media.shutdown();
         }
+        taken
     }
 }
 

@@ -27,6 +27,8 @@ pub struct MediaContext {
     pub recordings: PathBuf,
     pub hangup: watch::Receiver<bool>,
     pub default_voice: String,
+    /// Files recorded during the call, for its CDR.
+    pub recorded: Arc<std::sync::Mutex<Vec<String>>>,
 }
 
 impl MediaContext {
@@ -371,6 +373,10 @@ pub async fn record(ctx: MediaContext, args: Vec<Json>) -> HostResult {
     let media = ctx.media.clone();
     let file = ctx.playable_name(&name);
     let name = file.clone();
+    ctx.recorded
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .push(name.clone());
     let finish = async move {
         let out = media
             .record(recorder, &file, &terminators)
@@ -540,6 +546,7 @@ mod tests {
             recordings: dir.path().to_path_buf(),
             hangup: rx,
             default_voice: "en".into(),
+            recorded: Default::default(),
         };
         Rig {
             ctx,
