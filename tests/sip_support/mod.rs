@@ -46,6 +46,11 @@ script = "reject_busy.js"
 mode = "class5"
 
 [[route]]
+match = "^5004$"
+script = "answer_with_header.js"
+mode = "class5"
+
+[[route]]
 match = "^6000$"
 script = "broken.js"
 mode = "class4"
