@@ -134,6 +134,7 @@ impl App {
             return Ok(None);
         }
         let cfg = &self.config.sip;
+        check_gateways(&self.config.gateways)?;
         let specs = listen_specs(cfg)?;
         let transport = sip::start(&specs, ua_config(cfg)).await?;
         for spec in &transport.local_addrs {
@@ -175,6 +176,18 @@ impl App {
         tokio::spawn(dispatch(transport.events, routes, class4, voice));
         Ok(Some(handle))
     }
+}
+
+/// Every `[gateways]` value must be a sip:/sips: URI with a host.
+fn check_gateways(gateways: &std::collections::BTreeMap<String, String>) -> Result<(), AppError> {
+    for (id, uri) in gateways {
+        if sip::message::uri_host_port(uri).is_none_or(|(host, _)| host.is_empty()) {
+            return Err(AppError::SipConfig(format!(
+                "[gateways] {id} = {uri:?} is not a sip: URI with a host"
+            )));
+        }
+    }
+    Ok(())
 }
 
 fn listen_specs(cfg: &SipConfig) -> Result<Vec<ListenSpec>, AppError> {
@@ -327,4 +340,32 @@ fn media_shared(cfg: &crate::config::MediaConfig) -> Result<MediaShared, AppErro
         default_voice: cfg.voice.clone(),
         inband_always: cfg.inband_dtmf,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gateways_must_be_sip_uris() {
+        let mut g = std::collections::BTreeMap::new();
+        g.insert("a".to_string(), "sip:alpha.example.net:5060".to_string());
+        g.insert("b".to_string(), "sips:10.0.0.1;transport=tls".to_string());
+        assert!(check_gateways(&g).is_ok());
+        g.insert("c".to_string(), "alpha.example.net".to_string());
+        let e = check_gateways(&g).unwrap_err().to_string();
+        assert!(e.contains("[gateways] c"), "{e}");
+    }
+
+    #[test]
+    fn listen_specs_and_codecs_are_checked() {
+        let mut cfg = SipConfig::default();
+        assert_eq!(listen_specs(&cfg).unwrap().len(), 2);
+        cfg.listen = vec!["127.0.0.1:5060".into()];
+        assert!(listen_specs(&cfg).is_err());
+        cfg.codecs = vec!["pcma".into()];
+        assert_eq!(codecs(&cfg).unwrap(), vec![Codec::Pcma]);
+        cfg.codecs = vec!["G729".into()];
+        assert!(codecs(&cfg).is_err());
+    }
 }

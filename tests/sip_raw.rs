@@ -191,6 +191,17 @@ fn unmatched_failed_and_rejected_calls_get_their_statuses() {
     );
     assert_eq!(status_line(&resp), "SIP/2.0 486 Busy Here");
     assert!(resp.contains("X-Reason: closed"), "{resp}");
+    // Class 5 answer carrying the header the script set; core-owned names are not added.
+    let resp = udp_final(
+        &sock,
+        s.udp,
+        &invite("5004", "st5", local, "UDP", ""),
+        "st5@test",
+    );
+    assert!(status_line(&resp).starts_with("SIP/2.0 200"), "{resp}");
+    assert!(resp.contains("X-Call-Tag: vip-441000000000"), "{resp}");
+    assert_eq!(resp.matches("Via:").count(), 1, "{resp}");
+    assert!(resp.contains("m=audio "), "{resp}");
     // P-Asserted-Identity is the CLI the script sees; the route still redirects.
     let resp = udp_final(
         &sock,

@@ -3,7 +3,7 @@
 
 mod sip_support;
 
-use sip_support::{assert_all_ok, sipp, start};
+use sip_support::{assert_all_ok, sipp, start, start_logging};
 
 #[test]
 fn class4_redirect_302_has_the_scripts_contacts_in_order() {
@@ -31,6 +31,29 @@ fn class5_caller_hangs_up() {
     let s = start("");
     let run = sipp("class5_caller_bye", s.udp, "5001", 20, &["-r", "20"]);
     assert_all_ok(&run, 20);
+}
+
+#[test]
+fn after_the_caller_hangs_up_ctx_promises_reject_with_hangup() {
+    // answer_and_wait.js awaits waitForHangup(), then calls ctx.answer() and logs the
+    // error's name: the script must see a catchable error named "Hangup".
+    let log = tempfile::NamedTempFile::new().unwrap();
+    let s = start_logging("", Some(log.path()));
+    let run = sipp("class5_caller_bye", s.udp, "5001", 3, &["-r", "10"]);
+    assert_all_ok(&run, 3);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        let text = std::fs::read_to_string(log.path()).unwrap();
+        let seen = text.matches("ctx.log: after hang-up: Hangup").count();
+        if seen == 3 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "saw {seen} of 3:\n{text}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
 }
 
 #[test]

@@ -155,4 +155,28 @@ mod tests {
                 .is_none()
         );
     }
+
+    #[test]
+    fn the_shipped_example_config_builds() {
+        let text = include_str!("../../scripts/routes.example.toml");
+        let c = crate::config::Config::parse(text, "routes.example.toml").unwrap();
+        let t = RouteTable::build(
+            &c.route,
+            Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/scripts")),
+        )
+        .unwrap();
+        assert_eq!(t.find("447700900123").unwrap().script, "dnc");
+        let lcr = t.find("447700900555").unwrap();
+        assert_eq!((lcr.script.as_str(), lcr.timeout_action), ("routing", 503));
+        let carriers = lcr.vars.as_ref().unwrap();
+        assert_eq!(
+            carriers["routing"]["egress_routing"]
+                .as_array()
+                .unwrap()
+                .len(),
+            5
+        );
+        assert_eq!(t.find("1555").unwrap().mode, RouteMode::Class5);
+        assert!(c.gateways.contains_key("alpha"));
+    }
 }

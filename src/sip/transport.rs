@@ -87,7 +87,12 @@ pub enum TransportError {
 enum Command {
     Invite(Box<OutboundCall>, Reply<CallHandle>),
     Ring(CallHandle, Option<MediaConfig>, Reply<Option<Negotiated>>),
-    Answer(CallHandle, MediaConfig, Reply<Option<Negotiated>>),
+    Answer(
+        CallHandle,
+        MediaConfig,
+        Vec<(String, String)>,
+        Reply<Option<Negotiated>>,
+    ),
     Reject(
         CallHandle,
         u16,
@@ -159,7 +164,19 @@ impl SipHandle {
         call: CallHandle,
         media: MediaConfig,
     ) -> Result<Option<Negotiated>, TransportError> {
-        self.call(|r| Command::Answer(call, media, r)).await
+        self.call(|r| Command::Answer(call, media, Vec::new(), r))
+            .await
+    }
+
+    /// 200 OK with our SDP and extra headers (invalid or core-owned names are dropped).
+    pub async fn answer_with_headers(
+        &self,
+        call: CallHandle,
+        media: MediaConfig,
+        headers: Vec<(String, String)>,
+    ) -> Result<Option<Negotiated>, TransportError> {
+        self.call(|r| Command::Answer(call, media, headers, r))
+            .await
     }
 
     /// A 3xx–6xx final response with optional reason phrase and extra headers.
@@ -514,8 +531,8 @@ impl Driver {
             Command::Ring(c, m, r) => {
                 let _ = r.send(self.ua.ring(c, m.as_ref(), t));
             }
-            Command::Answer(c, m, r) => {
-                let _ = r.send(self.ua.answer(c, &m, t));
+            Command::Answer(c, m, h, r) => {
+                let _ = r.send(self.ua.answer_with_headers(c, &m, &h, t));
             }
             Command::Reject(c, code, reason, h, r) => {
                 let _ = r.send(self.ua.reject(c, code, reason.as_deref(), &h, t));

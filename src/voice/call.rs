@@ -264,7 +264,7 @@ impl CallState {
 
     async fn request(&mut self, req: CtxRequest) {
         match req {
-            CtxRequest::Answer(reply) => {
+            CtxRequest::Answer { headers, reply } => {
                 if self.ended {
                     let _ = reply.send(Err(hangup_error()));
                 } else if self.acked {
@@ -272,7 +272,7 @@ impl CallState {
                 } else if self.answered {
                     self.pending_answer = Some(reply);
                 } else {
-                    match self.answer().await {
+                    match self.answer(headers).await {
                         Ok(()) => self.pending_answer = Some(reply),
                         Err(e) => {
                             let _ = reply.send(Err(e));
@@ -356,9 +356,14 @@ impl CallState {
         }
     }
 
-    async fn answer(&mut self) -> Result<(), HostError> {
+    async fn answer(&mut self, headers: Vec<(String, String)>) -> Result<(), HostError> {
         let media = self.media_config().await?;
-        match self.server.sip.answer(self.call, media).await {
+        match self
+            .server
+            .sip
+            .answer_with_headers(self.call, media, headers)
+            .await
+        {
             Ok(neg) => {
                 self.answered = true;
                 self.cdr.answered_at = Some(now_ms());

@@ -24,8 +24,12 @@ pub type Reply = oneshot::Sender<HostResult>;
 /// What the script asks the call task to do.
 #[derive(Debug)]
 pub enum CtxRequest {
-    /// 200 OK with SDP; the reply comes when the ACK arrives.
-    Answer(Reply),
+    /// 200 OK with SDP and the headers set by `ctx.header(name, value)`; the reply comes
+    /// when the ACK arrives.
+    Answer {
+        headers: Vec<(String, String)>,
+        reply: Reply,
+    },
     /// 180, or 183 with SDP when `early`.
     Ring { early: bool, reply: Reply },
     /// BYE when answered; before that a final status (`cause` when it is 300–699, else 480).
@@ -204,7 +208,10 @@ impl HostObject for CallCtx {
             Err(args) => args,
         };
         match method {
-            "answer" => self.request(true, CtxRequest::Answer),
+            "answer" => {
+                let headers = self.headers();
+                self.request(true, |reply| CtxRequest::Answer { headers, reply })
+            }
             "ring" => {
                 let early = match args.first() {
                     Some(Json::Bool(b)) => *b,

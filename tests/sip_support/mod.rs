@@ -46,6 +46,11 @@ script = "reject_busy.js"
 mode = "class5"
 
 [[route]]
+match = "^5004$"
+script = "answer_with_header.js"
+mode = "class5"
+
+[[route]]
 match = "^6000$"
 script = "broken.js"
 mode = "class4"
@@ -78,6 +83,11 @@ impl Drop for Server {
 /// Starts the server with the example scripts, a one-number CLI pool (so answers are
 /// deterministic), the five test carriers and [`ROUTES`]; `extra` is appended to `[sip]`.
 pub fn start(extra_sip: &str) -> Server {
+    start_logging(extra_sip, None)
+}
+
+/// [`start`], with the server's log (at info level) written to `log` when given.
+pub fn start_logging(extra_sip: &str, log: Option<&Path>) -> Server {
     let dir = tempfile::tempdir().unwrap();
     let scripts = dir.path().join("scripts");
     std::fs::create_dir_all(&scripts).unwrap();
@@ -115,9 +125,13 @@ pub fn start(extra_sip: &str) -> Server {
         .arg(&cfg)
         .arg("--scripts")
         .arg(&scripts)
-        .env("RUST_LOG", "warn")
+        .env("RUST_LOG", if log.is_some() { "info" } else { "warn" })
+        .env("NO_COLOR", "1")
         .stdout(Stdio::piped())
-        .stderr(Stdio::null())
+        .stderr(match log {
+            Some(p) => Stdio::from(std::fs::File::create(p).unwrap()),
+            None => Stdio::null(),
+        })
         .spawn()
         .unwrap();
     let stdout = child.stdout.take().unwrap();

@@ -88,6 +88,17 @@ impl UserAgent {
         media: &MediaConfig,
         now: Instant,
     ) -> Result<Option<Negotiated>, UaError> {
+        self.answer_with_headers(handle, media, &[], now)
+    }
+
+    /// [`answer`](Self::answer) with extra headers on the 200 (names checked like `reject`'s).
+    pub fn answer_with_headers(
+        &mut self,
+        handle: CallHandle,
+        media: &MediaConfig,
+        extra_headers: &[(String, String)],
+        now: Instant,
+    ) -> Result<Option<Negotiated>, UaError> {
         self.set_now(now);
         self.pending_call(handle)?;
         let (sdp, neg) = self.make_answer(handle, media)?;
@@ -106,6 +117,13 @@ impl UserAgent {
         resp.headers
             .push(message::make_header("Supported", SUPPORTED));
         self.push_server_header(&mut resp);
+        for (n, v) in extra_headers {
+            if valid_extra_header(n) {
+                resp.headers.push(message::make_header(n, v.clone()));
+            } else {
+                tracing::warn!(header = %n, "dropping extra header with an invalid or reserved name");
+            }
+        }
         resp.headers
             .push(message::make_header("Content-Type", "application/sdp"));
         resp.body = sdp.to_bytes();
@@ -234,4 +252,28 @@ impl UserAgent {
         self.announce_timer();
         Ok(())
     }
+}
+
+/// Whether the layer above may add this header to a 200: a token, and not one the core writes.
+fn valid_extra_header(name: &str) -> bool {
+    const RESERVED: &[&str] = &[
+        "via",
+        "from",
+        "to",
+        "call-id",
+        "cseq",
+        "contact",
+        "content-length",
+        "content-type",
+        "allow",
+        "supported",
+        "server",
+        "session-expires",
+        "require",
+    ];
+    !name.is_empty()
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-.!%*_+`'~".contains(c))
+        && !RESERVED.contains(&name.to_ascii_lowercase().as_str())
 }

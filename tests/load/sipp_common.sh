@@ -1,0 +1,76 @@
+# Shared by tests/load/sipp_class4.sh and sipp_class5.sh (sourced, not run).
+# Starts a release `callforge serve` with SIP on an ephemeral loopback UDP port, runs one
+# SIPp scenario at a fixed rate for a bounded number of calls, and prints calls/s,
+# failures and the server's CPU time per call (utime+stime from /proc/PID/stat).
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+command -v sipp >/dev/null || { echo "sipp missing: tools/ensure-deps.sh --test installs it" >&2; exit 1; }
+cargo build --release --quiet --bin callforge
+work=$(mktemp -d)
+mkdir -p "$work/scripts"
+cp scripts/*.js scripts/*.toml "$work/scripts/"
+cp tests/sipp/carriers.toml "$work/scripts/"
+printf 'async function main(d, ctx) { await ctx.answer(); await ctx.hangup(); }\n' > "$work/scripts/answer_now.js"
+cat > "$work/callforge.toml" <<TOML
+[sip]
+listen = ["udp:127.0.0.1:0"]
+max_calls = 100000
+max_transactions = 200000
+[limits]
+workers = ${WORKERS:-0}
+[[route]]
+match = "^44"
+script = "routing.js"
+mode = "class4"
+vars = "carriers.toml"
+[[route]]
+match = "^5000$"
+script = "answer_now.js"
+mode = "class5"
+[gateways]
+alpha = "sip:alpha.example.net:5060"
+bravo = "sip:bravo.example.net:5060"
+charlie = "sip:charlie.example.net:5060"
+delta = "sip:delta.example.net:5060"
+echo = "sip:echo.example.net:5060"
+TOML
+RUST_LOG=warn target/release/callforge serve --config "$work/callforge.toml" --scripts "$work/scripts" \
+  --http 127.0.0.1:0 >"$work/out" 2>"$work/err" &
+pid=$!
+trap 'kill $pid 2>/dev/null || true; rm -rf "$work"' EXIT
+for _ in $(seq 100); do grep -q "sip listening on udp" "$work/out" 2>/dev/null && break; sleep 0.05; done
+port=$(sed -n 's/^callforge sip listening on udp:127.0.0.1://p' "$work/out")
+[ -n "$port" ] || { echo "server did not start:"; cat "$work/err"; exit 1; }
+tck=$(getconf CLK_TCK)
+
+# run_sipp SCENARIO SERVICE RATE CALLS
+run_sipp() {
+  local scenario=$1 service=$2 rate=$3 calls=$4
+  local lport=$(( 30000 + RANDOM % 20000 ))
+  read -r u0 s0 < <(awk '{print $14, $15}' /proc/$pid/stat)
+  local t0; t0=$(date +%s.%N)
+  set +e
+  sipp "127.0.0.1:$port" -sf "tests/sipp/$scenario.xml" -s "$service" -i 127.0.0.1 -p "$lport" \
+    -mp $(( lport + 2 )) -r "$rate" -m "$calls" -l $(( rate * 4 )) -timeout 120s -timeout_error -nostdin \
+    -buff_size 4194304 -trace_stat -stf "$work/stat.csv" -fd 1 >/dev/null 2>"$work/sipp.err"
+  local rc=$?
+  set -e
+  local t1; t1=$(date +%s.%N)
+  read -r u1 s1 < <(awk '{print $14, $15}' /proc/$pid/stat)
+  python3 - "$work/stat.csv" "$rc" "$t0" "$t1" "$u0" "$s0" "$u1" "$s1" "$tck" "$rate" <<'PY'
+import sys
+path, rc, t0, t1, u0, s0, u1, s1, tck, rate = sys.argv[1:]
+rows = [l.split(';') for l in open(path) if l.strip()]
+h, last = rows[0], rows[-1]
+col = lambda n: int(last[h.index(n)])
+ok, failed, created = col('SuccessfulCall(C)'), col('FailedCall(C)'), col('TotalCallCreated')
+wall = float(t1) - float(t0)
+tck = int(tck)
+user = (int(u1) - int(u0)) / tck
+system = (int(s1) - int(s0)) / tck
+per = (user + system) / max(ok, 1) * 1e6
+print(f"target rate {rate}/s: {created} calls in {wall:.2f}s = {ok / wall:.0f} calls/s completed, "
+      f"{ok} ok, {failed} failed (sipp exit {rc})")
+print(f"server CPU: user {user*1000:.0f} ms + system {system*1000:.0f} ms = {per:.0f} us per call")
+PY
+}
