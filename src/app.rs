@@ -12,7 +12,7 @@ use tokio::sync::mpsc;
 use crate::{
     config::{Config, RouteMode, SipConfig},
     http::{self, ApiState},
-    media::{EspeakRenderer, PortAllocator, PromptCache, TtsCache},
+    media::{EspeakRenderer, PortAllocator, PromptCache, TtsCache, TtsRenderer},
     routing::{request::request_user, Class4Server, RouteError, RouteTable},
     script::{Engine, EngineConfig, EngineError, HostModules, ScriptLibrary},
     sip::{
@@ -20,7 +20,11 @@ use crate::{
         UaEvent,
     },
     store::Records,
-    voice::{media_bind::MediaShared, CallEvent, VoiceServer},
+    voice::{
+        media_bind::MediaShared,
+        remote_audio::{HttpTtsRenderer, RemoteAudio, RemoteAudioConfig},
+        CallEvent, VoiceServer,
+    },
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -323,19 +327,35 @@ fn media_shared(cfg: &crate::config::MediaConfig) -> Result<MediaShared, AppErro
         ),
         source,
     })?;
-    let renderer = EspeakRenderer {
-        program: cfg.tts.clone().into(),
-        ..EspeakRenderer::default()
+    let invalid = |what: String| AppError::Media {
+        what,
+        source: std::io::Error::other("invalid [media] setting"),
     };
+    let renderer: Box<dyn TtsRenderer> =
+        if cfg.tts.starts_with("http://") || cfg.tts.starts_with("https://") {
+            Box::new(
+                HttpTtsRenderer::new(&cfg.tts, Duration::from_millis(cfg.url_timeout_ms))
+                    .map_err(invalid)?,
+            )
+        } else {
+            Box::new(EspeakRenderer {
+                program: cfg.tts.clone().into(),
+                ..EspeakRenderer::default()
+            })
+        };
+    let remote = RemoteAudio::new(RemoteAudioConfig {
+        allow: cfg.url_hosts.clone(),
+        connect_timeout: Duration::from_millis(cfg.url_connect_timeout_ms),
+        timeout: Duration::from_millis(cfg.url_timeout_ms),
+    })
+    .map_err(invalid)?;
     Ok(MediaShared {
         prompts: Arc::new(PromptCache::new(
             &cfg.dir,
             cfg.prompt_cache_mb * 1024 * 1024,
         )),
-        tts: Arc::new(TtsCache::new(
-            Box::new(renderer),
-            cfg.tts_cache_mb * 1024 * 1024,
-        )),
+        tts: Arc::new(TtsCache::new(renderer, cfg.tts_cache_mb * 1024 * 1024)),
+        remote: Arc::new(remote),
         recordings: cfg.recordings.clone(),
         default_voice: cfg.voice.clone(),
         inband_always: cfg.inband_dtmf,

@@ -257,6 +257,11 @@ pub struct MediaConfig {
     pub voice: String,
     /// Detect in-band DTMF tones even when the caller negotiated telephone-event.
     pub inband_dtmf: bool,
+    /// Hosts (`host` or `host:port`) that `ctx.play("https://...")` may fetch from.
+    pub url_hosts: Vec<String>,
+    /// Connect and total timeouts of those fetches (and of an HTTP TTS service), in ms.
+    pub url_connect_timeout_ms: u64,
+    pub url_timeout_ms: u64,
 }
 
 impl Default for MediaConfig {
@@ -269,6 +274,9 @@ impl Default for MediaConfig {
             tts: "espeak-ng".into(),
             voice: "en".into(),
             inband_dtmf: false,
+            url_hosts: Vec::new(),
+            url_connect_timeout_ms: 2_000,
+            url_timeout_ms: 10_000,
         }
     }
 }

@@ -30,6 +30,8 @@ pub struct MediaShared {
     pub default_voice: String,
     /// Listen for in-band DTMF tones even when the peer offered telephone-event.
     pub inband_always: bool,
+    /// Fetches `http(s)://` prompts for every call.
+    pub remote: Arc<super::remote_audio::RemoteAudio>,
 }
 
 /// The session settings for what the SDP negotiated. In-band detection is on when the peer
@@ -69,6 +71,7 @@ pub fn start(
         hangup,
         default_voice: shared.default_voice.clone(),
         recorded: Default::default(),
+        remote: shared.remote.clone(),
     })
 }
 

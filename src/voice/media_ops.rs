@@ -29,6 +29,8 @@ pub struct MediaContext {
     pub default_voice: String,
     /// Files recorded during the call, for its CDR.
     pub recorded: Arc<std::sync::Mutex<Vec<String>>>,
+    /// `http(s)://` prompts.
+    pub remote: Arc<super::remote_audio::RemoteAudio>,
 }
 
 impl MediaContext {
@@ -112,6 +114,13 @@ fn flag(v: Option<&Json>, default: bool) -> bool {
 
 /// Load a prompt by name (media folder) or `tone:` spec, off the async threads.
 async fn load_prompt(ctx: &MediaContext, name: &str) -> Result<Arc<[i16]>, HostError> {
+    if name.starts_with("http://") || name.starts_with("https://") {
+        return ctx
+            .remote
+            .load(name)
+            .await
+            .map_err(|e| HostError::error(format!("cannot play {name:?}: {e}")));
+    }
     let prompts = ctx.prompts.clone();
     let name_owned = name.to_string();
     tokio::task::spawn_blocking(move || prompts.load(&name_owned))
@@ -547,6 +556,16 @@ mod tests {
             hangup: rx,
             default_voice: "en".into(),
             recorded: Default::default(),
+            remote: Arc::new(
+                crate::voice::remote_audio::RemoteAudio::new(
+                    crate::voice::remote_audio::RemoteAudioConfig {
+                        allow: vec![],
+                        connect_timeout: Duration::from_secs(1),
+                        timeout: Duration::from_secs(5),
+                    },
+                )
+                .unwrap(),
+            ),
         };
         Rig {
             ctx,
@@ -670,6 +689,16 @@ mod tests {
             .await
             .unwrap_err();
         assert_eq!(e.name, "Error");
+        let e = play(
+            rig.ctx.clone(),
+            vec![json!("https://prompts.example.net/x.wav")],
+        )
+        .await
+        .unwrap_err();
+        assert!(
+            e.message.contains("url_hosts"),
+            "remote prompts go through the allowlist: {e}"
+        );
         let e = ivr(
             rig.ctx.clone(),
             vec![Json::Null, json!(1), json!(5), json!(2)],

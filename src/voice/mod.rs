@@ -27,6 +27,7 @@ pub mod data;
 pub mod media_bind;
 pub mod media_ops;
 pub mod media_task;
+pub mod remote_audio;
 
 pub use call::{CallEvent, VoiceServer};
 pub use ctx::{hangup_error, CallCtx, CtxRequest};
