@@ -30,6 +30,11 @@ mode = "class5"
 match = "^7003$"
 script = "wait_for.js"
 mode = "class5"
+
+[[route]]
+match = "^7004$"
+script = "echo_test.js"
+mode = "class5"
 "#;
 
 /// A µ-law WAV (the shipped prompts' format) decoded without callforge's code.
@@ -244,4 +249,41 @@ async fn every_call_writes_a_cdr_with_its_digits_and_who_hung_up() {
     assert!(cdr["ended_at"].as_i64().unwrap() >= cdr["answered_at"].as_i64().unwrap());
     assert_eq!(cdr["digits"], serde_json::json!(["55#"]));
     assert!(cdr["error"].is_null(), "{cdr}");
+}
+
+#[tokio::test]
+async fn send_dtmf_arrives_as_rfc4733_events_and_echo_returns_the_callers_audio() {
+    let (server, _media) = start();
+    let mut call = Call::place(server.udp, "7004").await.expect("answered");
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    // Each event is one RTP timestamp; its first packet carries the event code.
+    let events: Vec<char> = {
+        let received = call.received.lock().unwrap();
+        let mut seen = Vec::new();
+        let mut last_ts = None;
+        for p in received.iter().filter(|p| p.pt == 101) {
+            if last_ts != Some(p.ts) {
+                last_ts = Some(p.ts);
+                seen.push(match p.payload[0] {
+                    10 => '*',
+                    11 => '#',
+                    d => (b'0' + d) as char,
+                });
+            }
+        }
+        seen
+    };
+    assert_eq!(events, vec!['1', '2', '#']);
+    let said = tone(&[660.0, 990.0], 1000, 9000.0);
+    call.send_audio(&said).await;
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    call.send_digits("5").await;
+    let bye = call
+        .wait_for_bye(Duration::from_secs(10))
+        .await
+        .expect("BYE");
+    assert_eq!(bye.header("X-Echo-Digit"), Some("5"));
+    let heard = decode_ulaw(&call.audio_packets());
+    let (score, _) = best_correlation(&heard, &said[2000..6000]);
+    assert!(score > 0.9, "the caller heard themselves: {score:.3}");
 }
