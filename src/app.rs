@@ -60,6 +60,8 @@ pub struct App {
     pub library: Arc<ScriptLibrary>,
     /// Where execution records (and CDRs) go; `None` when records are disabled.
     pub records: Option<Records>,
+    /// The send channels: `api.send.sip` is attached to the SIP stack when it starts.
+    pub send: Option<Arc<crate::modules::send::SendService>>,
 }
 
 impl App {
@@ -76,12 +78,18 @@ impl App {
             engine: Arc::new(engine),
             library: Arc::new(library),
             records: None,
+            send: None,
         })
     }
 
     /// Write an execution record for every HTTP run, and serve `/v1/executions` and `/v1/cdrs`.
     pub fn with_records(mut self, records: Option<Records>) -> Self {
         self.records = records;
+        self
+    }
+
+    pub fn with_send(mut self, send: Arc<crate::modules::send::SendService>) -> Self {
+        self.send = Some(send);
         self
     }
 
@@ -178,6 +186,13 @@ impl App {
             records: self.records.clone(),
         };
         tokio::spawn(dispatch(transport.events, routes, class4, voice));
+        if let Some(send) = &self.send {
+            let from = format!("sip:callforge@{}", rtp_ip);
+            send.attach_sip(Arc::new(StackMessenger {
+                sip: handle.clone(),
+                from,
+            }));
+        }
         Ok(Some(handle))
     }
 }
@@ -289,7 +304,9 @@ async fn dispatch(
                     remote: by == EndedBy::Remote,
                 },
             ),
-            UaEvent::CallProgress { .. } | UaEvent::CallAnswered { .. } => continue,
+            UaEvent::CallProgress { .. }
+            | UaEvent::CallAnswered { .. }
+            | UaEvent::MessageResult { .. } => continue,
         };
         let terminal = matches!(ev, CallEvent::Ended { .. });
         if let Some(tx) = calls.get(&call) {
@@ -316,6 +333,55 @@ async fn shutdown_signal() {
     let term = std::future::pending::<()>();
     tokio::select! { _ = ctrl_c => {}, _ = term => {} }
     tracing::info!("shutting down");
+}
+
+/// `api.send.sip` through this engine's SIP stack: a MESSAGE to an IP-literal SIP URI.
+struct StackMessenger {
+    sip: SipHandle,
+    from: String,
+}
+
+/// Where to send a MESSAGE for `to`: its host must be an IP address (there is no DNS).
+fn message_target(to: &str) -> Result<sip::Target, String> {
+    let (host, port) = sip::message::uri_host_port(to)
+        .ok_or_else(|| format!("{to:?} is not a SIP URI with a host"))?;
+    let ip: IpAddr = host
+        .trim_matches(|c| c == '[' || c == ']')
+        .parse()
+        .map_err(|_| format!("{to:?}: the host must be an IP address (no DNS lookups)"))?;
+    let transport = if to.to_ascii_lowercase().contains(";transport=tcp") {
+        sip::TransportKind::Tcp
+    } else {
+        sip::TransportKind::Udp
+    };
+    Ok(sip::Target {
+        addr: SocketAddr::new(ip, port.unwrap_or(5060)),
+        transport,
+    })
+}
+
+impl crate::modules::send::SipMessenger for StackMessenger {
+    fn message(
+        &self,
+        to: String,
+        body: String,
+        content_type: String,
+    ) -> futures::future::BoxFuture<'static, Result<u16, String>> {
+        let (sip, from) = (self.sip.clone(), self.from.clone());
+        Box::pin(async move {
+            let target = message_target(&to)?;
+            sip.message(sip::OutboundMessage {
+                target,
+                to,
+                from,
+                content_type,
+                body: body.into_bytes(),
+                local: None,
+            })
+            .await
+            .map_err(|e| e.to_string())
+        })
+    }
 }
 
 /// The caches and folders every call's media shares, from `[media]`.

@@ -132,7 +132,9 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let built = callforge::modules::build(&config, true)
         .with_context(|| "bad configuration".to_string())?;
     runtime.block_on(async {
-        let app = App::new(config, built.modules)?.with_records(built.records);
+        let app = App::new(config, built.modules)?
+            .with_records(built.records)
+            .with_send(built.send);
         app.serve().await?;
         Ok(())
     })

@@ -95,6 +95,6 @@ pub use sdp::{Codec, Direction, MediaConfig, Negotiated, SessionDescription};
 pub use transaction::{Target, TimerConfig, TransportKind};
 pub use transport::{start, ListenSpec, SipHandle, SipTransport, TransportError};
 pub use ua::{
-    Action, CallHandle, EndReason, EndedBy, InDialogKind, IncomingCall, UaConfig, UaError, UaEvent,
-    UserAgent,
+    Action, CallHandle, EndReason, EndedBy, InDialogKind, IncomingCall, MessageHandle,
+    OutboundMessage, UaConfig, UaError, UaEvent, UserAgent,
 };

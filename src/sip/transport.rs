@@ -7,7 +7,10 @@
 use super::framing::StreamFramer;
 use super::sdp::{MediaConfig, Negotiated};
 use super::transaction::{Target, TransportKind};
-use super::ua::{Action, CallHandle, OutboundCall, TimerId, UaConfig, UaError, UaEvent, UserAgent};
+use super::ua::{
+    Action, CallHandle, MessageHandle, OutboundCall, OutboundMessage, TimerId, UaConfig, UaError,
+    UaEvent, UserAgent,
+};
 use std::collections::{BTreeMap, HashMap};
 use std::hash::{BuildHasher, Hasher};
 use std::net::SocketAddr;
@@ -102,6 +105,8 @@ enum Command {
     ),
     Redirect(CallHandle, Vec<String>, Reply<()>),
     Hangup(CallHandle, Vec<(String, String)>, Reply<()>),
+    /// The reply waits for the MESSAGE's final status.
+    Message(Box<OutboundMessage>, Reply<u16>),
     Shutdown,
 }
 
@@ -141,6 +146,11 @@ impl SipHandle {
             .send(make(tx))
             .map_err(|_| TransportError::Stopped)?;
         Ok(rx.await.map_err(|_| TransportError::Stopped)??)
+    }
+
+    /// Sends an out-of-dialog MESSAGE and waits for its final status (408 when unanswered).
+    pub async fn message(&self, message: OutboundMessage) -> Result<u16, TransportError> {
+        self.call(|r| Command::Message(Box::new(message), r)).await
     }
 
     /// Places an outbound call; progress comes as `CallProgress`/`CallAnswered`/`CallEnded`.
@@ -311,6 +321,7 @@ pub async fn start(
         udp,
         conns: HashMap::new(),
         deadlines: BTreeMap::new(),
+        pending_messages: std::collections::HashMap::new(),
         events: ev_tx,
         inputs: in_tx,
         max_message,
@@ -448,6 +459,8 @@ struct Driver {
     conns: HashMap<SocketAddr, mpsc::UnboundedSender<Vec<u8>>>,
     deadlines: BTreeMap<std::time::Instant, TimerId>,
     events: mpsc::UnboundedSender<UaEvent>,
+    /// MESSAGEs whose senders wait for the final status.
+    pending_messages: std::collections::HashMap<MessageHandle, Reply<u16>>,
     inputs: mpsc::UnboundedSender<Input>,
     max_message: usize,
     /// Reader and acceptor tasks, stopped with the driver so the ports are released.
@@ -543,6 +556,23 @@ impl Driver {
             Command::Hangup(c, headers, r) => {
                 let _ = r.send(self.ua.hangup_with_headers(c, headers, t));
             }
+            Command::Message(mut m, r) => {
+                if m.local.is_none() {
+                    m.local = self
+                        .listeners
+                        .iter()
+                        .find(|l| l.transport == m.target.transport)
+                        .map(|l| l.addr);
+                }
+                match self.ua.message(*m, t) {
+                    Ok(handle) => {
+                        self.pending_messages.insert(handle, r);
+                    }
+                    Err(e) => {
+                        let _ = r.send(Err(e));
+                    }
+                }
+            }
             Command::Shutdown => {}
         }
     }
@@ -557,6 +587,11 @@ impl Driver {
                 } => self.send(to, transport, bytes).await,
                 Action::ArmTimer { at, id } => {
                     self.deadlines.insert(at, id);
+                }
+                Action::Event(UaEvent::MessageResult { message, code }) => {
+                    if let Some(r) = self.pending_messages.remove(&message) {
+                        let _ = r.send(Ok(code));
+                    }
                 }
                 Action::Event(ev) => {
                     if self.events.send(ev).is_err() {

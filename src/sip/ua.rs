@@ -162,6 +162,11 @@ pub enum UaEvent {
         /// New media parameters when the request carried an offer we accepted.
         media: Option<Negotiated>,
     },
+    /// The final status of a MESSAGE we sent (408 when nobody answered).
+    MessageResult {
+        message: message_out::MessageHandle,
+        code: u16,
+    },
 }
 
 /// Output of the core, drained with [`UserAgent::poll_action`].
@@ -236,6 +241,8 @@ enum ClientPurpose {
     Refresh,
     Invite,
     Cancel,
+    /// An out-of-dialog MESSAGE (see `message_out.rs`).
+    Message,
 }
 
 #[derive(Debug)]
@@ -280,6 +287,9 @@ pub struct UserAgent {
     dialogs: HashMap<DialogId, CallHandle>,
     invites: HashMap<TxKey, CallHandle>,
     client_txs: HashMap<TxKey, (CallHandle, ClientPurpose)>,
+    /// Our MESSAGEs awaiting a final response.
+    messages: HashMap<TxKey, message_out::MessageHandle>,
+    next_message: u64,
     timers: TimerQueue<(CallHandle, CallTimer)>,
     /// Dialogs ended in the last 64*T1, so a BYE crossing ours gets 200, not 481.
     ended: VecDeque<(Instant, DialogId)>,
@@ -307,6 +317,8 @@ impl UserAgent {
             dialogs: HashMap::new(),
             invites: HashMap::new(),
             client_txs: HashMap::new(),
+            messages: HashMap::new(),
+            next_message: 0,
             timers: TimerQueue::default(),
             ended: VecDeque::new(),
             now: None,
@@ -379,6 +391,7 @@ impl UserAgent {
                 TxOutput::Send { target, bytes } => self.send_raw(target, bytes),
                 TxOutput::Response { key, response } => self.on_client_response(key, response, now),
                 TxOutput::Timeout { key } => {
+                    self.message_result(&key, 408);
                     match self.client_txs.get(&key).copied() {
                         Some((call, ClientPurpose::Refresh)) => {
                             self.end_with_bye(call, EndReason::RefreshFailed, now)
@@ -717,8 +730,10 @@ impl UserAgent {
 
 mod commands;
 mod incoming;
+mod message_out;
 mod outbound;
 mod reply;
+pub use message_out::{MessageHandle, OutboundMessage};
 pub use outbound::OutboundCall;
 use reply::{response_target, salvage, stamp_via};
 

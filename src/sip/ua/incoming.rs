@@ -614,6 +614,12 @@ impl UserAgent {
             return;
         };
         let code = resp.status_code.code();
+        if purpose == ClientPurpose::Message {
+            if code >= 200 {
+                self.message_result(&key, code);
+            }
+            return;
+        }
         if purpose == ClientPurpose::Invite {
             self.on_invite_response(handle, resp, now);
             return;
