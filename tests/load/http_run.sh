@@ -9,9 +9,11 @@ conns=${2:-64}
 command -v wrk >/dev/null || { sudo_=""; [ "$(id -u)" = 0 ] || sudo_=sudo; $sudo_ apt-get install -y -qq wrk; }
 cargo build --release --quiet --bin callforge
 port=$(( 20000 + RANDOM % 20000 ))
-target/release/callforge serve --http 127.0.0.1:$port --scripts scripts >/dev/null 2>/tmp/callforge-load.log &
+work=$(mktemp -d)
+printf '[store]\npath = "%s/callforge.db"\n' "$work" > "$work/callforge.toml"
+target/release/callforge serve --config "$work/callforge.toml" --http 127.0.0.1:$port --scripts scripts >/dev/null 2>"$work/server.log" &
 pid=$!
-trap 'kill $pid 2>/dev/null || true' EXIT
+trap 'kill $pid 2>/dev/null || true; rm -rf "$work"' EXIT
 for _ in $(seq 50); do curl -sf "http://127.0.0.1:$port/healthz" >/dev/null && break; sleep 0.1; done
 lua=$(mktemp --suffix=.lua)
 body=$(tr -d '\n' < tests/data/five_carriers.json | sed 's/\\/\\\\/g; s/"/\\"/g')

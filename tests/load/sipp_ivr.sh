@@ -21,6 +21,8 @@ listen = ["udp:127.0.0.1:$port"]
 max_calls = 20000
 [media]
 recordings = "$work/recordings"
+[store]
+path = "$work/callforge.db"
 [[route]]
 match = "^8000$"
 script = "load_ivr.js"
