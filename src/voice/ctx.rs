@@ -57,21 +57,8 @@ pub fn hangup_error() -> HostError {
 /// BYE callforge sends carries them even when the script ends without `hangup()`.
 pub type OutHeaders = Arc<Mutex<Vec<(String, String)>>>;
 
-const METHODS: &[HostMethod] = &[
-    // Media (media_bind::MEDIA_METHODS), listed here so the ctx object has them.
-    HostMethod::asynchronous("play"),
-    HostMethod::asynchronous("tts"),
-    HostMethod::asynchronous("say"),
-    HostMethod::asynchronous("ivr"),
-    HostMethod::asynchronous("collect"),
-    HostMethod::asynchronous("record"),
-    HostMethod::sync("stopRecord"),
-    HostMethod::asynchronous("echo"),
-    HostMethod::asynchronous("sendDtmf"),
-    HostMethod::asynchronous("sleep"),
-    HostMethod::sync("blockDtmf"),
-    HostMethod::sync("dtmfCount"),
-    HostMethod::asynchronous("digitsAfter"),
+/// The signalling methods; the media ones come from `media_bind::MEDIA_METHODS`.
+const SIGNALLING: &[HostMethod] = &[
     HostMethod::asynchronous("answer"),
     HostMethod::asynchronous("ring"),
     HostMethod::asynchronous("earlyMedia"),
@@ -83,6 +70,12 @@ const METHODS: &[HostMethod] = &[
     HostMethod::sync("header"),
     HostMethod::sync("log"),
 ];
+
+/// Every method the ctx object has.
+fn all_methods() -> &'static [HostMethod] {
+    static ALL: OnceLock<Vec<HostMethod>> = OnceLock::new();
+    ALL.get_or_init(|| [SIGNALLING, media_bind::MEDIA_METHODS].concat())
+}
 
 /// One call's `ctx`. `Send` so it can be handed to a script worker; used there only.
 pub struct CallCtx {
@@ -195,7 +188,7 @@ fn compiled_prelude() -> Option<Arc<CompiledScript>> {
 
 impl HostObject for CallCtx {
     fn methods(&self) -> &[HostMethod] {
-        METHODS
+        all_methods()
     }
 
     fn prelude(&self) -> Option<Arc<CompiledScript>> {
