@@ -12,6 +12,8 @@ if [ "${1:-}" = "--test" ]; then
   command -v sipp >/dev/null 2>&1 || missing+=(sip-tester)
   command -v espeak-ng >/dev/null 2>&1 || missing+=(espeak-ng)
   command -v sox >/dev/null 2>&1 || missing+=(sox)
+  # The prompt tests make an MP3 with sox: without its MP3 handler that case goes untested.
+  dpkg -s libsox-fmt-mp3 >/dev/null 2>&1 || missing+=(libsox-fmt-mp3)
   command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
 fi
 if [ ${#missing[@]} -gt 0 ]; then
