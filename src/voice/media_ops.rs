@@ -165,11 +165,7 @@ pub async fn tts(ctx: MediaContext, args: Vec<Json>) -> HostResult {
         .to_string();
     let barge_in = flag(opts.get("bargeIn"), false);
     until_hangup(&ctx.hangup, async {
-        let cache = ctx.tts.clone();
-        let samples = tokio::task::spawn_blocking(move || cache.speak(&text, &voice))
-            .await
-            .map_err(|e| HostError::error(e.to_string()))?
-            .map_err(|e| HostError::error(e.to_string()))?;
+        let samples = speak(&ctx, text, voice).await?;
         let end = ctx
             .media
             .play(samples, barge_in)
@@ -178,6 +174,15 @@ pub async fn tts(ctx: MediaContext, args: Vec<Json>) -> HostResult {
         Ok(play_end(end))
     })
     .await
+}
+
+/// Render (or find cached) speech, off the async threads.
+async fn speak(ctx: &MediaContext, text: String, voice: String) -> Result<Arc<[i16]>, HostError> {
+    let cache = ctx.tts.clone();
+    tokio::task::spawn_blocking(move || cache.speak(&text, &voice))
+        .await
+        .map_err(|e| HostError::error(e.to_string()))?
+        .map_err(|e| HostError::error(e.to_string()))
 }
 
 /// The prompt of a collection: a file (or `tone:` spec) or text to speak.
@@ -191,14 +196,9 @@ async fn render(ctx: &MediaContext, prompt: &Prompt) -> Result<Option<Arc<[i16]>
     match prompt {
         Prompt::None => Ok(None),
         Prompt::File(f) => load_prompt(ctx, f).await.map(Some),
-        Prompt::Speak(text) => {
-            let (cache, text, voice) = (ctx.tts.clone(), text.clone(), ctx.default_voice.clone());
-            tokio::task::spawn_blocking(move || cache.speak(&text, &voice))
-                .await
-                .map_err(|e| HostError::error(e.to_string()))?
-                .map(Some)
-                .map_err(|e| HostError::error(e.to_string()))
-        }
+        Prompt::Speak(text) => speak(ctx, text.clone(), ctx.default_voice.clone())
+            .await
+            .map(Some),
     }
 }
 
