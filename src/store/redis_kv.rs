@@ -59,12 +59,18 @@ impl RedisKv {
             let cell = slot.lock().await.clone();
             let conn = cell
                 .get_or_try_init(|| async {
-                    tokio::time::timeout(REDIS_TIMEOUT, client.get_multiplexed_async_connection())
-                        .await
-                        .map_err(|_| {
-                            StoreError::Redis(format!("cannot connect to {url}: timed out"))
-                        })?
-                        .map_err(|e| StoreError::Redis(format!("cannot connect to {url}: {e}")))
+                    // redis-rs answers "timed out" after 500 ms by default, which a burst of
+                    // a thousand scripts on a loaded machine can exceed; we wait REDIS_TIMEOUT.
+                    let config = redis::AsyncConnectionConfig::new()
+                        .set_connection_timeout(Some(REDIS_TIMEOUT))
+                        .set_response_timeout(Some(REDIS_TIMEOUT));
+                    tokio::time::timeout(
+                        REDIS_TIMEOUT,
+                        client.get_multiplexed_async_connection_with_config(&config),
+                    )
+                    .await
+                    .map_err(|_| StoreError::Redis(format!("cannot connect to {url}: timed out")))?
+                    .map_err(|e| StoreError::Redis(format!("cannot connect to {url}: {e}")))
                 })
                 .await?;
             Ok(conn.clone())
