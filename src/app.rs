@@ -15,14 +15,18 @@ use crate::{
     media::{EspeakRenderer, PortAllocator, PromptCache, TtsCache, TtsRenderer},
     routing::{request::request_user, Class4Server, RouteError, RouteTable},
     script::{Engine, EngineConfig, EngineError, HostModules, ScriptLibrary},
+    modules::originate::{Originator, OriginatorSlot},
     sip::{
-        self, sdp::Codec, CallHandle, EndedBy, ListenSpec, SipHandle, TransportError, UaConfig,
-        UaEvent,
+        self, sdp::Codec, CallHandle, EndReason, EndedBy, ListenSpec, SipHandle, TransportError,
+        UaConfig, UaEvent,
     },
     store::Records,
     voice::{
         media_bind::MediaShared,
         remote_audio::{HttpTtsRenderer, RemoteAudio, RemoteAudioConfig},
+        control::{CallControl, DispatchCommand, LegEvent},
+        originate::OriginateRequest,
+        trunks::Trunks,
         CallEvent, VoiceServer,
     },
 };
@@ -62,6 +66,8 @@ pub struct App {
     pub records: Option<Records>,
     /// The send channels: `api.send.sip` is attached to the SIP stack when it starts.
     pub send: Option<Arc<crate::modules::send::SendService>>,
+    /// Where `originate()` and `/v1/calls` find the voice layer once SIP runs.
+    pub originator: OriginatorSlot,
 }
 
 impl App {
@@ -79,6 +85,7 @@ impl App {
             library: Arc::new(library),
             records: None,
             send: None,
+            originator: OriginatorSlot::default(),
         })
     }
 
@@ -93,6 +100,12 @@ impl App {
         self
     }
 
+    /// Share the slot the `originate` module reads, so scripts and the API see the same calls.
+    pub fn with_originator(mut self, slot: OriginatorSlot) -> Self {
+        self.originator = slot;
+        self
+    }
+
     pub fn router(&self) -> axum::Router {
         http::router(Arc::new(ApiState {
             engine: self.engine.clone(),
@@ -100,6 +113,7 @@ impl App {
             token: self.config.http.token.clone(),
             max_body_bytes: self.config.http.max_body_bytes,
             records: self.records.clone(),
+            calls: self.originator.clone(),
         }))
     }
 
@@ -175,17 +189,26 @@ impl App {
             gateways: Arc::new(self.config.gateways.clone()),
             sip: handle.clone(),
         };
+        let codecs = codecs(cfg)?;
+        let trunks = Trunks::build(&self.config.trunk, &codecs)
+            .map_err(|e| AppError::SipConfig(e.to_string()))?;
+        let (control, commands) = CallControl::new();
         let voice = VoiceServer {
             engine: self.engine.clone(),
             library: self.library.clone(),
             sip: handle.clone(),
             rtp_ports: Arc::new(PortAllocator::new(lo..=hi)),
             rtp_ip,
-            codecs: codecs(cfg)?,
+            codecs,
             media: media_shared(&self.config.media)?,
             records: self.records.clone(),
+            control,
+            trunks: Arc::new(trunks),
+            calls: self.config.calls.clone(),
         };
-        tokio::spawn(dispatch(transport.events, routes, class4, voice));
+        self.originator
+            .attach(Arc::new(VoiceOriginator(voice.clone())));
+        tokio::spawn(dispatch(transport.events, commands, routes, class4, voice));
         if let Some(send) = &self.send {
             let from = format!("sip:callforge@{}", rtp_ip);
             send.attach_sip(Arc::new(StackMessenger {
@@ -252,15 +275,43 @@ fn ua_config(cfg: &SipConfig) -> UaConfig {
     ua
 }
 
-/// Routes each new INVITE (404 when no route matches) and forwards class5 calls' events.
+/// Routes each new INVITE (404 when no route matches), forwards every call's events to the
+/// task that owns it, and places outbound legs (registering them before their first event).
 async fn dispatch(
     mut events: mpsc::UnboundedReceiver<UaEvent>,
+    mut commands: mpsc::UnboundedReceiver<DispatchCommand>,
     routes: RouteTable,
     class4: Class4Server,
     voice: VoiceServer,
 ) {
-    let mut calls: HashMap<CallHandle, mpsc::UnboundedSender<CallEvent>> = HashMap::new();
-    while let Some(event) = events.recv().await {
+    let mut calls: HashMap<CallHandle, mpsc::UnboundedSender<LegEvent>> = HashMap::new();
+    let mut commands_open = true;
+    loop {
+        let event = tokio::select! {
+            biased;
+            cmd = commands.recv(), if commands_open => {
+                match cmd {
+                    Some(DispatchCommand::Place { call, events, reply }) => {
+                        let placed = voice.sip.invite(*call).await;
+                        if let Ok(handle) = &placed {
+                            calls.insert(*handle, events);
+                        }
+                        let _ = reply.send(placed);
+                    }
+                    Some(DispatchCommand::Deliver { call, event }) => {
+                        if let Some(tx) = calls.get(&call) {
+                            let _ = tx.send((call, event));
+                        }
+                    }
+                    None => commands_open = false,
+                }
+                continue;
+            }
+            ev = events.recv() => match ev {
+                Some(ev) => ev,
+                None => break,
+            },
+        };
         let (call, ev) = match event {
             UaEvent::IncomingCall(incoming) => {
                 let user = request_user(&incoming);
@@ -297,25 +348,79 @@ async fn dispatch(
                     media,
                 },
             ),
-            UaEvent::CallCancelled { call } => (call, CallEvent::Ended { remote: true }),
-            UaEvent::CallEnded { call, by, .. } => (
+            UaEvent::CallCancelled { call } => (
+                call,
+                CallEvent::Ended {
+                    remote: true,
+                    reason: EndReason::Cancelled,
+                },
+            ),
+            UaEvent::CallEnded { call, by, reason } => (
                 call,
                 CallEvent::Ended {
                     remote: by == EndedBy::Remote,
+                    reason,
                 },
             ),
-            UaEvent::CallProgress { .. }
-            | UaEvent::CallAnswered { .. }
-            | UaEvent::MessageResult { .. } => continue,
+            UaEvent::CallProgress { call, code, media } => {
+                (call, CallEvent::Progress { code, media })
+            }
+            UaEvent::CallAnswered { call, media } => (call, CallEvent::Answered { media }),
+            UaEvent::MessageResult { .. } => continue,
         };
         let terminal = matches!(ev, CallEvent::Ended { .. });
         if let Some(tx) = calls.get(&call) {
-            let _ = tx.send(ev);
+            let _ = tx.send((call, ev));
         }
         if terminal {
             calls.remove(&call);
         }
     }
+}
+
+/// The voice layer as `originate()` and `/v1/calls` see it.
+struct VoiceOriginator(VoiceServer);
+
+impl Originator for VoiceOriginator {
+    fn originate(
+        &self,
+        request: serde_json::Value,
+    ) -> futures::future::BoxFuture<'static, Result<u64, (u16, String)>> {
+        let voice = self.0.clone();
+        Box::pin(async move {
+            let req: OriginateRequest = serde_json::from_value(request)
+                .map_err(|e| (400, format!("bad request: {e}")))?;
+            voice
+                .originate(req)
+                .await
+                .map_err(|e| (e.http_status(), e.to_string()))
+        })
+    }
+
+    fn list(&self) -> serde_json::Value {
+        let calls = self.0.control.live.list(now_ms());
+        serde_json::json!({"calls": calls, "trunks": self.0.trunks.usage().into_iter()
+            .map(|(name, active, max)| serde_json::json!({"name": name, "active": active, "max_calls": max}))
+            .collect::<Vec<_>>()})
+    }
+
+    fn get(&self, id: u64) -> Option<serde_json::Value> {
+        self.0
+            .control
+            .live
+            .get(id, now_ms())
+            .and_then(|c| serde_json::to_value(c).ok())
+    }
+
+    fn hang_up(&self, id: u64) -> bool {
+        self.0.control.hang_up(id, "api")
+    }
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
 }
 
 async fn shutdown_signal() {

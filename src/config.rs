@@ -47,6 +47,10 @@ pub struct Config {
     pub lookup: BTreeMap<String, LookupConfig>,
     pub send: SendConfig,
     pub fetch: FetchConfig,
+    /// `[[trunk]]`: where outbound legs (bridge, transfer, originate) are sent.
+    pub trunk: Vec<TrunkConfig>,
+    /// `[calls]`: per-call limits of class5 calls and their outbound legs.
+    pub calls: CallsConfig,
     /// The folder relative paths in the file are resolved against (the file's own folder).
     #[serde(skip)]
     pub base_dir: PathBuf,
@@ -318,6 +322,70 @@ impl Default for SipConfig {
             codecs: vec!["PCMU".into(), "PCMA".into()],
             rtp_ip: None,
             rtp_ports: [16_384, 32_767],
+        }
+    }
+}
+
+/// One `[[trunk]]`: a carrier or PBX that outbound legs are sent to.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrunkConfig {
+    /// Used in destinations as `name:number` and in the originate API's `trunk`.
+    pub name: String,
+    /// Next hop: `sip:HOST[:PORT]` or `HOST:PORT`; HOST must be an IP address (no DNS).
+    pub uri: String,
+    /// `udp` (default) or `tcp`.
+    #[serde(default = "default_udp")]
+    pub transport: String,
+    /// Digest credentials answered to 401/407 challenges.
+    pub username: Option<String>,
+    pub password: Option<String>,
+    /// Caller ID used when the script or API gives none.
+    pub caller_id: Option<String>,
+    /// Always send `caller_id`, whatever the script asks for.
+    #[serde(default)]
+    pub force_caller_id: bool,
+    /// Prepended to dialled numbers (after `strip_plus`).
+    #[serde(default)]
+    pub prefix: String,
+    /// Remove a leading `+` from dialled numbers and caller IDs.
+    #[serde(default)]
+    pub strip_plus: bool,
+    /// Codec preference offered on this trunk, best first (default: `[sip] codecs`).
+    pub codecs: Option<Vec<String>>,
+    /// Concurrent outbound calls allowed on this trunk (0 = no limit).
+    #[serde(default)]
+    pub max_calls: usize,
+    /// The trunk plain numbers go out through (default: the first trunk).
+    #[serde(default)]
+    pub default: bool,
+}
+
+fn default_udp() -> String {
+    "udp".into()
+}
+
+/// `[calls]`: limits every class5 call is held to.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CallsConfig {
+    /// A call still up after this many seconds is hung up (0 = no limit).
+    pub max_duration_s: u64,
+    /// `ctx.bridge`/`ctx.transfer` attempts one call may make.
+    pub max_bridge_attempts: u32,
+    /// Default ring timeout of `ctx.bridge` and originated calls, in seconds.
+    pub ring_timeout_s: u64,
+    /// Incoming REFER from the caller: `false` answers 603 Decline.
+    pub accept_refer: bool,
+}
+
+impl Default for CallsConfig {
+    fn default() -> Self {
+        CallsConfig {
+            max_duration_s: 4 * 3600,
+            max_bridge_attempts: 10,
+            ring_timeout_s: 60,
+            accept_refer: false,
         }
     }
 }

@@ -139,7 +139,8 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
     runtime.block_on(async {
         let app = App::new(config, built.modules)?
             .with_records(built.records)
-            .with_send(built.send);
+            .with_send(built.send)
+            .with_originator(built.originator);
         app.serve().await?;
         Ok(())
     })

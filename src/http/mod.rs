@@ -1,6 +1,7 @@
 //! The HTTP API (axum): run scripts, forms and drivers; manage scripts; records; health.
 
 mod auth;
+mod calls;
 mod records;
 mod reply;
 
@@ -33,6 +34,8 @@ pub struct ApiState {
     pub max_body_bytes: usize,
     /// Every run is recorded here before it is answered; `None` when records are disabled.
     pub records: Option<Records>,
+    /// The voice layer for `/v1/calls` (attached when SIP starts).
+    pub calls: crate::modules::originate::OriginatorSlot,
 }
 
 /// The API's routes; `/healthz` is open, `/v1/*` needs the bearer token when one is set.
@@ -44,6 +47,11 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .route("/v1/scripts", get(list_scripts))
         .route("/v1/executions", get(records::list_executions))
         .route("/v1/cdrs", get(records::list_cdrs))
+        .route("/v1/calls", get(calls::list_calls).post(calls::place_call))
+        .route(
+            "/v1/calls/{id}",
+            get(calls::get_call).delete(calls::hang_up_call),
+        )
         .route(
             "/v1/scripts/{name}",
             get(get_script).put(put_script).delete(delete_script),

@@ -8,6 +8,7 @@ pub mod args;
 pub mod fetch;
 pub mod kv;
 pub mod lookup;
+pub mod originate;
 pub mod send;
 pub mod smtp;
 pub mod userspace;
@@ -47,6 +48,8 @@ pub struct Built {
     pub records: Option<Records>,
     /// The send channels; the SIP layer attaches `api.send.sip` here (`attach_sip`).
     pub send: Arc<send::SendService>,
+    /// Filled in when SIP starts: `require('originate')` and `/v1/calls` use it.
+    pub originator: originate::OriginatorSlot,
 }
 
 /// Build every module from `config`. `open_store_now` opens the database at once (for
@@ -90,6 +93,11 @@ pub fn build(config: &Config, open_store_now: bool) -> Result<Built, ModuleError
         Arc::new(send::SendModule::new(send.clone())),
     );
     modules.register_global("api", Arc::new(api::ApiModule::new(lookup, send.clone())));
+    let originator = originate::OriginatorSlot::default();
+    modules.register(
+        &["originate"],
+        Arc::new(originate::OriginateModule::new(originator.clone())),
+    );
     modules.register_global("fetch", Arc::new(fetch::FetchModule::new(fetch)));
 
     let records = if config.records.enabled {
@@ -103,5 +111,6 @@ pub fn build(config: &Config, open_store_now: bool) -> Result<Built, ModuleError
         store,
         records,
         send,
+        originator,
     })
 }

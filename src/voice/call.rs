@@ -1,23 +1,27 @@
 //! The call task: runs a class5 script against one call and carries out its ctx requests.
 
-use std::{net::IpAddr, sync::Arc};
+use std::{net::IpAddr, sync::Arc, time::Duration};
 
 use serde_json::{json, Value as Json};
 use tokio::sync::{mpsc, watch};
 
 use super::{
+    bridge::{Bridge, BridgeOpts},
+    control::{CallControl, LegEvent, LiveCall},
     ctx::{hangup_error, CallCtx, CtxRequest, OutHeaders, Reply},
+    trunks::Trunks,
     data,
     media_bind::{self, MediaShared, MediaSlot},
 };
 use crate::{
+    config::CallsConfig,
     media::{PortAllocator, RtpSocket},
     routing::Route,
     script::{vars, Engine, HostError, Invocation, Mode, ScriptError, ScriptLibrary},
     sip::{
         sdp::{Codec, Direction},
-        CallHandle, InDialogKind, IncomingCall, MediaConfig, Negotiated, SipHandle, TransportError,
-        UaError,
+        CallHandle, EndReason, InDialogKind, IncomingCall, MediaConfig, Negotiated, SipHandle,
+        TransportError, UaError,
     },
     store::{Cdr, CdrError, Records},
 };
@@ -34,8 +38,21 @@ pub enum CallEvent {
         /// The new negotiation when the request carried an offer (re-INVITE, UPDATE).
         media: Option<Negotiated>,
     },
-    /// The call is over; `remote` when the caller ended it (BYE, CANCEL).
-    Ended { remote: bool },
+    /// The call is over; `remote` when the far end ended it (BYE, CANCEL, a failure status).
+    Ended { remote: bool, reason: EndReason },
+    /// An outbound leg's provisional response (with its early-media SDP, if any).
+    Progress {
+        code: u16,
+        media: Option<Negotiated>,
+    },
+    /// An outbound leg was answered (and ACKed).
+    Answered { media: Option<Negotiated> },
+    /// The final response to a REFER this call sent.
+    ReferResponse { code: u16 },
+    /// A NOTIFY reporting the progress of that REFER (the sipfrag's status).
+    TransferNotify { code: u16 },
+    /// Hang the call up (the HTTP API, a limit); `cause` goes to the CDR.
+    Kill { cause: String },
 }
 
 /// What every class5 call needs; cheap to clone.
@@ -51,6 +68,10 @@ pub struct VoiceServer {
     pub media: MediaShared,
     /// Where each call's CDR is written when it ends; `None` when records are off.
     pub records: Option<Records>,
+    /// Places outbound legs and lists live calls.
+    pub control: CallControl,
+    pub trunks: Arc<Trunks>,
+    pub calls: CallsConfig,
 }
 
 impl VoiceServer {
@@ -59,9 +80,9 @@ impl VoiceServer {
         &self,
         call: Box<IncomingCall>,
         route: Arc<Route>,
-    ) -> mpsc::UnboundedSender<CallEvent> {
+    ) -> mpsc::UnboundedSender<LegEvent> {
         let (tx, rx) = mpsc::unbounded_channel();
-        tokio::spawn(self.clone().run_call(call, route, rx));
+        tokio::spawn(self.clone().run_call(call, route, tx.clone(), rx));
         tx
     }
 
@@ -69,7 +90,8 @@ impl VoiceServer {
         self,
         call: Box<IncomingCall>,
         route: Arc<Route>,
-        events: mpsc::UnboundedReceiver<CallEvent>,
+        events_tx: mpsc::UnboundedSender<LegEvent>,
+        events: mpsc::UnboundedReceiver<LegEvent>,
     ) {
         let handle = call.call;
         let script = match self.library.get(&route.script) {
@@ -113,39 +135,79 @@ impl VoiceServer {
             started_at: now_ms(),
             ..Cdr::default()
         };
+        self.control.live.insert(LiveCall {
+            id: handle.0,
+            direction: "inbound",
+            from: cdr.from.clone(),
+            to: cdr.to.clone(),
+            script: Some(route.script.clone()),
+            state: "ringing",
+            started_at_ms: cdr.started_at,
+            answered_at_ms: None,
+            bridged_to: None,
+            duration_s: 0.0,
+        });
+        let caller_number = crate::sip::message::uri_user(&call.from.uri);
+        let caller_name = call.from.display.clone();
         let mut inv = Invocation::new(script, Mode::Class5, input);
         inv.ctx = Some(Box::new(ctx));
-        let mut state = CallState::new(self, handle, hangup_tx);
+        let mut state = CallState::new(self, handle, hangup_tx, events_tx);
         state.media = media;
         state.out_headers = out_headers;
         state.cdr = cdr;
+        state.caller_number = caller_number;
+        state.caller_name = caller_name;
         let outcome = state.drive(inv, req_rx, events).await;
         state.finish(outcome).await;
     }
 }
 
 /// The call as the task sees it.
-struct CallState {
-    server: VoiceServer,
-    call: CallHandle,
-    answered: bool,
+pub(super) struct CallState {
+    pub(super) server: VoiceServer,
+    pub(super) call: CallHandle,
+    pub(super) answered: bool,
     acked: bool,
     /// A final response or BYE went out, or the stack reported the end.
-    ended: bool,
+    pub(super) ended: bool,
     pending_answer: Option<Reply>,
     hangup_waiters: Vec<Reply>,
-    hangup: watch::Sender<bool>,
+    pub(super) hangup: watch::Sender<bool>,
     /// Bound at answer/early media; the media issue's session drives it.
     rtp: Option<RtpSocket>,
-    negotiated: Option<Negotiated>,
+    pub(super) negotiated: Option<Negotiated>,
     /// The running media task, shared with the ctx.
-    media: MediaSlot,
-    out_headers: OutHeaders,
+    pub(super) media: MediaSlot,
+    pub(super) out_headers: OutHeaders,
     /// Filled in as the call goes; written when it ends.
-    cdr: Cdr,
+    pub(super) cdr: Cdr,
+    /// This task's event queue, handed to the dispatcher for the legs it places.
+    pub(super) events_tx: mpsc::UnboundedSender<LegEvent>,
+    /// The bridge in progress, if any.
+    pub(super) bridge: Option<Bridge>,
+    pub(super) bridge_attempts: u32,
+    /// The caller's number and display name: the default caller ID of outbound legs.
+    pub(super) caller_number: Option<String>,
+    pub(super) caller_name: Option<String>,
+    /// 180/183 already sent to the caller.
+    pub(super) ringing_sent: bool,
+    /// When the call is hung up whatever it is doing (`[calls] max_duration_s`).
+    max_end: Option<tokio::time::Instant>,
+    /// A transfer waiting for its REFER's outcome.
+    pub(super) transfer: Option<PendingTransfer>,
 }
 
-fn now_ms() -> i64 {
+/// A blind transfer in flight: the REFER went out, its NOTIFYs tell how it goes.
+pub(super) struct PendingTransfer {
+    pub(super) target: String,
+    pub(super) opts: BridgeOpts,
+    pub(super) reply: Reply,
+    pub(super) accepted: bool,
+    /// The Refer-To URI.
+    pub(super) uri: String,
+}
+
+pub(super) fn now_ms() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as i64)
@@ -159,8 +221,24 @@ fn sip_error(e: TransportError) -> HostError {
 }
 
 impl CallState {
-    fn new(server: VoiceServer, call: CallHandle, hangup: watch::Sender<bool>) -> Self {
+    pub(super) fn new(
+        server: VoiceServer,
+        call: CallHandle,
+        hangup: watch::Sender<bool>,
+        events_tx: mpsc::UnboundedSender<LegEvent>,
+    ) -> Self {
+        let max_end = (server.calls.max_duration_s > 0).then(|| {
+            tokio::time::Instant::now() + Duration::from_secs(server.calls.max_duration_s)
+        });
         CallState {
+            events_tx,
+            bridge: None,
+            bridge_attempts: 0,
+            caller_number: None,
+            caller_name: None,
+            ringing_sent: false,
+            max_end,
+            transfer: None,
             server,
             call,
             answered: false,
@@ -178,17 +256,23 @@ impl CallState {
     }
 
     /// Runs the script to its end while serving its requests and the call's events.
-    async fn drive(
+    pub(super) async fn drive(
         &mut self,
         inv: Invocation,
         mut requests: mpsc::UnboundedReceiver<CtxRequest>,
-        mut events: mpsc::UnboundedReceiver<CallEvent>,
+        mut events: mpsc::UnboundedReceiver<LegEvent>,
     ) -> Result<Json, ScriptError> {
         let engine = self.server.engine.clone();
         let run = engine.run(inv);
         tokio::pin!(run);
         let mut events_open = true;
         loop {
+            let ring_deadline = self.bridge.as_ref().and_then(|b| b.ring_deadline);
+            let deadline = match (ring_deadline, self.max_end) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
+            let far = tokio::time::Instant::now() + Duration::from_secs(86_400 * 365);
             tokio::select! {
                 out = &mut run => {
                     return match out {
@@ -198,10 +282,80 @@ impl CallState {
                 }
                 Some(req) = requests.recv() => self.request(req).await,
                 ev = events.recv(), if events_open => match ev {
-                    Some(ev) => self.event(ev),
+                    Some((leg, ev)) => self.leg_event(leg, ev).await,
                     None => events_open = false,
                 },
+                _ = tokio::time::sleep_until(deadline.unwrap_or(far)), if deadline.is_some() => {
+                    self.deadline_passed().await
+                }
             }
+        }
+    }
+
+    /// A ring timeout or the call's maximum duration.
+    async fn deadline_passed(&mut self) {
+        let now = tokio::time::Instant::now();
+        if self.max_end.is_some_and(|t| t <= now) {
+            self.max_end = None;
+            tracing::info!(call = ?self.call, "maximum call duration reached");
+            self.kill("max_duration".into()).await;
+            return;
+        }
+        if self
+            .bridge
+            .as_ref()
+            .and_then(|b| b.ring_deadline)
+            .is_some_and(|t| t <= now)
+        {
+            self.bridge_timed_out().await;
+        }
+    }
+
+    /// Hang up from outside the script (API, limits): like `ctx.hangup()`.
+    async fn kill(&mut self, cause: String) {
+        if self.ended {
+            return;
+        }
+        self.abandon_bridge().await;
+        self.ended = true;
+        self.stop_media();
+        self.ended_by("engine", cause);
+        let _ = self.hangup.send(true);
+        let sent = if self.answered {
+            self.server.sip.hangup(self.call).await
+        } else {
+            self.server
+                .sip
+                .reject(self.call, 480, None, Vec::new())
+                .await
+        };
+        if let Err(e) = sent {
+            tracing::debug!(call = ?self.call, "hangup not sent: {e}");
+        }
+        if let Some(r) = self.pending_answer.take() {
+            let _ = r.send(Err(hangup_error()));
+        }
+        for w in self.hangup_waiters.drain(..) {
+            let _ = w.send(Ok(json!({"by": "local"})));
+        }
+    }
+
+    /// An event of this call's own leg or of a leg it placed.
+    async fn leg_event(&mut self, leg: CallHandle, ev: CallEvent) {
+        if leg == self.call {
+            let caller_gone = matches!(ev, CallEvent::Ended { .. });
+            match ev {
+                CallEvent::Kill { cause } => self.kill(cause).await,
+                CallEvent::ReferResponse { code } => self.refer_response(code).await,
+                CallEvent::TransferNotify { code } => self.transfer_notify(code).await,
+                ev => self.event(ev),
+            }
+            if caller_gone {
+                self.bridge_caller_gone().await;
+                self.transfer_caller_gone();
+            }
+        } else if self.bridge.as_ref().is_some_and(|b| b.leg == leg) {
+            self.bridge_event(ev).await;
         }
     }
 
@@ -218,7 +372,12 @@ impl CallState {
                 request,
                 media,
             } => self.in_dialog(kind, &request, media),
-            CallEvent::Ended { remote } => {
+            CallEvent::Progress { .. }
+            | CallEvent::Answered { .. }
+            | CallEvent::ReferResponse { .. }
+            | CallEvent::TransferNotify { .. }
+            | CallEvent::Kill { .. } => {}
+            CallEvent::Ended { remote, .. } => {
                 self.ended = true;
                 self.stop_media();
                 let cause = if self.answered {
@@ -346,6 +505,12 @@ impl CallState {
                 };
                 let _ = reply.send(r);
             }
+            CtxRequest::Bridge { dest, opts, reply } => {
+                self.start_bridge(dest, opts, reply, false).await
+            }
+            CtxRequest::Transfer { dest, opts, reply } => {
+                self.start_transfer(dest, opts, reply).await
+            }
             CtxRequest::WaitForHangup(reply) => {
                 if self.ended {
                     let _ = reply.send(Ok(json!({"by": "ended"})));
@@ -356,7 +521,7 @@ impl CallState {
         }
     }
 
-    async fn answer(&mut self, headers: Vec<(String, String)>) -> Result<(), HostError> {
+    pub(super) async fn answer(&mut self, headers: Vec<(String, String)>) -> Result<(), HostError> {
         let media = self.media_config().await?;
         match self
             .server
@@ -367,6 +532,13 @@ impl CallState {
             Ok(neg) => {
                 self.answered = true;
                 self.cdr.answered_at = Some(now_ms());
+                let at = self.cdr.answered_at;
+                self.server.control.live.update(self.call.0, |c| {
+                    c.answered_at_ms = at;
+                    if c.state == "ringing" || c.state == "calling" {
+                        c.state = "answered";
+                    }
+                });
                 self.negotiated = neg;
                 self.start_media();
                 Ok(())
@@ -384,7 +556,7 @@ impl CallState {
         }
     }
 
-    async fn ring(&mut self, early: bool) -> Result<Json, HostError> {
+    pub(super) async fn ring(&mut self, early: bool) -> Result<Json, HostError> {
         let media = if early {
             Some(self.media_config().await?)
         } else {
@@ -404,7 +576,7 @@ impl CallState {
     }
 
     /// Stop the media task, keeping the digits and recordings it saw for the CDR.
-    fn stop_media(&mut self) {
+    pub(super) fn stop_media(&mut self) {
         if let Some(media) = self.media.shutdown() {
             let digits = media.media.digits.history();
             if !digits.is_empty() {
@@ -420,11 +592,20 @@ impl CallState {
     }
 
     /// Who ended the call and why, the first time it is known.
-    fn ended_by(&mut self, side: &str, cause: String) {
+    pub(super) fn ended_by(&mut self, side: &str, cause: String) {
         if self.cdr.hangup_side.is_none() {
             self.cdr.hangup_side = Some(side.to_string());
             self.cdr.hangup_cause = Some(cause);
         }
+    }
+
+    /// An originated call the callee answered: the ctx starts with media running.
+    pub(super) fn set_answered_outbound(&mut self, rtp: RtpSocket, neg: Negotiated) {
+        self.answered = true;
+        self.acked = true;
+        self.rtp = Some(rtp);
+        self.negotiated = Some(neg);
+        self.start_media();
     }
 
     /// The SDP is agreed: hand the bound RTP socket to a media task the ctx can use.
@@ -473,12 +654,15 @@ impl CallState {
     }
 
     /// The script is over: reject with its error before answer, else make sure the call ends.
-    async fn finish(&mut self, outcome: Result<Json, ScriptError>) {
+    pub(super) async fn finish(&mut self, outcome: Result<Json, ScriptError>) {
         if let Err(e) = &outcome {
             tracing::info!(call = ?self.call, code = e.code, "class5 script ended with an error: {}", e.message);
         }
+        self.abandon_bridge().await;
+        self.transfer_caller_gone();
         self.stop_media();
         self.end_call(&outcome).await;
+        self.server.control.live.remove(self.call.0);
         self.write_cdr(outcome).await;
     }
 

@@ -13,7 +13,10 @@ use futures::FutureExt;
 use serde_json::{json, Map, Value as Json};
 use tokio::sync::{mpsc, oneshot, watch};
 
-use super::media_bind::{self, MediaSlot};
+use super::{
+    bridge::{parse_bridge_args, parse_transfer_args, BridgeOpts},
+    media_bind::{self, MediaSlot},
+};
 use crate::script::{
     compile, host::HostResult, CompiledScript, HostCall, HostError, HostMethod, HostObject,
 };
@@ -47,6 +50,18 @@ pub enum CtxRequest {
     },
     /// Resolves when the call ends (either side).
     WaitForHangup(Reply),
+    /// Place an outbound leg and bridge the caller to it; resolves when the bridge ends.
+    Bridge {
+        dest: String,
+        opts: BridgeOpts,
+        reply: Reply,
+    },
+    /// Blind transfer (302 before answer, REFER after, a bridge when REFER is refused).
+    Transfer {
+        dest: String,
+        opts: BridgeOpts,
+        reply: Reply,
+    },
 }
 
 pub fn hangup_error() -> HostError {
@@ -65,6 +80,8 @@ const SIGNALLING: &[HostMethod] = &[
     HostMethod::asynchronous("hangup"),
     HostMethod::asynchronous("reject"),
     HostMethod::asynchronous("waitForHangup"),
+    HostMethod::asynchronous("bridge"),
+    HostMethod::asynchronous("transfer"),
     HostMethod::sync("get"),
     HostMethod::sync("set"),
     HostMethod::sync("header"),
@@ -241,6 +258,18 @@ impl HostObject for CallCtx {
                 })
             }
             "waitForHangup" => self.request(false, CtxRequest::WaitForHangup),
+            "bridge" => match parse_bridge_args(&args) {
+                Ok((dest, opts)) => {
+                    self.request(true, |reply| CtxRequest::Bridge { dest, opts, reply })
+                }
+                Err(e) => HostCall::Ready(Err(e)),
+            },
+            "transfer" => match parse_transfer_args(&args) {
+                Ok((dest, opts)) => {
+                    self.request(true, |reply| CtxRequest::Transfer { dest, opts, reply })
+                }
+                Err(e) => HostCall::Ready(Err(e)),
+            },
             "get" => match args.first().and_then(Json::as_str) {
                 Some(name) => HostCall::Ready(Ok(self.get(name))),
                 None => {

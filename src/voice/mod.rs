@@ -9,6 +9,11 @@
 //! | [`media_ops`] | the ctx media operations (play, tts, ivr, collect, record, echo, sendDtmf...) |
 //! | [`media_bind`] | negotiated SDP → media task at answer; the ctx's media method dispatch and JS prelude |
 //! | [`collect`] | the sans-IO digit collector behind `ivr`/`collect` |
+//! | [`trunks`] | `[[trunk]]` entries; destination → next hop, Request-URI, caller ID, credentials, limits |
+//! | [`control`] | placing outbound legs through the SIP dispatcher; the live-call list |
+//! | [`bridge`] | `ctx.bridge`: the B leg, ringback/early media, the RTP relay, ending both legs |
+//! | [`transfer`] | `ctx.transfer`: 302 before answer, REFER after, bridge when REFER is refused |
+//! | [`originate`] | calls placed from the API (`POST /v1/calls`, `originate()`) that run a script once answered |
 //!
 //! The `ctx` lives on a script worker thread (its futures are `!Send`); the call task lives
 //! on the main runtime. They talk through channels only: the ctx holds an
@@ -20,14 +25,19 @@
 //! record...) are new [`ctx::CtxRequest`] variants handled by the call task, which owns
 //! the socket; the `watch` hang-up flag the task raises is what they select on.
 
+pub mod bridge;
 pub mod call;
+pub mod control;
 pub mod collect;
 pub mod ctx;
 pub mod data;
 pub mod media_bind;
 pub mod media_ops;
 pub mod media_task;
+pub mod originate;
 pub mod remote_audio;
+pub mod transfer;
+pub mod trunks;
 
 pub use call::{CallEvent, VoiceServer};
 pub use ctx::{hangup_error, CallCtx, CtxRequest};

@@ -1,0 +1,739 @@
+//! `ctx.bridge` and `ctx.transfer`: callforge as a B2BUA. The call task places the second
+//! leg, gives the caller ringback or the callee's early media, relays RTP between the legs
+//! once the callee's SDP is known, and ends both legs when either hangs up.
+//!
+//! Arguments (all forms are accepted):
+//! - `bridge(destination)`
+//! - `bridge(destination, {timeout, callerId, headers, continueOnFail, hangupAfterBridge, trunk})`
+//! - `bridge(destination, continueOnFail)` — ConnexCS's `continue_on`
+//! - `bridge(destination, continueOnFail, hangupAfterBridge)` — e.g. `bridge(n, false, true)`
+//!
+//! The promise resolves when the bridge ends with `{status, sipCode, duration}`; `status` is
+//! `completed`, `busy`, `no-answer`, `failed` or `cancelled`.
+
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value as Json};
+use tokio::sync::oneshot;
+
+use super::{
+    call::{now_ms, CallEvent, CallState},
+    ctx::{hangup_error, Reply},
+    media_task,
+    trunks::{TrunkError, TrunkSlot},
+};
+use crate::{
+    media::{
+        g711::G711,
+        relay::LegMedia,
+        relay_driver::{relay, BridgeLeg, RelayStats},
+        tone::Tone,
+        MediaSession, RtpSocket,
+    },
+    script::HostError,
+    sip::{
+        message::NameAddr, sdp::Codec, ua::OutboundCall, CallHandle, EndReason, MediaConfig,
+        Negotiated,
+    },
+};
+
+/// US ringback (440+480 Hz, 2 s on, 4 s off), played to an answered caller while the callee
+/// rings without early media.
+const RINGBACK: &str = "tone:440+480,2000;0,4000;440+480,2000;0,4000;440+480,2000;0,4000;440+480,2000;0,4000;440+480,2000;0,4000;440+480,2000;0,4000;440+480,2000;0,4000;440+480,2000;0,4000;440+480,2000;0,4000;440+480,2000;0,4000";
+
+/// What the script asked for.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BridgeOpts {
+    pub timeout: Option<Duration>,
+    pub caller_id: Option<String>,
+    pub headers: Vec<(String, String)>,
+    pub continue_on_fail: bool,
+    /// When the callee hangs up first, hang up the caller too (the default).
+    pub hangup_after: bool,
+    pub trunk: Option<String>,
+}
+
+impl Default for BridgeOpts {
+    fn default() -> Self {
+        BridgeOpts {
+            timeout: None,
+            caller_id: None,
+            headers: Vec::new(),
+            continue_on_fail: false,
+            hangup_after: true,
+            trunk: None,
+        }
+    }
+}
+
+fn destination_text(v: Option<&Json>, method: &str) -> Result<String, HostError> {
+    match v {
+        Some(Json::String(s)) if !s.trim().is_empty() => Ok(s.trim().to_string()),
+        Some(Json::Number(n)) => Ok(n.to_string()),
+        _ => Err(HostError::type_error(format!(
+            "ctx.{method}: destination must be a number, extension or sip: URI"
+        ))),
+    }
+}
+
+/// Read `bridge(...)`'s arguments (see the module doc).
+pub fn parse_bridge_args(args: &[Json]) -> Result<(String, BridgeOpts), HostError> {
+    let dest = destination_text(args.first(), "bridge")?;
+    let mut opts = BridgeOpts::default();
+    match args.get(1) {
+        None | Some(Json::Null) => {}
+        Some(Json::Bool(b)) => {
+            opts.continue_on_fail = *b;
+            if let Some(Json::Bool(h)) = args.get(2) {
+                opts.hangup_after = *h;
+            }
+        }
+        Some(Json::Object(o)) => {
+            if let Some(t) = o.get("timeout").filter(|t| !t.is_null()) {
+                let secs = t.as_f64().filter(|s| *s > 0.0 && *s <= 3600.0).ok_or_else(|| {
+                    HostError::type_error("ctx.bridge: timeout must be seconds, 0 < t <= 3600")
+                })?;
+                opts.timeout = Some(Duration::from_secs_f64(secs));
+            }
+            opts.caller_id = o
+                .get("callerId")
+                .or_else(|| o.get("caller_id"))
+                .and_then(|v| match v {
+                    Json::String(s) => Some(s.clone()),
+                    Json::Number(n) => Some(n.to_string()),
+                    _ => None,
+                });
+            if let Some(h) = o.get("headers") {
+                opts.headers = headers_arg(h)?;
+            }
+            opts.continue_on_fail = o
+                .get("continueOnFail")
+                .or_else(|| o.get("continue_on_fail"))
+                .and_then(Json::as_bool)
+                .unwrap_or(false);
+            opts.hangup_after = o
+                .get("hangupAfterBridge")
+                .and_then(Json::as_bool)
+                .unwrap_or(true);
+            opts.trunk = o.get("trunk").and_then(Json::as_str).map(str::to_string);
+        }
+        Some(_) => {
+            return Err(HostError::type_error(
+                "ctx.bridge: the second argument is an options object or continueOnFail (boolean)",
+            ))
+        }
+    }
+    Ok((dest, opts))
+}
+
+/// `{name: value}` or `[{key, value}]` (the routing object's shape) → header pairs.
+fn headers_arg(v: &Json) -> Result<Vec<(String, String)>, HostError> {
+    let text = |v: &Json| match v {
+        Json::String(s) => s.clone(),
+        other => other.to_string(),
+    };
+    let pairs: Vec<(String, String)> = match v {
+        Json::Object(o) => o.iter().map(|(k, v)| (k.clone(), text(v))).collect(),
+        Json::Array(a) => a
+            .iter()
+            .filter_map(|h| Some((h.get("key")?.as_str()?.to_string(), text(h.get("value")?))))
+            .collect(),
+        Json::Null => Vec::new(),
+        _ => {
+            return Err(HostError::type_error(
+                "ctx.bridge: headers must be {name: value} or [{key, value}]",
+            ))
+        }
+    };
+    for (n, _) in &pairs {
+        if n.is_empty()
+            || !n
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-.!%*_+`'~".contains(&b))
+        {
+            return Err(HostError::type_error(format!(
+                "ctx.bridge: {n:?} is not a valid header name"
+            )));
+        }
+    }
+    Ok(pairs)
+}
+
+/// Read `transfer(target[, {timeout}])`.
+pub fn parse_transfer_args(args: &[Json]) -> Result<(String, BridgeOpts), HostError> {
+    let dest = destination_text(args.first(), "transfer")?;
+    let (_, mut opts) = parse_bridge_args(&[json!(dest.clone()), args.get(1).cloned().unwrap_or(Json::Null)])?;
+    // A blind transfer hands the caller over: nothing for the script to continue with.
+    opts.hangup_after = true;
+    Ok((dest, opts))
+}
+
+/// How a bridge attempt ended, as the script sees it.
+fn status_of(reason: &EndReason, timed_out: bool, caller_gone: bool) -> (&'static str, u16) {
+    match reason {
+        EndReason::Failed(c @ (486 | 600)) => ("busy", *c),
+        EndReason::Failed(c @ (408 | 480)) => ("no-answer", *c),
+        EndReason::Failed(487) | EndReason::Cancelled if caller_gone => ("cancelled", 487),
+        EndReason::Failed(487) | EndReason::Cancelled if timed_out => ("no-answer", 408),
+        EndReason::Cancelled => ("cancelled", 487),
+        EndReason::Timeout => ("no-answer", 408),
+        EndReason::Failed(c) => ("failed", *c),
+        _ => ("failed", 500),
+    }
+}
+
+/// The relay task and how to stop it.
+struct RelayRun {
+    stop: oneshot::Sender<()>,
+    done: tokio::task::JoinHandle<(RtpSocket, MediaSession, RtpSocket, RelayStats)>,
+}
+
+/// One bridge attempt in progress.
+pub(super) struct Bridge {
+    pub(super) leg: CallHandle,
+    reply: Option<Reply>,
+    opts: BridgeOpts,
+    dest: String,
+    /// Answer timeout; `None` once answered.
+    pub(super) ring_deadline: Option<tokio::time::Instant>,
+    answered_at: Option<Instant>,
+    /// The B leg's RTP socket until the relay takes it.
+    rtp: Option<RtpSocket>,
+    relay: Option<RelayRun>,
+    timed_out: bool,
+    caller_gone: bool,
+    ringback: bool,
+    _slot: TrunkSlot,
+    /// Set when this bridge is a transfer's fallback.
+    pub(super) transfer: bool,
+}
+
+fn leg_media(neg: &Negotiated) -> LegMedia {
+    LegMedia {
+        codec: match neg.codec {
+            Codec::Pcmu => G711::Pcmu,
+            Codec::Pcma => G711::Pcma,
+        },
+        audio_pt: neg.payload_type,
+        dtmf_pt: neg.dtmf_payload_type,
+    }
+}
+
+fn outcome(status: &str, code: u16, duration: f64, dest: &str) -> Json {
+    json!({"status": status, "sipCode": code, "duration": duration, "destination": dest})
+}
+
+impl CallState {
+    /// `ctx.bridge(...)`: place the B leg; the reply comes when the bridge ends.
+    pub(super) async fn start_bridge(
+        &mut self,
+        dest: String,
+        opts: BridgeOpts,
+        reply: Reply,
+        transfer: bool,
+    ) {
+        if self.ended {
+            let _ = reply.send(Err(hangup_error()));
+            return;
+        }
+        if self.bridge.is_some() {
+            let _ = reply.send(Err(HostError::error(
+                "ctx.bridge: a bridge is already in progress on this call",
+            )));
+            return;
+        }
+        let limit = self.server.calls.max_bridge_attempts;
+        self.bridge_attempts += 1;
+        if self.bridge_attempts > limit {
+            tracing::info!(call = ?self.call, limit, "bridge attempts limit reached");
+            let _ = reply.send(Ok(json!({
+                "status": "failed", "sipCode": 503, "duration": 0,
+                "destination": dest,
+                "reason": format!("this call reached its limit of {limit} bridge attempts"),
+            })));
+            return;
+        }
+        let caller_id = opts
+            .caller_id
+            .clone()
+            .or_else(|| self.caller_number.clone());
+        let dialed =
+            match self
+                .server
+                .trunks
+                .resolve(&dest, opts.trunk.as_deref(), caller_id.as_deref())
+            {
+                Ok(d) => d,
+                Err(e) => {
+                    let _ = reply.send(Err(HostError::error(format!("ctx.bridge: {e}"))));
+                    return;
+                }
+            };
+        let slot = match dialed.acquire() {
+            Ok(s) => s,
+            Err(e @ TrunkError::AtLimit { .. }) => {
+                tracing::info!(call = ?self.call, "bridge refused: {e}");
+                let result = json!({"status": "failed", "sipCode": 503, "duration": 0,
+                    "destination": dest, "reason": e.to_string()});
+                self.attempt_failed(reply, result, &opts, 503).await;
+                return;
+            }
+            Err(e) => {
+                let _ = reply.send(Err(HostError::error(format!("ctx.bridge: {e}"))));
+                return;
+            }
+        };
+        let rtp = match RtpSocket::bind(&self.server.rtp_ports, self.server.rtp_ip).await {
+            Ok(s) => s,
+            Err(e) => {
+                let result = outcome("failed", 503, 0.0, &dest);
+                tracing::warn!(call = ?self.call, "no RTP port for the bridge: {e}");
+                self.attempt_failed(reply, result, &opts, 503).await;
+                return;
+            }
+        };
+        let port = rtp.local_addr().map(|a| a.port()).unwrap_or_default();
+        let mut media = MediaConfig::new(self.server.rtp_ip, port);
+        media.codecs = dialed.codecs.clone();
+        let host = match dialed.target.addr {
+            std::net::SocketAddr::V6(a) => format!("[{}]", a.ip()),
+            a => a.ip().to_string(),
+        };
+        let from_user = dialed.caller_id.clone().unwrap_or_else(|| "callforge".into());
+        let mut from = NameAddr::new(format!("sip:{from_user}@{}", self.server.rtp_ip));
+        if let Some(name) = &self.caller_name {
+            from.display = Some(name.clone());
+        }
+        let oc = OutboundCall {
+            target: dialed.target,
+            request_uri: dialed.request_uri.clone(),
+            from,
+            to: NameAddr::new(format!("sip:{}@{host}", dialed.number)),
+            media,
+            local: None,
+            headers: opts.headers.clone(),
+            auth: dialed.auth.clone(),
+        };
+        let leg = match self.server.control.place(oc, self.events_tx.clone()).await {
+            Ok(h) => h,
+            Err(e) => {
+                tracing::warn!(call = ?self.call, "outbound INVITE not sent: {e}");
+                let result = outcome("failed", 503, 0.0, &dest);
+                self.attempt_failed(reply, result, &opts, 503).await;
+                return;
+            }
+        };
+        tracing::info!(call = ?self.call, leg = leg.0, uri = %dialed.request_uri, "bridging");
+        let timeout = opts
+            .timeout
+            .unwrap_or(Duration::from_secs(self.server.calls.ring_timeout_s.max(1)));
+        self.server.control.live.update(self.call.0, |c| {
+            c.state = "bridging";
+            c.bridged_to = Some(leg.0);
+        });
+        self.bridge = Some(Bridge {
+            leg,
+            reply: Some(reply),
+            opts,
+            dest,
+            ring_deadline: Some(tokio::time::Instant::now() + timeout),
+            answered_at: None,
+            rtp: Some(rtp),
+            relay: None,
+            timed_out: false,
+            caller_gone: false,
+            ringback: false,
+            _slot: slot,
+            transfer,
+        });
+    }
+
+    /// An attempt that never placed a leg: resolve and, without continueOnFail, end the call.
+    async fn attempt_failed(&mut self, reply: Reply, result: Json, opts: &BridgeOpts, code: u16) {
+        let _ = reply.send(Ok(result));
+        if !opts.continue_on_fail {
+            self.end_after_bridge(code).await;
+        }
+    }
+
+    /// The B leg's ring timeout passed: cancel it (its end reports `no-answer`).
+    pub(super) async fn bridge_timed_out(&mut self) {
+        let Some(b) = self.bridge.as_mut() else {
+            return;
+        };
+        b.ring_deadline = None;
+        b.timed_out = true;
+        let leg = b.leg;
+        tracing::info!(call = ?self.call, leg = leg.0, "bridge not answered in time; cancelling");
+        if let Err(e) = self.server.sip.hangup(leg).await {
+            tracing::debug!(leg = leg.0, "cancel not sent: {e}");
+        }
+    }
+
+    /// The caller is gone: end the B leg too (CANCEL or BYE).
+    pub(super) async fn bridge_caller_gone(&mut self) {
+        let Some(b) = self.bridge.as_mut() else {
+            return;
+        };
+        b.caller_gone = true;
+        let leg = b.leg;
+        if let Err(e) = self.server.sip.hangup(leg).await {
+            tracing::debug!(leg = leg.0, "B leg hangup not sent: {e}");
+        }
+    }
+
+    /// An event of the B leg.
+    pub(super) async fn bridge_event(&mut self, ev: CallEvent) {
+        match ev {
+            CallEvent::Progress { code, media } => {
+                if let Some(neg) = media {
+                    self.bridge_early_media(neg).await;
+                } else if code == 180 || code == 183 {
+                    self.bridge_ringing().await;
+                }
+            }
+            CallEvent::Answered { media } => self.bridge_answered(media).await,
+            CallEvent::Ended { reason, .. } => self.bridge_ended(reason).await,
+            CallEvent::InDialog { .. }
+            | CallEvent::Acked
+            | CallEvent::Kill { .. }
+            | CallEvent::ReferResponse { .. }
+            | CallEvent::TransferNotify { .. } => {}
+        }
+    }
+
+    /// The callee rings without media: ring the caller, or play ringback to an answered one.
+    async fn bridge_ringing(&mut self) {
+        if !self.answered {
+            if !self.ringing_sent {
+                self.ringing_sent = true;
+                if let Err(e) = self.server.sip.ring(self.call, None).await {
+                    tracing::debug!(call = ?self.call, "180 not sent: {e}");
+                }
+            }
+            return;
+        }
+        let Some(b) = self.bridge.as_mut() else {
+            return;
+        };
+        if b.ringback || b.relay.is_some() {
+            return;
+        }
+        b.ringback = true;
+        let Some(ctx) = self.media.get() else { return };
+        match Tone::parse(RINGBACK) {
+            Ok(tone) => {
+                let samples: std::sync::Arc<[i16]> = tone.render().into();
+                tokio::spawn(async move {
+                    let _ = ctx.media.play(samples, false).await;
+                });
+            }
+            Err(e) => tracing::warn!("ringback tone: {e}"),
+        }
+    }
+
+    /// The callee sent SDP before answering: pass its early media to the caller.
+    async fn bridge_early_media(&mut self, neg: Negotiated) {
+        if self.bridge.as_ref().is_none_or(|b| b.relay.is_some()) {
+            return;
+        }
+        if !self.answered && self.media.get().is_none() {
+            // 183 with our SDP so the caller hears the callee's ringback or announcement.
+            if let Err(e) = self.ring(true).await {
+                tracing::debug!(call = ?self.call, "183 not sent: {}", e.message);
+                return;
+            }
+            self.ringing_sent = true;
+        }
+        self.start_relay(neg).await;
+    }
+
+    async fn bridge_answered(&mut self, media: Option<Negotiated>) {
+        let Some(b) = self.bridge.as_mut() else {
+            return;
+        };
+        b.ring_deadline = None;
+        b.answered_at = Some(Instant::now());
+        let leg = b.leg;
+        if b.caller_gone {
+            let _ = self.server.sip.hangup(leg).await;
+            return;
+        }
+        self.cdr.legs.push(json!({
+            "leg": leg.0, "destination": b.dest, "answered_at": now_ms(),
+        }));
+        self.server.control.live.update(self.call.0, |c| c.state = "bridged");
+        if !self.answered {
+            let headers = self
+                .out_headers
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone();
+            if let Err(e) = self.answer(headers).await {
+                tracing::info!(call = ?self.call, "caller not answered for the bridge: {}", e.message);
+                let _ = self.server.sip.hangup(leg).await;
+                return;
+            }
+        }
+        let Some(neg) = media else {
+            tracing::warn!(call = ?self.call, leg = leg.0, "callee answered without usable SDP");
+            let _ = self.server.sip.hangup(leg).await;
+            return;
+        };
+        self.start_relay(neg).await;
+    }
+
+    /// Move the caller's media from its task to the relay.
+    async fn start_relay(&mut self, b_neg: Negotiated) {
+        let Some(caller_neg) = self.negotiated.clone() else {
+            return;
+        };
+        let Some(ctx) = self.media.get() else {
+            return;
+        };
+        let Some(b) = self.bridge.as_mut() else {
+            return;
+        };
+        if b.relay.is_some() {
+            return;
+        }
+        let Some(mut b_sock) = b.rtp.take() else {
+            return;
+        };
+        let Some(b_remote) = b_neg.remote_rtp else {
+            b.rtp = Some(b_sock);
+            return;
+        };
+        let (mut c_sock, c_session) = match ctx.media.detach().await {
+            Ok(x) => x,
+            Err(e) => {
+                tracing::debug!(call = ?self.call, "caller media not detached: {e}");
+                if let Some(b) = self.bridge.as_mut() {
+                    b.rtp = Some(b_sock);
+                }
+                return;
+            }
+        };
+        let caller = leg_media(&caller_neg);
+        let callee = leg_media(&b_neg);
+        let (stop, stopped) = oneshot::channel::<()>();
+        let b_ssrc = fastrand::u32(..);
+        let done = tokio::spawn(async move {
+            let c_remote = c_session.remote();
+            let stats = relay(
+                BridgeLeg {
+                    socket: &mut c_sock,
+                    media: caller,
+                    remote: c_remote,
+                    ssrc: c_session.ssrc(),
+                },
+                BridgeLeg {
+                    socket: &mut b_sock,
+                    media: callee,
+                    remote: b_remote,
+                    ssrc: b_ssrc,
+                },
+                async {
+                    let _ = stopped.await;
+                },
+            )
+            .await;
+            (c_sock, c_session, b_sock, stats)
+        });
+        if let Some(b) = self.bridge.as_mut() {
+            b.relay = Some(RelayRun { stop, done });
+        }
+    }
+
+    /// The B leg ended: resolve the promise, give the caller its media back or hang it up.
+    async fn bridge_ended(&mut self, reason: EndReason) {
+        let Some(mut b) = self.bridge.take() else {
+            return;
+        };
+        let duration = b
+            .answered_at
+            .map_or(0.0, |t| (t.elapsed().as_millis() as f64) / 1000.0);
+        let (status, code) = if b.answered_at.is_some() {
+            ("completed", 200)
+        } else {
+            status_of(&reason, b.timed_out, b.caller_gone)
+        };
+        tracing::info!(call = ?self.call, leg = b.leg.0, status, code, duration, "bridge ended");
+        if let Some(last) = self
+            .cdr.legs
+            .iter_mut()
+            .rev()
+            .find(|l| l["leg"] == json!(b.leg.0))
+        {
+            last["duration"] = json!(duration);
+            last["status"] = json!(status);
+        } else {
+            self.cdr.legs.push(json!({
+                "leg": b.leg.0, "destination": b.dest, "status": status, "sipCode": code,
+            }));
+        }
+        if let Some(run) = b.relay.take() {
+            let _ = run.stop.send(());
+            match run.done.await {
+                Ok((sock, session, _b_sock, stats)) => {
+                    tracing::debug!(call = ?self.call, ?stats, "relay stopped");
+                    if !self.ended {
+                        self.resume_media(sock, session);
+                    }
+                }
+                Err(e) => tracing::warn!(call = ?self.call, "relay task failed: {e}"),
+            }
+        } else if b.ringback {
+            if let Some(ctx) = self.media.get() {
+                ctx.media.stop_playback();
+            }
+        }
+        self.server.control.live.update(self.call.0, |c| {
+            c.state = if c.answered_at_ms.is_some() {
+                "answered"
+            } else {
+                "ringing"
+            };
+            c.bridged_to = None;
+        });
+        let result = outcome(status, code, duration, &b.dest);
+        let failed = status != "completed";
+        if let Some(reply) = b.reply.take() {
+            let _ = reply.send(Ok(result));
+        }
+        if self.ended {
+            return;
+        }
+        let end = if failed {
+            !b.opts.continue_on_fail
+        } else {
+            b.opts.hangup_after
+        };
+        if end {
+            self.end_after_bridge(code).await;
+        }
+    }
+
+    /// Restart the caller's media task on the socket the relay gave back.
+    fn resume_media(&mut self, socket: RtpSocket, session: MediaSession) {
+        let Some(old) = self.media.get() else { return };
+        let digits = old.media.digits.history();
+        if !digits.is_empty() {
+            self.cdr.digits.push(digits);
+        }
+        match media_task::spawn(socket, session) {
+            Ok(handle) => {
+                let mut ctx = old;
+                ctx.media = handle;
+                self.media.set(ctx);
+            }
+            Err(e) => tracing::warn!(call = ?self.call, "caller media not resumed: {e}"),
+        }
+    }
+
+    /// Hang up the caller after a bridge: BYE when answered, else the callee's status.
+    async fn end_after_bridge(&mut self, code: u16) {
+        if self.ended {
+            return;
+        }
+        self.ended = true;
+        self.stop_media();
+        let _ = self.hangup.send(true);
+        let sent = if self.answered {
+            self.ended_by("callee", "normal_clearing".into());
+            self.server.sip.hangup(self.call).await
+        } else {
+            let code = if (300..=699).contains(&code) { code } else { 480 };
+            self.ended_by("callee", code.to_string());
+            self.server.sip.reject(self.call, code, None, Vec::new()).await
+        };
+        if let Err(e) = sent {
+            tracing::debug!(call = ?self.call, "caller hangup after bridge not sent: {e}");
+        }
+    }
+
+    /// The script is over while a bridge runs: end the B leg and wait for it briefly.
+    pub(super) async fn abandon_bridge(&mut self) {
+        if let Some(b) = self.bridge.as_mut() {
+            b.caller_gone = true;
+            let leg = b.leg;
+            let _ = self.server.sip.hangup(leg).await;
+            if let Some(run) = b.relay.take() {
+                let _ = run.stop.send(());
+                let _ = run.done.await;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_argument_form_is_read() {
+        let (d, o) = parse_bridge_args(&[json!("1001")]).unwrap();
+        assert_eq!((d.as_str(), o), ("1001", BridgeOpts::default()));
+        let (d, o) = parse_bridge_args(&[json!(447700900123u64), json!(true)]).unwrap();
+        assert_eq!(d, "447700900123");
+        assert!(o.continue_on_fail && o.hangup_after);
+        let (_, o) = parse_bridge_args(&[json!("x"), json!(false), json!(false)]).unwrap();
+        assert!(!o.continue_on_fail && !o.hangup_after);
+        let (_, o) = parse_bridge_args(&[
+            json!("sip:1@127.0.0.1"),
+            json!({"timeout": 12, "callerId": 555, "continueOnFail": true,
+                   "headers": {"X-A": "1"}, "trunk": "t", "hangupAfterBridge": false}),
+        ])
+        .unwrap();
+        assert_eq!(o.timeout, Some(Duration::from_secs(12)));
+        assert_eq!(o.caller_id.as_deref(), Some("555"));
+        assert_eq!(o.headers, vec![("X-A".to_string(), "1".to_string())]);
+        assert_eq!(o.trunk.as_deref(), Some("t"));
+        assert!(o.continue_on_fail && !o.hangup_after);
+        let (_, o) = parse_bridge_args(&[
+            json!("1"),
+            json!({"headers": [{"key": "X-B", "value": 2}]}),
+        ])
+        .unwrap();
+        assert_eq!(o.headers, vec![("X-B".to_string(), "2".to_string())]);
+        for bad in [
+            vec![],
+            vec![json!("")],
+            vec![json!({})],
+            vec![json!("1"), json!("yes")],
+            vec![json!("1"), json!({"timeout": -1})],
+            vec![json!("1"), json!({"headers": {"Bad Name": "v"}})],
+        ] {
+            assert_eq!(
+                parse_bridge_args(&bad).unwrap_err().name,
+                "TypeError",
+                "{bad:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn end_reasons_map_to_statuses() {
+        assert_eq!(
+            status_of(&EndReason::Failed(486), false, false),
+            ("busy", 486)
+        );
+        assert_eq!(
+            status_of(&EndReason::Failed(487), true, false),
+            ("no-answer", 408)
+        );
+        assert_eq!(
+            status_of(&EndReason::Cancelled, false, true),
+            ("cancelled", 487)
+        );
+        assert_eq!(status_of(&EndReason::Timeout, false, false), ("no-answer", 408));
+        assert_eq!(
+            status_of(&EndReason::Failed(404), false, false),
+            ("failed", 404)
+        );
+        assert_eq!(
+            status_of(&EndReason::Failed(407), false, false),
+            ("failed", 407)
+        );
+    }
+}
