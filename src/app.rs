@@ -306,7 +306,9 @@ async fn dispatch(
             ),
             UaEvent::CallProgress { .. }
             | UaEvent::CallAnswered { .. }
-            | UaEvent::MessageResult { .. } => continue,
+            | UaEvent::MessageResult { .. }
+            | UaEvent::ReferResponse { .. }
+            | UaEvent::TransferNotify { .. } => continue,
         };
         let terminal = matches!(ev, CallEvent::Ended { .. });
         if let Some(tx) = calls.get(&call) {

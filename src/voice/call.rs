@@ -469,6 +469,7 @@ impl CallState {
                 self.negotiated = Some(neg);
             }
             InDialogKind::Options => {}
+            InDialogKind::Refer => {}
         }
     }
 
