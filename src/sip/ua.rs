@@ -793,3 +793,5 @@ use reply::{response_target, salvage, stamp_via};
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_transfer;
