@@ -162,7 +162,7 @@ impl App {
         let cfg = &self.config.sip;
         check_gateways(&self.config.gateways)?;
         let specs = listen_specs(cfg)?;
-        let transport = sip::start(&specs, ua_config(cfg)).await?;
+        let transport = sip::start(&specs, ua_config(cfg, self.config.calls.accept_refer)).await?;
         for spec in &transport.local_addrs {
             tracing::info!(%spec, routes = routes.len(), "callforge sip listening");
             println!("callforge sip listening on {spec}");
@@ -265,13 +265,14 @@ fn codecs(cfg: &SipConfig) -> Result<Vec<Codec>, AppError> {
     Ok(list)
 }
 
-fn ua_config(cfg: &SipConfig) -> UaConfig {
+fn ua_config(cfg: &SipConfig, accept_refer: bool) -> UaConfig {
     let mut ua = UaConfig::default();
     ua.timers.t1 = Duration::from_millis(cfg.t1_ms.max(1));
     ua.max_calls = cfg.max_calls;
     ua.max_transactions = cfg.max_transactions;
     ua.limits.max_message_size = cfg.max_message_bytes;
     ua.pending_timeout = Duration::from_secs(cfg.pending_timeout_s.max(1));
+    ua.accept_refer = accept_refer;
     ua
 }
 
@@ -366,6 +367,8 @@ async fn dispatch(
                 (call, CallEvent::Progress { code, media })
             }
             UaEvent::CallAnswered { call, media } => (call, CallEvent::Answered { media }),
+            UaEvent::ReferResponse { call, code } => (call, CallEvent::ReferResponse { code }),
+            UaEvent::TransferNotify { call, code } => (call, CallEvent::TransferNotify { code }),
             UaEvent::MessageResult { .. } => continue,
         };
         let terminal = matches!(ev, CallEvent::Ended { .. });

@@ -202,7 +202,15 @@ impl Dialog {
         headers.push(message::make_header("To", self.remote.to_string()));
         headers.push(message::make_header("Call-ID", self.id.call_id.clone()));
         headers.push(message::make_header("CSeq", format!("{seq} {method}")));
-        if matches!(method, rsip::Method::Invite | rsip::Method::Update) {
+        // Target-refresh requests carry our Contact, and so do REFER and NOTIFY
+        // (RFC 3515 §2.4.1 and RFC 6665 §8.2.1: they create or refresh a subscription).
+        if matches!(
+            method,
+            rsip::Method::Invite
+                | rsip::Method::Update
+                | rsip::Method::Refer
+                | rsip::Method::Notify
+        ) {
             headers.push(message::make_header(
                 "Contact",
                 format!("<{}>", self.local_contact),

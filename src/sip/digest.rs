@@ -5,6 +5,24 @@
 use md5::{Digest as _, Md5};
 use sha2::Sha256;
 
+/// A username and password for answering Digest challenges (e.g. a SIP trunk account).
+///
+/// `Debug` prints the username only, so credentials can sit in logged structs.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Credentials {
+    pub username: String,
+    pub password: String,
+}
+
+impl std::fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Credentials")
+            .field("username", &self.username)
+            .field("password", &"<redacted>")
+            .finish()
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum DigestError {
     #[error("challenge is not a Digest challenge: {0:?}")]
@@ -169,21 +187,6 @@ impl Challenge {
     }
 }
 
-/// A username and password answered to digest challenges.
-#[derive(Clone, PartialEq, Eq)]
-pub struct Credentials {
-    pub username: String,
-    pub password: String,
-}
-
-impl std::fmt::Debug for Credentials {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Credentials")
-            .field("username", &self.username)
-            .finish_non_exhaustive()
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -233,6 +236,19 @@ mod tests {
                 r#"response="753927fa0e85d155564e2e272a28d1802ca10daf4496794697cf8db5856cb6c1""#
             ),
             "{a}"
+        );
+    }
+
+    #[test]
+    fn credentials_debug_hides_the_password() {
+        let c = Credentials {
+            username: "alice".into(),
+            password: "s3cret-pw".into(),
+        };
+        let shown = format!("{c:?}");
+        assert!(
+            shown.contains("alice") && !shown.contains("s3cret"),
+            "{shown}"
         );
     }
 

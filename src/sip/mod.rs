@@ -50,6 +50,11 @@
 //! - `CallAcked { call, answer }`: our 2xx was acknowledged; the call is up.
 //! - `InDialogRequest { call, kind, request, media }`: INFO / re-INVITE / UPDATE / OPTIONS,
 //!   already answered; `media` holds the new negotiation (e.g. hold: sendonly → recvonly).
+//!   With `UaConfig::accept_refer`, also REFER (`kind: Refer`): 202 and a `100 Trying`
+//!   NOTIFY are sent; report the transfer with `notify_transfer(call, code, reason)`.
+//!   Without it a REFER gets 603 and nothing goes up.
+//! - `ReferResponse { call, code }` (final response to our REFER, 408 on timeout) and
+//!   `TransferNotify { call, code }` (each `Event: refer` NOTIFY's sipfrag status).
 //! - Terminal, exactly one per call: `CallCancelled { call }` or
 //!   `CallEnded { call, by: Remote|Local, reason }` with [`EndReason`]: `Bye`,
 //!   `Rejected(code)` (our reject/redirect), `NoAck`, `SessionExpired`, `RefreshFailed`,
@@ -61,10 +66,13 @@
 //! `answer(call, media)` → 200 + SDP (an [`SdpError`](sdp::SdpError) means: reject with 488),
 //! `reject(call, code, reason, headers)` → any 3xx–6xx, `redirect(call, uris)` → 302 with
 //! one Contact per URI, `hangup(call)` → BYE (480 if not yet answered, CANCEL if it is our
-//! outbound call still ringing).
+//! outbound call still ringing), `refer(call, uri)` → in-dialog REFER (blind transfer) on an
+//! established call.
 //!
 //! Outbound calls (UAC): `invite(OutboundCall { target, request_uri, from, to, media, .. })`
-//! returns a [`CallHandle`]; then `CallProgress { call, code, media }` for 18x,
+//! returns a [`CallHandle`]; with `auth: Some(Credentials)` a 401/407 is answered once per
+//! realm by re-sending the INVITE (CSeq + 1, new branch) with Digest credentials. Then
+//! `CallProgress { call, code, media }` for 18x,
 //! `CallAnswered { call, media }` once the 2xx is ACKed, or
 //! `CallEnded { by: Remote, reason: Failed(code) }` / `Timeout` / `Cancelled`.
 //!
@@ -90,6 +98,7 @@ pub mod transaction;
 pub mod transport;
 pub mod ua;
 
+pub use digest::Credentials;
 pub use parse::{ParseError, ParseLimits};
 pub use sdp::{Codec, Direction, MediaConfig, Negotiated, SessionDescription};
 pub use transaction::{Target, TimerConfig, TransportKind};

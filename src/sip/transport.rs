@@ -107,6 +107,8 @@ enum Command {
     Hangup(CallHandle, Vec<(String, String)>, Reply<()>),
     /// The reply waits for the MESSAGE's final status.
     Message(Box<OutboundMessage>, Reply<u16>),
+    Refer(CallHandle, String, Reply<()>),
+    NotifyTransfer(CallHandle, u16, String, Reply<()>),
     Shutdown,
 }
 
@@ -222,6 +224,25 @@ impl SipHandle {
         headers: Vec<(String, String)>,
     ) -> Result<(), TransportError> {
         self.call(|r| Command::Hangup(call, headers, r)).await
+    }
+
+    /// Blind transfer: sends a REFER to `refer_to` on an established call. Returns once it
+    /// is sent; its final response comes as `ReferResponse`, progress as `TransferNotify`.
+    pub async fn refer(&self, call: CallHandle, refer_to: String) -> Result<(), TransportError> {
+        self.call(|r| Command::Refer(call, refer_to, r)).await
+    }
+
+    /// Reports the progress of a transfer the peer asked for (after an `InDialogRequest` of
+    /// kind `Refer`, which needs `UaConfig::accept_refer`): a sipfrag NOTIFY
+    /// `SIP/2.0 {code} {reason}`; a final code ends the subscription.
+    pub async fn notify_transfer(
+        &self,
+        call: CallHandle,
+        code: u16,
+        reason: String,
+    ) -> Result<(), TransportError> {
+        self.call(|r| Command::NotifyTransfer(call, code, reason, r))
+            .await
     }
 
     /// Stops the driver task.
@@ -573,6 +594,12 @@ impl Driver {
                     }
                 }
             }
+            Command::Refer(c, refer_to, r) => {
+                let _ = r.send(self.ua.refer(c, &refer_to, t));
+            }
+            Command::NotifyTransfer(c, code, reason, r) => {
+                let _ = r.send(self.ua.notify_transfer(c, code, &reason, t));
+            }
             Command::Shutdown => {}
         }
     }
@@ -908,6 +935,7 @@ mod tests {
             media: MediaConfig::new("127.0.0.1".parse().unwrap(), 6000),
             local: None,
             headers: Vec::new(),
+            auth: None,
         };
         let call = handle.invite(oc).await.unwrap();
         let mut buf = vec![0u8; 8192];

@@ -19,7 +19,7 @@ use std::time::Instant;
 use thiserror::Error;
 
 /// Methods we accept, for `Allow`.
-pub const ALLOW: &str = "INVITE, ACK, CANCEL, BYE, OPTIONS, INFO, UPDATE";
+pub const ALLOW: &str = "INVITE, ACK, CANCEL, BYE, OPTIONS, INFO, UPDATE, REFER, NOTIFY";
 /// Option tags we understand, for `Supported` and to check `Require`.
 pub const SUPPORTED: &str = "timer";
 
@@ -44,6 +44,9 @@ pub struct UaConfig {
     pub seed: u64,
     /// A call the layer above neither answers nor rejects within this time gets 408.
     pub pending_timeout: std::time::Duration,
+    /// Accept in-dialog REFERs (blind transfer asked by the peer): 202 + NOTIFY and an
+    /// `InDialogRequest { kind: Refer }` event. When false they get 603 and nothing goes up.
+    pub accept_refer: bool,
 }
 
 impl Default for UaConfig {
@@ -60,6 +63,7 @@ impl Default for UaConfig {
             advertised_addr: None,
             seed: 0x5eed_ca11_f0e6_e001,
             pending_timeout: std::time::Duration::from_secs(180),
+            accept_refer: false,
         }
     }
 }
@@ -109,6 +113,9 @@ pub enum InDialogKind {
     ReInvite,
     Update,
     Options,
+    /// A REFER we accepted (202 and `SIP/2.0 100 Trying` NOTIFY already sent); report its
+    /// outcome with [`UserAgent::notify_transfer`].
+    Refer,
 }
 
 /// A new incoming INVITE.
@@ -162,6 +169,12 @@ pub enum UaEvent {
         /// New media parameters when the request carried an offer we accepted.
         media: Option<Negotiated>,
     },
+    /// The final response to a REFER we sent with [`UserAgent::refer`]: 202 when the peer
+    /// accepted the transfer, its refusal (405, 420, 501, 603, …), or 408 on timeout.
+    ReferResponse { call: CallHandle, code: u16 },
+    /// The peer reported the progress of the transfer we asked for: the status line of an
+    /// `Event: refer` NOTIFY's `message/sipfrag` body (`SIP/2.0 180 Ringing` → 180).
+    TransferNotify { call: CallHandle, code: u16 },
     /// The final status of a MESSAGE we sent (408 when nobody answered).
     MessageResult {
         message: message_out::MessageHandle,
@@ -200,6 +213,8 @@ pub enum UaError {
     Transaction(#[from] TxError),
     #[error("too many calls")]
     Overloaded,
+    #[error("invalid URI {0:?}")]
+    InvalidUri(String),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -243,6 +258,10 @@ enum ClientPurpose {
     Cancel,
     /// An out-of-dialog MESSAGE (see `message_out.rs`).
     Message,
+    /// A REFER we sent; its final response becomes `ReferResponse`.
+    Refer,
+    /// A NOTIFY about a transfer we accepted; responses are only logged.
+    Notify,
 }
 
 #[derive(Debug)]
@@ -275,6 +294,10 @@ struct Call {
     cancel_sent: bool,
     /// Our ACK for the 2xx, resent when the 2xx is retransmitted.
     ack: Option<(Target, Vec<u8>)>,
+    /// Outbound: credentials and the Digest challenges answered so far.
+    auth: Option<auth::AuthState>,
+    /// A REFER the peer sent and we accepted: the implicit subscription's state.
+    transfer: Option<transfer::TransferSubscription>,
 }
 
 /// The user agent core. Feed it with [`handle_input`](Self::handle_input),
@@ -395,6 +418,9 @@ impl UserAgent {
                     match self.client_txs.get(&key).copied() {
                         Some((call, ClientPurpose::Refresh)) => {
                             self.end_with_bye(call, EndReason::RefreshFailed, now)
+                        }
+                        Some((call, ClientPurpose::Refer)) => {
+                            self.refer_result(call, 408);
                         }
                         Some((call, ClientPurpose::Invite))
                             if self
@@ -609,20 +635,16 @@ impl UserAgent {
         ))
     }
 
-    fn send_in_dialog(
+    /// Builds an in-dialog request (fresh branch, next CSeq) and where it goes.
+    fn build_in_dialog(
         &mut self,
         handle: CallHandle,
         method: rsip::Method,
         body: Option<(&str, Vec<u8>)>,
-        purpose: ClientPurpose,
-        now: Instant,
-    ) {
-        let Some(via) = self.our_via(handle) else {
-            return;
-        };
-        let Some(call) = self.calls.get_mut(&handle) else {
-            return;
-        };
+        extra: &[(&str, String)],
+    ) -> Option<(rsip::Request, Target)> {
+        let via = self.our_via(handle)?;
+        let call = self.calls.get_mut(&handle)?;
         let mut req = call.dialog.build_request(method, &via, None, body);
         req.headers.push(message::make_header(
             "User-Agent",
@@ -643,7 +665,37 @@ impl UserAgent {
             req.headers
                 .push(message::make_header("Supported", SUPPORTED));
         }
-        let target = Self::next_hop(call);
+        for (name, value) in extra {
+            req.headers.push(message::make_header(name, value.clone()));
+        }
+        Some((req, Self::next_hop(call)))
+    }
+
+    fn send_in_dialog(
+        &mut self,
+        handle: CallHandle,
+        method: rsip::Method,
+        body: Option<(&str, Vec<u8>)>,
+        purpose: ClientPurpose,
+        now: Instant,
+    ) {
+        self.send_in_dialog_with(handle, method, body, &[], purpose, now);
+    }
+
+    /// Sends an in-dialog request with extra headers through a client transaction (or once,
+    /// without retransmissions, when the table is full).
+    fn send_in_dialog_with(
+        &mut self,
+        handle: CallHandle,
+        method: rsip::Method,
+        body: Option<(&str, Vec<u8>)>,
+        extra: &[(&str, String)],
+        purpose: ClientPurpose,
+        now: Instant,
+    ) {
+        let Some((req, target)) = self.build_in_dialog(handle, method, body, extra) else {
+            return;
+        };
         let mut out = Vec::new();
         match self.txs.send_request(req.clone(), target, now, &mut out) {
             Ok(key) => {
@@ -728,14 +780,18 @@ impl UserAgent {
     }
 }
 
+mod auth;
 mod commands;
 mod incoming;
 mod message_out;
 mod outbound;
 mod reply;
+mod transfer;
 pub use message_out::{MessageHandle, OutboundMessage};
 pub use outbound::OutboundCall;
 use reply::{response_target, salvage, stamp_via};
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_transfer;

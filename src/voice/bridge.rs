@@ -596,7 +596,11 @@ impl CallState {
             };
             c.bridged_to = None;
         });
-        let result = outcome(status, code, duration, &b.dest);
+        let mut result = outcome(status, code, duration, &b.dest);
+        if b.transfer {
+            // A transfer the peer would not take with REFER, carried out as a bridge.
+            result["method"] = json!("bridge");
+        }
         let failed = status != "completed";
         if let Some(reply) = b.reply.take() {
             let _ = reply.send(Ok(result));

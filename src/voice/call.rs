@@ -650,6 +650,7 @@ impl CallState {
                 self.negotiated = Some(neg);
             }
             InDialogKind::Options => {}
+            InDialogKind::Refer => {}
         }
     }
 

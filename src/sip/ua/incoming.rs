@@ -91,8 +91,25 @@ impl UserAgent {
                 let resp = self.options_response(&req, None);
                 self.respond_new(key, &req, resp, target, now);
             }
-            rsip::Method::Bye | rsip::Method::Info | rsip::Method::Update | rsip::Method::PRack => {
+            rsip::Method::Bye
+            | rsip::Method::Info
+            | rsip::Method::Update
+            | rsip::Method::PRack
+            | rsip::Method::Notify => {
                 let resp = self.simple_response(&req, 481, None);
+                self.respond_new(key, &req, resp, target, now);
+            }
+            rsip::Method::Refer => {
+                // A REFER outside a dialog (RFC 3515 allows it) would have us place a call
+                // for a stranger: refused with a reason rather than 481, which would claim
+                // the request names a dialog that is gone.
+                let tag = self.auto_tag(&message::call_id(&req.headers).unwrap_or_default());
+                let mut resp = ResponseBase::from_request(&req).response(
+                    403,
+                    Some("Out-Of-Dialog REFER Not Accepted"),
+                    Some(&tag),
+                );
+                self.push_server_header(&mut resp);
                 self.respond_new(key, &req, resp, target, now);
             }
             _ => {
@@ -279,6 +296,8 @@ impl UserAgent {
                 cancel_pending: false,
                 cancel_sent: false,
                 ack: None,
+                auth: None,
+                transfer: None,
             },
         );
         self.timers
@@ -475,6 +494,8 @@ impl UserAgent {
             rsip::Method::Invite | rsip::Method::Update => {
                 self.on_offer_in_dialog(handle, req, key, target, now)
             }
+            rsip::Method::Refer => self.on_refer(handle, req, key, target, now),
+            rsip::Method::Notify => self.on_notify(handle, req, key, target, now),
             _ => {
                 let mut resp = self.simple_response(&req, 501, None);
                 resp.headers.push(message::make_header("Allow", ALLOW));
@@ -622,6 +643,19 @@ impl UserAgent {
         }
         if purpose == ClientPurpose::Invite {
             self.on_invite_response(handle, resp, now);
+            return;
+        }
+        if purpose == ClientPurpose::Refer {
+            if code >= 200 {
+                self.refer_result(handle, code);
+            }
+            return;
+        }
+        if purpose == ClientPurpose::Notify {
+            if code == 481 {
+                // The peer forgot the subscription (or the dialog): nothing left to tell it.
+                tracing::info!(call = handle.0, "transfer NOTIFY answered 481");
+            }
             return;
         }
         if purpose != ClientPurpose::Refresh || code < 200 {

@@ -1,6 +1,7 @@
 //! Outbound calls (UAC): INVITE with our offer, provisional/final handling, ACK, CANCEL.
 
 use super::*;
+use crate::sip::digest::Credentials;
 
 /// An outbound call to place with [`UserAgent::invite`].
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -19,6 +20,9 @@ pub struct OutboundCall {
     pub local: Option<SocketAddr>,
     /// Extra headers (names must be tokens; CR/LF in values are removed).
     pub headers: Vec<(String, String)>,
+    /// Answer 401/407 Digest challenges with these (one retry per realm); `None` reports
+    /// a challenge as `Failed(401/407)`.
+    pub auth: Option<Credentials>,
 }
 
 fn valid_header_name(n: &str) -> bool {
@@ -134,6 +138,8 @@ impl UserAgent {
                 cancel_pending: false,
                 cancel_sent: false,
                 ack: None,
+                auth: oc.auth.map(auth::AuthState::new),
+                transfer: None,
             },
         );
         self.timers
@@ -223,9 +229,19 @@ impl UserAgent {
                     return;
                 };
                 call.dialog.refresh_target(&resp.headers);
-                let ack = call
+                // The ACK repeats the INVITE's CSeq number (2 after an authenticated retry)
+                // and its credentials (§13.2.2.4).
+                let seq = message::cseq(&call.invite.headers)
+                    .map(|c| c.0)
+                    .unwrap_or(1);
+                let mut ack = call
                     .dialog
-                    .build_request(rsip::Method::Ack, &via, Some(1), None);
+                    .build_request(rsip::Method::Ack, &via, Some(seq), None);
+                for name in ["Authorization", "Proxy-Authorization"] {
+                    for v in message::headers_named(&call.invite.headers, name) {
+                        ack.headers.push(message::make_header(name, v));
+                    }
+                }
                 let target = Self::next_hop(call);
                 let bytes = message::to_bytes(&ack.into());
                 call.ack = Some((target, bytes.clone()));
@@ -245,6 +261,9 @@ impl UserAgent {
             }
             _ => {
                 if state != CallState::Calling {
+                    return;
+                }
+                if matches!(code, 401 | 407) && self.retry_with_credentials(handle, &resp, now) {
                     return;
                 }
                 let cancelled = self.calls.get(&handle).is_some_and(|c| c.cancel_sent);
@@ -290,7 +309,10 @@ impl UserAgent {
                 headers.push(message::make_header(n, v));
             }
         }
-        headers.push(message::make_header("CSeq", "1 CANCEL"));
+        // Same CSeq number as the INVITE it cancels (§9.1), which is 2 or more after an
+        // authenticated retry.
+        let seq = message::cseq(&inv.headers).map(|c| c.0).unwrap_or(1);
+        headers.push(message::make_header("CSeq", format!("{seq} CANCEL")));
         let cancel = rsip::Request {
             method: rsip::Method::Cancel,
             uri: inv.uri.clone(),

@@ -200,7 +200,8 @@ fn options_out_of_dialog_gets_200_with_capabilities() {
     h.input("OPTIONS sip:203.0.113.1 SIP/2.0\r\nVia: SIP/2.0/UDP 198.51.100.9:5060;branch=z9hG4bKo\r\nFrom: <sip:ping@x>;tag=p\r\nTo: <sip:203.0.113.1>\r\nCall-ID: ping1\r\nCSeq: 1 OPTIONS\r\nMax-Forwards: 70\r\nContent-Length: 0\r\n\r\n");
     let sent = h.take_sent();
     assert_eq!(statuses(&sent), vec![200]);
-    assert!(sent[0].contains("Allow: INVITE, ACK, CANCEL, BYE, OPTIONS, INFO, UPDATE\r\n"));
+    assert!(sent[0]
+        .contains("Allow: INVITE, ACK, CANCEL, BYE, OPTIONS, INFO, UPDATE, REFER, NOTIFY\r\n"));
     assert!(sent[0].contains("Accept: application/sdp\r\n"));
     assert!(sent[0].contains("Supported: timer\r\n"));
     assert!(
@@ -1127,6 +1128,7 @@ fn outbound(h: &mut H) -> (CallHandle, String) {
         media: H::media(),
         local: Some(LOCAL.parse().unwrap()),
         headers: vec![("X-Account".into(), "42".into())],
+        auth: None,
     };
     let call = h.ua.invite(oc, h.now).unwrap();
     h.drain();
