@@ -1,9 +1,32 @@
 //! An in-repo test caller: places a real SIP call over loopback with hand-written messages
 //! (independent of callforge's own SIP stack), records every RTP packet it receives with its
-//! arrival time, and sends RFC 4733 DTMF and PCMU audio. Analysis helpers decode what was
+//! arrival time, and sends RFC 4733 DTMF and G.711 audio. Analysis helpers decode what was
 //! heard, cross-correlate it with a reference and measure pacing.
+//!
+//! [`Callee`] is its counterpart, the far end of a call: it answers one INVITE the way a
+//! test tells it to (ring, early media, answer in PCMU or PCMA, reject, wait for CANCEL).
 
 #![allow(dead_code)]
+
+mod callee;
+mod codec;
+mod media;
+mod rtp;
+mod sdp;
+
+// Each test crate uses a different part of the peers.
+#[allow(unused_imports)]
+pub use callee::{AcceptOpts, Callee, Invite, Outcome};
+#[allow(unused_imports)]
+pub use codec::{alaw_to_linear, linear_to_alaw, Codec};
+#[allow(unused_imports)]
+pub use media::{pcap_audio, pcap_rtp, read_wav, CapturedRtp, SIPP_G711A_PCAP};
+#[allow(unused_imports)]
+pub use rtp::{decode_audio, dtmf_digits, dtmf_events, DtmfEvent};
+#[allow(unused_imports)]
+pub use sdp::{sdp_body, Sdp};
+
+use rtp::RtpOut;
 
 use std::{
     net::SocketAddr,
@@ -114,19 +137,20 @@ pub struct Call {
     /// Requests the server sent us in the dialog (BYE, INFO...), already answered with 200.
     pub requests: Arc<Mutex<Vec<SipMessage>>>,
     pub answer: SipMessage,
-    seq: u16,
-    ts: u32,
-    ssrc: u32,
+    /// The codec the answer chose among those offered, and its payload type.
+    pub codec: Codec,
+    pub audio_pt: u8,
+    out: RtpOut,
     dtmf_pt: u8,
 }
 
 const DTMF_PT: u8 = 101;
 
-fn branch() -> String {
+pub(crate) fn branch() -> String {
     format!("z9hG4bK{:016x}", rand_u64())
 }
 
-fn rand_u64() -> u64 {
+pub(crate) fn rand_u64() -> u64 {
     use std::hash::{BuildHasher, Hasher};
     let mut h = std::collections::hash_map::RandomState::new().build_hasher();
     h.write_u128(Instant::now().elapsed().as_nanos());
@@ -145,6 +169,18 @@ impl Call {
         to_user: &str,
         extra_headers: &[(&str, &str)],
     ) -> Result<Call, String> {
+        Self::place_offering(server, to_user, &[Codec::Pcmu], extra_headers).await
+    }
+
+    /// Like [`Call::place_with`], offering `codecs` in that order (plus telephone-event/101):
+    /// `&[Codec::Pcma]` makes callforge's two legs of a bridge negotiate different codecs.
+    /// Audio is then sent, and [`Call::received_audio`] decoded, in the codec the answer chose.
+    pub async fn place_offering(
+        server: SocketAddr,
+        to_user: &str,
+        codecs: &[Codec],
+        extra_headers: &[(&str, &str)],
+    ) -> Result<Call, String> {
         let sip = Arc::new(
             UdpSocket::bind("127.0.0.1:0")
                 .await
@@ -156,12 +192,11 @@ impl Call {
                 .map_err(|e| e.to_string())?,
         );
         let local = sip.local_addr().map_err(|e| e.to_string())?;
-        let rtp_port = rtp.local_addr().map_err(|e| e.to_string())?.port();
+        let rtp_addr = rtp.local_addr().map_err(|e| e.to_string())?;
         let call_id = format!("{:x}@test-caller", rand_u64());
         let from_tag = format!("{:x}", rand_u64() as u32);
-        let sdp = format!(
-            "v=0\r\no=caller 1 1 IN IP4 127.0.0.1\r\ns=-\r\nc=IN IP4 127.0.0.1\r\nt=0 0\r\nm=audio {rtp_port} RTP/AVP 0 {DTMF_PT}\r\na=rtpmap:0 PCMU/8000\r\na=rtpmap:{DTMF_PT} telephone-event/8000\r\na=fmtp:{DTMF_PT} 0-16\r\na=ptime:20\r\na=sendrecv\r\n"
-        );
+        let offered: Vec<(u8, Codec)> = codecs.iter().map(|&c| (c.pt(), c)).collect();
+        let sdp = sdp_body("caller", 1, rtp_addr, &offered, Some(DTMF_PT), "sendrecv");
         let extra: String = extra_headers
             .iter()
             .map(|(k, v)| format!("{k}: {v}\r\n"))
@@ -221,6 +256,17 @@ impl Call {
         let remote_rtp = answer
             .sdp_rtp_addr()
             .ok_or("200 OK without an SDP answer")?;
+        let answer_sdp = Sdp::parse(&answer.body).ok_or("200 OK without an SDP answer")?;
+        let (codec, audio_pt) = answer_sdp
+            .first_codec()
+            .filter(|(c, _)| codecs.contains(c))
+            .ok_or_else(|| {
+                format!(
+                    "the answer chose none of the offered codecs: {}",
+                    answer_sdp.m_line()
+                )
+            })?;
+        let dtmf_pt = answer_sdp.telephone_event().unwrap_or(DTMF_PT);
         let received = Arc::new(Mutex::new(Vec::new()));
         let requests = Arc::new(Mutex::new(Vec::new()));
         tokio::spawn(record_rtp(rtp.clone(), received.clone()));
@@ -232,15 +278,15 @@ impl Call {
             from_tag,
             to_header,
             cseq: 1,
+            out: RtpOut::new(rtp.clone()),
             rtp,
             remote_rtp,
             received,
             requests,
             answer,
-            seq: 1000,
-            ts: 16000,
-            ssrc: rand_u64() as u32,
-            dtmf_pt: DTMF_PT,
+            codec,
+            audio_pt,
+            dtmf_pt,
         })
     }
 
@@ -260,52 +306,18 @@ impl Call {
         }
     }
 
-    fn rtp_header(&mut self, pt: u8, marker: bool, ts: u32) -> Vec<u8> {
-        let mut h = vec![0x80, pt | if marker { 0x80 } else { 0 }];
-        h.extend_from_slice(&self.seq.to_be_bytes());
-        h.extend_from_slice(&ts.to_be_bytes());
-        h.extend_from_slice(&self.ssrc.to_be_bytes());
-        self.seq = self.seq.wrapping_add(1);
-        h
-    }
-
-    /// Send PCMU audio in 20 ms packets, paced by the clock.
+    /// Send audio in 20 ms packets, paced by the clock, in the negotiated codec.
     pub async fn send_audio(&mut self, samples: &[i16]) {
-        let start = tokio::time::Instant::now();
-        for (i, frame) in samples.chunks(160).enumerate() {
-            tokio::time::sleep_until(start + Duration::from_millis(20 * i as u64)).await;
-            let ts = self.ts;
-            let mut pkt = self.rtp_header(0, i == 0, ts);
-            pkt.extend(frame.iter().map(|&s| linear_to_ulaw(s)));
-            self.ts = self.ts.wrapping_add(160);
-            let _ = self.rtp.send_to(&pkt, self.remote_rtp).await;
-        }
+        self.out
+            .send_audio(self.remote_rtp, self.codec, self.audio_pt, samples)
+            .await;
     }
 
     /// One RFC 4733 event: start with marker, updates every 20 ms, three end packets.
     pub async fn send_dtmf(&mut self, digit: char, duration_ms: u32) {
-        let event: u8 = match digit {
-            '0'..='9' => digit as u8 - b'0',
-            '*' => 10,
-            '#' => 11,
-            'A'..='D' => 12 + (digit as u8 - b'A'),
-            _ => return,
-        };
-        let ts = self.ts;
-        let steps = (duration_ms / 20).max(1);
-        let start = tokio::time::Instant::now();
-        for i in 0..steps + 3 {
-            let end = i >= steps;
-            let duration = ((i.min(steps) + 1) * 160).min(steps * 160) as u16;
-            let pt = self.dtmf_pt;
-            let mut pkt = self.rtp_header(pt, i == 0, ts);
-            pkt.push(event);
-            pkt.push(if end { 0x80 | 10 } else { 10 });
-            pkt.extend_from_slice(&duration.to_be_bytes());
-            let _ = self.rtp.send_to(&pkt, self.remote_rtp).await;
-            tokio::time::sleep_until(start + Duration::from_millis(20 * (i as u64 + 1))).await;
-        }
-        self.ts = self.ts.wrapping_add(steps * 160 + 160);
+        self.out
+            .send_dtmf(self.remote_rtp, self.dtmf_pt, digit, duration_ms)
+            .await;
     }
 
     /// Send digits one after another with a gap between presses.
@@ -367,16 +379,36 @@ impl Call {
         None
     }
 
-    /// Audio packets received so far (payload type 0), in arrival order.
+    /// Audio packets received so far (the negotiated payload type: 0 unless the call was
+    /// placed offering another codec), in arrival order.
     pub fn audio_packets(&self) -> Vec<Received> {
         self.received
             .lock()
-            .map(|r| r.iter().filter(|p| p.pt == 0).cloned().collect())
+            .map(|r| {
+                r.iter()
+                    .filter(|p| p.pt == self.audio_pt)
+                    .cloned()
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// The audio received so far, decoded from the negotiated codec to 8 kHz samples.
+    pub fn received_audio(&self) -> Vec<i16> {
+        decode_audio(&self.audio_packets(), self.codec, self.audio_pt)
+    }
+
+    /// The RFC 4733 digits received so far (on the answer's telephone-event payload type),
+    /// once per event.
+    pub fn received_digits(&self) -> String {
+        self.received
+            .lock()
+            .map(|r| dtmf_digits(&r, self.dtmf_pt))
             .unwrap_or_default()
     }
 }
 
-async fn record_rtp(sock: Arc<UdpSocket>, into: Arc<Mutex<Vec<Received>>>) {
+pub(crate) async fn record_rtp(sock: Arc<UdpSocket>, into: Arc<Mutex<Vec<Received>>>) {
     let mut buf = vec![0u8; 2048];
     while let Ok((n, _)) = sock.recv_from(&mut buf).await {
         let at = Instant::now();

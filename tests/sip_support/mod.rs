@@ -258,3 +258,180 @@ pub fn assert_all_ok(run: &SippRun, calls: u64) {
 pub fn wait_a_little() {
     std::thread::sleep(Duration::from_millis(50));
 }
+
+/// A SIPp far end running one call of a `tests/sipp/uas_*.xml` scenario in the background.
+/// Killed on drop if still running; [`SippUas::finish`] says how the call went.
+pub struct SippUas {
+    child: Option<Child>,
+    /// The SIP port it listens on (UDP, 127.0.0.1).
+    pub port: u16,
+    /// Its RTP port (`[media_port]` in the scenario's SDP).
+    pub media_port: u16,
+    scenario: String,
+    work: tempfile::TempDir,
+}
+
+/// Starts `sipp -sf tests/sipp/<scenario> -i 127.0.0.1 -p <free port> -mp <free port> -m 1`
+/// (`.xml` optional in `scenario`) with `-timeout 60s -timeout_error -nostdin`, errors and
+/// the message trace in a temporary folder, then `extra_args` (a later `-timeout` wins).
+/// Returns once SIPp's SIP socket is bound, so an INVITE sent next is not lost.
+pub fn sipp_uas(scenario: &str, extra_args: &[&str]) -> SippUas {
+    let file = if scenario.ends_with(".xml") {
+        scenario.to_string()
+    } else {
+        format!("{scenario}.xml")
+    };
+    let path = Path::new(ROOT).join("tests/sipp").join(&file);
+    assert!(path.is_file(), "no scenario {}", path.display());
+    let work = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let media_port = loop {
+        let p = free_port();
+        if p != port {
+            break p;
+        }
+    };
+    let child = Command::new("sipp")
+        .arg("-sf")
+        .arg(&path)
+        .args(["-i", "127.0.0.1", "-p", &port.to_string()])
+        .args(["-mp", &media_port.to_string(), "-m", "1"])
+        .args(["-timeout", "60s", "-timeout_error", "-nostdin"])
+        .args(["-trace_err", "-error_file"])
+        .arg(work.path().join("errors.log"))
+        .args(["-trace_msg", "-message_file"])
+        .arg(work.path().join("messages.log"))
+        .args(extra_args)
+        .current_dir(work.path())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::from(
+            std::fs::File::create(work.path().join("stderr.log")).unwrap(),
+        ))
+        .spawn()
+        .expect("sipp is installed (Debian package sip-tester)");
+    let mut uas = SippUas {
+        child: Some(child),
+        port,
+        media_port,
+        scenario: file,
+        work,
+    };
+    // Bounded wait for the socket, read from /proc so that probing never steals the port.
+    let until = std::time::Instant::now() + Duration::from_secs(10);
+    while !udp_port_bound(port) {
+        let exited = uas.child.as_mut().and_then(|c| c.try_wait().ok().flatten());
+        if let Some(status) = exited {
+            panic!("{}", uas.report(Some(status)));
+        }
+        assert!(
+            std::time::Instant::now() < until,
+            "sipp did not bind 127.0.0.1:{port} within 10 s"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    uas
+}
+
+/// Whether some socket is bound to UDP `port` on this machine (Linux /proc/net/udp{,6}).
+fn udp_port_bound(port: u16) -> bool {
+    let suffix = format!(":{port:04X}");
+    ["/proc/net/udp", "/proc/net/udp6"].iter().any(|f| {
+        std::fs::read_to_string(f).is_ok_and(|table| {
+            table
+                .lines()
+                .skip(1)
+                .filter_map(|l| l.split_whitespace().nth(1))
+                .any(|local| local.ends_with(&suffix))
+        })
+    })
+}
+
+impl SippUas {
+    pub fn addr(&self) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], self.port))
+    }
+
+    /// `sip:<user>@127.0.0.1:<port>`.
+    pub fn uri(&self, user: &str) -> String {
+        format!("sip:{user}@{}", self.addr())
+    }
+
+    /// The SIP messages SIPp sent and received so far (its `-trace_msg` log).
+    pub fn messages(&self) -> String {
+        std::fs::read_to_string(self.work.path().join("messages.log")).unwrap_or_default()
+    }
+
+    /// Waits up to `timeout` for SIPp to finish its call (killing it after that): `Ok` on
+    /// exit status 0, else the status with SIPp's error log, stderr and the end of its
+    /// message trace.
+    pub fn finish(mut self, timeout: Duration) -> Result<(), String> {
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            match self.poll(deadline) {
+                Some(result) => return result,
+                None => std::thread::sleep(Duration::from_millis(20)),
+            }
+        }
+    }
+
+    /// [`SippUas::finish`] for async tests: waits without blocking the runtime, so the
+    /// test's own peers (a `Call`, a `Callee`) keep answering meanwhile.
+    pub async fn finish_async(mut self, timeout: Duration) -> Result<(), String> {
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            match self.poll(deadline) {
+                Some(result) => return result,
+                None => tokio::time::sleep(Duration::from_millis(20)).await,
+            }
+        }
+    }
+
+    fn poll(&mut self, deadline: std::time::Instant) -> Option<Result<(), String>> {
+        let child = self.child.as_mut()?;
+        let status = match child.try_wait() {
+            Ok(Some(status)) => Some(status),
+            Ok(None) if std::time::Instant::now() < deadline => return None,
+            _ => {
+                let _ = child.kill();
+                let _ = child.wait();
+                None
+            }
+        };
+        self.child = None;
+        Some(match status {
+            Some(s) if s.success() => Ok(()),
+            other => Err(self.report(other)),
+        })
+    }
+
+    fn report(&self, status: Option<std::process::ExitStatus>) -> String {
+        let read =
+            |name: &str| std::fs::read_to_string(self.work.path().join(name)).unwrap_or_default();
+        let tail = |text: String, n: usize| -> String {
+            let skip = text.chars().count().saturating_sub(n);
+            text.chars().skip(skip).collect()
+        };
+        format!(
+            "sipp {} on port {}: {}\n--- errors ---\n{}\n--- stderr ---\n{}\n--- last messages ---\n{}",
+            self.scenario,
+            self.port,
+            match status {
+                Some(s) => format!("exit status {:?}", s.code()),
+                None => "did not finish in time (killed)".to_string(),
+            },
+            tail(read("errors.log"), 4000),
+            tail(read("stderr.log"), 2000),
+            tail(read("messages.log"), 3000),
+        )
+    }
+}
+
+impl Drop for SippUas {
+    fn drop(&mut self) {
+        if let Some(child) = self.child.as_mut() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
