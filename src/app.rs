@@ -13,19 +13,19 @@ use crate::{
     config::{Config, RouteMode, SipConfig},
     http::{self, ApiState},
     media::{EspeakRenderer, PortAllocator, PromptCache, TtsCache, TtsRenderer},
+    modules::originate::{Originator, OriginatorSlot},
     routing::{request::request_user, Class4Server, RouteError, RouteTable},
     script::{Engine, EngineConfig, EngineError, HostModules, ScriptLibrary},
-    modules::originate::{Originator, OriginatorSlot},
     sip::{
         self, sdp::Codec, CallHandle, EndReason, EndedBy, ListenSpec, SipHandle, TransportError,
         UaConfig, UaEvent,
     },
     store::Records,
     voice::{
-        media_bind::MediaShared,
-        remote_audio::{HttpTtsRenderer, RemoteAudio, RemoteAudioConfig},
         control::{CallControl, DispatchCommand, LegEvent},
+        media_bind::MediaShared,
         originate::OriginateRequest,
+        remote_audio::{HttpTtsRenderer, RemoteAudio, RemoteAudioConfig},
         trunks::Trunks,
         CallEvent, VoiceServer,
     },
@@ -391,8 +391,8 @@ impl Originator for VoiceOriginator {
     ) -> futures::future::BoxFuture<'static, Result<u64, (u16, String)>> {
         let voice = self.0.clone();
         Box::pin(async move {
-            let req: OriginateRequest = serde_json::from_value(request)
-                .map_err(|e| (400, format!("bad request: {e}")))?;
+            let req: OriginateRequest =
+                serde_json::from_value(request).map_err(|e| (400, format!("bad request: {e}")))?;
             voice
                 .originate(req)
                 .await

@@ -49,8 +49,7 @@ pub async fn place_call(State(state): State<Arc<ApiState>>, body: Bytes) -> Resp
             .into_response()
         }
         Err(e) => {
-            return ApiError::new(StatusCode::BAD_REQUEST, format!("bad JSON: {e}"))
-                .into_response()
+            return ApiError::new(StatusCode::BAD_REQUEST, format!("bad JSON: {e}")).into_response()
         }
     };
     match o.originate(request).await {

@@ -90,19 +90,22 @@ pub fn parse_bridge_args(args: &[Json]) -> Result<(String, BridgeOpts), HostErro
         }
         Some(Json::Object(o)) => {
             if let Some(t) = o.get("timeout").filter(|t| !t.is_null()) {
-                let secs = t.as_f64().filter(|s| *s > 0.0 && *s <= 3600.0).ok_or_else(|| {
-                    HostError::type_error("ctx.bridge: timeout must be seconds, 0 < t <= 3600")
-                })?;
+                let secs = t
+                    .as_f64()
+                    .filter(|s| *s > 0.0 && *s <= 3600.0)
+                    .ok_or_else(|| {
+                        HostError::type_error("ctx.bridge: timeout must be seconds, 0 < t <= 3600")
+                    })?;
                 opts.timeout = Some(Duration::from_secs_f64(secs));
             }
-            opts.caller_id = o
-                .get("callerId")
-                .or_else(|| o.get("caller_id"))
-                .and_then(|v| match v {
-                    Json::String(s) => Some(s.clone()),
-                    Json::Number(n) => Some(n.to_string()),
-                    _ => None,
-                });
+            opts.caller_id =
+                o.get("callerId")
+                    .or_else(|| o.get("caller_id"))
+                    .and_then(|v| match v {
+                        Json::String(s) => Some(s.clone()),
+                        Json::Number(n) => Some(n.to_string()),
+                        _ => None,
+                    });
             if let Some(h) = o.get("headers") {
                 opts.headers = headers_arg(h)?;
             }
@@ -162,7 +165,10 @@ fn headers_arg(v: &Json) -> Result<Vec<(String, String)>, HostError> {
 /// Read `transfer(target[, {timeout}])`.
 pub fn parse_transfer_args(args: &[Json]) -> Result<(String, BridgeOpts), HostError> {
     let dest = destination_text(args.first(), "transfer")?;
-    let (_, mut opts) = parse_bridge_args(&[json!(dest.clone()), args.get(1).cloned().unwrap_or(Json::Null)])?;
+    let (_, mut opts) = parse_bridge_args(&[
+        json!(dest.clone()),
+        args.get(1).cloned().unwrap_or(Json::Null),
+    ])?;
     // A blind transfer hands the caller over: nothing for the script to continue with.
     opts.hangup_after = true;
     Ok((dest, opts))
@@ -299,7 +305,10 @@ impl CallState {
             std::net::SocketAddr::V6(a) => format!("[{}]", a.ip()),
             a => a.ip().to_string(),
         };
-        let from_user = dialed.caller_id.clone().unwrap_or_else(|| "callforge".into());
+        let from_user = dialed
+            .caller_id
+            .clone()
+            .unwrap_or_else(|| "callforge".into());
         let mut from = NameAddr::new(format!("sip:{from_user}@{}", self.server.rtp_ip));
         if let Some(name) = &self.caller_name {
             from.display = Some(name.clone());
@@ -462,7 +471,10 @@ impl CallState {
         self.cdr.legs.push(json!({
             "leg": leg.0, "destination": b.dest, "answered_at": now_ms(),
         }));
-        self.server.control.live.update(self.call.0, |c| c.state = "bridged");
+        self.server
+            .control
+            .live
+            .update(self.call.0, |c| c.state = "bridged");
         if !self.answered {
             let headers = self
                 .out_headers
@@ -560,7 +572,8 @@ impl CallState {
         };
         tracing::info!(call = ?self.call, leg = b.leg.0, status, code, duration, "bridge ended");
         if let Some(last) = self
-            .cdr.legs
+            .cdr
+            .legs
             .iter_mut()
             .rev()
             .find(|l| l["leg"] == json!(b.leg.0))
@@ -647,9 +660,16 @@ impl CallState {
             self.ended_by("callee", "normal_clearing".into());
             self.server.sip.hangup(self.call).await
         } else {
-            let code = if (300..=699).contains(&code) { code } else { 480 };
+            let code = if (300..=699).contains(&code) {
+                code
+            } else {
+                480
+            };
             self.ended_by("callee", code.to_string());
-            self.server.sip.reject(self.call, code, None, Vec::new()).await
+            self.server
+                .sip
+                .reject(self.call, code, None, Vec::new())
+                .await
         };
         if let Err(e) = sent {
             tracing::debug!(call = ?self.call, "caller hangup after bridge not sent: {e}");
@@ -694,11 +714,9 @@ mod tests {
         assert_eq!(o.headers, vec![("X-A".to_string(), "1".to_string())]);
         assert_eq!(o.trunk.as_deref(), Some("t"));
         assert!(o.continue_on_fail && !o.hangup_after);
-        let (_, o) = parse_bridge_args(&[
-            json!("1"),
-            json!({"headers": [{"key": "X-B", "value": 2}]}),
-        ])
-        .unwrap();
+        let (_, o) =
+            parse_bridge_args(&[json!("1"), json!({"headers": [{"key": "X-B", "value": 2}]})])
+                .unwrap();
         assert_eq!(o.headers, vec![("X-B".to_string(), "2".to_string())]);
         for bad in [
             vec![],
@@ -730,7 +748,10 @@ mod tests {
             status_of(&EndReason::Cancelled, false, true),
             ("cancelled", 487)
         );
-        assert_eq!(status_of(&EndReason::Timeout, false, false), ("no-answer", 408));
+        assert_eq!(
+            status_of(&EndReason::Timeout, false, false),
+            ("no-answer", 408)
+        );
         assert_eq!(
             status_of(&EndReason::Failed(404), false, false),
             ("failed", 404)

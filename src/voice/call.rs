@@ -9,9 +9,9 @@ use super::{
     bridge::{Bridge, BridgeOpts},
     control::{CallControl, LegEvent, LiveCall},
     ctx::{hangup_error, CallCtx, CtxRequest, OutHeaders, Reply},
-    trunks::Trunks,
     data,
     media_bind::{self, MediaShared, MediaSlot},
+    trunks::Trunks,
 };
 use crate::{
     config::CallsConfig,

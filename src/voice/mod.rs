@@ -27,8 +27,8 @@
 
 pub mod bridge;
 pub mod call;
-pub mod control;
 pub mod collect;
+pub mod control;
 pub mod ctx;
 pub mod data;
 pub mod media_bind;

@@ -233,7 +233,10 @@ impl VoiceServer {
             }
         };
         let Some(neg) = media else {
-            tracing::warn!(call = handle.0, "originated call answered without usable SDP");
+            tracing::warn!(
+                call = handle.0,
+                "originated call answered without usable SDP"
+            );
             let _ = self.sip.hangup(handle).await;
             self.control.live.remove(handle.0);
             return;

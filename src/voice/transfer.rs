@@ -23,18 +23,22 @@ impl CallState {
             )));
             return;
         }
-        let caller_id = opts.caller_id.clone().or_else(|| self.caller_number.clone());
-        let uri = match self
-            .server
-            .trunks
-            .resolve(&target, opts.trunk.as_deref(), caller_id.as_deref())
-        {
-            Ok(d) => d.request_uri,
-            Err(e) => {
-                let _ = reply.send(Err(HostError::error(format!("ctx.transfer: {e}"))));
-                return;
-            }
-        };
+        let caller_id = opts
+            .caller_id
+            .clone()
+            .or_else(|| self.caller_number.clone());
+        let uri =
+            match self
+                .server
+                .trunks
+                .resolve(&target, opts.trunk.as_deref(), caller_id.as_deref())
+            {
+                Ok(d) => d.request_uri,
+                Err(e) => {
+                    let _ = reply.send(Err(HostError::error(format!("ctx.transfer: {e}"))));
+                    return;
+                }
+            };
         if !self.answered {
             let r = self.server.sip.redirect(self.call, vec![uri.clone()]).await;
             match r {
@@ -94,7 +98,9 @@ impl CallState {
             return;
         };
         if (200..300).contains(&code) {
-            let _ = t.reply.send(Ok(json!({"status": "transferred", "sipCode": code,
+            let _ = t
+                .reply
+                .send(Ok(json!({"status": "transferred", "sipCode": code,
                 "method": "refer", "target": t.uri})));
             // The caller now talks to the target; our leg is done.
             self.ended = true;
@@ -105,7 +111,11 @@ impl CallState {
                 tracing::debug!(call = ?self.call, "BYE after transfer not sent: {e}");
             }
         } else {
-            let status = if code == 486 || code == 600 { "busy" } else { "failed" };
+            let status = if code == 486 || code == 600 {
+                "busy"
+            } else {
+                "failed"
+            };
             let _ = t.reply.send(Ok(json!({"status": status, "sipCode": code,
                 "method": "refer", "target": t.uri})));
         }
@@ -115,8 +125,10 @@ impl CallState {
     pub(super) fn transfer_caller_gone(&mut self) {
         if let Some(t) = self.transfer.take() {
             let r = if t.accepted {
-                Ok(json!({"status": "transferred", "sipCode": 202, "method": "refer",
-                    "target": t.uri}))
+                Ok(
+                    json!({"status": "transferred", "sipCode": 202, "method": "refer",
+                    "target": t.uri}),
+                )
             } else {
                 Err(hangup_error())
             };

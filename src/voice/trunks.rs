@@ -144,7 +144,9 @@ impl Trunks {
                 message,
             };
             if c.name.is_empty() || c.name.contains([':', '@', ' ']) {
-                return Err(err("name must be non-empty without ':', '@' or spaces".into()));
+                return Err(err(
+                    "name must be non-empty without ':', '@' or spaces".into()
+                ));
             }
             if list.iter().any(|t: &Arc<Trunk>| t.name == c.name) {
                 return Err(err("defined twice".into()));
@@ -289,7 +291,10 @@ impl Trunks {
     }
 
     fn resolve_uri(&self, uri: &str, caller_id: Option<&str>) -> Result<Dialed, TrunkError> {
-        if uri.chars().any(|c| c.is_whitespace() || c == '<' || c == '>') {
+        if uri
+            .chars()
+            .any(|c| c.is_whitespace() || c == '<' || c == '>')
+        {
             return Err(TrunkError::BadDestination(uri.to_string()));
         }
         let (host, port) = sip::message::uri_host_port(uri)
@@ -409,7 +414,10 @@ mod tests {
         let d = t.resolve("1", None, None).unwrap();
         let s1 = d.acquire().unwrap();
         let _s2 = d.acquire().unwrap();
-        assert!(matches!(d.acquire(), Err(TrunkError::AtLimit { max: 2, .. })));
+        assert!(matches!(
+            d.acquire(),
+            Err(TrunkError::AtLimit { max: 2, .. })
+        ));
         drop(s1);
         let _s3 = d.acquire().unwrap();
         assert_eq!(t.usage()[0], ("a".to_string(), 2, 2));

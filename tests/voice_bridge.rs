@@ -1,0 +1,436 @@
+//! Outbound legs end to end: `ctx.bridge` with the in-repo caller on one side and the in-repo
+//! callee or SIPp far ends on the other (audio both ways checked by correlation, PCMU↔PCMA
+//! transcoding, DTMF across, BYE from each side, busy, no answer, CANCEL, a 407 challenge),
+//! trunk and call limits, the calling-card example, and originating calls over HTTP.
+
+mod caller;
+mod sip_support;
+
+use std::{
+    path::Path,
+    time::{Duration, Instant},
+};
+
+use caller::{best_correlation, read_wav, AcceptOpts, Call, Callee, Codec};
+use serde_json::{json, Value};
+use sip_support::{sipp_uas, Server};
+
+const SECOND: Duration = Duration::from_secs(1);
+
+fn prompt(name: &str) -> Vec<i16> {
+    read_wav(&Path::new(sip_support::ROOT).join("media/ivr").join(name)).unwrap()
+}
+
+/// The middle of `reference` must be found in `heard` with a normalised correlation > 0.9.
+fn assert_heard(heard: &[i16], reference: &[i16], what: &str) {
+    let middle = &reference[1600..reference.len() - 1600];
+    let (score, at) = best_correlation(heard, middle);
+    assert!(
+        score > 0.9,
+        "{what}: correlation {score:.3} at {at} ({} samples heard, {} in the reference)",
+        heard.len(),
+        middle.len()
+    );
+}
+
+/// Polls `cond` every 20 ms for at most `within`.
+async fn eventually(within: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let until = Instant::now() + within;
+    loop {
+        if cond() {
+            return true;
+        }
+        if Instant::now() >= until {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+const BRIDGE_ROUTE: &str = r#"
+[[route]]
+match = "^bridge$"
+script = "bridge_to_header.js"
+mode = "class5"
+
+[[route]]
+match = "^card$"
+script = "calling_card.js"
+mode = "class5"
+"#;
+
+/// A server with the bridge routes, the shipped prompts and `extra` config (trunks, limits).
+fn server(extra: &str) -> Server {
+    let media = Path::new(sip_support::ROOT).join("media");
+    sip_support::start(&format!(
+        "[media]\ndir = \"{}\"\n{extra}\n{BRIDGE_ROUTE}",
+        media.display()
+    ))
+}
+
+/// The CDRs the server wrote, newest last.
+async fn cdrs(server: &Server) -> Vec<Value> {
+    let url = format!("http://{}/v1/cdrs?limit=100", server.http);
+    let page: Value = reqwest::get(&url).await.unwrap().json().await.unwrap();
+    page["items"].as_array().cloned().unwrap_or_default()
+}
+
+/// The script's result (the bridge outcome) from the newest CDR, once it is written.
+async fn last_result(server: &Server) -> Value {
+    let until = Instant::now() + 5 * SECOND;
+    loop {
+        if let Some(c) = cdrs(server).await.last() {
+            return c["result"].clone();
+        }
+        assert!(Instant::now() < until, "no CDR written");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn audio_crosses_both_ways_transcoded_and_dtmf_crosses_then_the_caller_hangs_up() {
+    let server = server("");
+    let mut callee = Callee::listen(Codec::Pcma).await;
+    let to = callee.uri("2001");
+    let headers = [("X-Bridge-To", to.as_str())];
+    let (call, invite) = tokio::join!(
+        Call::place_with(server.udp, "bridge", &headers),
+        callee.accept(AcceptOpts::answer_after(300))
+    );
+    let mut call = call.unwrap();
+    let invite = invite.unwrap();
+    assert_eq!(invite.user(), "2001");
+    assert_eq!(
+        invite.header("X-Leg"),
+        Some("b"),
+        "the script's header is on the B leg"
+    );
+    assert_eq!(call.codec, Codec::Pcmu, "the caller's leg stays PCMU");
+
+    let (welcome, menu) = (prompt("welcome.wav"), prompt("menu.wav"));
+    tokio::join!(call.send_audio(&welcome), callee.send_audio(&menu));
+    call.send_digits("12#").await;
+    callee.send_digits("9").await;
+    assert!(
+        eventually(3 * SECOND, || callee.received_digits() == "12#"
+            && call.received_digits() == "9")
+        .await,
+        "digits across the bridge: callee {:?}, caller {:?}",
+        callee.received_digits(),
+        call.received_digits()
+    );
+    assert_heard(
+        &callee.received_audio(),
+        &welcome,
+        "the callee (PCMA) hears the caller (PCMU)",
+    );
+    assert_heard(
+        &call.received_audio(),
+        &menu,
+        "the caller (PCMU) hears the callee (PCMA)",
+    );
+
+    assert_eq!(call.bye().await.unwrap(), 200);
+    assert!(
+        callee.wait_for_bye(5 * SECOND).await.is_some(),
+        "the caller's BYE ends the callee's leg"
+    );
+    let result = last_result(&server).await;
+    assert_eq!(result["status"], "completed", "{result}");
+    assert_eq!(result["sipCode"], 200);
+    assert!(result["duration"].as_f64().unwrap() > 1.0, "{result}");
+    let cdr = cdrs(&server).await.pop().unwrap();
+    assert_eq!(cdr["legs"][0]["status"], "completed", "{cdr}");
+}
+
+#[tokio::test]
+async fn a_bye_from_the_callee_ends_the_caller_too() {
+    let server = server("");
+    let mut callee = Callee::listen(Codec::Pcmu).await;
+    let to = callee.uri("2002");
+    let headers = [("X-Bridge-To", to.as_str())];
+    let (call, invite) = tokio::join!(
+        Call::place_with(server.udp, "bridge", &headers),
+        callee.accept(AcceptOpts::answer_after(100))
+    );
+    let call = call.unwrap();
+    invite.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(callee.bye().await.unwrap(), 200);
+    assert!(
+        call.wait_for_bye(5 * SECOND).await.is_some(),
+        "the callee's BYE ends the caller's leg"
+    );
+    assert_eq!(last_result(&server).await["status"], "completed");
+}
+
+#[tokio::test]
+async fn the_callees_answer_answers_an_unanswered_caller_and_early_media_reaches_it() {
+    let server = server("");
+    let mut callee = Callee::listen(Codec::Pcmu).await;
+    let to = callee.uri("2003");
+    let headers = [("X-Bridge-To", to.as_str()), ("X-Bridge-Answer", "no")];
+    let place = Call::place_with(server.udp, "bridge", &headers);
+    let far = async {
+        callee.wait_for_invite(5 * SECOND).await.unwrap();
+        callee.ring(true).await.unwrap();
+        // Early media: the caller hears this before anyone answers.
+        callee.send_audio(&prompt("welcome.wav")).await;
+        callee.answer().await.unwrap();
+    };
+    let (call, ()) = tokio::join!(place, far);
+    let mut call = call.unwrap();
+    assert_heard(
+        &call.received_audio(),
+        &prompt("welcome.wav"),
+        "early media from the callee",
+    );
+    assert_eq!(call.bye().await.unwrap(), 200);
+    assert!(callee.wait_for_bye(5 * SECOND).await.is_some());
+}
+
+#[tokio::test]
+async fn busy_resolves_busy_and_the_script_goes_on() {
+    let server = server("");
+    let uas = sipp_uas("uas_busy", &[]);
+    let to = uas.uri("3001");
+    let call = Call::place_with(
+        server.udp,
+        "bridge",
+        &[("X-Bridge-To", to.as_str()), ("X-Continue", "1")],
+    )
+    .await
+    .unwrap();
+    let bye = call
+        .wait_for_bye(10 * SECOND)
+        .await
+        .expect("the script hangs up");
+    assert_eq!(bye.header("X-Bridge"), Some("busy/486"));
+    uas.finish_async(10 * SECOND).await.unwrap();
+}
+
+#[tokio::test]
+async fn a_callee_that_never_answers_is_cancelled_at_the_timeout() {
+    let server = server("");
+    let uas = sipp_uas("uas_noanswer", &[]);
+    let to = uas.uri("3002");
+    let started = Instant::now();
+    let call = Call::place_with(
+        server.udp,
+        "bridge",
+        &[
+            ("X-Bridge-To", to.as_str()),
+            ("X-Continue", "1"),
+            ("X-Bridge-Timeout", "2"),
+        ],
+    )
+    .await
+    .unwrap();
+    let bye = call
+        .wait_for_bye(10 * SECOND)
+        .await
+        .expect("the script hangs up");
+    assert_eq!(bye.header("X-Bridge"), Some("no-answer/408"));
+    assert!(started.elapsed() >= 2 * SECOND);
+    // The scenario fails unless it got a CANCEL (and our ACK for its 487).
+    uas.finish_async(10 * SECOND).await.unwrap();
+}
+
+#[tokio::test]
+async fn the_callers_hangup_while_the_callee_rings_cancels_it() {
+    let server = server("");
+    let uas = sipp_uas("uas_noanswer", &[]);
+    let to = uas.uri("3003");
+    let mut call = Call::place_with(server.udp, "bridge", &[("X-Bridge-To", to.as_str())])
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    assert_eq!(call.bye().await.unwrap(), 200);
+    uas.finish_async(10 * SECOND).await.unwrap();
+    let result = last_result(&server).await;
+    assert_eq!(result["status"], "cancelled", "{result}");
+}
+
+#[tokio::test]
+async fn a_407_challenge_is_answered_with_the_trunks_credentials() {
+    let uas = sipp_uas("uas_auth", &["-set", "user", "alice"]);
+    let server = server(&format!(
+        "[[trunk]]\nname = \"carrier\"\nuri = \"127.0.0.1:{}\"\nusername = \"alice\"\npassword = \"s3cret\"\n",
+        uas.port
+    ));
+    let mut call = Call::place_with(server.udp, "bridge", &[("X-Bridge-To", "carrier:4401")])
+        .await
+        .unwrap();
+    assert!(
+        eventually(5 * SECOND, || uas
+            .messages()
+            .contains("Proxy-Authorization"))
+        .await,
+        "the INVITE was re-sent with credentials"
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(call.bye().await.unwrap(), 200);
+    uas.finish_async(10 * SECOND).await.unwrap();
+    assert_eq!(last_result(&server).await["status"], "completed");
+}
+
+#[tokio::test]
+async fn a_full_trunk_fails_the_second_bridge_with_503() {
+    let mut callee = Callee::listen(Codec::Pcmu).await;
+    let server = server(&format!(
+        "[[trunk]]\nname = \"small\"\nuri = \"{}\"\nmax_calls = 1\n",
+        callee.sip_addr()
+    ));
+    let headers = [("X-Bridge-To", "7001")];
+    let (first, invite) = tokio::join!(
+        Call::place_with(server.udp, "bridge", &headers),
+        callee.accept(AcceptOpts::answer_after(50))
+    );
+    let mut first = first.unwrap();
+    invite.unwrap();
+    let second = Call::place_with(
+        server.udp,
+        "bridge",
+        &[("X-Bridge-To", "7002"), ("X-Continue", "1")],
+    )
+    .await
+    .unwrap();
+    let bye = second
+        .wait_for_bye(5 * SECOND)
+        .await
+        .expect("refused at once");
+    assert_eq!(bye.header("X-Bridge"), Some("failed/503"));
+    assert_eq!(first.bye().await.unwrap(), 200);
+}
+
+#[tokio::test]
+async fn calls_are_hung_up_at_the_maximum_duration() {
+    let server = server("[calls]\nmax_duration_s = 2\n");
+    let mut callee = Callee::listen(Codec::Pcmu).await;
+    let to = callee.uri("2004");
+    let started = Instant::now();
+    let headers = [("X-Bridge-To", to.as_str())];
+    let (call, invite) = tokio::join!(
+        Call::place_with(server.udp, "bridge", &headers),
+        callee.accept(AcceptOpts::answer_after(50))
+    );
+    let call = call.unwrap();
+    invite.unwrap();
+    assert!(
+        call.wait_for_bye(6 * SECOND).await.is_some(),
+        "caller hung up"
+    );
+    assert!(
+        callee.wait_for_bye(2 * SECOND).await.is_some(),
+        "callee hung up"
+    );
+    let took = started.elapsed();
+    assert!(took >= 2 * SECOND && took < 5 * SECOND, "{took:?}");
+    let cdr = cdrs(&server).await.pop().unwrap();
+    assert_eq!(cdr["hangup_cause"], "max_duration", "{cdr}");
+}
+
+#[tokio::test]
+async fn the_calling_card_example_collects_a_number_and_bridges_to_it() {
+    let mut callee = Callee::listen(Codec::Pcmu).await;
+    let server = server(&format!(
+        "[[trunk]]\nname = \"pstn\"\nuri = \"{}\"\n",
+        callee.sip_addr()
+    ));
+    let mut call = Call::place(server.udp, "card").await.unwrap();
+    // Let the prompt start, then dial 4420 and end with #.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    call.send_digits("4420#").await;
+    let invite = callee
+        .accept(AcceptOpts::answer_after(100))
+        .await
+        .expect("the card bridges to the number");
+    assert_eq!(invite.user(), "4420");
+    let support = prompt("support.wav");
+    callee.send_audio(&support).await;
+    assert_heard(
+        &call.received_audio(),
+        &support,
+        "the caller hears the callee",
+    );
+    assert_eq!(callee.bye().await.unwrap(), 200);
+    // The bridge completed: the script returns and the call ends.
+    assert!(call.wait_for_bye(5 * SECOND).await.is_some());
+}
+
+#[tokio::test]
+async fn originate_places_a_call_runs_a_script_lists_and_hangs_it_up() {
+    let server = server("");
+    let mut callee = Callee::listen(Codec::Pcmu).await;
+    let http = reqwest::Client::new();
+    let base = format!("http://{}/v1/calls", server.http);
+    // Bad requests are refused before any INVITE.
+    let bad = http
+        .post(&base)
+        .body(r#"{"to": "sip:1@127.0.0.1:9", "script": "nope.js"}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(bad.status(), 404);
+    let bad = http.post(&base).body("{").send().await.unwrap();
+    assert_eq!(bad.status(), 400);
+    let no_trunk = http
+        .post(&base)
+        .json(&json!({"to": "4420", "script": "play_welcome.js"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(no_trunk.status(), 400);
+    let body: Value = no_trunk.json().await.unwrap();
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("no [[trunk]]"),
+        "{body}"
+    );
+
+    let placed = http
+        .post(&base)
+        .json(&json!({"to": callee.uri("5001"), "from": "15550100",
+                      "script": "play_welcome.js", "data": {"campaign": "c7"}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(placed.status(), 201);
+    let id = placed.json::<Value>().await.unwrap()["id"]
+        .as_u64()
+        .unwrap();
+    let invite = callee.accept(AcceptOpts::answer_after(100)).await.unwrap();
+    assert_eq!(invite.user(), "5001");
+    assert!(invite.from.contains("15550100"), "{}", invite.from);
+
+    let list: Value = http.get(&base).send().await.unwrap().json().await.unwrap();
+    let live = list["calls"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["id"] == json!(id))
+        .cloned()
+        .expect("the call is listed");
+    assert_eq!(live["direction"], "outbound");
+    assert_eq!(live["state"], "answered", "{live}");
+
+    // The script plays the welcome prompt to the callee.
+    assert!(
+        eventually(5 * SECOND, || callee.received_audio().len() > 8000 * 3).await,
+        "the script's audio reaches the callee"
+    );
+    assert_heard(
+        &callee.received_audio(),
+        &prompt("welcome.wav"),
+        "the originated call's script",
+    );
+    let del = http.delete(format!("{base}/{id}")).send().await.unwrap();
+    assert_eq!(del.status(), 204);
+    assert!(callee.wait_for_bye(3 * SECOND).await.is_some());
+    let gone = http.delete(format!("{base}/{id}")).send().await.unwrap();
+    assert_eq!(gone.status(), 404);
+    let cdr = cdrs(&server).await.pop().unwrap();
+    assert_eq!(cdr["hangup_cause"], "api", "{cdr}");
+}
