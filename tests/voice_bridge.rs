@@ -13,7 +13,7 @@ use std::{
 
 use caller::{best_correlation, read_wav, AcceptOpts, Call, Callee, Codec};
 use serde_json::{json, Value};
-use sip_support::{sipp_uas, Server};
+use sip_support::{assert_all_ok, sipp, sipp_uas, Server};
 
 const SECOND: Duration = Duration::from_secs(1);
 
@@ -51,6 +51,16 @@ const BRIDGE_ROUTE: &str = r#"
 [[route]]
 match = "^bridge$"
 script = "bridge_to_header.js"
+mode = "class5"
+
+[[route]]
+match = "^transfer$"
+script = "transfer_to_header.js"
+mode = "class5"
+
+[[route]]
+match = "^hold$"
+script = "play_welcome.js"
 mode = "class5"
 
 [[route]]
@@ -433,4 +443,125 @@ async fn originate_places_a_call_runs_a_script_lists_and_hangs_it_up() {
     assert_eq!(gone.status(), 404);
     let cdr = cdrs(&server).await.pop().unwrap();
     assert_eq!(cdr["hangup_cause"], "api", "{cdr}");
+}
+
+/// Runs a SIPp caller scenario without blocking the test's runtime.
+async fn sipp_caller(
+    scenario: &'static str,
+    server: &Server,
+    service: &'static str,
+    target: String,
+) -> sip_support::SippRun {
+    let addr = server.udp;
+    tokio::task::spawn_blocking(move || {
+        sipp(scenario, addr, service, 1, &["-set", "target", &target])
+    })
+    .await
+    .unwrap()
+}
+
+#[tokio::test]
+async fn transfer_after_answer_is_a_refer_followed_by_notify_and_bye() {
+    let server = server("");
+    let run = sipp_caller(
+        "uac_transfer",
+        &server,
+        "transfer",
+        "sip:4420@127.0.0.1:5999".into(),
+    )
+    .await;
+    assert_all_ok(&run, 1);
+    let result = last_result(&server).await;
+    assert_eq!(result["status"], "transferred", "{result}");
+    assert_eq!(result["method"], "refer");
+    assert_eq!(result["target"], "sip:4420@127.0.0.1:5999");
+}
+
+#[tokio::test]
+async fn transfer_falls_back_to_a_bridge_when_the_caller_refuses_refer() {
+    let server = server("");
+    let mut callee = Callee::listen(Codec::Pcmu).await;
+    let target = callee.uri("4421");
+    let caller = sipp_caller("uac_refer_refused", &server, "transfer", target);
+    let far = async {
+        let invite = callee.accept(AcceptOpts::answer_after(100)).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(callee.bye().await.unwrap(), 200);
+        invite
+    };
+    let (run, invite) = tokio::join!(caller, far);
+    assert_all_ok(&run, 1);
+    assert_eq!(invite.user(), "4421");
+    let result = last_result(&server).await;
+    assert_eq!(result["status"], "completed", "{result}");
+    assert_eq!(result["method"], "bridge", "{result}");
+}
+
+#[tokio::test]
+async fn transfer_before_answer_is_a_302() {
+    let server = server("");
+    let run = sipp_caller(
+        "uac_redirected",
+        &server,
+        "transfer",
+        "sip:4420@127.0.0.1:5999".into(),
+    )
+    .await;
+    assert_all_ok(&run, 1);
+    assert_eq!(last_result(&server).await["status"], "transferred");
+}
+
+#[tokio::test]
+async fn a_refer_from_the_caller_is_refused_by_default() {
+    let server = server("");
+    let run = sipp_caller("uac_refer_in", &server, "hold", String::new()).await;
+    assert_all_ok(&run, 1);
+}
+
+#[tokio::test]
+async fn app_scripts_originate_list_and_hang_up_calls() {
+    let server = server("");
+    let mut callee = Callee::listen(Codec::Pcmu).await;
+    let http = reqwest::Client::new();
+    let dialer = r#"async function main(d) {
+        const originate = require('originate');
+        if (d.hangup) return originate.hangup(d.hangup);
+        const placed = await originate({to: d.to, script: "play_welcome.js", data: {campaign: "js"}});
+        return {id: placed.id, listed: originate.list().calls.some(c => c.id === placed.id)};
+    }"#;
+    let put = http
+        .put(format!("http://{}/v1/scripts/dialer.js", server.http))
+        .body(dialer)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(put.status(), 200);
+    let run = |body: Value| {
+        let http = http.clone();
+        let url = format!("http://{}/v1/run/dialer.js?mode=app", server.http);
+        async move {
+            let r = http.post(url).json(&body).send().await.unwrap();
+            assert_eq!(r.status(), 200);
+            r.json::<Value>().await.unwrap()["result"].clone()
+        }
+    };
+    let (placed, invite) = tokio::join!(
+        run(json!({"to": callee.uri("6001")})),
+        callee.accept(AcceptOpts::answer_after(100))
+    );
+    assert_eq!(invite.unwrap().user(), "6001");
+    assert_eq!(placed["listed"], json!(true), "{placed}");
+    let id = placed["id"].as_u64().unwrap();
+    assert_eq!(run(json!({"hangup": id})).await, json!(true));
+    assert!(callee.wait_for_bye(3 * SECOND).await.is_some());
+    // Once the call's task has finished, the id is no longer live.
+    let mut gone = false;
+    for _ in 0..50 {
+        if run(json!({"hangup": id})).await == json!(false) {
+            gone = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(40)).await;
+    }
+    assert!(gone, "the hung-up call leaves the live list");
 }
