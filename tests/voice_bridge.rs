@@ -72,10 +72,13 @@ mode = "class5"
 /// A server with the bridge routes, the shipped prompts and `extra` config (trunks, limits).
 fn server(extra: &str) -> Server {
     let media = Path::new(sip_support::ROOT).join("media");
-    sip_support::start(&format!(
-        "[media]\ndir = \"{}\"\n{extra}\n{BRIDGE_ROUTE}",
-        media.display()
-    ))
+    sip_support::start_logging(
+        &format!(
+            "[media]\ndir = \"{}\"\n{extra}\n{BRIDGE_ROUTE}",
+            media.display()
+        ),
+        std::env::var("BRIDGE_LOG").ok().as_deref().map(Path::new),
+    )
 }
 
 /// The CDRs the server wrote, newest last.
@@ -190,6 +193,8 @@ async fn the_callees_answer_answers_an_unanswered_caller_and_early_media_reaches
     };
     let (call, ()) = tokio::join!(place, far);
     let mut call = call.unwrap();
+    let welcome_len = prompt("welcome.wav").len();
+    eventually(3 * SECOND, || call.received_audio().len() >= welcome_len).await;
     assert_heard(
         &call.received_audio(),
         &prompt("welcome.wav"),
@@ -564,4 +569,45 @@ async fn app_scripts_originate_list_and_hang_up_calls() {
         tokio::time::sleep(Duration::from_millis(40)).await;
     }
     assert!(gone, "the hung-up call leaves the live list");
+}
+
+#[tokio::test]
+async fn a_bridged_callers_refer_hands_the_far_party_to_the_target() {
+    let server = server("[calls]\naccept_refer = true\n");
+    let mut b = Callee::listen(Codec::Pcmu).await;
+    let mut c = Callee::listen(Codec::Pcma).await;
+    let (b_uri, c_uri) = (b.uri("8001"), c.uri("8002"));
+    let addr = server.udp;
+    let caller = tokio::task::spawn_blocking(move || {
+        sipp(
+            "uac_refer_bridged",
+            addr,
+            "bridge",
+            1,
+            &["-set", "target", &b_uri, "-set", "referto", &c_uri],
+        )
+    });
+    b.accept(AcceptOpts::answer_after(100)).await.unwrap();
+    let invite = c.accept(AcceptOpts::answer_after(200)).await.unwrap();
+    assert_eq!(invite.user(), "8002");
+    let run = caller.await.unwrap();
+    assert_all_ok(&run, 1);
+    // B and C now talk through callforge (C answered PCMA: transcoded).
+    let menu = prompt("menu.wav");
+    b.send_audio(&menu).await;
+    assert_heard(&c.received_audio(), &menu, "the transfer target hears B");
+    assert_eq!(c.bye().await.unwrap(), 200);
+    assert!(b.wait_for_bye(5 * SECOND).await.is_some(), "C's BYE ends B");
+    let cdr = {
+        let until = Instant::now() + 5 * SECOND;
+        loop {
+            let all = cdrs(&server).await;
+            if let Some(c) = all.last() {
+                break c.clone();
+            }
+            assert!(Instant::now() < until);
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    assert_eq!(cdr["hangup_cause"], "transferred", "{cdr}");
 }

@@ -189,9 +189,12 @@ fn status_of(reason: &EndReason, timed_out: bool, caller_gone: bool) -> (&'stati
 }
 
 /// The relay task and how to stop it.
-struct RelayRun {
-    stop: oneshot::Sender<()>,
-    done: tokio::task::JoinHandle<(RtpSocket, MediaSession, RtpSocket, RelayStats)>,
+pub(super) struct RelayRun {
+    pub(super) stop: oneshot::Sender<()>,
+    /// Gives back the first leg's socket (and the caller's media session when the first leg
+    /// is the caller), the second leg's socket, and the counters.
+    pub(super) done:
+        tokio::task::JoinHandle<(RtpSocket, Option<MediaSession>, RtpSocket, RelayStats)>,
 }
 
 /// One bridge attempt in progress.
@@ -202,19 +205,23 @@ pub(super) struct Bridge {
     dest: String,
     /// Answer timeout; `None` once answered.
     pub(super) ring_deadline: Option<tokio::time::Instant>,
-    answered_at: Option<Instant>,
+    pub(super) answered_at: Option<Instant>,
     /// The B leg's RTP socket until the relay takes it.
     rtp: Option<RtpSocket>,
-    relay: Option<RelayRun>,
+    pub(super) relay: Option<RelayRun>,
     timed_out: bool,
     caller_gone: bool,
     ringback: bool,
     _slot: TrunkSlot,
     /// Set when this bridge is a transfer's fallback.
     pub(super) transfer: bool,
+    /// What the B leg negotiated, once known (a REFER from the caller re-bridges it).
+    pub(super) b_neg: Option<Negotiated>,
+    /// The leg a caller's accepted REFER is placing, then the one B is bridged to instead.
+    pub(super) refer: Option<super::refer_in::ReferLeg>,
 }
 
-fn leg_media(neg: &Negotiated) -> LegMedia {
+pub(super) fn leg_media(neg: &Negotiated) -> LegMedia {
     LegMedia {
         codec: match neg.codec {
             Codec::Pcmu => G711::Pcmu,
@@ -354,6 +361,8 @@ impl CallState {
             ringback: false,
             _slot: slot,
             transfer,
+            b_neg: None,
+            refer: None,
         });
     }
 
@@ -384,8 +393,15 @@ impl CallState {
         let Some(b) = self.bridge.as_mut() else {
             return;
         };
+        if b.refer.as_ref().is_some_and(|r| r.connected) {
+            // The caller transferred B away and left: B stays with the transfer target.
+            return;
+        }
         b.caller_gone = true;
         let leg = b.leg;
+        if let Some(r) = b.refer.take() {
+            let _ = self.server.sip.hangup(r.handle).await;
+        }
         if let Err(e) = self.server.sip.hangup(leg).await {
             tracing::debug!(leg = leg.0, "B leg hangup not sent: {e}");
         }
@@ -528,6 +544,9 @@ impl CallState {
         };
         let caller = leg_media(&caller_neg);
         let callee = leg_media(&b_neg);
+        if let Some(b) = self.bridge.as_mut() {
+            b.b_neg = Some(b_neg.clone());
+        }
         let (stop, stopped) = oneshot::channel::<()>();
         let b_ssrc = fastrand::u32(..);
         let done = tokio::spawn(async move {
@@ -550,7 +569,7 @@ impl CallState {
                 },
             )
             .await;
-            (c_sock, c_session, b_sock, stats)
+            (c_sock, Some(c_session), b_sock, stats)
         });
         if let Some(b) = self.bridge.as_mut() {
             b.relay = Some(RelayRun { stop, done });
@@ -562,6 +581,12 @@ impl CallState {
         let Some(mut b) = self.bridge.take() else {
             return;
         };
+        // B was re-bridged to a transfer target: that leg ends with it.
+        if let Some(third) = b.refer.take() {
+            if let Err(e) = self.server.sip.hangup(third.handle).await {
+                tracing::debug!(leg = third.handle.0, "transfer target hangup not sent: {e}");
+            }
+        }
         let duration = b
             .answered_at
             .map_or(0.0, |t| (t.elapsed().as_millis() as f64) / 1000.0);
@@ -590,7 +615,7 @@ impl CallState {
             match run.done.await {
                 Ok((sock, session, _b_sock, stats)) => {
                     tracing::debug!(call = ?self.call, ?stats, "relay stopped");
-                    if !self.ended {
+                    if let (false, Some(session)) = (self.ended, session) {
                         self.resume_media(sock, session);
                     }
                 }

@@ -348,6 +348,11 @@ impl CallState {
                 CallEvent::Kill { cause } => self.kill(cause).await,
                 CallEvent::ReferResponse { code } => self.refer_response(code).await,
                 CallEvent::TransferNotify { code } => self.transfer_notify(code).await,
+                CallEvent::InDialog {
+                    kind: InDialogKind::Refer,
+                    request,
+                    ..
+                } => self.refer_from_caller(&request).await,
                 ev => self.event(ev),
             }
             if caller_gone {
@@ -356,6 +361,13 @@ impl CallState {
             }
         } else if self.bridge.as_ref().is_some_and(|b| b.leg == leg) {
             self.bridge_event(ev).await;
+        } else if self
+            .bridge
+            .as_ref()
+            .and_then(|b| b.refer.as_ref())
+            .is_some_and(|r| r.handle == leg)
+        {
+            self.refer_leg_event(ev).await;
         }
     }
 
@@ -404,6 +416,12 @@ impl CallState {
     }
 
     async fn media_config(&mut self) -> Result<MediaConfig, HostError> {
+        // Early media already runs on a socket (or a bridge relays it): answer with that one.
+        if let (None, Some(running)) = (&self.rtp, self.media.get()) {
+            let mut cfg = MediaConfig::new(self.server.rtp_ip, running.media.local_addr.port());
+            cfg.codecs = self.server.codecs.clone();
+            return Ok(cfg);
+        }
         if self.rtp.is_none() {
             let sock = RtpSocket::bind(&self.server.rtp_ports, self.server.rtp_ip)
                 .await

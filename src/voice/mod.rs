@@ -13,6 +13,7 @@
 //! | [`control`] | placing outbound legs through the SIP dispatcher; the live-call list |
 //! | [`bridge`] | `ctx.bridge`: the B leg, ringback/early media, the RTP relay, ending both legs |
 //! | [`transfer`] | `ctx.transfer`: 302 before answer, REFER after, bridge when REFER is refused |
+//! | [`refer_in`] | a bridged caller's REFER (`accept_refer`): B is re-bridged to the target |
 //! | [`originate`] | calls placed from the API (`POST /v1/calls`, `originate()`) that run a script once answered |
 //!
 //! The `ctx` lives on a script worker thread (its futures are `!Send`); the call task lives
@@ -35,6 +36,7 @@ pub mod media_bind;
 pub mod media_ops;
 pub mod media_task;
 pub mod originate;
+pub mod refer_in;
 pub mod remote_audio;
 pub mod transfer;
 pub mod trunks;

@@ -125,7 +125,14 @@ pub fn start_logging(extra_sip: &str, log: Option<&Path>) -> Server {
         .arg(&cfg)
         .arg("--scripts")
         .arg(&scripts)
-        .env("RUST_LOG", if log.is_some() { "info" } else { "warn" })
+        .env(
+            "RUST_LOG",
+            if log.is_some() {
+                std::env::var("CF_LOG_LEVEL").unwrap_or_else(|_| "info".into())
+            } else {
+                "warn".into()
+            },
+        )
         .env("NO_COLOR", "1")
         .stdout(Stdio::piped())
         .stderr(match log {
