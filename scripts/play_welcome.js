@@ -5,4 +5,5 @@ async function main(data, ctx) {
   ctx.log("direction", data.direction, "campaign", data.campaign);
   await ctx.play("ivr/welcome.wav");
   await ctx.waitForHangup();
+  return { direction: data.direction, campaign: data.campaign };
 }

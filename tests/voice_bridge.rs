@@ -64,6 +64,11 @@ script = "play_welcome.js"
 mode = "class5"
 
 [[route]]
+match = "^fallback$"
+script = "bridge_fallback.js"
+mode = "class5"
+
+[[route]]
 match = "^card$"
 script = "calling_card.js"
 mode = "class5"
@@ -448,6 +453,11 @@ async fn originate_places_a_call_runs_a_script_lists_and_hangs_it_up() {
     assert_eq!(gone.status(), 404);
     let cdr = cdrs(&server).await.pop().unwrap();
     assert_eq!(cdr["hangup_cause"], "api", "{cdr}");
+    // The script saw data.direction and the request's data.
+    assert_eq!(
+        cdr["result"],
+        json!({"direction": "outbound", "campaign": "c7"})
+    );
 }
 
 /// Runs a SIPp caller scenario without blocking the test's runtime.
@@ -610,4 +620,66 @@ async fn a_bridged_callers_refer_hands_the_far_party_to_the_target() {
         }
     };
     assert_eq!(cdr["hangup_cause"], "transferred", "{cdr}");
+}
+
+#[tokio::test]
+async fn a_caller_cancelling_while_the_bridge_rings_cancels_the_callee() {
+    let server = server("");
+    let uas = sipp_uas("uas_noanswer", &[]);
+    let run = sipp_caller("uac_cancel_bridge", &server, "bridge", uas.uri("3004")).await;
+    assert_all_ok(&run, 1);
+    uas.finish_async(10 * SECOND).await.unwrap();
+    assert_eq!(last_result(&server).await["status"], "cancelled");
+}
+
+/// The fallback script against a busy first destination and an answering backup.
+async fn fallback(extra: &str) -> (Value, Option<String>) {
+    let server = server(extra);
+    let busy = sipp_uas("uas_busy", &[]);
+    let mut backup = Callee::listen(Codec::Pcmu).await;
+    let (first, second) = (busy.uri("3005"), backup.uri("3006"));
+    let headers = [
+        ("X-Bridge-To", first.as_str()),
+        ("X-Bridge-Backup", second.as_str()),
+    ];
+    let mut call = Call::place_with(server.udp, "fallback", &headers)
+        .await
+        .unwrap();
+    let answered =
+        tokio::time::timeout(3 * SECOND, backup.accept(AcceptOpts::answer_after(50))).await;
+    let outcome = if answered.is_ok() {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert_eq!(call.bye().await.unwrap(), 200);
+        None
+    } else {
+        let bye = call
+            .wait_for_bye(5 * SECOND)
+            .await
+            .expect("the script hangs up");
+        bye.header("X-Bridge").map(str::to_string)
+    };
+    busy.finish_async(10 * SECOND).await.unwrap();
+    (last_result(&server).await, outcome)
+}
+
+#[tokio::test]
+async fn a_failed_bridge_falls_back_to_a_second_destination() {
+    let (result, hung_up) = fallback("").await;
+    assert_eq!(hung_up, None, "the backup answered");
+    assert_eq!(result["first"]["status"], "busy", "{result}");
+    assert_eq!(result["second"]["status"], "completed", "{result}");
+}
+
+#[tokio::test]
+async fn bridge_attempts_beyond_the_limit_fail_with_503() {
+    let (result, hung_up) = fallback("[calls]\nmax_bridge_attempts = 1\n").await;
+    assert_eq!(hung_up.as_deref(), Some("failed/503"));
+    assert_eq!(result["first"]["status"], "busy", "{result}");
+    assert!(
+        result["second"]["reason"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("limit of 1 bridge attempts"),
+        "{result}"
+    );
 }
