@@ -683,3 +683,26 @@ async fn bridge_attempts_beyond_the_limit_fail_with_503() {
         "{result}"
     );
 }
+
+#[tokio::test]
+async fn a_silent_destination_resolves_no_answer_at_the_ring_timeout() {
+    let server = server("");
+    // A bound socket that never answers: no 100, no 180, nothing to CANCEL.
+    let silent = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let to = format!("sip:3007@{}", silent.local_addr().unwrap());
+    let headers = [
+        ("X-Bridge-To", to.as_str()),
+        ("X-Continue", "1"),
+        ("X-Bridge-Timeout", "1"),
+    ];
+    let started = Instant::now();
+    let call = Call::place_with(server.udp, "bridge", &headers)
+        .await
+        .unwrap();
+    let bye = call
+        .wait_for_bye(5 * SECOND)
+        .await
+        .expect("the script goes on");
+    assert_eq!(bye.header("X-Bridge"), Some("no-answer/408"));
+    assert!(started.elapsed() < 4 * SECOND, "{:?}", started.elapsed());
+}

@@ -211,6 +211,8 @@ pub(super) struct Bridge {
     pub(super) relay: Option<RelayRun>,
     timed_out: bool,
     caller_gone: bool,
+    /// A provisional response arrived (a CANCEL can be sent).
+    progress_seen: bool,
     ringback: bool,
     _slot: TrunkSlot,
     /// Set when this bridge is a transfer's fallback.
@@ -358,6 +360,7 @@ impl CallState {
             relay: None,
             timed_out: false,
             caller_gone: false,
+            progress_seen: false,
             ringback: false,
             _slot: slot,
             transfer,
@@ -382,9 +385,16 @@ impl CallState {
         b.ring_deadline = None;
         b.timed_out = true;
         let leg = b.leg;
+        let silent = !b.progress_seen;
         tracing::info!(call = ?self.call, leg = leg.0, "bridge not answered in time; cancelling");
         if let Err(e) = self.server.sip.hangup(leg).await {
             tracing::debug!(leg = leg.0, "cancel not sent: {e}");
+        }
+        if silent {
+            // Nothing answered at all (a dead host): CANCEL must wait for a provisional that
+            // may never come, so the script is not kept waiting for timer B; the stack still
+            // cancels the INVITE if a late provisional arrives.
+            self.bridge_ended(EndReason::Timeout).await;
         }
     }
 
@@ -411,6 +421,9 @@ impl CallState {
     pub(super) async fn bridge_event(&mut self, ev: CallEvent) {
         match ev {
             CallEvent::Progress { code, media } => {
+                if let Some(b) = self.bridge.as_mut() {
+                    b.progress_seen = true;
+                }
                 if let Some(neg) = media {
                     self.bridge_early_media(neg).await;
                 } else if code == 180 || code == 183 {
