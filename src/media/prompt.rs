@@ -164,11 +164,24 @@ fn resample(input: &[f32], from: u32) -> Result<Vec<f32>, String> {
     Ok(out.take_data())
 }
 
+/// What a cached prompt was made from: a file as it was on disk, or a `tone:` spec.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
-struct Key {
-    path: PathBuf,
-    mtime: Option<SystemTime>,
-    len: u64,
+enum Key {
+    File {
+        path: PathBuf,
+        mtime: Option<SystemTime>,
+        len: u64,
+    },
+    Tone(String),
+}
+
+impl Key {
+    fn path(&self) -> Option<&Path> {
+        match self {
+            Key::File { path, .. } => Some(path),
+            Key::Tone(_) => None,
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -223,16 +236,25 @@ impl PromptCache {
     }
 
     /// Loads a prompt by name relative to the root, or renders a `tone:` spec.
+    ///
+    /// Rendered tones are cached like files: every call playing the same tone shares one
+    /// copy of its samples (a 3 s tone is 47 KiB, which would otherwise be per call).
     pub fn load(&self, name: &str) -> Result<Arc<[i16]>, PromptError> {
         if name.trim_start().starts_with("tone:") {
-            return Ok(Tone::parse(name)?.render().into());
+            let key = Key::Tone(name.trim().to_string());
+            if let Some(v) = self.lookup(&key) {
+                return Ok(v);
+            }
+            let v: Arc<[i16]> = Tone::parse(name)?.render().into();
+            self.insert(key, v.clone());
+            return Ok(v);
         }
         let path = paths::resolve_existing(&self.root, name)?;
         let meta = std::fs::metadata(&path).map_err(|source| PromptError::Io {
             path: path.clone(),
             source,
         })?;
-        let key = Key {
+        let key = Key::File {
             path: path.clone(),
             mtime: meta.modified().ok(),
             len: meta.len(),
@@ -281,7 +303,7 @@ impl PromptCache {
         let stale: Vec<Key> = inner
             .lru
             .iter()
-            .filter(|(k, _)| k.path == key.path && **k != key)
+            .filter(|(k, _)| k.path().is_some() && k.path() == key.path() && **k != key)
             .map(|(k, _)| k.clone())
             .collect();
         for k in stale {
@@ -520,6 +542,10 @@ mod tests {
         ));
         assert!(matches!(cache.load("tone:1,1"), Err(PromptError::Tone(_))));
         assert_eq!(cache.load("tone:440,100").unwrap().len(), 800);
+        // A tone is rendered once and then shared.
+        let again = cache.load(" tone:440,100").unwrap();
+        assert!(Arc::ptr_eq(&again, &cache.load("tone:440,100").unwrap()));
+        assert_eq!(cache.stats().entries, 1);
     }
 
     #[test]

@@ -23,6 +23,7 @@ use super::{
     exception::{describe_exception, script_error_from, value_text},
     host::{HostCall, HostError, HostModules, HostObject, HostResult, MethodKind, Registered},
     mode::{Limits, Mode},
+    shared::{Interruptible, Membership, SharedRuntime},
 };
 
 /// What the caller of the core asks for.
@@ -130,6 +131,8 @@ struct RunState {
     /// cannot see, and would keep the whole context alive.
     input: RefCell<Option<Persistent<Value<'static>>>>,
     next_id: Cell<u64>,
+    /// Set when the context lives in a runtime shared with other calls (class5).
+    member: Option<Membership>,
 }
 
 struct Settler {
@@ -155,6 +158,7 @@ impl RunState {
             settlers: RefCell::new(HashMap::new()),
             input: RefCell::new(None),
             next_id: Cell::new(0),
+            member: None,
         }
     }
 
@@ -172,7 +176,9 @@ impl RunState {
     }
 
     /// Execute JavaScript, charging the time to the run's CPU budget.
-    fn slice<R>(&self, context: &Context, f: impl FnOnce(Ctx<'_>) -> R) -> R {
+    fn slice<R>(self: &Rc<Self>, context: &Context, f: impl FnOnce(Ctx<'_>) -> R) -> R {
+        // In a shared runtime, interrupts and allocations are this run's while it executes.
+        let _active = self.member.as_ref().map(|m| m.enter(self.clone()));
         self.slice_start.set(Some(Instant::now()));
         let out = context.with(f);
         if let Some(start) = self.slice_start.take() {
@@ -313,6 +319,12 @@ impl RunState {
     }
 }
 
+impl Interruptible for RunState {
+    fn should_interrupt(&self) -> bool {
+        RunState::should_interrupt(self)
+    }
+}
+
 /// A runtime with a fresh, never-used context whose common globals are installed, waiting for
 /// its one run. Preparing happens off the request path (after the previous answer was sent).
 struct Prepared {
@@ -337,6 +349,8 @@ pub struct Sandbox {
     ready: RefCell<Vec<Prepared>>,
     idle: RefCell<Vec<Runtime>>,
     recycled: Cell<u64>,
+    /// Runtimes hosting class5 calls, several per runtime (see `shared.rs`).
+    shared: RefCell<Vec<Rc<SharedRuntime>>>,
 }
 
 /// Bytes allocated between automatic collections (see `new_runtime`).
@@ -358,6 +372,7 @@ impl Sandbox {
             ready: RefCell::new(Vec::new()),
             idle: RefCell::new(Vec::new()),
             recycled: Cell::new(0),
+            shared: RefCell::new(Vec::new()),
         }
     }
 
@@ -388,6 +403,75 @@ impl Sandbox {
         Ok(Prepared { state, context, rt })
     }
 
+    /// A fresh context for a class5 call, in a runtime shared with other calls.
+    fn prepare_shared(&self) -> Result<Prepared, ScriptError> {
+        let existing = self.shared.borrow().iter().find(|r| r.has_room()).cloned();
+        let runtime = match existing {
+            Some(r) => r,
+            None => {
+                let r = SharedRuntime::new(self.limits.stack_bytes, GC_THRESHOLD).map_err(|e| {
+                    ScriptError::internal(format!("cannot create a JS runtime: {e}"))
+                })?;
+                self.shared.borrow_mut().push(r.clone());
+                r
+            }
+        };
+        let member = runtime.join(self.limits.memory_bytes);
+        let context = Context::custom::<RunIntrinsics>(&runtime.rt);
+        let mut state = RunState::new(self.limits.clone());
+        state.member = Some(member);
+        let state = Rc::new(state);
+        let prepared = context
+            .map_err(|e| ScriptError::internal(format!("cannot create a JS context: {e}")))
+            .and_then(|context| {
+                context
+                    .with(|ctx| {
+                        install_common_globals(&ctx, &state, self)?;
+                        // Its callbacks are queued by whichever call's allocation ran the
+                        // collector, and would run (and be timed) as that call.
+                        ctx.globals().remove("FinalizationRegistry")
+                    })
+                    .map_err(|e| ScriptError::internal(format!("cannot install globals: {e}")))?;
+                Ok(context)
+            });
+        match prepared {
+            Ok(context) => Ok(Prepared {
+                state,
+                context,
+                rt: runtime.rt.clone(),
+            }),
+            Err(e) => {
+                self.leave_shared(state, false);
+                Err(e)
+            }
+        }
+    }
+
+    /// A shared-runtime run is over and its context dropped: free its place.
+    fn leave_shared(&self, state: Rc<RunState>, healthy: bool) {
+        // The context's own functions may hold the state until the runtime's next collection.
+        let Some((runtime, slot)) = state.member.as_ref().map(|m| (m.runtime.clone(), m.slot))
+        else {
+            return;
+        };
+        drop(state);
+        runtime.leave(slot, healthy);
+        if runtime.members() == 0 {
+            let mut all = self.shared.borrow_mut();
+            let empty = all.iter().filter(|r| r.members() == 0).count();
+            if runtime.is_retired() || empty > 1 {
+                all.retain(|r| !Rc::ptr_eq(r, &runtime));
+                drop(all);
+                if let Ok(runtime) = Rc::try_unwrap(runtime) {
+                    if runtime.rt.memory_usage().obj_count > 0 {
+                        tracing::warn!("discarding a shared JS runtime that still holds objects");
+                        std::mem::forget(runtime);
+                    }
+                }
+            }
+        }
+    }
+
     /// Prepare contexts ahead of time so the next runs skip context creation.
     pub fn prewarm(&self) {
         while self.ready.borrow().len() < MAX_READY {
@@ -413,8 +497,14 @@ impl Sandbox {
     /// so tearing it down and preparing the next one stay off the request's path.
     pub async fn run_unrecycled(&self, req: RunRequest) -> (RunOutput, Option<Spent>) {
         let started = Instant::now();
-        let ready = self.ready.borrow_mut().pop();
-        let prepared = match ready.map(Ok).unwrap_or_else(|| self.prepare(None)) {
+        let prepared = if req.mode == Mode::Class5 {
+            // Calls live long and many at once: they share runtimes (see `shared.rs`).
+            self.prepare_shared()
+        } else {
+            let ready = self.ready.borrow_mut().pop();
+            ready.map(Ok).unwrap_or_else(|| self.prepare(None))
+        };
+        let prepared = match prepared {
             Ok(p) => p,
             Err(e) => {
                 let output = RunOutput {
@@ -459,6 +549,19 @@ impl Sandbox {
             return;
         };
         let Prepared { state, context, rt } = prepared;
+        if state.member.is_some() {
+            // Jobs the run left behind must not run in another call's slice: run them now,
+            // as this run (which is over, so they are interrupted at once).
+            if rt.is_job_pending() {
+                state.completion.borrow_mut().get_or_insert(Ok(Json::Null));
+                state.slice(&context, |ctx| while ctx.execute_pending_job() {});
+            }
+            state.release_js();
+            drop(context);
+            drop(rt);
+            self.leave_shared(state, reusable);
+            return;
+        }
         state.release_js();
         drop(context);
         rt.set_interrupt_handler(None);

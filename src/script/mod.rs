@@ -13,6 +13,7 @@ pub mod host;
 pub mod library;
 pub mod mode;
 pub mod pool;
+mod shared;
 pub mod vars;
 
 pub use compile::{compile, CompiledScript, SourceKind};
