@@ -5,11 +5,13 @@
 //! loopback, the baseline. Both legs are PCMU, so the relay copies the payload and only
 //! rewrites the header.
 //!
-//! Every call then sends 20 ms packets for SECONDS, the calls' packets spread evenly over
-//! each 20 ms, bridged and direct interleaved. Each payload carries a packet number; the send
-//! time is taken just before the send, the arrival time when the callee's socket hands the
-//! packet over (same process, same clock). The report gives p50/p99/max of
-//! (arrival - send) for both paths and "added" = bridged - direct.
+//! The calls are paired (one bridged, one direct). For SECONDS every pair sends a 20 ms packet
+//! on both calls back to back, the pairs spread evenly over each 20 ms. Each payload carries
+//! a packet number; the send time is taken just before the send, the arrival time when the
+//! callee's socket hands the packet over (same process, same clock). The report gives
+//! p50/p99/max of (arrival - send) for both paths, "added" = bridged - direct (of each
+//! percentile), the same difference pair by pair, and in how many 100 ms windows the slowest
+//! 1% of bridged packets were sent (a few windows: stalls; many: scheduling noise).
 //!
 //! `bridge_probe SIP_ADDR NUMBER CALLS SECONDS`
 
@@ -39,10 +41,11 @@ async fn main() {
 
     let mut callee = Callee::listen(Codec::Pcmu).await;
     let target = callee.uri("probe");
-    // (bridged, call)
-    let mut calls: Vec<(bool, Call)> = Vec::new();
+    // (bridged, direct) pairs: their packets are sent back to back.
+    let mut pairs: Vec<(Call, Call)> = Vec::new();
     let mut failed = 0;
     for _ in 0..per_path {
+        let mut pair = Vec::new();
         for bridged in [true, false] {
             let (dest, number, header) = if bridged {
                 (server, number.clone(), target.clone())
@@ -59,7 +62,7 @@ async fn main() {
             });
             let accepted = callee.accept(AcceptOpts::default()).await;
             match (placing.await, accepted) {
-                (Ok(Ok(call)), Ok(_)) => calls.push((bridged, call)),
+                (Ok(Ok(call)), Ok(_)) => pair.push(call),
                 (placed, accepted) => {
                     failed += 1;
                     let placed = placed
@@ -73,62 +76,88 @@ async fn main() {
                 }
             }
         }
+        if let (Some(direct), Some(bridged)) = (pair.pop(), pair.pop()) {
+            pairs.push((bridged, direct));
+        }
     }
-    if calls.is_empty() {
-        println!("bridge_probe: no call set up ({failed} failed)");
+    if pairs.is_empty() {
+        println!("bridge_probe: no pair of calls set up ({failed} failed)");
         std::process::exit(1);
     }
     // Let every relay start (callforge moves the caller's media to it after the B leg's ACK).
     tokio::time::sleep(Duration::from_millis(500)).await;
 
-    let total = calls.len();
-    let slot = Duration::from_micros(20_000 / total as u64);
-    let packets = seconds as usize * 50 * total;
-    let mut sent: Vec<Instant> = Vec::with_capacity(packets);
-    let ssrc: Vec<u32> = (0..total).map(|k| 0x5eed_0000 + k as u32).collect();
+    // Packet 2j goes through callforge, 2j + 1 straight to the callee, right after it.
+    let n = pairs.len();
+    let slot = Duration::from_micros(20_000 / n as u64);
+    let slots = seconds as usize * 50 * n;
+    let mut sent: Vec<Instant> = Vec::with_capacity(2 * slots);
     let start = tokio::time::Instant::now();
-    for j in 0..packets {
+    for j in 0..slots {
         tokio::time::sleep_until(start + slot * j as u32).await;
-        let (k, frame) = (j % total, j / total);
-        let call = &calls[k].1;
-        let mut pkt = Vec::with_capacity(12 + 160);
-        pkt.extend_from_slice(&[0x80, if frame == 0 { 0x80 } else { 0 }]);
-        pkt.extend_from_slice(&(frame as u16).to_be_bytes());
-        pkt.extend_from_slice(&((frame as u32) * 160).to_be_bytes());
-        pkt.extend_from_slice(&ssrc[k].to_be_bytes());
-        pkt.extend_from_slice(MAGIC);
-        pkt.extend_from_slice(&(j as u32).to_be_bytes());
-        pkt.resize(12 + 160, 0xFF); // µ-law silence
-        let at = Instant::now();
-        let _ = call.rtp_socket().try_send_to(&pkt, call.remote_rtp);
-        sent.push(at);
+        let (k, frame) = (j % n, j / n);
+        let (bridged, direct) = &pairs[k];
+        for (which, call) in [bridged, direct].into_iter().enumerate() {
+            let number = (2 * j + which) as u32;
+            let mut pkt = Vec::with_capacity(12 + 160);
+            pkt.extend_from_slice(&[0x80, if frame == 0 { 0x80 } else { 0 }]);
+            pkt.extend_from_slice(&(frame as u16).to_be_bytes());
+            pkt.extend_from_slice(&((frame as u32) * 160).to_be_bytes());
+            pkt.extend_from_slice(&(0x5eed_0000 + 2 * k as u32 + which as u32).to_be_bytes());
+            pkt.extend_from_slice(MAGIC);
+            pkt.extend_from_slice(&number.to_be_bytes());
+            pkt.resize(12 + 160, 0xFF); // µ-law silence
+            let at = Instant::now();
+            let _ = call.rtp_socket().try_send_to(&pkt, call.remote_rtp);
+            sent.push(at);
+        }
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
 
-    // Latencies in µs, per path.
-    let (mut bridged_us, mut direct_us) = (Vec::new(), Vec::new());
+    // Latency of each packet in µs (None: lost).
+    let mut latency: Vec<Option<f64>> = vec![None; sent.len()];
     for p in callee.received.lock().expect("received").iter() {
         if p.payload.len() < 8 || &p.payload[..4] != MAGIC {
             continue;
         }
-        let j = u32::from_be_bytes([p.payload[4], p.payload[5], p.payload[6], p.payload[7]]);
-        let Some(&at) = sent.get(j as usize) else {
-            continue;
-        };
-        let us = p.at.saturating_duration_since(at).as_secs_f64() * 1e6;
-        if calls[j as usize % total].0 {
-            bridged_us.push(us);
-        } else {
-            direct_us.push(us);
+        let i = u32::from_be_bytes([p.payload[4], p.payload[5], p.payload[6], p.payload[7]]);
+        if let Some(&at) = sent.get(i as usize) {
+            latency[i as usize] = Some(p.at.saturating_duration_since(at).as_secs_f64() * 1e6);
         }
     }
-    let sent_bridged = (0..packets).filter(|j| calls[j % total].0).count();
-    let sent_direct = packets - sent_bridged;
-    let bridged_calls = calls.iter().filter(|c| c.0).count();
+    let path = |which: usize| -> Vec<f64> {
+        latency
+            .iter()
+            .skip(which)
+            .step_by(2)
+            .flatten()
+            .copied()
+            .collect()
+    };
+    let paired: Vec<f64> = latency
+        .chunks(2)
+        .filter_map(|c| Some(c[0]? - c[1]?))
+        .collect();
+    // Where the slowest 1% of bridged packets were sent: a few 100 ms windows means stalls.
+    let mut slow: Vec<(f64, usize)> = latency
+        .iter()
+        .enumerate()
+        .step_by(2)
+        .map(|(i, l)| (l.unwrap_or(f64::INFINITY), i))
+        .collect();
+    slow.sort_by(|a, b| b.0.total_cmp(&a.0));
+    let mut windows: Vec<u128> = slow
+        .iter()
+        .take(slow.len().div_ceil(100))
+        .map(|&(_, i)| (sent[i] - sent[0]).as_millis() / 100)
+        .collect();
+    windows.sort_unstable();
+    windows.dedup();
 
-    let byes: Vec<_> = calls
+    let byes: Vec<_> = pairs
         .into_iter()
-        .map(|(_, mut call)| tokio::spawn(async move { call.bye().await }))
+        .flat_map(|(b, d)| [b, d])
+        .map(|mut call| tokio::spawn(async move { call.bye().await }))
         .collect();
     for b in byes {
         if !matches!(b.await, Ok(Ok(200))) {
@@ -136,18 +165,18 @@ async fn main() {
         }
     }
 
-    let bridged = Stats::of(bridged_us, sent_bridged);
-    let direct = Stats::of(direct_us, sent_direct);
+    let bridged = Stats::of(path(0), slots);
+    let direct = Stats::of(path(1), slots);
+    let paired = Stats::of(paired, slots);
     println!("bridge_probe: direct  {direct}");
     println!("bridge_probe: bridged {bridged}");
+    println!("bridge_probe: bridged - direct, pair by pair: {paired}; the slowest 1% of bridged packets were sent in {} of {} 100-ms windows",
+        windows.len(), seconds * 10);
     match (bridged.pct, direct.pct) {
         (Some(b), Some(d)) => println!(
-            "bridge_probe: added by callforge: p50 {:.0} us, p99 {:.0} us (max {:.0} us; {} bridged + {} direct calls, {failed} failed, {seconds} s)",
+            "bridge_probe: added by callforge: p50 {:.0} us, p99 {:.0} us ({n} bridged + {n} direct calls, {failed} failed, {seconds} s)",
             b.0 - d.0,
             b.1 - d.1,
-            b.2 - d.2,
-            bridged_calls,
-            total - bridged_calls,
         ),
         _ => {
             println!("bridge_probe: no packets arrived on a path ({failed} calls failed)");
@@ -183,7 +212,7 @@ impl Stats {
 
 impl std::fmt::Display for Stats {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{} of {} packets arrived", self.received, self.sent)?;
+        write!(f, "{} of {} packets", self.received, self.sent)?;
         if let Some((p50, p99, max)) = self.pct {
             write!(f, ": p50 {p50:.0} us, p99 {p99:.0} us, max {max:.0} us")?;
         }

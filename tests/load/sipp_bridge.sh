@@ -7,13 +7,14 @@
 # examples/bridge_probe: probe calls through the same route to an in-repo callee, against
 # the same number of calls straight to the callee, to measure the latency the relay adds.
 # Usage: tests/load/sipp_bridge.sh [concurrent] [hold_seconds]   (defaults: 250, 28)
+# PROBE_CALLS (10) pairs of probe calls measure for PROBE_SECONDS (20).
 # The hold is rounded up to whole plays of the pcap (28 -> 4 plays, 28.3 s).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 conc=${1:-250}
 hold=${2:-28}
 probe_calls=${PROBE_CALLS:-10}
-probe_seconds=${PROBE_SECONDS:-10}
+probe_seconds=${PROBE_SECONDS:-20}
 plays=$(( (hold * 1000 + 7079) / 7080 ))
 hold_ms=$(( plays * 7080 ))
 # Ramp up in half a hold, then keep CONCURRENT calls up for about one more hold.
