@@ -379,6 +379,12 @@ impl Call {
         None
     }
 
+    /// The caller's RTP socket, for a test that builds and times its own packets (sent to
+    /// [`Call::remote_rtp`]); what arrives on it is still recorded in [`Call::received`].
+    pub fn rtp_socket(&self) -> &Arc<UdpSocket> {
+        &self.rtp
+    }
+
     /// Audio packets received so far (the negotiated payload type: 0 unless the call was
     /// placed offering another codec), in arrival order.
     pub fn audio_packets(&self) -> Vec<Received> {
