@@ -194,10 +194,22 @@ async fn the_callees_answer_answers_an_unanswered_caller_and_early_media_reaches
         callee.ring(true).await.unwrap();
         // Early media: the caller hears this before anyone answers.
         callee.send_audio(&prompt("welcome.wav")).await;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let answering = Instant::now();
         callee.answer().await.unwrap();
+        answering
     };
-    let (call, ()) = tokio::join!(place, far);
+    let (call, answering) = tokio::join!(place, far);
     let mut call = call.unwrap();
+    let early = call
+        .audio_packets()
+        .iter()
+        .filter(|p| p.at < answering)
+        .count();
+    assert!(
+        early >= 50,
+        "only {early} packets reached the caller before the callee answered"
+    );
     let welcome_len = prompt("welcome.wav").len();
     eventually(3 * SECOND, || call.received_audio().len() >= welcome_len).await;
     assert_heard(
@@ -705,4 +717,28 @@ async fn a_silent_destination_resolves_no_answer_at_the_ring_timeout() {
         .expect("the script goes on");
     assert_eq!(bye.header("X-Bridge"), Some("no-answer/408"));
     assert!(started.elapsed() < 4 * SECOND, "{:?}", started.elapsed());
+}
+
+#[tokio::test]
+async fn an_answered_caller_hears_ringback_while_the_callee_rings() {
+    let server = server("");
+    let mut callee = Callee::listen(Codec::Pcmu).await;
+    let to = callee.uri("2005");
+    let headers = [("X-Bridge-To", to.as_str())];
+    let (call, invite) = tokio::join!(
+        Call::place_with(server.udp, "bridge", &headers),
+        callee.accept(AcceptOpts::answer_after(1500))
+    );
+    let mut call = call.unwrap();
+    invite.unwrap();
+    // 440 + 480 Hz, as callforge plays it while a callee rings without early media.
+    let ringback = caller::tone(&[440.0, 480.0], 800, 4000.0);
+    let heard = call.received_audio();
+    let (score, _) = best_correlation(&heard, &ringback[800..5600]);
+    assert!(
+        score > 0.9,
+        "ringback correlation {score:.3} over {} samples",
+        heard.len()
+    );
+    assert_eq!(call.bye().await.unwrap(), 200);
 }

@@ -27,7 +27,6 @@ use crate::{
         g711::G711,
         relay::LegMedia,
         relay_driver::{relay, BridgeLeg, RelayStats},
-        tone::Tone,
         MediaSession, RtpSocket,
     },
     script::HostError,
@@ -459,15 +458,17 @@ impl CallState {
         }
         b.ringback = true;
         let Some(ctx) = self.media.get() else { return };
-        match Tone::parse(RINGBACK) {
-            Ok(tone) => {
-                let samples: std::sync::Arc<[i16]> = tone.render().into();
-                tokio::spawn(async move {
+        // Rendered once and shared through the prompt cache, off the async threads.
+        tokio::spawn(async move {
+            let prompts = ctx.prompts.clone();
+            match tokio::task::spawn_blocking(move || prompts.load(RINGBACK)).await {
+                Ok(Ok(samples)) => {
                     let _ = ctx.media.play(samples, false).await;
-                });
+                }
+                Ok(Err(e)) => tracing::warn!("ringback tone: {e}"),
+                Err(e) => tracing::warn!("ringback tone: {e}"),
             }
-            Err(e) => tracing::warn!("ringback tone: {e}"),
-        }
+        });
     }
 
     /// The callee sent SDP before answering: pass its early media to the caller.

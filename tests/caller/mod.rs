@@ -193,6 +193,9 @@ impl Call {
         );
         let local = sip.local_addr().map_err(|e| e.to_string())?;
         let rtp_addr = rtp.local_addr().map_err(|e| e.to_string())?;
+        // Record from the start: early media (after a 183) arrives before the answer.
+        let received = Arc::new(Mutex::new(Vec::new()));
+        tokio::spawn(record_rtp(rtp.clone(), received.clone()));
         let call_id = format!("{:x}@test-caller", rand_u64());
         let from_tag = format!("{:x}", rand_u64() as u32);
         let offered: Vec<(u8, Codec)> = codecs.iter().map(|&c| (c.pt(), c)).collect();
@@ -267,9 +270,7 @@ impl Call {
                 )
             })?;
         let dtmf_pt = answer_sdp.telephone_event().unwrap_or(DTMF_PT);
-        let received = Arc::new(Mutex::new(Vec::new()));
         let requests = Arc::new(Mutex::new(Vec::new()));
-        tokio::spawn(record_rtp(rtp.clone(), received.clone()));
         tokio::spawn(answer_requests(sip.clone(), requests.clone()));
         Ok(Call {
             sip,
