@@ -411,7 +411,7 @@ impl Sandbox {
     /// Run one script to completion. Never panics: a panic in a host callback is this run's
     /// 500. The caller answers first and then hands the spent context to [`Sandbox::recycle`],
     /// so tearing it down and preparing the next one stay off the request's path.
-    pub async fn run_unrecycled(&self, req: RunRequest) -> (RunOutput, Option<Spent>) {
+    pub async fn run_unrecycled(&self, mut req: RunRequest) -> (RunOutput, Option<Spent>) {
         let started = Instant::now();
         let ready = self.ready.borrow_mut().pop();
         let prepared = match ready.map(Ok).unwrap_or_else(|| self.prepare(None)) {
@@ -428,8 +428,10 @@ impl Sandbox {
         };
         let state = prepared.state.clone();
         state.begin(&req.script, req.mode);
-        let run = std::panic::AssertUnwindSafe(execute(&prepared.context, &state, req));
-        let (result, reusable) = match futures::FutureExt::catch_unwind(run).await {
+        let mode = req.mode;
+        let data = std::mem::take(&mut req.data);
+        let run = std::panic::AssertUnwindSafe(execute(&prepared.context, &state, req, &data));
+        let (mut result, reusable) = match futures::FutureExt::catch_unwind(run).await {
             Ok(result) => (result, state.limit_hit.get().is_none()),
             Err(panic) => {
                 let what = panic
@@ -443,6 +445,10 @@ impl Sandbox {
                 (Err(error), false)
             }
         };
+        if let (Mode::Class4, Ok(value)) = (mode, &mut result) {
+            // The input is not needed any more: normalising moves it instead of copying it.
+            *value = super::class4::normalise(data, std::mem::take(value));
+        }
         let logs = std::mem::take(&mut *state.logs.borrow_mut());
         let output = RunOutput {
             result,
@@ -500,8 +506,9 @@ async fn execute(
     context: &Context,
     state: &Rc<RunState>,
     req: RunRequest,
+    data: &Json,
 ) -> Result<Json, ScriptError> {
-    match execute_steps(context, state, req).await {
+    match execute_steps(context, state, req, data).await {
         Ok(json) => Ok(json),
         Err(Finished(answer)) => answer,
     }
@@ -511,6 +518,7 @@ async fn execute_steps(
     context: &Context,
     state: &Rc<RunState>,
     req: RunRequest,
+    input: &Json,
 ) -> Result<Json, Finished> {
     let wall_deadline = state.limits.wall_for(req.mode).map(|w| Instant::now() + w);
     let script = req.script.clone();
@@ -520,7 +528,7 @@ async fn execute_steps(
     let (loaded, module_promise) = state
         .slice(context, |ctx| {
             let fail = |e| state.error_from(&ctx, e);
-            let data = json_to_js(&ctx, &req.data).map_err(fail)?;
+            let data = json_to_js(&ctx, input).map_err(fail)?;
             install_run_globals(&ctx, state, &script, data.clone()).map_err(fail)?;
             let ctx_object = match &ctx_host {
                 Some(host) => {

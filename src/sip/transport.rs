@@ -201,6 +201,22 @@ impl SipHandle {
             .await
     }
 
+    /// [`reject`](Self::reject) without waiting for the driver's answer, callable from any
+    /// thread; `Err` only when the stack has stopped. A call that ended meanwhile (a CANCEL
+    /// won the race) is skipped by the user agent, as with `reject`.
+    pub fn reject_detached(
+        &self,
+        call: CallHandle,
+        code: u16,
+        reason: Option<String>,
+        headers: Vec<(String, String)>,
+    ) -> Result<(), TransportError> {
+        let (reply, _) = oneshot::channel();
+        self.commands
+            .send(Command::Reject(call, code, reason, headers, reply))
+            .map_err(|_| TransportError::Stopped)
+    }
+
     /// 302 with one Contact per URI.
     pub async fn redirect(
         &self,
