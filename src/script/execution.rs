@@ -63,16 +63,15 @@ pub struct RunOutput {
 }
 
 /// The built-ins a script gets. No `Eval`: `eval` and `new Function` cannot compile code.
-/// Typed arrays are added on first use (see `install_lazy_typed_arrays`).
+/// Typed arrays, `Map`/`Set`/`WeakMap`/`WeakSet` and `WeakRef`/`FinalizationRegistry` are
+/// added on first use (see [`LAZY_INTRINSICS`]).
 type RunIntrinsics = (
     intrinsic::Date,
     intrinsic::RegExpCompiler,
     intrinsic::RegExp,
     intrinsic::Json,
     intrinsic::Proxy,
-    intrinsic::MapSet,
     intrinsic::Promise,
-    intrinsic::WeakRef,
 );
 
 /// The globals QuickJS's typed-array intrinsic defines. Building them is a quarter of a
@@ -94,6 +93,31 @@ const TYPED_ARRAY_GLOBALS: [&str; 16] = [
     "Float64Array",
     "DataView",
     "Atomics",
+];
+
+/// An intrinsic reachable only through global names, added to a context when a script first
+/// reads or writes one of them.
+struct LazyIntrinsic {
+    names: &'static [&'static str],
+    add: unsafe extern "C" fn(*mut qjs::JSContext) -> std::ffi::c_int,
+}
+
+/// Each costs a context 10–250 k instructions to build and as much to collect, and routing
+/// scripts rarely use them. (`Date`, `RegExp`, `JSON` and `Promise` stay eager: the language
+/// itself reaches some of them without a global name.)
+const LAZY_INTRINSICS: [LazyIntrinsic; 3] = [
+    LazyIntrinsic {
+        names: &TYPED_ARRAY_GLOBALS,
+        add: qjs::JS_AddIntrinsicTypedArrays,
+    },
+    LazyIntrinsic {
+        names: &["Map", "Set", "WeakMap", "WeakSet"],
+        add: qjs::JS_AddIntrinsicMapSet,
+    },
+    LazyIntrinsic {
+        names: &["WeakRef", "FinalizationRegistry"],
+        add: qjs::JS_AddIntrinsicWeakRef,
+    },
 ];
 
 const MAX_LOG_LINE: usize = 8 * 1024;
@@ -1287,7 +1311,7 @@ fn install_common_globals<'js>(
     };
     g.set("eval", disabled("eval")?)?;
     install_host_globals(ctx, state, &sandbox.modules)?;
-    install_lazy_typed_arrays(ctx)
+    install_lazy_intrinsics(ctx)
 }
 
 /// Define each global host object (`api`, `fetch`) as an accessor that builds it on first
@@ -1334,40 +1358,177 @@ fn install_host_globals<'js>(
     Ok(())
 }
 
-/// Define each typed-array global as a configurable accessor that, on first get or set, adds
-/// the real intrinsic (whose definitions replace the accessors) and then answers as it would.
-fn install_lazy_typed_arrays<'js>(ctx: &Ctx<'js>) -> rquickjs::Result<()> {
-    let g = ctx.globals();
-    let added = Rc::new(Cell::new(false));
-    let materialise = move |ctx: &Ctx<'_>, added: &Cell<bool>| {
-        if !added.replace(true) {
-            // Remove every placeholder first: QuickJS defines `Atomics` as an auto-init
-            // property and aborts if one already exists.
-            let g = ctx.globals();
-            for name in TYPED_ARRAY_GLOBALS {
-                let _ = g.remove(name);
+/// Define each global of each [`LAZY_INTRINSICS`] entry as a configurable accessor that, on
+/// the first get or set of any of the entry's names, adds the real intrinsic (whose definitions
+/// replace the accessors) and then answers as the real property would.
+///
+/// The accessors are bare callable objects of a class of ours ([`lazy_class`]) with the name's
+/// index as opaque: no Rust closure, no `name`/`length` properties. A context gets 44 of them
+/// for a few hundred instructions each, far less than the intrinsics they stand for.
+fn install_lazy_intrinsics(ctx: &Ctx<'_>) -> rquickjs::Result<()> {
+    let raw = ctx.as_raw().as_ptr();
+    // SAFETY: the context is locked (we are inside `with`); every value created here is either
+    // handed to a consuming call or freed before returning.
+    unsafe {
+        let Some(class) = lazy_class(qjs::JS_GetRuntime(raw)) else {
+            return Err(rquickjs::Error::Unknown);
+        };
+        let global = qjs::JS_GetGlobalObject(raw);
+        let null = qjs::JS_MKVAL(qjs::JS_TAG_NULL, 0);
+        let mut outcome = Ok(());
+        'entries: for (entry, lazy) in LAZY_INTRINSICS.iter().enumerate() {
+            for (index, name) in lazy.names.iter().enumerate() {
+                let accessor = |setter| {
+                    let f = qjs::JS_NewObjectProtoClass(raw, null, class);
+                    if !qjs::JS_IsException(f) {
+                        let tag = lazy_tag(entry, index, setter);
+                        qjs::JS_SetOpaque(f, tag as *mut std::ffi::c_void);
+                    }
+                    f
+                };
+                let (get, set) = (accessor(false), accessor(true));
+                let atom = qjs::JS_NewAtomLen(raw, name.as_ptr().cast(), name.len() as _);
+                let defined = if qjs::JS_IsException(get) || qjs::JS_IsException(set) || atom == 0 {
+                    qjs::JS_FreeValue(raw, get);
+                    qjs::JS_FreeValue(raw, set);
+                    -1
+                } else {
+                    // Consumes `get` and `set`.
+                    qjs::JS_DefinePropertyGetSet(
+                        raw,
+                        global,
+                        atom,
+                        get,
+                        set,
+                        qjs::JS_PROP_CONFIGURABLE as _,
+                    )
+                };
+                if atom != 0 {
+                    qjs::JS_FreeAtom(raw, atom);
+                }
+                if defined < 0 {
+                    outcome = Err(rquickjs::Error::Exception);
+                    break 'entries;
+                }
             }
-            // SAFETY: called with the context locked (inside a JS call); the intrinsic only
-            // defines properties on this context's global object, none of which exist now.
-            unsafe { qjs::JS_AddIntrinsicTypedArrays(ctx.as_raw().as_ptr()) };
         }
-    };
-    for name in TYPED_ARRAY_GLOBALS {
-        let (get_added, set_added) = (added.clone(), added.clone());
-        let getter = move |ctx: Ctx<'js>| -> rquickjs::Result<Value<'js>> {
-            materialise(&ctx, &get_added);
-            ctx.globals().get(name)
-        };
-        let setter = move |ctx: Ctx<'js>, value: Value<'js>| -> rquickjs::Result<()> {
-            materialise(&ctx, &set_added);
-            ctx.globals().set(name, value)
-        };
-        g.prop(
-            name,
-            rquickjs::object::Accessor::new(getter, setter).configurable(),
-        )?;
+        qjs::JS_FreeValue(raw, global);
+        outcome
     }
-    Ok(())
+}
+
+/// The opaque of a lazy accessor: entry, name index, setter bit. Never 0 (QuickJS's "none").
+fn lazy_tag(entry: usize, index: usize, setter: bool) -> usize {
+    (1 << 16) | (entry << 8) | (index << 1) | usize::from(setter)
+}
+
+/// The class of the lazy accessors, registered in `rt` on first use.
+///
+/// Class ids are numbered per runtime. Every runtime here comes from `Sandbox::new_runtime`
+/// and nothing but rquickjs (three ids, when the runtime is created) and this function
+/// allocates ids, so this class gets the same id in every runtime and "that id is registered"
+/// means "registered by this function".
+///
+/// # Safety
+/// `rt` must be a live runtime whose lock the caller holds.
+unsafe fn lazy_class(rt: *mut qjs::JSRuntime) -> Option<qjs::JSClassID> {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static CLASS: AtomicU32 = AtomicU32::new(0);
+    let known = CLASS.load(Ordering::Relaxed);
+    if known != 0 && qjs::JS_IsRegisteredClass(rt, known) {
+        return Some(known);
+    }
+    let mut id: qjs::JSClassID = 0;
+    qjs::JS_NewClassID(rt, &mut id);
+    if known != 0 && id != known {
+        tracing::warn!(
+            known,
+            id,
+            "lazy-intrinsic class id differs between runtimes"
+        );
+    }
+    let def = qjs::JSClassDef {
+        class_name: c"LazyIntrinsic".as_ptr(),
+        finalizer: None,
+        gc_mark: None,
+        call: Some(lazy_global),
+        exotic: std::ptr::null_mut(),
+    };
+    if qjs::JS_NewClass(rt, id, &def) != 0 {
+        return None;
+    }
+    CLASS.store(id, Ordering::Relaxed);
+    Some(id)
+}
+
+/// The getter or setter of one lazy global; see [`install_lazy_intrinsics`].
+unsafe extern "C" fn lazy_global(
+    ctx: *mut qjs::JSContext,
+    func: qjs::JSValue,
+    _this: qjs::JSValue,
+    argc: std::ffi::c_int,
+    argv: *mut qjs::JSValue,
+    _flags: std::ffi::c_int,
+) -> qjs::JSValue {
+    let exception = qjs::JS_MKVAL(qjs::JS_TAG_EXCEPTION, 0);
+    let tag = qjs::JS_GetOpaque(func, qjs::JS_GetClassID(func)) as usize;
+    let (entry, index, setter) = ((tag >> 8) & 0xff, (tag & 0xff) >> 1, tag & 1 == 1);
+    let lazy = &LAZY_INTRINSICS[entry];
+    let name = lazy.names[index];
+    let global = qjs::JS_GetGlobalObject(ctx);
+    let atom = qjs::JS_NewAtomLen(ctx, name.as_ptr().cast(), name.len() as _);
+    if atom == 0 {
+        qjs::JS_FreeValue(ctx, global);
+        return exception;
+    }
+    // Still a placeholder (this very accessor is the property's getter or setter)? Then add the
+    // intrinsic. A saved accessor called later just forwards to the property.
+    let mut desc = std::mem::MaybeUninit::<qjs::JSPropertyDescriptor>::uninit();
+    let found = qjs::JS_GetOwnProperty(ctx, desc.as_mut_ptr(), global, atom);
+    let mut placeholder = false;
+    if found > 0 {
+        let desc = desc.assume_init();
+        let same = |v: qjs::JSValue| {
+            qjs::JS_IsObject(v) && qjs::JS_VALUE_GET_PTR(v) == qjs::JS_VALUE_GET_PTR(func)
+        };
+        placeholder = same(desc.getter) || same(desc.setter);
+        qjs::JS_FreeValue(ctx, desc.getter);
+        qjs::JS_FreeValue(ctx, desc.setter);
+        qjs::JS_FreeValue(ctx, desc.value);
+    }
+    let mut failed = found < 0;
+    if placeholder {
+        // Remove every placeholder first: QuickJS defines `Atomics` as an auto-init property
+        // and aborts if one already exists.
+        for other in lazy.names {
+            let a = qjs::JS_NewAtomLen(ctx, other.as_ptr().cast(), other.len() as _);
+            if a != 0 {
+                qjs::JS_DeleteProperty(ctx, global, a, 0);
+                qjs::JS_FreeAtom(ctx, a);
+            }
+        }
+        failed = (lazy.add)(ctx) < 0;
+    }
+    let answer = if failed {
+        exception
+    } else if setter {
+        let value = if argc > 0 {
+            qjs::JS_DupValue(ctx, *argv)
+        } else {
+            qjs::JS_MKVAL(qjs::JS_TAG_UNDEFINED, 0)
+        };
+        // Consumes `value`.
+        if qjs::JS_SetProperty(ctx, global, atom, value) < 0 {
+            exception
+        } else {
+            qjs::JS_MKVAL(qjs::JS_TAG_UNDEFINED, 0)
+        }
+    } else {
+        qjs::JS_GetProperty(ctx, global, atom)
+    };
+    qjs::JS_FreeAtom(ctx, atom);
+    qjs::JS_FreeValue(ctx, global);
+    answer
 }
 
 fn install_timers<'js>(ctx: &Ctx<'js>, state: &Rc<RunState>) -> rquickjs::Result<()> {

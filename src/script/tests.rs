@@ -570,6 +570,51 @@ async fn typed_arrays_work_although_they_are_added_on_first_use() {
     );
 }
 
+#[tokio::test]
+async fn maps_sets_and_weak_refs_work_although_they_are_added_on_first_use() {
+    let src = r#"function main() {
+        const names = Object.getOwnPropertyNames(globalThis);
+        const listed = ["Map", "Set", "WeakMap", "WeakSet", "WeakRef", "FinalizationRegistry"]
+            .every((n) => names.includes(n));
+        const saved = Object.getOwnPropertyDescriptor(globalThis, "Set").get;
+        const m = new Map([[1, "a"]]);
+        const s = new Set([1, 1, 2]);
+        const w = new WeakMap([[m, 3]]);
+        globalThis.WeakSet = "replaced";
+        const again = saved();
+        return [listed, m.get(1), s.size, w.get(m), [...s.union(new Set([3]))], WeakSet,
+                again === Set, typeof new WeakRef(m).deref(), typeof FinalizationRegistry,
+                Object.prototype.toString.call(m), m instanceof Map,
+                Object.getOwnPropertyDescriptor(globalThis, "Map").writable];
+    }"#;
+    let out = run(src, Mode::Script, Json::Null).await;
+    assert_eq!(
+        out.result,
+        Ok(json!([
+            true,
+            "a",
+            2,
+            3,
+            [1, 2, 3],
+            "replaced",
+            true,
+            "object",
+            "function",
+            "[object Map]",
+            true,
+            true
+        ]))
+    );
+    // Each run still gets its own, untouched globals.
+    let out = run(
+        "function main() { return typeof WeakSet }",
+        Mode::Script,
+        Json::Null,
+    )
+    .await;
+    assert_eq!(out.result, Ok(json!("function")));
+}
+
 /// A module with a dotted method, an async method and a prelude that wraps the raw object.
 struct Nested;
 struct NestedObject;
