@@ -882,28 +882,80 @@ fn find_entry<'js>(
         })
 }
 
+/// JSON → a JS value, built with QuickJS's C API: properties are defined (as `JSON.parse`
+/// does: a `__proto__` key is an own property) rather than set, and arrays are created whole.
 fn json_to_js<'js>(ctx: &Ctx<'js>, json: &Json) -> rquickjs::Result<Value<'js>> {
+    // SAFETY: the context is locked (we are inside `with`); `json_to_raw` returns an owned
+    // value, which `from_raw` takes over.
+    unsafe {
+        let value = json_to_raw(ctx.as_raw().as_ptr(), json);
+        if qjs::JS_IsException(value) {
+            return Err(rquickjs::Error::Exception);
+        }
+        Ok(Value::from_raw(ctx.clone(), value))
+    }
+}
+
+/// # Safety
+/// `ctx` is a locked context. Returns an owned value or the exception marker.
+unsafe fn json_to_raw(ctx: *mut qjs::JSContext, json: &Json) -> qjs::JSValue {
+    let exception = qjs::JS_MKVAL(qjs::JS_TAG_EXCEPTION, 0);
     match json {
-        Json::Null => Ok(Value::new_null(ctx.clone())),
-        Json::Bool(b) => Ok(Value::new_bool(ctx.clone(), *b)),
-        Json::String(s) => rquickjs::String::from_str(ctx.clone(), s).map(|s| s.into_value()),
-        Json::Number(n) => Ok(match n.as_i64().and_then(|i| i32::try_from(i).ok()) {
-            Some(i) => Value::new_int(ctx.clone(), i),
-            None => Value::new_float(ctx.clone(), n.as_f64().unwrap_or(f64::NAN)),
-        }),
+        Json::Null => qjs::JS_MKVAL(qjs::JS_TAG_NULL, 0),
+        Json::Bool(b) => qjs::JS_MKVAL(qjs::JS_TAG_BOOL, i32::from(*b)),
+        Json::Number(n) => match n.as_i64().and_then(|i| i32::try_from(i).ok()) {
+            Some(i) => qjs::JS_MKVAL(qjs::JS_TAG_INT, i),
+            None => qjs::JS_NewFloat64(n.as_f64().unwrap_or(f64::NAN)),
+        },
+        Json::String(s) => qjs::JS_NewStringLen(ctx, s.as_ptr().cast(), s.len() as _),
         Json::Array(items) => {
-            let array = rquickjs::Array::new(ctx.clone())?;
-            for (i, item) in items.iter().enumerate() {
-                array.set(i, json_to_js(ctx, item)?)?;
+            let mut values = Vec::with_capacity(items.len());
+            for item in items {
+                let value = json_to_raw(ctx, item);
+                if qjs::JS_IsException(value) {
+                    for v in values {
+                        qjs::JS_FreeValue(ctx, v);
+                    }
+                    return exception;
+                }
+                values.push(value);
             }
-            Ok(array.into_value())
+            // Takes the values over, also when it fails.
+            qjs::JS_NewArrayFrom(ctx, values.len() as _, values.as_ptr())
         }
         Json::Object(map) => {
-            let object = Object::new(ctx.clone())?;
-            for (key, item) in map {
-                object.set(key.as_str(), json_to_js(ctx, item)?)?;
+            let object = qjs::JS_NewObject(ctx);
+            if qjs::JS_IsException(object) {
+                return object;
             }
-            Ok(object.into_value())
+            for (key, item) in map {
+                let value = json_to_raw(ctx, item);
+                if qjs::JS_IsException(value) {
+                    qjs::JS_FreeValue(ctx, object);
+                    return exception;
+                }
+                let atom = qjs::JS_NewAtomLen(ctx, key.as_ptr().cast(), key.len() as _);
+                let defined = if atom == 0 {
+                    qjs::JS_FreeValue(ctx, value);
+                    -1
+                } else {
+                    // Takes `value` over.
+                    let r = qjs::JS_DefinePropertyValue(
+                        ctx,
+                        object,
+                        atom,
+                        value,
+                        qjs::JS_PROP_C_W_E as _,
+                    );
+                    qjs::JS_FreeAtom(ctx, atom);
+                    r
+                };
+                if defined < 0 {
+                    qjs::JS_FreeValue(ctx, object);
+                    return exception;
+                }
+            }
+            object
         }
     }
 }
@@ -926,8 +978,15 @@ fn js_to_json<'js>(ctx: &Ctx<'js>, value: Value<'js>) -> rquickjs::Result<Json> 
         .get::<_, Object>("Object")
         .and_then(|o| o.get("prototype"))
         .ok();
-    if let Some(json) = proto.and_then(|p| plain_to_json(&value, &p, 0)) {
-        return Ok(json);
+    if let Some(proto) = proto {
+        // SAFETY: the context is locked; `plain_to_json` only borrows the values it is given.
+        let plain = unsafe {
+            let proto = qjs::JS_VALUE_GET_PTR(proto.as_raw());
+            plain_to_json(ctx.as_raw().as_ptr(), value.as_raw(), proto, 0)
+        };
+        if let Some(json) = plain {
+            return Ok(json);
+        }
     }
     match ctx.json_stringify(value)? {
         None => Ok(Json::Null),
@@ -941,66 +1000,139 @@ fn js_to_json<'js>(ctx: &Ctx<'js>, value: Value<'js>) -> rquickjs::Result<Json> 
     }
 }
 
+/// A JS string (or a property name) as Rust text; `None` when QuickJS cannot convert it.
+///
+/// # Safety
+/// `ctx` is locked; `text` is what `JS_ToCStringLen2` / `JS_AtomToCStringLen` returned.
+unsafe fn take_c_string(
+    ctx: *mut qjs::JSContext,
+    text: *const std::ffi::c_char,
+    len: usize,
+) -> Option<String> {
+    if text.is_null() {
+        return None;
+    }
+    let bytes = std::slice::from_raw_parts(text.cast::<u8>(), len);
+    let out = String::from_utf8_lossy(bytes).into_owned();
+    qjs::JS_FreeCString(ctx, text);
+    Some(out)
+}
+
 /// Convert plain data (objects whose prototype is `Object.prototype`, arrays, strings,
 /// numbers, booleans, null) straight to JSON, the way `JSON.stringify` would. `None` for
-/// anything else (a Date, a `toJSON`, a Map, a cycle, a BigInt...): the caller then uses
-/// `JSON.stringify`, whose rules and errors are the reference. QuickJS-NG's stringify costs
-/// about 25 ns per byte, so the common case skips it.
-fn plain_to_json<'js>(
-    value: &Value<'js>,
-    object_proto: &Object<'js>,
+/// anything else (a Date, a `toJSON`, a Map, a Proxy, a cycle, a BigInt, a getter that
+/// throws...): the caller then uses `JSON.stringify`, whose rules and errors are the
+/// reference. QuickJS-NG's stringify costs about 25 ns per byte, so the common case skips it.
+///
+/// # Safety
+/// `ctx` is locked; `value` is borrowed; `object_proto` is this context's `Object.prototype`.
+unsafe fn plain_to_json(
+    ctx: *mut qjs::JSContext,
+    value: qjs::JSValue,
+    object_proto: *mut std::ffi::c_void,
     depth: usize,
 ) -> Option<Json> {
     if depth > 64 {
         return None;
     }
-    if value.is_null() {
-        return Some(Json::Null);
-    }
-    if let Some(b) = value.as_bool() {
-        return Some(Json::Bool(b));
-    }
-    if let Some(i) = value.as_int() {
-        return Some(Json::from(i));
-    }
-    if let Some(f) = value.as_float() {
-        // Integral doubles print as integers (and -0 as 0), as JSON.stringify does.
-        if f.fract() == 0.0 && f.abs() < 9_007_199_254_740_992.0 {
-            return Some(Json::from(f as i64));
-        }
-        return Some(serde_json::Number::from_f64(f).map_or(Json::Null, Json::Number));
-    }
-    if let Some(s) = value.as_string() {
-        return s.to_string().ok().map(Json::String);
-    }
-    if let Some(array) = value.as_array() {
-        let mut out = Vec::with_capacity(array.len());
-        for item in array.iter::<Value>() {
-            let item = item.ok()?;
-            if item.is_undefined() || item.is_function() || item.is_symbol() {
-                out.push(Json::Null);
-            } else {
-                out.push(plain_to_json(&item, object_proto, depth + 1)?);
+    match qjs::JS_VALUE_GET_NORM_TAG(value) {
+        qjs::JS_TAG_NULL => return Some(Json::Null),
+        qjs::JS_TAG_BOOL => return Some(Json::Bool(qjs::JS_VALUE_GET_BOOL(value))),
+        qjs::JS_TAG_INT => return Some(Json::from(qjs::JS_VALUE_GET_INT(value))),
+        qjs::JS_TAG_FLOAT64 => {
+            let f = qjs::JS_VALUE_GET_FLOAT64(value);
+            // Integral doubles print as integers (and -0 as 0), as JSON.stringify does.
+            if f.fract() == 0.0 && f.abs() < 9_007_199_254_740_992.0 {
+                return Some(Json::from(f as i64));
             }
+            return Some(serde_json::Number::from_f64(f).map_or(Json::Null, Json::Number));
+        }
+        qjs::JS_TAG_STRING => {
+            let mut len = 0;
+            let text = qjs::JS_ToCStringLen2(ctx, &mut len, value, false);
+            return take_c_string(ctx, text, len as usize).map(Json::String);
+        }
+        qjs::JS_TAG_OBJECT => {}
+        _ => return None,
+    }
+    if qjs::JS_IsProxy(value) || qjs::JS_IsFunction(ctx, value) {
+        return None;
+    }
+    // A skipped member: JSON.stringify writes null in arrays and leaves it out of objects.
+    let skipped = |v: qjs::JSValue| {
+        matches!(
+            qjs::JS_VALUE_GET_NORM_TAG(v),
+            qjs::JS_TAG_UNDEFINED | qjs::JS_TAG_SYMBOL
+        ) || (qjs::JS_IsObject(v) && qjs::JS_IsFunction(ctx, v))
+    };
+    if qjs::JS_IsArray(value) {
+        let mut len = 0i64;
+        if qjs::JS_GetLength(ctx, value, &mut len) < 0 {
+            return None;
+        }
+        let mut out = Vec::with_capacity(len.clamp(0, 1 << 16) as usize);
+        for i in 0..len {
+            let item = qjs::JS_GetPropertyInt64(ctx, value, i);
+            let json = if qjs::JS_IsException(item) {
+                None
+            } else if skipped(item) {
+                Some(Json::Null)
+            } else {
+                plain_to_json(ctx, item, object_proto, depth + 1)
+            };
+            qjs::JS_FreeValue(ctx, item);
+            out.push(json?);
         }
         return Some(Json::Array(out));
     }
-    let object = value.as_object()?;
-    if value.is_function() || object.get_prototype().as_ref() != Some(object_proto) {
+    let proto = qjs::JS_GetPrototype(ctx, value);
+    let plain = qjs::JS_IsObject(proto) && qjs::JS_VALUE_GET_PTR(proto) == object_proto;
+    qjs::JS_FreeValue(ctx, proto);
+    if !plain {
         return None;
     }
-    let mut out = serde_json::Map::new();
-    for entry in object.props::<String, Value>() {
-        let (key, item) = entry.ok()?;
-        if key == "toJSON" {
-            return None;
-        }
-        if item.is_undefined() || item.is_function() || item.is_symbol() {
-            continue;
-        }
-        out.insert(key, plain_to_json(&item, object_proto, depth + 1)?);
+    let mut tab: *mut qjs::JSPropertyEnum = std::ptr::null_mut();
+    let mut count = 0u32;
+    let flags = (qjs::JS_GPN_STRING_MASK | qjs::JS_GPN_ENUM_ONLY) as _;
+    if qjs::JS_GetOwnPropertyNames(ctx, &mut tab, &mut count, value, flags) < 0 {
+        return None;
     }
-    Some(Json::Object(out))
+    let props = std::slice::from_raw_parts(tab, count as usize);
+    let mut out = serde_json::Map::new();
+    let mut complete = true;
+    for prop in props {
+        let mut len = 0;
+        let key = qjs::JS_AtomToCStringLen(ctx, &mut len, prop.atom);
+        let Some(key) = take_c_string(ctx, key, len as usize) else {
+            complete = false;
+            break;
+        };
+        if key == "toJSON" {
+            complete = false;
+            break;
+        }
+        let item = qjs::JS_GetProperty(ctx, value, prop.atom);
+        let json = if qjs::JS_IsException(item) {
+            None
+        } else if skipped(item) {
+            qjs::JS_FreeValue(ctx, item);
+            continue;
+        } else {
+            plain_to_json(ctx, item, object_proto, depth + 1)
+        };
+        qjs::JS_FreeValue(ctx, item);
+        match json {
+            Some(json) => {
+                out.insert(key, json);
+            }
+            None => {
+                complete = false;
+                break;
+            }
+        }
+    }
+    qjs::JS_FreePropertyEnum(ctx, tab, count);
+    complete.then_some(Json::Object(out))
 }
 
 fn host_error_to_js<'js>(ctx: &Ctx<'js>, e: &HostError) -> rquickjs::Result<Value<'js>> {

@@ -839,3 +839,35 @@ async fn results_convert_as_json_stringify_would() {
     assert_eq!(v, expected);
     assert_eq!(serde_json::to_string(&v["n"]).unwrap(), "3000000000");
 }
+
+#[tokio::test]
+async fn inputs_arrive_as_json_parse_would_build_them() {
+    let src = r#"function main(d) {
+        const own = Object.getOwnPropertyNames(d.o);
+        return [own, Object.getPrototypeOf(d.o) === Object.prototype, d.o.__proto__,
+                Array.isArray(d.a), d.a.length, d.a[2].k, typeof d.big, d.big, d.f, d.s,
+                d.a.map((x) => typeof x)];
+    }"#;
+    let data = json!({
+        "o": {"__proto__": {"evil": true}, "x": 1},
+        "a": [1, "two", {"k": null}, [true]],
+        "big": 3_000_000_000u64, "f": -0.25, "s": "é\u{0}✓",
+    });
+    let out = run(src, Mode::App, data).await;
+    assert_eq!(
+        out.result,
+        Ok(json!([
+            ["__proto__", "x"],
+            true,
+            {"evil": true},
+            true,
+            4,
+            null,
+            "number",
+            3_000_000_000u64,
+            -0.25,
+            "é\u{0}✓",
+            ["number", "string", "object", "object"]
+        ]))
+    );
+}
