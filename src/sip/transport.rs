@@ -330,7 +330,6 @@ pub async fn start(
             in_tx.clone(),
         )));
     }
-    let udp = udp.into_iter().map(|(s, _)| s).collect();
     let driver = Driver {
         ua: UserAgent::new(cfg),
         listeners: local_addrs.clone(),
@@ -471,7 +470,8 @@ async fn tcp_connection(
 struct Driver {
     ua: UserAgent,
     listeners: Vec<ListenSpec>,
-    udp: Vec<Arc<UdpSocket>>,
+    /// With their local addresses, known at bind time (no getsockname per send).
+    udp: Vec<(Arc<UdpSocket>, SocketAddr)>,
     conns: HashMap<SocketAddr, mpsc::UnboundedSender<Vec<u8>>>,
     deadlines: BTreeMap<std::time::Instant, TimerId>,
     events: mpsc::UnboundedSender<UaEvent>,
@@ -624,8 +624,9 @@ impl Driver {
                 let sock = self
                     .udp
                     .iter()
-                    .find(|s| s.local_addr().is_ok_and(|l| l.is_ipv4() == to.is_ipv4()))
-                    .or(self.udp.first());
+                    .find(|(_, local)| local.is_ipv4() == to.is_ipv4())
+                    .or(self.udp.first())
+                    .map(|(s, _)| s);
                 match sock {
                     Some(s) => {
                         if let Err(e) = s.send_to(&bytes, to).await {
