@@ -326,7 +326,7 @@ async fn dispatch(
                         });
                     }
                     Some(route) if route.mode == RouteMode::Class4 => {
-                        tokio::spawn(class4.clone().handle(incoming, route.clone()));
+                        class4.submit(incoming, route.clone());
                     }
                     Some(route) => {
                         let handle = incoming.call;

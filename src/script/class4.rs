@@ -7,13 +7,14 @@ use serde_json::{Map, Value as Json};
 /// Real scripts do both: `return data` (the whole object, changed in place) and
 /// `return data.routing` (just the routing part). A result without a `routing` key is taken
 /// as the routing part and put back into the input object; `null`/`undefined` means "no change".
-pub fn normalise(input: &Json, result: Json) -> Json {
+/// The input is taken by value: the run owns it and it is never needed again.
+pub fn normalise(input: Json, result: Json) -> Json {
     match result {
-        Json::Null => input.clone(),
+        Json::Null => input,
         Json::Object(ref obj) if obj.contains_key("routing") => result,
         routing => {
             let mut full = match input {
-                Json::Object(obj) => obj.clone(),
+                Json::Object(obj) => obj,
                 _ => Map::new(),
             };
             full.insert("routing".into(), routing);
@@ -30,7 +31,7 @@ mod tests {
     #[test]
     fn routing_only_results_are_put_back_in_the_whole_object() {
         let input = json!({"routing": {"cli": "1"}, "week": "9-21"});
-        let out = normalise(&input, json!({"cli": "2"}));
+        let out = normalise(input.clone(), json!({"cli": "2"}));
         assert_eq!(out, json!({"routing": {"cli": "2"}, "week": "9-21"}));
     }
 
@@ -38,7 +39,7 @@ mod tests {
     fn whole_objects_pass_and_null_means_unchanged() {
         let input = json!({"routing": {"cli": "1"}});
         let whole = json!({"routing": {"cli": "3"}, "extra": true});
-        assert_eq!(normalise(&input, whole.clone()), whole);
-        assert_eq!(normalise(&input, Json::Null), input);
+        assert_eq!(normalise(input.clone(), whole.clone()), whole);
+        assert_eq!(normalise(input.clone(), Json::Null), input);
     }
 }

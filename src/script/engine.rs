@@ -1,17 +1,17 @@
-//! The engine facade: a worker pool plus the mode conventions applied around each run.
+//! The engine facade: a worker pool of sandboxes (each applies the mode's conventions, such as
+//! class4 normalisation, to its runs).
 
 use std::sync::Arc;
 
 use serde_json::Value as Json;
 
 use super::{
-    class4,
     compile::CompiledScript,
     error::EngineError,
     execution::{RunOutput, RunRequest},
     host::{HostModules, HostObject},
     mode::{Limits, Mode},
-    pool::WorkerPool,
+    pool::{LocalTask, WorkerPool},
 };
 
 /// Settings of an engine.
@@ -103,11 +103,9 @@ impl Engine {
         }
     }
 
-    /// Run once, applying the mode's conventions to the result (class4 normalisation).
+    /// Run once; the result follows the mode's conventions (class4 results are normalised).
     pub async fn run(&self, inv: Invocation) -> Result<RunOutput, EngineError> {
-        let input = (inv.mode == Mode::Class4).then(|| inv.data.clone());
-        let mut output = self
-            .pool
+        self.pool
             .run(RunRequest {
                 script: inv.script,
                 mode: inv.mode,
@@ -115,10 +113,13 @@ impl Engine {
                 function: inv.function,
                 ctx: inv.ctx,
             })
-            .await?;
-        if let (Some(input), Ok(result)) = (input, &mut output.result) {
-            *result = class4::normalise(&input, std::mem::take(result));
-        }
-        Ok(output)
+            .await
+    }
+
+    /// Hands `task` to the least busy worker thread, which drives it there: the task prepares
+    /// its runs, runs them with the given [`LocalRunner`](super::pool::LocalRunner) and acts on
+    /// their results without crossing threads again. Nothing is returned to the caller.
+    pub fn spawn_local(&self, task: LocalTask) -> Result<(), EngineError> {
+        self.pool.spawn(task)
     }
 }

@@ -64,16 +64,15 @@ pub struct RunOutput {
 }
 
 /// The built-ins a script gets. No `Eval`: `eval` and `new Function` cannot compile code.
-/// Typed arrays are added on first use (see `install_lazy_typed_arrays`).
+/// Typed arrays, `Map`/`Set`/`WeakMap`/`WeakSet` and `WeakRef`/`FinalizationRegistry` are
+/// added on first use (see [`LAZY_INTRINSICS`]).
 type RunIntrinsics = (
     intrinsic::Date,
     intrinsic::RegExpCompiler,
     intrinsic::RegExp,
     intrinsic::Json,
     intrinsic::Proxy,
-    intrinsic::MapSet,
     intrinsic::Promise,
-    intrinsic::WeakRef,
 );
 
 /// The globals QuickJS's typed-array intrinsic defines. Building them is a quarter of a
@@ -95,6 +94,31 @@ const TYPED_ARRAY_GLOBALS: [&str; 16] = [
     "Float64Array",
     "DataView",
     "Atomics",
+];
+
+/// An intrinsic reachable only through global names, added to a context when a script first
+/// reads or writes one of them.
+struct LazyIntrinsic {
+    names: &'static [&'static str],
+    add: unsafe extern "C" fn(*mut qjs::JSContext) -> std::ffi::c_int,
+}
+
+/// Each costs a context 10–250 k instructions to build and as much to collect, and routing
+/// scripts rarely use them. (`Date`, `RegExp`, `JSON` and `Promise` stay eager: the language
+/// itself reaches some of them without a global name.)
+const LAZY_INTRINSICS: [LazyIntrinsic; 3] = [
+    LazyIntrinsic {
+        names: &TYPED_ARRAY_GLOBALS,
+        add: qjs::JS_AddIntrinsicTypedArrays,
+    },
+    LazyIntrinsic {
+        names: &["Map", "Set", "WeakMap", "WeakSet"],
+        add: qjs::JS_AddIntrinsicMapSet,
+    },
+    LazyIntrinsic {
+        names: &["WeakRef", "FinalizationRegistry"],
+        add: qjs::JS_AddIntrinsicWeakRef,
+    },
 ];
 
 const MAX_LOG_LINE: usize = 8 * 1024;
@@ -495,7 +519,7 @@ impl Sandbox {
     /// Run one script to completion. Never panics: a panic in a host callback is this run's
     /// 500. The caller answers first and then hands the spent context to [`Sandbox::recycle`],
     /// so tearing it down and preparing the next one stay off the request's path.
-    pub async fn run_unrecycled(&self, req: RunRequest) -> (RunOutput, Option<Spent>) {
+    pub async fn run_unrecycled(&self, mut req: RunRequest) -> (RunOutput, Option<Spent>) {
         let started = Instant::now();
         let prepared = if req.mode == Mode::Class5 {
             // Calls live long and many at once: they share runtimes (see `shared.rs`).
@@ -518,8 +542,10 @@ impl Sandbox {
         };
         let state = prepared.state.clone();
         state.begin(&req.script, req.mode);
-        let run = std::panic::AssertUnwindSafe(execute(&prepared.context, &state, req));
-        let (result, reusable) = match futures::FutureExt::catch_unwind(run).await {
+        let mode = req.mode;
+        let data = std::mem::take(&mut req.data);
+        let run = std::panic::AssertUnwindSafe(execute(&prepared.context, &state, req, &data));
+        let (mut result, reusable) = match futures::FutureExt::catch_unwind(run).await {
             Ok(result) => (result, state.limit_hit.get().is_none()),
             Err(panic) => {
                 let what = panic
@@ -533,6 +559,10 @@ impl Sandbox {
                 (Err(error), false)
             }
         };
+        if let (Mode::Class4, Ok(value)) = (mode, &mut result) {
+            // The input is not needed any more: normalising moves it instead of copying it.
+            *value = super::class4::normalise(data, std::mem::take(value));
+        }
         let logs = std::mem::take(&mut *state.logs.borrow_mut());
         let output = RunOutput {
             result,
@@ -603,8 +633,9 @@ async fn execute(
     context: &Context,
     state: &Rc<RunState>,
     req: RunRequest,
+    data: &Json,
 ) -> Result<Json, ScriptError> {
-    match execute_steps(context, state, req).await {
+    match execute_steps(context, state, req, data).await {
         Ok(json) => Ok(json),
         Err(Finished(answer)) => answer,
     }
@@ -614,6 +645,7 @@ async fn execute_steps(
     context: &Context,
     state: &Rc<RunState>,
     req: RunRequest,
+    input: &Json,
 ) -> Result<Json, Finished> {
     let wall_deadline = state.limits.wall_for(req.mode).map(|w| Instant::now() + w);
     let script = req.script.clone();
@@ -623,7 +655,7 @@ async fn execute_steps(
     let (loaded, module_promise) = state
         .slice(context, |ctx| {
             let fail = |e| state.error_from(&ctx, e);
-            let data = json_to_js(&ctx, &req.data).map_err(fail)?;
+            let data = json_to_js(&ctx, input).map_err(fail)?;
             install_run_globals(&ctx, state, &script, data.clone()).map_err(fail)?;
             let ctx_object = match &ctx_host {
                 Some(host) => {
@@ -953,28 +985,80 @@ fn find_entry<'js>(
         })
 }
 
+/// JSON → a JS value, built with QuickJS's C API: properties are defined (as `JSON.parse`
+/// does: a `__proto__` key is an own property) rather than set, and arrays are created whole.
 fn json_to_js<'js>(ctx: &Ctx<'js>, json: &Json) -> rquickjs::Result<Value<'js>> {
+    // SAFETY: the context is locked (we are inside `with`); `json_to_raw` returns an owned
+    // value, which `from_raw` takes over.
+    unsafe {
+        let value = json_to_raw(ctx.as_raw().as_ptr(), json);
+        if qjs::JS_IsException(value) {
+            return Err(rquickjs::Error::Exception);
+        }
+        Ok(Value::from_raw(ctx.clone(), value))
+    }
+}
+
+/// # Safety
+/// `ctx` is a locked context. Returns an owned value or the exception marker.
+unsafe fn json_to_raw(ctx: *mut qjs::JSContext, json: &Json) -> qjs::JSValue {
+    let exception = qjs::JS_MKVAL(qjs::JS_TAG_EXCEPTION, 0);
     match json {
-        Json::Null => Ok(Value::new_null(ctx.clone())),
-        Json::Bool(b) => Ok(Value::new_bool(ctx.clone(), *b)),
-        Json::String(s) => rquickjs::String::from_str(ctx.clone(), s).map(|s| s.into_value()),
-        Json::Number(n) => Ok(match n.as_i64().and_then(|i| i32::try_from(i).ok()) {
-            Some(i) => Value::new_int(ctx.clone(), i),
-            None => Value::new_float(ctx.clone(), n.as_f64().unwrap_or(f64::NAN)),
-        }),
+        Json::Null => qjs::JS_MKVAL(qjs::JS_TAG_NULL, 0),
+        Json::Bool(b) => qjs::JS_MKVAL(qjs::JS_TAG_BOOL, i32::from(*b)),
+        Json::Number(n) => match n.as_i64().and_then(|i| i32::try_from(i).ok()) {
+            Some(i) => qjs::JS_MKVAL(qjs::JS_TAG_INT, i),
+            None => qjs::JS_NewFloat64(n.as_f64().unwrap_or(f64::NAN)),
+        },
+        Json::String(s) => qjs::JS_NewStringLen(ctx, s.as_ptr().cast(), s.len() as _),
         Json::Array(items) => {
-            let array = rquickjs::Array::new(ctx.clone())?;
-            for (i, item) in items.iter().enumerate() {
-                array.set(i, json_to_js(ctx, item)?)?;
+            let mut values = Vec::with_capacity(items.len());
+            for item in items {
+                let value = json_to_raw(ctx, item);
+                if qjs::JS_IsException(value) {
+                    for v in values {
+                        qjs::JS_FreeValue(ctx, v);
+                    }
+                    return exception;
+                }
+                values.push(value);
             }
-            Ok(array.into_value())
+            // Takes the values over, also when it fails.
+            qjs::JS_NewArrayFrom(ctx, values.len() as _, values.as_ptr())
         }
         Json::Object(map) => {
-            let object = Object::new(ctx.clone())?;
-            for (key, item) in map {
-                object.set(key.as_str(), json_to_js(ctx, item)?)?;
+            let object = qjs::JS_NewObject(ctx);
+            if qjs::JS_IsException(object) {
+                return object;
             }
-            Ok(object.into_value())
+            for (key, item) in map {
+                let value = json_to_raw(ctx, item);
+                if qjs::JS_IsException(value) {
+                    qjs::JS_FreeValue(ctx, object);
+                    return exception;
+                }
+                let atom = qjs::JS_NewAtomLen(ctx, key.as_ptr().cast(), key.len() as _);
+                let defined = if atom == 0 {
+                    qjs::JS_FreeValue(ctx, value);
+                    -1
+                } else {
+                    // Takes `value` over.
+                    let r = qjs::JS_DefinePropertyValue(
+                        ctx,
+                        object,
+                        atom,
+                        value,
+                        qjs::JS_PROP_C_W_E as _,
+                    );
+                    qjs::JS_FreeAtom(ctx, atom);
+                    r
+                };
+                if defined < 0 {
+                    qjs::JS_FreeValue(ctx, object);
+                    return exception;
+                }
+            }
+            object
         }
     }
 }
@@ -997,8 +1081,15 @@ fn js_to_json<'js>(ctx: &Ctx<'js>, value: Value<'js>) -> rquickjs::Result<Json> 
         .get::<_, Object>("Object")
         .and_then(|o| o.get("prototype"))
         .ok();
-    if let Some(json) = proto.and_then(|p| plain_to_json(&value, &p, 0)) {
-        return Ok(json);
+    if let Some(proto) = proto {
+        // SAFETY: the context is locked; `plain_to_json` only borrows the values it is given.
+        let plain = unsafe {
+            let proto = qjs::JS_VALUE_GET_PTR(proto.as_raw());
+            plain_to_json(ctx.as_raw().as_ptr(), value.as_raw(), proto, 0)
+        };
+        if let Some(json) = plain {
+            return Ok(json);
+        }
     }
     match ctx.json_stringify(value)? {
         None => Ok(Json::Null),
@@ -1012,66 +1103,139 @@ fn js_to_json<'js>(ctx: &Ctx<'js>, value: Value<'js>) -> rquickjs::Result<Json> 
     }
 }
 
+/// A JS string (or a property name) as Rust text; `None` when QuickJS cannot convert it.
+///
+/// # Safety
+/// `ctx` is locked; `text` is what `JS_ToCStringLen2` / `JS_AtomToCStringLen` returned.
+unsafe fn take_c_string(
+    ctx: *mut qjs::JSContext,
+    text: *const std::ffi::c_char,
+    len: usize,
+) -> Option<String> {
+    if text.is_null() {
+        return None;
+    }
+    let bytes = std::slice::from_raw_parts(text.cast::<u8>(), len);
+    let out = String::from_utf8_lossy(bytes).into_owned();
+    qjs::JS_FreeCString(ctx, text);
+    Some(out)
+}
+
 /// Convert plain data (objects whose prototype is `Object.prototype`, arrays, strings,
 /// numbers, booleans, null) straight to JSON, the way `JSON.stringify` would. `None` for
-/// anything else (a Date, a `toJSON`, a Map, a cycle, a BigInt...): the caller then uses
-/// `JSON.stringify`, whose rules and errors are the reference. QuickJS-NG's stringify costs
-/// about 25 ns per byte, so the common case skips it.
-fn plain_to_json<'js>(
-    value: &Value<'js>,
-    object_proto: &Object<'js>,
+/// anything else (a Date, a `toJSON`, a Map, a Proxy, a cycle, a BigInt, a getter that
+/// throws...): the caller then uses `JSON.stringify`, whose rules and errors are the
+/// reference. QuickJS-NG's stringify costs about 25 ns per byte, so the common case skips it.
+///
+/// # Safety
+/// `ctx` is locked; `value` is borrowed; `object_proto` is this context's `Object.prototype`.
+unsafe fn plain_to_json(
+    ctx: *mut qjs::JSContext,
+    value: qjs::JSValue,
+    object_proto: *mut std::ffi::c_void,
     depth: usize,
 ) -> Option<Json> {
     if depth > 64 {
         return None;
     }
-    if value.is_null() {
-        return Some(Json::Null);
-    }
-    if let Some(b) = value.as_bool() {
-        return Some(Json::Bool(b));
-    }
-    if let Some(i) = value.as_int() {
-        return Some(Json::from(i));
-    }
-    if let Some(f) = value.as_float() {
-        // Integral doubles print as integers (and -0 as 0), as JSON.stringify does.
-        if f.fract() == 0.0 && f.abs() < 9_007_199_254_740_992.0 {
-            return Some(Json::from(f as i64));
-        }
-        return Some(serde_json::Number::from_f64(f).map_or(Json::Null, Json::Number));
-    }
-    if let Some(s) = value.as_string() {
-        return s.to_string().ok().map(Json::String);
-    }
-    if let Some(array) = value.as_array() {
-        let mut out = Vec::with_capacity(array.len());
-        for item in array.iter::<Value>() {
-            let item = item.ok()?;
-            if item.is_undefined() || item.is_function() || item.is_symbol() {
-                out.push(Json::Null);
-            } else {
-                out.push(plain_to_json(&item, object_proto, depth + 1)?);
+    match qjs::JS_VALUE_GET_NORM_TAG(value) {
+        qjs::JS_TAG_NULL => return Some(Json::Null),
+        qjs::JS_TAG_BOOL => return Some(Json::Bool(qjs::JS_VALUE_GET_BOOL(value))),
+        qjs::JS_TAG_INT => return Some(Json::from(qjs::JS_VALUE_GET_INT(value))),
+        qjs::JS_TAG_FLOAT64 => {
+            let f = qjs::JS_VALUE_GET_FLOAT64(value);
+            // Integral doubles print as integers (and -0 as 0), as JSON.stringify does.
+            if f.fract() == 0.0 && f.abs() < 9_007_199_254_740_992.0 {
+                return Some(Json::from(f as i64));
             }
+            return Some(serde_json::Number::from_f64(f).map_or(Json::Null, Json::Number));
+        }
+        qjs::JS_TAG_STRING => {
+            let mut len = 0;
+            let text = qjs::JS_ToCStringLen2(ctx, &mut len, value, false);
+            return take_c_string(ctx, text, len as usize).map(Json::String);
+        }
+        qjs::JS_TAG_OBJECT => {}
+        _ => return None,
+    }
+    if qjs::JS_IsProxy(value) || qjs::JS_IsFunction(ctx, value) {
+        return None;
+    }
+    // A skipped member: JSON.stringify writes null in arrays and leaves it out of objects.
+    let skipped = |v: qjs::JSValue| {
+        matches!(
+            qjs::JS_VALUE_GET_NORM_TAG(v),
+            qjs::JS_TAG_UNDEFINED | qjs::JS_TAG_SYMBOL
+        ) || (qjs::JS_IsObject(v) && qjs::JS_IsFunction(ctx, v))
+    };
+    if qjs::JS_IsArray(value) {
+        let mut len = 0i64;
+        if qjs::JS_GetLength(ctx, value, &mut len) < 0 {
+            return None;
+        }
+        let mut out = Vec::with_capacity(len.clamp(0, 1 << 16) as usize);
+        for i in 0..len {
+            let item = qjs::JS_GetPropertyInt64(ctx, value, i);
+            let json = if qjs::JS_IsException(item) {
+                None
+            } else if skipped(item) {
+                Some(Json::Null)
+            } else {
+                plain_to_json(ctx, item, object_proto, depth + 1)
+            };
+            qjs::JS_FreeValue(ctx, item);
+            out.push(json?);
         }
         return Some(Json::Array(out));
     }
-    let object = value.as_object()?;
-    if value.is_function() || object.get_prototype().as_ref() != Some(object_proto) {
+    let proto = qjs::JS_GetPrototype(ctx, value);
+    let plain = qjs::JS_IsObject(proto) && qjs::JS_VALUE_GET_PTR(proto) == object_proto;
+    qjs::JS_FreeValue(ctx, proto);
+    if !plain {
         return None;
     }
-    let mut out = serde_json::Map::new();
-    for entry in object.props::<String, Value>() {
-        let (key, item) = entry.ok()?;
-        if key == "toJSON" {
-            return None;
-        }
-        if item.is_undefined() || item.is_function() || item.is_symbol() {
-            continue;
-        }
-        out.insert(key, plain_to_json(&item, object_proto, depth + 1)?);
+    let mut tab: *mut qjs::JSPropertyEnum = std::ptr::null_mut();
+    let mut count = 0u32;
+    let flags = (qjs::JS_GPN_STRING_MASK | qjs::JS_GPN_ENUM_ONLY) as _;
+    if qjs::JS_GetOwnPropertyNames(ctx, &mut tab, &mut count, value, flags) < 0 {
+        return None;
     }
-    Some(Json::Object(out))
+    let props = std::slice::from_raw_parts(tab, count as usize);
+    let mut out = serde_json::Map::new();
+    let mut complete = true;
+    for prop in props {
+        let mut len = 0;
+        let key = qjs::JS_AtomToCStringLen(ctx, &mut len, prop.atom);
+        let Some(key) = take_c_string(ctx, key, len as usize) else {
+            complete = false;
+            break;
+        };
+        if key == "toJSON" {
+            complete = false;
+            break;
+        }
+        let item = qjs::JS_GetProperty(ctx, value, prop.atom);
+        let json = if qjs::JS_IsException(item) {
+            None
+        } else if skipped(item) {
+            qjs::JS_FreeValue(ctx, item);
+            continue;
+        } else {
+            plain_to_json(ctx, item, object_proto, depth + 1)
+        };
+        qjs::JS_FreeValue(ctx, item);
+        match json {
+            Some(json) => {
+                out.insert(key, json);
+            }
+            None => {
+                complete = false;
+                break;
+            }
+        }
+    }
+    qjs::JS_FreePropertyEnum(ctx, tab, count);
+    complete.then_some(Json::Object(out))
 }
 
 fn host_error_to_js<'js>(ctx: &Ctx<'js>, e: &HostError) -> rquickjs::Result<Value<'js>> {
@@ -1382,7 +1546,7 @@ fn install_common_globals<'js>(
     };
     g.set("eval", disabled("eval")?)?;
     install_host_globals(ctx, state, &sandbox.modules)?;
-    install_lazy_typed_arrays(ctx)
+    install_lazy_intrinsics(ctx)
 }
 
 /// Define each global host object (`api`, `fetch`) as an accessor that builds it on first
@@ -1429,40 +1593,177 @@ fn install_host_globals<'js>(
     Ok(())
 }
 
-/// Define each typed-array global as a configurable accessor that, on first get or set, adds
-/// the real intrinsic (whose definitions replace the accessors) and then answers as it would.
-fn install_lazy_typed_arrays<'js>(ctx: &Ctx<'js>) -> rquickjs::Result<()> {
-    let g = ctx.globals();
-    let added = Rc::new(Cell::new(false));
-    let materialise = move |ctx: &Ctx<'_>, added: &Cell<bool>| {
-        if !added.replace(true) {
-            // Remove every placeholder first: QuickJS defines `Atomics` as an auto-init
-            // property and aborts if one already exists.
-            let g = ctx.globals();
-            for name in TYPED_ARRAY_GLOBALS {
-                let _ = g.remove(name);
+/// Define each global of each [`LAZY_INTRINSICS`] entry as a configurable accessor that, on
+/// the first get or set of any of the entry's names, adds the real intrinsic (whose definitions
+/// replace the accessors) and then answers as the real property would.
+///
+/// The accessors are bare callable objects of a class of ours ([`lazy_class`]) with the name's
+/// index as opaque: no Rust closure, no `name`/`length` properties. A context gets 44 of them
+/// for a few hundred instructions each, far less than the intrinsics they stand for.
+fn install_lazy_intrinsics(ctx: &Ctx<'_>) -> rquickjs::Result<()> {
+    let raw = ctx.as_raw().as_ptr();
+    // SAFETY: the context is locked (we are inside `with`); every value created here is either
+    // handed to a consuming call or freed before returning.
+    unsafe {
+        let Some(class) = lazy_class(qjs::JS_GetRuntime(raw)) else {
+            return Err(rquickjs::Error::Unknown);
+        };
+        let global = qjs::JS_GetGlobalObject(raw);
+        let null = qjs::JS_MKVAL(qjs::JS_TAG_NULL, 0);
+        let mut outcome = Ok(());
+        'entries: for (entry, lazy) in LAZY_INTRINSICS.iter().enumerate() {
+            for (index, name) in lazy.names.iter().enumerate() {
+                let accessor = |setter| {
+                    let f = qjs::JS_NewObjectProtoClass(raw, null, class);
+                    if !qjs::JS_IsException(f) {
+                        let tag = lazy_tag(entry, index, setter);
+                        qjs::JS_SetOpaque(f, tag as *mut std::ffi::c_void);
+                    }
+                    f
+                };
+                let (get, set) = (accessor(false), accessor(true));
+                let atom = qjs::JS_NewAtomLen(raw, name.as_ptr().cast(), name.len() as _);
+                let defined = if qjs::JS_IsException(get) || qjs::JS_IsException(set) || atom == 0 {
+                    qjs::JS_FreeValue(raw, get);
+                    qjs::JS_FreeValue(raw, set);
+                    -1
+                } else {
+                    // Consumes `get` and `set`.
+                    qjs::JS_DefinePropertyGetSet(
+                        raw,
+                        global,
+                        atom,
+                        get,
+                        set,
+                        qjs::JS_PROP_CONFIGURABLE as _,
+                    )
+                };
+                if atom != 0 {
+                    qjs::JS_FreeAtom(raw, atom);
+                }
+                if defined < 0 {
+                    outcome = Err(rquickjs::Error::Exception);
+                    break 'entries;
+                }
             }
-            // SAFETY: called with the context locked (inside a JS call); the intrinsic only
-            // defines properties on this context's global object, none of which exist now.
-            unsafe { qjs::JS_AddIntrinsicTypedArrays(ctx.as_raw().as_ptr()) };
         }
-    };
-    for name in TYPED_ARRAY_GLOBALS {
-        let (get_added, set_added) = (added.clone(), added.clone());
-        let getter = move |ctx: Ctx<'js>| -> rquickjs::Result<Value<'js>> {
-            materialise(&ctx, &get_added);
-            ctx.globals().get(name)
-        };
-        let setter = move |ctx: Ctx<'js>, value: Value<'js>| -> rquickjs::Result<()> {
-            materialise(&ctx, &set_added);
-            ctx.globals().set(name, value)
-        };
-        g.prop(
-            name,
-            rquickjs::object::Accessor::new(getter, setter).configurable(),
-        )?;
+        qjs::JS_FreeValue(raw, global);
+        outcome
     }
-    Ok(())
+}
+
+/// The opaque of a lazy accessor: entry, name index, setter bit. Never 0 (QuickJS's "none").
+fn lazy_tag(entry: usize, index: usize, setter: bool) -> usize {
+    (1 << 16) | (entry << 8) | (index << 1) | usize::from(setter)
+}
+
+/// The class of the lazy accessors, registered in `rt` on first use.
+///
+/// Class ids are numbered per runtime. Every runtime here comes from `Sandbox::new_runtime`
+/// and nothing but rquickjs (three ids, when the runtime is created) and this function
+/// allocates ids, so this class gets the same id in every runtime and "that id is registered"
+/// means "registered by this function".
+///
+/// # Safety
+/// `rt` must be a live runtime whose lock the caller holds.
+unsafe fn lazy_class(rt: *mut qjs::JSRuntime) -> Option<qjs::JSClassID> {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static CLASS: AtomicU32 = AtomicU32::new(0);
+    let known = CLASS.load(Ordering::Relaxed);
+    if known != 0 && qjs::JS_IsRegisteredClass(rt, known) {
+        return Some(known);
+    }
+    let mut id: qjs::JSClassID = 0;
+    qjs::JS_NewClassID(rt, &mut id);
+    if known != 0 && id != known {
+        tracing::warn!(
+            known,
+            id,
+            "lazy-intrinsic class id differs between runtimes"
+        );
+    }
+    let def = qjs::JSClassDef {
+        class_name: c"LazyIntrinsic".as_ptr(),
+        finalizer: None,
+        gc_mark: None,
+        call: Some(lazy_global),
+        exotic: std::ptr::null_mut(),
+    };
+    if qjs::JS_NewClass(rt, id, &def) != 0 {
+        return None;
+    }
+    CLASS.store(id, Ordering::Relaxed);
+    Some(id)
+}
+
+/// The getter or setter of one lazy global; see [`install_lazy_intrinsics`].
+unsafe extern "C" fn lazy_global(
+    ctx: *mut qjs::JSContext,
+    func: qjs::JSValue,
+    _this: qjs::JSValue,
+    argc: std::ffi::c_int,
+    argv: *mut qjs::JSValue,
+    _flags: std::ffi::c_int,
+) -> qjs::JSValue {
+    let exception = qjs::JS_MKVAL(qjs::JS_TAG_EXCEPTION, 0);
+    let tag = qjs::JS_GetOpaque(func, qjs::JS_GetClassID(func)) as usize;
+    let (entry, index, setter) = ((tag >> 8) & 0xff, (tag & 0xff) >> 1, tag & 1 == 1);
+    let lazy = &LAZY_INTRINSICS[entry];
+    let name = lazy.names[index];
+    let global = qjs::JS_GetGlobalObject(ctx);
+    let atom = qjs::JS_NewAtomLen(ctx, name.as_ptr().cast(), name.len() as _);
+    if atom == 0 {
+        qjs::JS_FreeValue(ctx, global);
+        return exception;
+    }
+    // Still a placeholder (this very accessor is the property's getter or setter)? Then add the
+    // intrinsic. A saved accessor called later just forwards to the property.
+    let mut desc = std::mem::MaybeUninit::<qjs::JSPropertyDescriptor>::uninit();
+    let found = qjs::JS_GetOwnProperty(ctx, desc.as_mut_ptr(), global, atom);
+    let mut placeholder = false;
+    if found > 0 {
+        let desc = desc.assume_init();
+        let same = |v: qjs::JSValue| {
+            qjs::JS_IsObject(v) && qjs::JS_VALUE_GET_PTR(v) == qjs::JS_VALUE_GET_PTR(func)
+        };
+        placeholder = same(desc.getter) || same(desc.setter);
+        qjs::JS_FreeValue(ctx, desc.getter);
+        qjs::JS_FreeValue(ctx, desc.setter);
+        qjs::JS_FreeValue(ctx, desc.value);
+    }
+    let mut failed = found < 0;
+    if placeholder {
+        // Remove every placeholder first: QuickJS defines `Atomics` as an auto-init property
+        // and aborts if one already exists.
+        for other in lazy.names {
+            let a = qjs::JS_NewAtomLen(ctx, other.as_ptr().cast(), other.len() as _);
+            if a != 0 {
+                qjs::JS_DeleteProperty(ctx, global, a, 0);
+                qjs::JS_FreeAtom(ctx, a);
+            }
+        }
+        failed = (lazy.add)(ctx) < 0;
+    }
+    let answer = if failed {
+        exception
+    } else if setter {
+        let value = if argc > 0 {
+            qjs::JS_DupValue(ctx, *argv)
+        } else {
+            qjs::JS_MKVAL(qjs::JS_TAG_UNDEFINED, 0)
+        };
+        // Consumes `value`.
+        if qjs::JS_SetProperty(ctx, global, atom, value) < 0 {
+            exception
+        } else {
+            qjs::JS_MKVAL(qjs::JS_TAG_UNDEFINED, 0)
+        }
+    } else {
+        qjs::JS_GetProperty(ctx, global, atom)
+    };
+    qjs::JS_FreeAtom(ctx, atom);
+    qjs::JS_FreeValue(ctx, global);
+    answer
 }
 
 fn install_timers<'js>(ctx: &Ctx<'js>, state: &Rc<RunState>) -> rquickjs::Result<()> {

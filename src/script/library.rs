@@ -5,7 +5,7 @@ use std::{
     io::Write,
     path::{Path, PathBuf},
     sync::{Arc, Mutex},
-    time::SystemTime,
+    time::{Duration, Instant, SystemTime},
 };
 
 use serde::Serialize;
@@ -32,13 +32,20 @@ impl Default for LibraryLimits {
     }
 }
 
-/// A vars file's modification time and content.
-type CachedVars = (Option<SystemTime>, Arc<serde_json::Value>);
+/// A vars file's modification time and content (`None`: there is no such file), and when the
+/// file was last looked at.
+struct CachedVars {
+    modified: Option<SystemTime>,
+    vars: Option<Arc<serde_json::Value>>,
+    checked: Instant,
+}
 
 struct Cached {
     modified: Option<SystemTime>,
     len: u64,
     script: Arc<CompiledScript>,
+    /// When the file was last stat'ed.
+    checked: Instant,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -110,8 +117,9 @@ impl ScriptLibrary {
             }
         };
         let modified = meta.modified().ok();
-        if let Some(hit) = self.lock_names().get(name) {
+        if let Some(hit) = self.lock_names().get_mut(name) {
             if hit.modified == modified && hit.len == meta.len() {
+                hit.checked = Instant::now();
                 return Ok(hit.script.clone());
             }
         }
@@ -123,9 +131,28 @@ impl ScriptLibrary {
                 modified,
                 len: meta.len(),
                 script: script.clone(),
+                checked: Instant::now(),
             },
         );
         Ok(script)
+    }
+
+    /// [`get`](Self::get), trusting a lookup made less than `fresh` ago instead of looking at
+    /// the file again. For callers that run a script thousands of times a second (class4 over
+    /// SIP), where the file system check itself would be a real share of each run's cost; an
+    /// edit is then picked up within `fresh`.
+    pub fn get_recent(
+        &self,
+        name: &str,
+        fresh: Duration,
+    ) -> Result<Arc<CompiledScript>, LoadError> {
+        let key = name.strip_suffix(".js").unwrap_or(name);
+        if let Some(hit) = self.lock_names().get(key) {
+            if hit.checked.elapsed() < fresh {
+                return Ok(hit.script.clone());
+            }
+        }
+        self.get(name)
     }
 
     fn lock_names(&self) -> std::sync::MutexGuard<'_, HashMap<String, Cached>> {
@@ -186,18 +213,54 @@ impl ScriptLibrary {
         }
         let path = self.dir.join(format!("{name}.toml"));
         let Ok(meta) = std::fs::metadata(&path) else {
+            self.lock_vars().insert(
+                name.to_string(),
+                CachedVars {
+                    modified: None,
+                    vars: None,
+                    checked: Instant::now(),
+                },
+            );
             return Ok(None);
         };
         let modified = meta.modified().ok();
-        let mut cache = self.vars.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some((at, vars)) = cache.get(name) {
-            if *at == modified {
+        let mut cache = self.lock_vars();
+        if let Some(hit) = cache.get_mut(name) {
+            if let (true, Some(vars)) = (hit.modified == modified, &hit.vars) {
+                hit.checked = Instant::now();
                 return Ok(Some(vars.clone()));
             }
         }
         let vars = Arc::new(super::vars::load(&path)?);
-        cache.insert(name.to_string(), (modified, vars.clone()));
+        cache.insert(
+            name.to_string(),
+            CachedVars {
+                modified,
+                vars: Some(vars.clone()),
+                checked: Instant::now(),
+            },
+        );
         Ok(Some(vars))
+    }
+
+    /// [`vars`](Self::vars), trusting a lookup made less than `fresh` ago (see
+    /// [`get_recent`](Self::get_recent)).
+    pub fn vars_recent(
+        &self,
+        name: &str,
+        fresh: Duration,
+    ) -> Result<Option<Arc<serde_json::Value>>, VarsError> {
+        let key = name.strip_suffix(".js").unwrap_or(name);
+        if let Some(hit) = self.lock_vars().get(key) {
+            if hit.checked.elapsed() < fresh {
+                return Ok(hit.vars.clone());
+            }
+        }
+        self.vars(name)
+    }
+
+    fn lock_vars(&self) -> std::sync::MutexGuard<'_, HashMap<String, CachedVars>> {
+        self.vars.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Source of `name`, for `GET /v1/scripts/{name}`.
@@ -300,6 +363,32 @@ mod tests {
         assert!(lib.delete("r").unwrap());
         assert!(matches!(lib.get("r"), Err(LoadError::NotFound(_))));
         assert!(!lib.delete("r").unwrap());
+    }
+
+    #[test]
+    fn recent_lookups_trust_the_last_check_for_a_while() {
+        let dir = tempfile::tempdir().unwrap();
+        let lib = ScriptLibrary::new(dir.path(), LibraryLimits::default());
+        let fresh = Duration::from_secs(3600);
+        let first = lib.put("r", "function main(){ return 1 }").unwrap();
+        assert_eq!(lib.get_recent("r", fresh).unwrap().id, first.id);
+        assert_eq!(lib.vars_recent("r", fresh).unwrap(), None);
+        std::fs::write(dir.path().join("r.js"), "function main(){ return 22 }").unwrap();
+        std::fs::write(dir.path().join("r.toml"), "x = 1").unwrap();
+        // Within `fresh`: the last check stands.
+        assert_eq!(lib.get_recent("r", fresh).unwrap().id, first.id);
+        assert_eq!(lib.vars_recent("r", fresh).unwrap(), None);
+        // Past it (and for plain lookups): the edit is seen.
+        let edited = lib.get_recent("r", Duration::ZERO).unwrap();
+        assert_ne!(edited.id, first.id);
+        assert_eq!(
+            lib.vars_recent("r", Duration::ZERO).unwrap().unwrap()["x"],
+            1
+        );
+        assert_eq!(lib.get_recent("r", fresh).unwrap().id, edited.id);
+        // An upload through the library is seen at once.
+        let uploaded = lib.put("r", "function main(){ return 3 }").unwrap();
+        assert_eq!(lib.get_recent("r", fresh).unwrap().id, uploaded.id);
     }
 
     #[test]

@@ -23,6 +23,7 @@ pub use execution::{LogLevel, LogLine, RunOutput, RunRequest, Sandbox};
 pub use host::{HostCall, HostError, HostMethod, HostModule, HostModules, HostObject, MethodKind};
 pub use library::{LibraryLimits, ScriptLibrary};
 pub use mode::{Limits, Mode};
+pub use pool::{LocalRunner, LocalTask};
 
 #[cfg(test)]
 mod tests;

@@ -3,6 +3,11 @@
 //! QuickJS runtimes are not `Send`, so a run lives on one worker from start to end. A worker is
 //! a current-thread tokio runtime with a `LocalSet`: a run awaiting a host call costs a task,
 //! not a thread, so thousands of calls can wait at once on two cores.
+//!
+//! Besides single runs ([`WorkerPool::run`]), a caller can hand a worker a whole task
+//! ([`WorkerPool::spawn`]): code that prepares a run, runs it with a [`LocalRunner`] and acts
+//! on the result, all on the worker's thread. Class 4 over SIP uses this so a call never
+//! crosses back to the caller's thread between the INVITE and the answer.
 
 use std::{
     rc::Rc,
@@ -13,6 +18,7 @@ use std::{
     thread,
 };
 
+use futures::future::LocalBoxFuture;
 use tokio::sync::{mpsc, oneshot};
 
 use super::{
@@ -22,9 +28,31 @@ use super::{
     mode::Limits,
 };
 
-struct Job {
-    request: RunRequest,
-    reply: oneshot::Sender<RunOutput>,
+/// Work for a worker thread: given the worker's runner, the future to drive there.
+pub type LocalTask = Box<dyn FnOnce(LocalRunner) -> LocalBoxFuture<'static, ()> + Send>;
+
+enum Job {
+    Run {
+        request: RunRequest,
+        reply: oneshot::Sender<RunOutput>,
+    },
+    Task(LocalTask),
+}
+
+/// Runs scripts on the worker thread it was handed to (not `Send`: it stays there).
+pub struct LocalRunner {
+    sandbox: Rc<Sandbox>,
+}
+
+impl LocalRunner {
+    /// Runs one script in a fresh context and gives its output to `answer`; the spent context
+    /// is torn down (and the next one prepared) only after `answer` returns.
+    pub async fn run<R>(&self, request: RunRequest, answer: impl FnOnce(RunOutput) -> R) -> R {
+        let (output, spent) = self.sandbox.run_unrecycled(request).await;
+        let answered = answer(output);
+        self.sandbox.recycle(spent);
+        answered
+    }
 }
 
 struct Worker {
@@ -77,19 +105,35 @@ impl WorkerPool {
             .sum()
     }
 
-    pub async fn run(&self, request: RunRequest) -> Result<RunOutput, EngineError> {
+    /// The least busy worker, counted as taking one more job.
+    fn pick(&self) -> Result<&Worker, EngineError> {
         let worker = self
             .workers
             .iter()
             .min_by_key(|w| w.in_flight.load(Ordering::Relaxed))
             .ok_or(EngineError::ShuttingDown)?;
-        let (reply, answer) = oneshot::channel();
         worker.in_flight.fetch_add(1, Ordering::Relaxed);
-        if worker.jobs.send(Job { request, reply }).is_err() {
+        Ok(worker)
+    }
+
+    fn send(worker: &Worker, job: Job) -> Result<(), EngineError> {
+        worker.jobs.send(job).map_err(|_| {
             worker.in_flight.fetch_sub(1, Ordering::Relaxed);
-            return Err(EngineError::ShuttingDown);
-        }
+            EngineError::ShuttingDown
+        })
+    }
+
+    pub async fn run(&self, request: RunRequest) -> Result<RunOutput, EngineError> {
+        let worker = self.pick()?;
+        let (reply, answer) = oneshot::channel();
+        Self::send(worker, Job::Run { request, reply })?;
         answer.await.map_err(|_| EngineError::ShuttingDown)
+    }
+
+    /// Hands `task` to the least busy worker, which drives it to completion on its thread.
+    pub fn spawn(&self, task: LocalTask) -> Result<(), EngineError> {
+        let worker = self.pick()?;
+        Self::send(worker, Job::Task(task))
     }
 }
 
@@ -115,14 +159,25 @@ fn worker_main(
         while let Some(job) = jobs.recv().await {
             let sandbox = sandbox.clone();
             let in_flight = in_flight.clone();
-            tokio::task::spawn_local(async move {
-                let (output, spent) = sandbox.run_unrecycled(job.request).await;
-                in_flight.fetch_sub(1, Ordering::Relaxed);
-                let _ = job.reply.send(output);
-                // Answer first: tearing down the context and preparing the next is not the
-                // caller's wait.
-                sandbox.recycle(spent);
-            });
+            match job {
+                Job::Run { request, reply } => {
+                    tokio::task::spawn_local(async move {
+                        let (output, spent) = sandbox.run_unrecycled(request).await;
+                        in_flight.fetch_sub(1, Ordering::Relaxed);
+                        let _ = reply.send(output);
+                        // Answer first: tearing down the context and preparing the next is
+                        // not the caller's wait.
+                        sandbox.recycle(spent);
+                    });
+                }
+                Job::Task(task) => {
+                    let work = task(LocalRunner { sandbox });
+                    tokio::task::spawn_local(async move {
+                        work.await;
+                        in_flight.fetch_sub(1, Ordering::Relaxed);
+                    });
+                }
+            }
         }
     });
 }

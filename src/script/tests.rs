@@ -570,6 +570,51 @@ async fn typed_arrays_work_although_they_are_added_on_first_use() {
     );
 }
 
+#[tokio::test]
+async fn maps_sets_and_weak_refs_work_although_they_are_added_on_first_use() {
+    let src = r#"function main() {
+        const names = Object.getOwnPropertyNames(globalThis);
+        const listed = ["Map", "Set", "WeakMap", "WeakSet", "WeakRef", "FinalizationRegistry"]
+            .every((n) => names.includes(n));
+        const saved = Object.getOwnPropertyDescriptor(globalThis, "Set").get;
+        const m = new Map([[1, "a"]]);
+        const s = new Set([1, 1, 2]);
+        const w = new WeakMap([[m, 3]]);
+        globalThis.WeakSet = "replaced";
+        const again = saved();
+        return [listed, m.get(1), s.size, w.get(m), [...s.union(new Set([3]))], WeakSet,
+                again === Set, typeof new WeakRef(m).deref(), typeof FinalizationRegistry,
+                Object.prototype.toString.call(m), m instanceof Map,
+                Object.getOwnPropertyDescriptor(globalThis, "Map").writable];
+    }"#;
+    let out = run(src, Mode::Script, Json::Null).await;
+    assert_eq!(
+        out.result,
+        Ok(json!([
+            true,
+            "a",
+            2,
+            3,
+            [1, 2, 3],
+            "replaced",
+            true,
+            "object",
+            "function",
+            "[object Map]",
+            true,
+            true
+        ]))
+    );
+    // Each run still gets its own, untouched globals.
+    let out = run(
+        "function main() { return typeof WeakSet }",
+        Mode::Script,
+        Json::Null,
+    )
+    .await;
+    assert_eq!(out.result, Ok(json!("function")));
+}
+
 /// A module with a dotted method, an async method and a prelude that wraps the raw object.
 struct Nested;
 struct NestedObject;
@@ -793,4 +838,36 @@ async fn results_convert_as_json_stringify_would() {
     });
     assert_eq!(v, expected);
     assert_eq!(serde_json::to_string(&v["n"]).unwrap(), "3000000000");
+}
+
+#[tokio::test]
+async fn inputs_arrive_as_json_parse_would_build_them() {
+    let src = r#"function main(d) {
+        const own = Object.getOwnPropertyNames(d.o);
+        return [own, Object.getPrototypeOf(d.o) === Object.prototype, d.o.__proto__,
+                Array.isArray(d.a), d.a.length, d.a[2].k, typeof d.big, d.big, d.f, d.s,
+                d.a.map((x) => typeof x)];
+    }"#;
+    let data = json!({
+        "o": {"__proto__": {"evil": true}, "x": 1},
+        "a": [1, "two", {"k": null}, [true]],
+        "big": 3_000_000_000u64, "f": -0.25, "s": "é\u{0}✓",
+    });
+    let out = run(src, Mode::App, data).await;
+    assert_eq!(
+        out.result,
+        Ok(json!([
+            ["__proto__", "x"],
+            true,
+            {"evil": true},
+            true,
+            4,
+            null,
+            "number",
+            3_000_000_000u64,
+            -0.25,
+            "é\u{0}✓",
+            ["number", "string", "object", "object"]
+        ]))
+    );
 }

@@ -203,6 +203,22 @@ impl SipHandle {
             .await
     }
 
+    /// [`reject`](Self::reject) without waiting for the driver's answer, callable from any
+    /// thread; `Err` only when the stack has stopped. A call that ended meanwhile (a CANCEL
+    /// won the race) is skipped by the user agent, as with `reject`.
+    pub fn reject_detached(
+        &self,
+        call: CallHandle,
+        code: u16,
+        reason: Option<String>,
+        headers: Vec<(String, String)>,
+    ) -> Result<(), TransportError> {
+        let (reply, _) = oneshot::channel();
+        self.commands
+            .send(Command::Reject(call, code, reason, headers, reply))
+            .map_err(|_| TransportError::Stopped)
+    }
+
     /// 302 with one Contact per URI.
     pub async fn redirect(
         &self,
@@ -335,7 +351,6 @@ pub async fn start(
             in_tx.clone(),
         )));
     }
-    let udp = udp.into_iter().map(|(s, _)| s).collect();
     let driver = Driver {
         ua: UserAgent::new(cfg),
         listeners: local_addrs.clone(),
@@ -476,7 +491,8 @@ async fn tcp_connection(
 struct Driver {
     ua: UserAgent,
     listeners: Vec<ListenSpec>,
-    udp: Vec<Arc<UdpSocket>>,
+    /// With their local addresses, known at bind time (no getsockname per send).
+    udp: Vec<(Arc<UdpSocket>, SocketAddr)>,
     conns: HashMap<SocketAddr, mpsc::UnboundedSender<Vec<u8>>>,
     deadlines: BTreeMap<std::time::Instant, TimerId>,
     events: mpsc::UnboundedSender<UaEvent>,
@@ -635,8 +651,9 @@ impl Driver {
                 let sock = self
                     .udp
                     .iter()
-                    .find(|s| s.local_addr().is_ok_and(|l| l.is_ipv4() == to.is_ipv4()))
-                    .or(self.udp.first());
+                    .find(|(_, local)| local.is_ipv4() == to.is_ipv4())
+                    .or(self.udp.first())
+                    .map(|(s, _)| s);
                 match sock {
                     Some(s) => {
                         if let Err(e) = s.send_to(&bytes, to).await {
