@@ -208,6 +208,9 @@ impl RunState {
         if let Some(start) = self.slice_start.take() {
             self.cpu_used.set(self.cpu_used.get() + start.elapsed());
         }
+        if let Some(m) = &self.member {
+            m.collect_if_heavy();
+        }
         out
     }
 
@@ -1734,15 +1737,27 @@ unsafe extern "C" fn lazy_global(
     let mut failed = found < 0;
     if placeholder {
         // Remove every placeholder first: QuickJS defines `Atomics` as an auto-init property
-        // and aborts if one already exists.
-        for other in lazy.names {
+        // and aborts if one already exists. A name the context had removed (class5 contexts
+        // drop `FinalizationRegistry`) must stay removed once the intrinsic is added.
+        let mut removed = [false; TYPED_ARRAY_GLOBALS.len()];
+        for (i, other) in lazy.names.iter().enumerate() {
             let a = qjs::JS_NewAtomLen(ctx, other.as_ptr().cast(), other.len() as _);
             if a != 0 {
+                removed[i] = qjs::JS_HasProperty(ctx, global, a) == 0;
                 qjs::JS_DeleteProperty(ctx, global, a, 0);
                 qjs::JS_FreeAtom(ctx, a);
             }
         }
         failed = (lazy.add)(ctx) < 0;
+        for (i, other) in lazy.names.iter().enumerate() {
+            if !failed && removed[i] {
+                let a = qjs::JS_NewAtomLen(ctx, other.as_ptr().cast(), other.len() as _);
+                if a != 0 {
+                    qjs::JS_DeleteProperty(ctx, global, a, 0);
+                    qjs::JS_FreeAtom(ctx, a);
+                }
+            }
+        }
     }
     let answer = if failed {
         exception

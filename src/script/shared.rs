@@ -109,6 +109,14 @@ impl Ledger {
         self.accounts.borrow()[slot as usize].used
     }
 
+    /// Whether `slot` holds more than half its limit.
+    fn over_half(&self, slot: u32) -> bool {
+        let accounts = self.accounts.borrow();
+        accounts
+            .get(slot as usize)
+            .is_some_and(|a| a.used > a.limit / 2)
+    }
+
     /// Charge `size` bytes to the current run; `None` when that exceeds its limit.
     fn charge(&self, size: usize) -> Option<Header> {
         let slot = self.current.get();
@@ -262,6 +270,15 @@ impl Drop for Active<'_> {
 }
 
 impl Membership {
+    /// After a slice: a run holding over half its limit gets a collection now. The shared
+    /// runtime's own GC threshold grows with every call in it, so without this a call that
+    /// churns cyclic garbage could be refused memory that a collection would give back.
+    pub(crate) fn collect_if_heavy(&self) {
+        if self.runtime.ledger.over_half(self.slot) {
+            self.runtime.rt.run_gc();
+        }
+    }
+
     /// Mark `run` as executing (interrupts and allocations are its own) until the guard drops.
     pub(crate) fn enter(&self, run: Rc<dyn Interruptible>) -> Active<'_> {
         let rt = &*self.runtime;
@@ -441,6 +458,8 @@ mod tests {
             Object.prototype.owner = d.i; Array.prototype.push = () => d.i;
             await ctx.wait(50);
             if (typeof FinalizationRegistry !== 'undefined' || typeof WeakRef !== 'function') throw 'weak';
+            // Using WeakRef adds its intrinsic; FinalizationRegistry must not come back with it.
+            if (typeof new WeakRef({}).deref !== 'function' || typeof FinalizationRegistry !== 'undefined') throw 'weak again';
             return [mine, globalThis.count, ({}).owner, [].push(0)];
         }"#;
         let runs = (0..40).map(|i| {
@@ -457,14 +476,15 @@ mod tests {
     async fn runaway_and_greedy_calls_fail_alone() {
         let limits = Limits {
             memory_bytes: 16 * 1024 * 1024,
-            app_cpu: Duration::from_millis(300),
+            // Room for the good calls' churn on a loaded machine; the runaway still hits it.
+            app_cpu: Duration::from_millis(1000),
             ..Limits::default()
         };
         let engine = one_worker(limits);
         let bad = [
             (
                 "async function main(d, ctx){ await ctx.wait(20); while(true){} }",
-                "CPU time limit of 300 ms",
+                "CPU time limit of 1000 ms",
             ),
             (
                 "async function main(d, ctx){ await ctx.wait(20); const a=[]; while(true){ a.push('x'.repeat(100000) + a.length) } }",
