@@ -358,6 +358,7 @@ async fn calls_are_hung_up_at_the_maximum_duration() {
     );
     let took = started.elapsed();
     assert!(took >= 2 * SECOND && took < 5 * SECOND, "{took:?}");
+    last_result(&server).await;
     let cdr = cdrs(&server).await.pop().unwrap();
     assert_eq!(cdr["hangup_cause"], "max_duration", "{cdr}");
 }
@@ -461,8 +462,19 @@ async fn originate_places_a_call_runs_a_script_lists_and_hangs_it_up() {
     let del = http.delete(format!("{base}/{id}")).send().await.unwrap();
     assert_eq!(del.status(), 204);
     assert!(callee.wait_for_bye(3 * SECOND).await.is_some());
+    // The call leaves the live list once its task has finished (CDR written).
+    let until = Instant::now() + 3 * SECOND;
+    loop {
+        let now = http.get(format!("{base}/{id}")).send().await.unwrap();
+        if now.status() == 404 {
+            break;
+        }
+        assert!(Instant::now() < until, "the hung-up call is still listed");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let gone = http.delete(format!("{base}/{id}")).send().await.unwrap();
     assert_eq!(gone.status(), 404);
+    last_result(&server).await;
     let cdr = cdrs(&server).await.pop().unwrap();
     assert_eq!(cdr["hangup_cause"], "api", "{cdr}");
     // The script saw data.direction and the request's data.
