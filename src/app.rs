@@ -75,6 +75,7 @@ impl App {
         let engine = Engine::start(EngineConfig {
             limits: config.limits.to_limits(),
             workers: config.limits.workers,
+            worker_niceness: config.limits.worker_niceness.clamp(0, 19),
             modules,
             ..EngineConfig::default()
         })?;

@@ -463,6 +463,9 @@ pub struct LimitsConfig {
     /// Script worker threads; 0 = one per core.
     pub workers: usize,
     pub max_log_lines: usize,
+    /// How much nicer (lower priority) script workers run than the SIP and RTP threads, so a
+    /// busy machine paces RTP first; 0 gives them equal priority (a class4-only engine).
+    pub worker_niceness: i32,
 }
 
 impl Default for LimitsConfig {
@@ -476,6 +479,7 @@ impl Default for LimitsConfig {
             wall_ms: l.wall.as_millis() as u64,
             workers: 0,
             max_log_lines: l.max_log_lines,
+            worker_niceness: 5,
         }
     }
 }

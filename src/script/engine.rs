@@ -23,6 +23,8 @@ pub struct EngineConfig {
     pub modules: HostModules,
     /// `process.env.EXEC_HOST`.
     pub exec_host: String,
+    /// How much nicer than the rest of the process the workers run (0 = same priority).
+    pub worker_niceness: i32,
 }
 
 impl Default for EngineConfig {
@@ -32,6 +34,7 @@ impl Default for EngineConfig {
             workers: 0,
             modules: HostModules::new(),
             exec_host: hostname(),
+            worker_niceness: 0,
         }
     }
 }
@@ -79,7 +82,13 @@ impl Engine {
         } else {
             config.workers
         };
-        let pool = WorkerPool::start(workers, &config.limits, &config.modules, &config.exec_host)?;
+        let pool = WorkerPool::start(
+            workers,
+            &config.limits,
+            &config.modules,
+            &config.exec_host,
+            config.worker_niceness,
+        )?;
         Ok(Engine {
             pool,
             limits: config.limits,

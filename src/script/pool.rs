@@ -71,6 +71,7 @@ impl WorkerPool {
         limits: &Limits,
         modules: &HostModules,
         exec_host: &str,
+        niceness: i32,
     ) -> Result<Self, EngineError> {
         let count = count.max(1);
         // The JS stack limit must fit well inside the thread's own stack.
@@ -79,7 +80,12 @@ impl WorkerPool {
         for index in 0..count {
             let (tx, rx) = mpsc::unbounded_channel();
             let in_flight = Arc::new(AtomicUsize::new(0));
-            let sandbox = (limits.clone(), modules.clone(), exec_host.to_string());
+            let sandbox = (
+                limits.clone(),
+                modules.clone(),
+                exec_host.to_string(),
+                niceness,
+            );
             let counter = in_flight.clone();
             thread::Builder::new()
                 .name(format!("script-{index}"))
@@ -137,11 +143,30 @@ impl WorkerPool {
     }
 }
 
+/// Lower the calling thread's priority by `niceness` (Linux: `setpriority` on id 0 is this
+/// thread). On a busy machine the kernel then serves the RTP pacing and SIP threads first: a
+/// late packet is heard, a script slice a millisecond later is not. Lowering needs no
+/// privileges; raising would.
+fn lower_own_priority(niceness: i32) {
+    if niceness <= 0 {
+        return;
+    }
+    #[cfg(target_os = "linux")]
+    // SAFETY: plain syscalls on the calling thread; failure only leaves the priority as is.
+    unsafe {
+        let current = libc::getpriority(libc::PRIO_PROCESS, 0);
+        if libc::setpriority(libc::PRIO_PROCESS, 0, current + niceness) != 0 {
+            tracing::debug!("script worker priority unchanged");
+        }
+    }
+}
+
 fn worker_main(
     mut jobs: mpsc::UnboundedReceiver<Job>,
     in_flight: Arc<AtomicUsize>,
-    (limits, modules, exec_host): (Limits, HostModules, String),
+    (limits, modules, exec_host, niceness): (Limits, HostModules, String, i32),
 ) {
+    lower_own_priority(niceness);
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

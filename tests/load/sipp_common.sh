@@ -18,6 +18,9 @@ max_calls = 100000
 max_transactions = 200000
 [limits]
 workers = ${WORKERS:-0}
+# No media here: script workers get the same priority as SIP (callforge's default lowers
+# them by 5 so RTP pacing wins on a busy machine).
+worker_niceness = ${WORKER_NICENESS:-0}
 [[route]]
 match = "^44"
 script = "routing.js"
