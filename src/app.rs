@@ -249,21 +249,7 @@ fn listen_specs(cfg: &SipConfig) -> Result<Vec<ListenSpec>, AppError> {
 }
 
 fn codecs(cfg: &SipConfig) -> Result<Vec<Codec>, AppError> {
-    let list = cfg
-        .codecs
-        .iter()
-        .map(|c| match c.to_ascii_uppercase().as_str() {
-            "PCMU" => Ok(Codec::Pcmu),
-            "PCMA" => Ok(Codec::Pcma),
-            other => Err(AppError::SipConfig(format!(
-                "unknown codec {other:?} (PCMU, PCMA)"
-            ))),
-        })
-        .collect::<Result<Vec<_>, _>>()?;
-    if list.is_empty() {
-        return Err(AppError::SipConfig("codecs is empty".into()));
-    }
-    Ok(list)
+    Codec::parse_list(&cfg.codecs).map_err(AppError::SipConfig)
 }
 
 fn ua_config(cfg: &SipConfig, accept_refer: bool) -> UaConfig {
@@ -402,7 +388,7 @@ impl Originator for VoiceOriginator {
     }
 
     fn list(&self) -> serde_json::Value {
-        let calls = self.0.control.live.list(now_ms());
+        let calls = self.0.control.live.list(crate::store::now_ms());
         serde_json::json!({"calls": calls, "trunks": self.0.trunks.usage().into_iter()
             .map(|(name, active, max)| serde_json::json!({"name": name, "active": active, "max_calls": max}))
             .collect::<Vec<_>>()})
@@ -412,19 +398,13 @@ impl Originator for VoiceOriginator {
         self.0
             .control
             .live
-            .get(id, now_ms())
+            .get(id, crate::store::now_ms())
             .and_then(|c| serde_json::to_value(c).ok())
     }
 
     fn hang_up(&self, id: u64) -> bool {
         self.0.control.hang_up(id, "api")
     }
-}
-
-fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as i64)
 }
 
 async fn shutdown_signal() {

@@ -346,6 +346,23 @@ pub enum Codec {
 }
 
 impl Codec {
+    /// A preference list from configuration (`["PCMU", "PCMA"]`, any case); the error names
+    /// the unknown codec or says the list is empty.
+    pub fn parse_list(names: &[String]) -> Result<Vec<Codec>, String> {
+        let list = names
+            .iter()
+            .map(|c| match c.to_ascii_uppercase().as_str() {
+                "PCMU" => Ok(Codec::Pcmu),
+                "PCMA" => Ok(Codec::Pcma),
+                other => Err(format!("unknown codec {other:?} (PCMU, PCMA)")),
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        if list.is_empty() {
+            return Err("codecs is empty".into());
+        }
+        Ok(list)
+    }
+
     pub fn static_payload_type(self) -> u8 {
         match self {
             Self::Pcmu => 0,

@@ -30,10 +30,7 @@ use crate::{
         MediaSession, RtpSocket,
     },
     script::HostError,
-    sip::{
-        message::NameAddr, sdp::Codec, ua::OutboundCall, CallHandle, EndReason, MediaConfig,
-        Negotiated,
-    },
+    sip::{sdp::Codec, CallHandle, EndReason, Negotiated},
 };
 
 /// US ringback (440+480 Hz, 2 s on, 4 s off), played to an answered caller while the callee
@@ -148,11 +145,7 @@ fn headers_arg(v: &Json) -> Result<Vec<(String, String)>, HostError> {
         }
     };
     for (n, _) in &pairs {
-        if n.is_empty()
-            || !n
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b"-.!%*_+`'~".contains(&b))
-        {
+        if !super::ctx::is_token(n) {
             return Err(HostError::type_error(format!(
                 "ctx.bridge: {n:?} is not a valid header name"
             )));
@@ -194,6 +187,44 @@ pub(super) struct RelayRun {
     /// is the caller), the second leg's socket, and the counters.
     pub(super) done:
         tokio::task::JoinHandle<(RtpSocket, Option<MediaSession>, RtpSocket, RelayStats)>,
+}
+
+/// One side of a relay, owned: the relay task borrows it and hands the socket back.
+pub(super) struct RelaySide {
+    pub(super) socket: RtpSocket,
+    pub(super) media: LegMedia,
+    pub(super) remote: std::net::SocketAddr,
+    pub(super) ssrc: u32,
+}
+
+impl RelayRun {
+    /// Relay `a` ↔ `b` on a task of its own until stopped. `session` (the caller's media
+    /// session when `a` is the caller) comes back with the sockets, to resume its media.
+    pub(super) fn spawn(mut a: RelaySide, mut b: RelaySide, session: Option<MediaSession>) -> Self {
+        let (stop, stopped) = oneshot::channel::<()>();
+        let done = tokio::spawn(async move {
+            let stats = relay(
+                BridgeLeg {
+                    socket: &mut a.socket,
+                    media: a.media,
+                    remote: a.remote,
+                    ssrc: a.ssrc,
+                },
+                BridgeLeg {
+                    socket: &mut b.socket,
+                    media: b.media,
+                    remote: b.remote,
+                    ssrc: b.ssrc,
+                },
+                async {
+                    let _ = stopped.await;
+                },
+            )
+            .await;
+            (a.socket, session, b.socket, stats)
+        });
+        RelayRun { stop, done }
+    }
 }
 
 /// One bridge attempt in progress.
@@ -307,30 +338,12 @@ impl CallState {
             }
         };
         let port = rtp.local_addr().map(|a| a.port()).unwrap_or_default();
-        let mut media = MediaConfig::new(self.server.rtp_ip, port);
-        media.codecs = dialed.codecs.clone();
-        let host = match dialed.target.addr {
-            std::net::SocketAddr::V6(a) => format!("[{}]", a.ip()),
-            a => a.ip().to_string(),
-        };
-        let from_user = dialed
-            .caller_id
-            .clone()
-            .unwrap_or_else(|| "callforge".into());
-        let mut from = NameAddr::new(format!("sip:{from_user}@{}", self.server.rtp_ip));
-        if let Some(name) = &self.caller_name {
-            from.display = Some(name.clone());
-        }
-        let oc = OutboundCall {
-            target: dialed.target,
-            request_uri: dialed.request_uri.clone(),
-            from,
-            to: NameAddr::new(format!("sip:{}@{host}", dialed.number)),
-            media,
-            local: None,
-            headers: opts.headers.clone(),
-            auth: dialed.auth.clone(),
-        };
+        let oc = dialed.outbound_call(
+            self.server.rtp_ip,
+            port,
+            self.caller_name.clone(),
+            opts.headers.clone(),
+        );
         let leg = match self.server.control.place(oc, self.events_tx.clone()).await {
             Ok(h) => h,
             Err(e) => {
@@ -539,14 +552,14 @@ impl CallState {
         if b.relay.is_some() {
             return;
         }
-        let Some(mut b_sock) = b.rtp.take() else {
+        let Some(b_sock) = b.rtp.take() else {
             return;
         };
         let Some(b_remote) = b_neg.remote_rtp else {
             b.rtp = Some(b_sock);
             return;
         };
-        let (mut c_sock, c_session) = match ctx.media.detach().await {
+        let (c_sock, c_session) = match ctx.media.detach().await {
             Ok(x) => x,
             Err(e) => {
                 tracing::debug!(call = ?self.call, "caller media not detached: {e}");
@@ -561,32 +574,23 @@ impl CallState {
         if let Some(b) = self.bridge.as_mut() {
             b.b_neg = Some(b_neg.clone());
         }
-        let (stop, stopped) = oneshot::channel::<()>();
-        let b_ssrc = fastrand::u32(..);
-        let done = tokio::spawn(async move {
-            let c_remote = c_session.remote();
-            let stats = relay(
-                BridgeLeg {
-                    socket: &mut c_sock,
-                    media: caller,
-                    remote: c_remote,
-                    ssrc: c_session.ssrc(),
-                },
-                BridgeLeg {
-                    socket: &mut b_sock,
-                    media: callee,
-                    remote: b_remote,
-                    ssrc: b_ssrc,
-                },
-                async {
-                    let _ = stopped.await;
-                },
-            )
-            .await;
-            (c_sock, Some(c_session), b_sock, stats)
-        });
+        let run = RelayRun::spawn(
+            RelaySide {
+                socket: c_sock,
+                media: caller,
+                remote: c_session.remote(),
+                ssrc: c_session.ssrc(),
+            },
+            RelaySide {
+                socket: b_sock,
+                media: callee,
+                remote: b_remote,
+                ssrc: fastrand::u32(..),
+            },
+            Some(c_session),
+        );
         if let Some(b) = self.bridge.as_mut() {
-            b.relay = Some(RelayRun { stop, done });
+            b.relay = Some(run);
         }
     }
 

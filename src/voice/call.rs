@@ -207,11 +207,7 @@ pub(super) struct PendingTransfer {
     pub(super) uri: String,
 }
 
-pub(super) fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as i64)
-}
+pub(super) use crate::store::now_ms;
 
 fn sip_error(e: TransportError) -> HostError {
     match e {

@@ -20,7 +20,7 @@ use super::{
 use crate::{
     media::RtpSocket,
     script::{CompiledScript, Invocation, Mode},
-    sip::{message::NameAddr, ua::OutboundCall, CallHandle, MediaConfig, TransportError},
+    sip::{CallHandle, TransportError},
     store::{Cdr, CdrError},
 };
 
@@ -103,28 +103,9 @@ impl VoiceServer {
             .await
             .map_err(OriginateError::NoRtpPort)?;
         let port = rtp.local_addr().map(|a| a.port()).unwrap_or_default();
-        let mut media = MediaConfig::new(self.rtp_ip, port);
-        media.codecs = dialed.codecs.clone();
-        let from_user = dialed
-            .caller_id
-            .clone()
-            .unwrap_or_else(|| "callforge".into());
-        let from_uri = format!("sip:{from_user}@{}", self.rtp_ip);
-        let host = match dialed.target.addr {
-            std::net::SocketAddr::V6(a) => format!("[{}]", a.ip()),
-            a => a.ip().to_string(),
-        };
-        let to_uri = format!("sip:{}@{host}", dialed.number);
-        let oc = OutboundCall {
-            target: dialed.target,
-            request_uri: dialed.request_uri.clone(),
-            from: NameAddr::new(from_uri.clone()),
-            to: NameAddr::new(to_uri.clone()),
-            media,
-            local: None,
-            headers: Vec::new(),
-            auth: dialed.auth.clone(),
-        };
+        let oc = dialed.outbound_call(self.rtp_ip, port, None, Vec::new());
+        let (from_uri, to_uri) = (oc.from.uri.clone(), oc.to.uri.clone());
+        let from_user = dialed.from_user().to_string();
         let (tx, rx) = mpsc::unbounded_channel();
         let handle = self.control.place(oc, tx.clone()).await?;
         let mut input = json!({

@@ -7,12 +7,12 @@
 use serde_json::json;
 
 use super::{
-    bridge::{leg_media, RelayRun},
+    bridge::{leg_media, RelayRun, RelaySide},
     call::{CallEvent, CallState},
 };
 use crate::{
-    media::{relay_driver::relay, relay_driver::BridgeLeg, RtpSocket},
-    sip::{message, message::NameAddr, ua::OutboundCall, CallHandle, EndReason, MediaConfig},
+    media::RtpSocket,
+    sip::{message, message::NameAddr, CallHandle, EndReason},
 };
 
 /// The transfer target's leg.
@@ -66,22 +66,7 @@ impl CallState {
             }
         };
         let port = rtp.local_addr().map(|a| a.port()).unwrap_or_default();
-        let mut media = MediaConfig::new(self.server.rtp_ip, port);
-        media.codecs = dialed.codecs.clone();
-        let from_user = dialed
-            .caller_id
-            .clone()
-            .unwrap_or_else(|| "callforge".into());
-        let oc = OutboundCall {
-            target: dialed.target,
-            request_uri: dialed.request_uri.clone(),
-            from: NameAddr::new(format!("sip:{from_user}@{}", self.server.rtp_ip)),
-            to: NameAddr::new(dialed.request_uri.clone()),
-            media,
-            local: None,
-            headers: Vec::new(),
-            auth: dialed.auth.clone(),
-        };
+        let oc = dialed.outbound_call(self.server.rtp_ip, port, None, Vec::new());
         match self.server.control.place(oc, self.events_tx.clone()).await {
             Ok(handle) => {
                 tracing::info!(call = ?self.call, leg = handle.0, %target, "caller transfers the bridged party");
@@ -141,7 +126,7 @@ impl CallState {
             self.notify_caller(488, "Not Acceptable Here").await;
             return;
         };
-        let (Some(mut c_sock), Some(c_remote), Some(b_remote)) =
+        let (Some(c_sock), Some(c_remote), Some(b_remote)) =
             (r.rtp.take(), c_neg.remote_rtp, b_neg.remote_rtp)
         else {
             return;
@@ -151,37 +136,28 @@ impl CallState {
             return;
         };
         let _ = old.stop.send(());
-        let Ok((_caller_sock, _session, mut b_sock, stats)) = old.done.await else {
+        let Ok((_caller_sock, _session, b_sock, stats)) = old.done.await else {
             return;
         };
         tracing::debug!(call = ?self.call, ?stats, "caller side of the relay handed over");
-        let (b_media, c_media) = (leg_media(&b_neg), leg_media(&c_neg));
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let (b_ssrc, c_ssrc) = (fastrand::u32(..), fastrand::u32(..));
-        let done = tokio::spawn(async move {
-            let stats = relay(
-                BridgeLeg {
-                    socket: &mut b_sock,
-                    media: b_media,
-                    remote: b_remote,
-                    ssrc: b_ssrc,
-                },
-                BridgeLeg {
-                    socket: &mut c_sock,
-                    media: c_media,
-                    remote: c_remote,
-                    ssrc: c_ssrc,
-                },
-                async {
-                    let _ = stopped.await;
-                },
-            )
-            .await;
-            (b_sock, None, c_sock, stats)
-        });
+        let run = RelayRun::spawn(
+            RelaySide {
+                socket: b_sock,
+                media: leg_media(&b_neg),
+                remote: b_remote,
+                ssrc: fastrand::u32(..),
+            },
+            RelaySide {
+                socket: c_sock,
+                media: leg_media(&c_neg),
+                remote: c_remote,
+                ssrc: fastrand::u32(..),
+            },
+            None,
+        );
         let c_handle = r.handle;
         if let Some(b) = self.bridge.as_mut() {
-            b.relay = Some(RelayRun { stop, done });
+            b.relay = Some(run);
         }
         self.cdr
             .legs

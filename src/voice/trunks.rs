@@ -17,7 +17,10 @@ use thiserror::Error;
 
 use crate::{
     config::TrunkConfig,
-    sip::{self, digest::Credentials, sdp::Codec, Target, TransportKind},
+    sip::{
+        self, digest::Credentials, message::NameAddr, sdp::Codec, ua::OutboundCall, MediaConfig,
+        Target, TransportKind,
+    },
 };
 
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
@@ -87,6 +90,40 @@ pub struct Dialed {
 }
 
 impl Dialed {
+    /// The caller ID's user part as sent (`callforge` when there is none).
+    pub fn from_user(&self) -> &str {
+        self.caller_id.as_deref().unwrap_or("callforge")
+    }
+
+    /// The INVITE for this leg: our RTP at `local_ip:rtp_port` offered with the leg's codecs,
+    /// From the caller ID at `local_ip`, To the dialled number at the next hop.
+    pub fn outbound_call(
+        &self,
+        local_ip: IpAddr,
+        rtp_port: u16,
+        display: Option<String>,
+        headers: Vec<(String, String)>,
+    ) -> OutboundCall {
+        let mut media = MediaConfig::new(local_ip, rtp_port);
+        media.codecs = self.codecs.clone();
+        let mut from = NameAddr::new(format!("sip:{}@{local_ip}", self.from_user()));
+        from.display = display;
+        let host = match self.target.addr {
+            SocketAddr::V6(a) => format!("[{}]", a.ip()),
+            a => a.ip().to_string(),
+        };
+        OutboundCall {
+            target: self.target,
+            request_uri: self.request_uri.clone(),
+            from,
+            to: NameAddr::new(format!("sip:{}@{host}", self.number)),
+            media,
+            local: None,
+            headers,
+            auth: self.auth.clone(),
+        }
+    }
+
     /// Take a place on the trunk, or say it is full.
     pub fn acquire(&self) -> Result<TrunkSlot, TrunkError> {
         let Some(trunk) = &self.trunk else {
@@ -110,19 +147,6 @@ pub struct Trunks {
     list: Vec<Arc<Trunk>>,
     default: Option<usize>,
     fallback_codecs: Vec<Codec>,
-}
-
-fn parse_codecs(name: &str, list: &[String]) -> Result<Vec<Codec>, TrunkError> {
-    list.iter()
-        .map(|c| match c.to_ascii_uppercase().as_str() {
-            "PCMU" => Ok(Codec::Pcmu),
-            "PCMA" => Ok(Codec::Pcma),
-            other => Err(TrunkError::Config {
-                name: name.to_string(),
-                message: format!("unknown codec {other:?} (PCMU, PCMA)"),
-            }),
-        })
-        .collect()
 }
 
 /// `IP[:port]` → a socket address (port 5060 when absent).
@@ -178,8 +202,7 @@ impl Trunks {
                 _ => return Err(err("username and password go together".into())),
             };
             let codecs = match &c.codecs {
-                Some(l) if l.is_empty() => return Err(err("codecs is empty".into())),
-                Some(l) => parse_codecs(&c.name, l)?,
+                Some(l) => Codec::parse_list(l).map_err(err)?,
                 None => fallback_codecs.to_vec(),
             };
             if c.default {
