@@ -22,6 +22,17 @@ fn main() {
         .unwrap_or(5000);
     match set.as_str() {
         "base" => measure::<()>("base objects only", n),
+        "anchored" => {
+            let rt = Runtime::new().unwrap();
+            let _anchor = Context::custom::<()>(&rt).unwrap();
+            let t = Instant::now();
+            for _ in 0..n {
+                let ctx = Context::custom::<()>(&rt).unwrap();
+                drop(ctx);
+                rt.run_gc();
+            }
+            println!("anchored base       : {:?}/ctx", t.elapsed() / n);
+        }
         "full" => measure::<(
             Date,
             RegExpCompiler,

@@ -3,7 +3,7 @@
 
 use std::{
     cell::{Cell, RefCell},
-    collections::{BTreeMap, HashMap},
+    collections::{BTreeMap, HashMap, HashSet},
     rc::Rc,
     sync::Arc,
     time::{Duration, Instant},
@@ -11,13 +11,14 @@ use std::{
 
 use futures::{future::LocalBoxFuture, stream::FuturesUnordered, StreamExt};
 use rquickjs::{
-    context::intrinsic, function::Rest, qjs, Context, Ctx, Exception, Function, Module, Object,
-    Persistent, Promise, Runtime, Value,
+    context::intrinsic, function::Rest, object::Filter, qjs, Context, Ctx, Exception, Function,
+    Module, Object, Persistent, Promise, Runtime, Value,
 };
 use serde::Serialize;
 use serde_json::Value as Json;
 
 use super::{
+    arena::Arena,
     compile::{CompiledScript, SourceKind, DRIVER_FUNCTIONS},
     error::ScriptError,
     exception::{describe_exception, script_error_from, value_text},
@@ -136,6 +137,8 @@ enum LimitHit {
 /// Per-run state shared by the run loop and the host functions installed in the context.
 struct RunState {
     name: RefCell<String>,
+    /// The script's content id, to remember scripts that cannot use a pristine image.
+    script_id: RefCell<String>,
     mode: Cell<Mode>,
     limits: Limits,
     cpu_budget: Cell<Duration>,
@@ -157,6 +160,11 @@ struct RunState {
     next_id: Cell<u64>,
     /// Set when the context lives in a runtime shared with other calls (class5).
     member: Option<Membership>,
+    /// The context is a pristine image's, restored after every run (see `arena.rs`).
+    pristine: bool,
+    /// The run made JS objects that own Rust data (a host module, `api`, `fetch`): restoring
+    /// the image would leak that data, so the image's runtime is torn down properly instead.
+    impure: Cell<bool>,
 }
 
 struct Settler {
@@ -168,6 +176,7 @@ impl RunState {
     fn new(limits: Limits) -> Self {
         RunState {
             name: RefCell::new(String::new()),
+            script_id: RefCell::new(String::new()),
             mode: Cell::new(Mode::App),
             cpu_budget: Cell::new(limits.app_cpu),
             limits,
@@ -183,12 +192,28 @@ impl RunState {
             input: RefCell::new(None),
             next_id: Cell::new(0),
             member: None,
+            pristine: false,
+            impure: Cell::new(false),
         }
+    }
+
+    /// Forget the last run (a pristine image's state serves one run after another).
+    fn reset(&self) {
+        self.release_js();
+        self.cpu_used.set(Duration::ZERO);
+        self.slice_start.set(None);
+        self.limit_hit.set(None);
+        self.completion.borrow_mut().take();
+        self.uncaught.borrow_mut().take();
+        self.logs.borrow_mut().clear();
+        self.next_id.set(0);
+        self.impure.set(false);
     }
 
     /// Bind this (prepared, unused) state to the run about to start.
     fn begin(&self, script: &CompiledScript, mode: Mode) {
-        *self.name.borrow_mut() = script.name.clone();
+        self.name.borrow_mut().clone_from(&script.name);
+        self.script_id.borrow_mut().clone_from(&script.id);
         self.mode.set(mode);
         self.cpu_budget.set(self.limits.cpu_for(mode));
     }
@@ -355,10 +380,20 @@ impl Interruptible for RunState {
 /// A runtime with a fresh, never-used context whose common globals are installed, waiting for
 /// its one run. Preparing happens off the request path (after the previous answer was sent).
 struct Prepared {
-    // Field order is drop order: JS handles and the context go before their runtime.
+    // Field order is drop order: JS handles and the context go before their runtime, and the
+    // runtime before the arena it lives in.
     state: Rc<RunState>,
+    /// A pristine context's own handles on its host functions (see [`pin_host_objects`]).
+    pins: Vec<Persistent<Value<'static>>>,
     context: Context,
     rt: Runtime,
+    image: Option<Image>,
+}
+
+/// A pristine runtime's saved bytes and the arena they are restored into.
+struct Image {
+    bytes: Box<[u8]>,
+    arena: Arena,
 }
 
 /// A context that has served its run, to be recycled by [`Sandbox::recycle`].
@@ -366,6 +401,8 @@ pub struct Spent {
     prepared: Prepared,
     /// False when the run hit a limit or panicked: the runtime is then never reused.
     reusable: bool,
+    /// A host function panicked: Rust state tied to the runtime may be inconsistent.
+    panicked: bool,
 }
 
 /// The per-worker-thread executor: owns runtimes and runs scripts in fresh contexts.
@@ -378,7 +415,23 @@ pub struct Sandbox {
     recycled: Cell<u64>,
     /// Runtimes hosting class5 calls, several per runtime (see `shared.rs`).
     shared: RefCell<Vec<Rc<SharedRuntime>>>,
+    /// The pristine context between runs (see [`Sandbox::build_pristine`]).
+    pristine: RefCell<Option<Prepared>>,
+    /// A run holds the pristine context now.
+    pristine_out: Cell<bool>,
+    /// False after building one failed: runs then use ordinary fresh contexts.
+    pristine_enabled: Cell<bool>,
+    /// Content ids of scripts that use host modules: they run in ordinary fresh contexts.
+    impure_scripts: RefCell<HashSet<String>>,
+    /// Runs that ended with the pristine image restored.
+    restores: Cell<u64>,
 }
+
+/// Address space reserved beyond twice the memory limit for a pristine runtime's arena.
+const ARENA_SLACK: usize = 4 * 1024 * 1024;
+/// A pristine runtime collects garbage during a run only past this much memory.
+const PRISTINE_GC_THRESHOLD: usize = 4 * 1024 * 1024;
+const MAX_IMPURE_SCRIPTS: usize = 4096;
 
 /// Bytes allocated between automatic collections (see `new_runtime`).
 const GC_THRESHOLD: usize = 128 * 1024;
@@ -400,6 +453,11 @@ impl Sandbox {
             idle: RefCell::new(Vec::new()),
             recycled: Cell::new(0),
             shared: RefCell::new(Vec::new()),
+            pristine: RefCell::new(None),
+            pristine_out: Cell::new(false),
+            pristine_enabled: Cell::new(true),
+            impure_scripts: RefCell::new(HashSet::new()),
+            restores: Cell::new(0),
         }
     }
 
@@ -427,7 +485,65 @@ impl Sandbox {
         context
             .with(|ctx| install_common_globals(&ctx, &state, self))
             .map_err(|e| ScriptError::internal(format!("cannot install globals: {e}")))?;
-        Ok(Prepared { state, context, rt })
+        Ok(Prepared {
+            state,
+            pins: Vec::new(),
+            context,
+            rt,
+            image: None,
+        })
+    }
+
+    /// Build a runtime and a prepared context inside a fresh arena, and save the arena's
+    /// bytes: every later run gets this never-used context back by copying them over.
+    fn build_pristine(&self) -> Result<Prepared, ScriptError> {
+        let fail = |what: &str, e: &dyn std::fmt::Display| {
+            ScriptError::internal(format!("cannot build a pristine JS runtime: {what}: {e}"))
+        };
+        // Room for the memory limit twice over: size classes waste up to a quarter, and
+        // freed blocks serve only their own class.
+        let capacity = self.limits.memory_bytes.saturating_mul(2) + ARENA_SLACK;
+        let arena = Arena::new(capacity).map_err(|e| fail("reserving memory", &e))?;
+        let rt = Runtime::new_with_alloc(arena.allocator()).map_err(|e| fail("runtime", &e))?;
+        rt.set_memory_limit(self.limits.memory_bytes);
+        rt.set_max_stack_size(self.limits.stack_bytes);
+        // Garbage dies with the restore: collecting during a run only when it grows large.
+        rt.set_gc_threshold(PRISTINE_GC_THRESHOLD);
+        let mut state = RunState::new(self.limits.clone());
+        state.pristine = true;
+        let state = Rc::new(state);
+        let handler_state = state.clone();
+        rt.set_interrupt_handler(Some(Box::new(move || handler_state.should_interrupt())));
+        let context = Context::custom::<RunIntrinsics>(&rt).map_err(|e| fail("context", &e))?;
+        let pins = context
+            .with(|ctx| {
+                let ours = |ctx: &Ctx<'_>| -> rquickjs::Result<HashSet<String>> {
+                    ctx.globals().own_keys(Filter::new().string()).collect()
+                };
+                let before = ours(&ctx)?;
+                install_common_globals(&ctx, &state, self)?;
+                install_timers(&ctx, &state)?;
+                let random = install_fresh_random(&ctx)?;
+                // Names we added are walked one level down; names we may have redefined
+                // (`eval`) are pinned where they stand.
+                let names = ours(&ctx)?.into_iter().map(|n| {
+                    let descend = !before.contains(&n);
+                    (n, descend)
+                });
+                let mut pins = vec![Persistent::save(&ctx, random.into_value())];
+                pin_host_objects(&ctx, names, &mut pins)?;
+                Ok::<_, rquickjs::Error>(pins)
+            })
+            .map_err(|e| fail("globals", &e))?;
+        let bytes = arena.capture();
+        tracing::debug!(bytes = bytes.len(), "built a pristine JS runtime image");
+        Ok(Prepared {
+            state,
+            pins,
+            context,
+            rt,
+            image: Some(Image { bytes, arena }),
+        })
     }
 
     /// A fresh context for a class5 call, in a runtime shared with other calls.
@@ -464,8 +580,10 @@ impl Sandbox {
         match prepared {
             Ok(context) => Ok(Prepared {
                 state,
+                pins: Vec::new(),
                 context,
                 rt: runtime.rt.clone(),
+                image: None,
             }),
             Err(e) => {
                 self.leave_shared(state, false);
@@ -499,6 +617,89 @@ impl Sandbox {
         }
     }
 
+    /// The pristine context, when this script may use it: built on first use; not for
+    /// scripts whose runs made objects owning Rust data (see [`RunState::impure`]), and not
+    /// while another run on this thread holds it (an async run waiting for a host call).
+    fn take_pristine(&self, script: &CompiledScript) -> Option<Prepared> {
+        if !self.pristine_enabled.get() || self.impure_scripts.borrow().contains(&script.id) {
+            return None;
+        }
+        if let Some(ready) = self.pristine.borrow_mut().take() {
+            return Some(ready);
+        }
+        if self.pristine_out.get() {
+            return None;
+        }
+        match self.build_pristine() {
+            Ok(p) => {
+                self.pristine_out.set(true);
+                Some(p)
+            }
+            Err(e) => {
+                tracing::warn!("pristine contexts disabled on this worker: {e}");
+                self.pristine_enabled.set(false);
+                None
+            }
+        }
+    }
+
+    /// Restore a pristine context for the next run, or tear its runtime down when restoring
+    /// would leak (an impure run) or when a host function panicked mid-run.
+    fn recycle_pristine(
+        &self,
+        state: Rc<RunState>,
+        pins: Vec<Persistent<Value<'static>>>,
+        context: Context,
+        rt: Runtime,
+        image: Image,
+        panicked: bool,
+    ) {
+        if !state.impure.get() && !panicked {
+            state.reset();
+            // SAFETY: the run's handles are gone: `execute` dropped its `Persistent`s, and
+            // `reset` the ones the state kept. The pins, context and runtime handles kept
+            // here were taken before the capture, so the image accounts for them.
+            unsafe { image.arena.restore(&image.bytes) };
+            self.restores.set(self.restores.get() + 1);
+            *self.pristine.borrow_mut() = Some(Prepared {
+                state,
+                pins,
+                context,
+                rt,
+                image: Some(image),
+            });
+            return;
+        }
+        self.pristine_out.set(false);
+        if state.impure.get() {
+            let mut impure = self.impure_scripts.borrow_mut();
+            if impure.len() >= MAX_IMPURE_SCRIPTS {
+                impure.clear();
+            }
+            impure.insert(state.script_id.borrow().clone());
+        }
+        state.release_js();
+        drop(pins);
+        drop(context);
+        rt.set_interrupt_handler(None);
+        drop(state);
+        rt.run_gc();
+        if rt.memory_usage().obj_count > 0 {
+            // Freeing it would trip QuickJS's leak assertion; it is never touched again, so
+            // its arena can go.
+            tracing::warn!("discarding a pristine JS runtime that still holds objects");
+            std::mem::forget(rt);
+        } else {
+            drop(rt);
+        }
+        drop(image);
+    }
+
+    /// How many runs ended by restoring the pristine image.
+    pub fn pristine_restores(&self) -> u64 {
+        self.restores.get()
+    }
+
     /// Prepare contexts ahead of time so the next runs skip context creation.
     pub fn prewarm(&self) {
         while self.ready.borrow().len() < MAX_READY {
@@ -527,6 +728,8 @@ impl Sandbox {
         let prepared = if req.mode == Mode::Class5 {
             // Calls live long and many at once: they share runtimes (see `shared.rs`).
             self.prepare_shared()
+        } else if let Some(pristine) = self.take_pristine(&req.script) {
+            Ok(pristine)
         } else {
             let ready = self.ready.borrow_mut().pop();
             ready.map(Ok).unwrap_or_else(|| self.prepare(None))
@@ -548,8 +751,8 @@ impl Sandbox {
         let mode = req.mode;
         let data = std::mem::take(&mut req.data);
         let run = std::panic::AssertUnwindSafe(execute(&prepared.context, &state, req, &data));
-        let (mut result, reusable) = match futures::FutureExt::catch_unwind(run).await {
-            Ok(result) => (result, state.limit_hit.get().is_none()),
+        let (mut result, reusable, panicked) = match futures::FutureExt::catch_unwind(run).await {
+            Ok(result) => (result, state.limit_hit.get().is_none(), false),
             Err(panic) => {
                 let what = panic
                     .downcast_ref::<&str>()
@@ -559,7 +762,7 @@ impl Sandbox {
                 tracing::error!(script = %state.name.borrow(), "host function panicked: {what}");
                 let error =
                     ScriptError::internal(format!("internal error in a host function: {what}"));
-                (Err(error), false)
+                (Err(error), false, true)
             }
         };
         if let (Mode::Class4, Ok(value)) = (mode, &mut result) {
@@ -573,15 +776,35 @@ impl Sandbox {
             duration: started.elapsed(),
             cpu: state.cpu_used.get(),
         };
-        (output, Some(Spent { prepared, reusable }))
+        let spent = Spent {
+            prepared,
+            reusable,
+            panicked,
+        };
+        (output, Some(spent))
     }
 
     /// Tear down a spent context and, when its runtime is healthy, prepare the next one in it.
     pub fn recycle(&self, spent: Option<Spent>) {
-        let Some(Spent { prepared, reusable }) = spent else {
+        let Some(Spent {
+            prepared,
+            reusable,
+            panicked,
+        }) = spent
+        else {
             return;
         };
-        let Prepared { state, context, rt } = prepared;
+        let Prepared {
+            state,
+            pins,
+            context,
+            rt,
+            image,
+        } = prepared;
+        if let Some(image) = image {
+            self.recycle_pristine(state, pins, context, rt, image, panicked);
+            return;
+        }
         if state.member.is_some() {
             // Jobs the run left behind must not run in another call's slice: run them now,
             // as this run (which is over, so they are interrupted at once).
@@ -1281,6 +1504,8 @@ fn host_object_to_js<'js>(
     state: &Rc<RunState>,
     host: Rc<dyn HostObject>,
 ) -> rquickjs::Result<Object<'js>> {
+    // Its functions own Rust data: a pristine image must not simply be restored over them.
+    state.impure.set(true);
     let obj = Object::new(ctx.clone())?;
     for method in host.methods().to_vec() {
         // "lookup.tps" is the function `tps` of the nested object `lookup`.
@@ -1408,8 +1633,14 @@ fn install_run_globals<'js>(
     let env: Object = process.get("env")?;
     env.set("SCRIPTFORGE_NAME", script.name.as_str())?;
     env.set("SCRIPTFORGE_ID", script.id.as_str())?;
-    if state.mode.get().is_async() {
-        install_timers(ctx, state)?;
+    match (state.mode.get().is_async(), state.pristine) {
+        (true, false) => install_timers(ctx, state)?,
+        // A pristine image has them already; the synchronous mode has none.
+        (false, true) => {
+            g.remove("setTimeout")?;
+            g.remove("clearTimeout")?;
+        }
+        _ => {}
     }
     Ok(())
 }
@@ -1779,6 +2010,59 @@ unsafe extern "C" fn lazy_global(
     qjs::JS_FreeAtom(ctx, atom);
     qjs::JS_FreeValue(ctx, global);
     answer
+}
+
+/// `Math.random` from the thread's generator: a restored image would otherwise replay the
+/// same QuickJS generator state, and so the same numbers, in every run.
+fn install_fresh_random<'js>(ctx: &Ctx<'js>) -> rquickjs::Result<Function<'js>> {
+    let math: Object = ctx.globals().get("Math")?;
+    let random = Function::new(ctx.clone(), fastrand::f64)?.with_name("random")?;
+    math.prop(
+        "random",
+        rquickjs::object::Property::from(random.clone())
+            .writable()
+            .configurable(),
+    )?;
+    Ok(random)
+}
+
+/// Hold a reference to every object the named globals hold, their accessors, and (for names
+/// marked to descend) their own properties' objects: the host functions among them own Rust
+/// closures.
+///
+/// A run of a pristine context may drop the last JS reference to one (`console.log = null`);
+/// QuickJS would then free the closure, and the restored image would bring back a function
+/// whose closure is gone. With a pin, the count never reaches zero during a run.
+fn pin_host_objects<'js>(
+    ctx: &Ctx<'js>,
+    names: impl Iterator<Item = (String, bool)>,
+    pins: &mut Vec<Persistent<Value<'static>>>,
+) -> rquickjs::Result<()> {
+    let describe: Function = ctx
+        .globals()
+        .get::<_, Object>("Object")?
+        .get("getOwnPropertyDescriptor")?;
+    let mut pending: Vec<(Object<'js>, String, bool)> = names
+        .map(|(n, descend)| (ctx.globals(), n, descend))
+        .collect();
+    while let Some((owner, name, descend)) = pending.pop() {
+        let Some(descriptor) = describe.call::<_, Option<Object>>((owner, name))? else {
+            continue;
+        };
+        for part in ["value", "get", "set"] {
+            let value: Value = descriptor.get(part)?;
+            let Some(object) = value.as_object().cloned() else {
+                continue;
+            };
+            if descend && part == "value" {
+                for inner in object.own_keys::<String>(Filter::new().string()) {
+                    pending.push((object.clone(), inner?, false));
+                }
+            }
+            pins.push(Persistent::save(ctx, value));
+        }
+    }
+    Ok(())
 }
 
 fn install_timers<'js>(ctx: &Ctx<'js>, state: &Rc<RunState>) -> rquickjs::Result<()> {

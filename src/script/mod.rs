@@ -3,6 +3,7 @@
 //! It knows nothing of SIP or HTTP. Callers hand it a compiled script, a mode and input data
 //! (and for class5 a `ctx` host object) and get back a result or a typed `{code, message}`.
 
+mod arena;
 pub mod class4;
 pub mod compile;
 pub mod engine;

@@ -871,3 +871,233 @@ async fn inputs_arrive_as_json_parse_would_build_them() {
         ]))
     );
 }
+
+/// Runs on one worker's sandbox, one after another, as the pool runs them.
+struct OneWorker {
+    sandbox: Sandbox,
+    rt: tokio::runtime::Runtime,
+    local: tokio::task::LocalSet,
+}
+
+impl OneWorker {
+    fn new(limits: Limits) -> Self {
+        let mut modules = HostModules::new();
+        modules.register(&["wrapped"], Arc::new(Wrapped));
+        OneWorker {
+            sandbox: Sandbox::new(limits, modules, "test".into()),
+            rt: tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap(),
+            local: tokio::task::LocalSet::new(),
+        }
+    }
+
+    fn run(&self, source: &str, mode: Mode, data: Json) -> RunOutput {
+        let script = Arc::new(compile("pristine", source).unwrap());
+        self.local.block_on(
+            &self.rt,
+            self.sandbox.run(RunRequest {
+                script,
+                mode,
+                data,
+                function: None,
+                ctx: None,
+            }),
+        )
+    }
+}
+
+/// Every run of a pristine context sees the context exactly as built, whatever the run before
+/// it did to globals, prototypes, built-ins and the engine's own host functions.
+#[test]
+fn pristine_runs_start_from_an_untouched_context() {
+    let w = OneWorker::new(Limits::default());
+    let vandal = r#"function main(d) {
+        globalThis.leak = d.n;
+        Object.prototype.polluted = 1;
+        Array.prototype.push = null;
+        String.prototype.trim = 5;
+        JSON.stringify = null;
+        Math.random = () => 4;
+        new Map([[1, 2]]); new Set(); /x+/.test("xx");
+        console.log = null; console.info = undefined;
+        delete globalThis.vars; globalThis.require = 0; globalThis.err = null;
+        Object.freeze(Object.prototype);
+        Object.defineProperty(globalThis, "Date", { value: 3 });
+        var big = []; for (let i = 0; i < 20000; i++) big[i] = { i, s: "x" + i };
+        exit("vandalised " + d.n);
+    }"#;
+    let check = r#"function main(d) {
+        console.log("still logs", d.n);
+        return [typeof leak, ({}).polluted, typeof [].push, typeof "".trim,
+                typeof JSON.stringify, Math.random() < 1, typeof console.info, typeof vars,
+                typeof require, typeof err, Object.isFrozen(Object.prototype), typeof Date,
+                new Map([[d.n, 1]]).size, vars().n];
+    }"#;
+    for n in 0..5 {
+        let out = w.run(vandal, Mode::App, json!({"n": n}));
+        assert_eq!(out.result, Ok(json!(format!("vandalised {n}"))));
+        let out = w.run(check, Mode::App, json!({"n": n}));
+        assert_eq!(
+            out.result,
+            Ok(json!([
+                "undefined",
+                null,
+                "function",
+                "function",
+                "function",
+                true,
+                "function",
+                "function",
+                "function",
+                "function",
+                false,
+                "function",
+                1,
+                n
+            ]))
+        );
+        assert_eq!(out.logs.len(), 1);
+        assert_eq!(out.logs[0].message, format!("still logs {n}"));
+    }
+    assert_eq!(
+        w.sandbox.pristine_restores(),
+        10,
+        "every run used the image"
+    );
+}
+
+/// Dropping the last reference to a host function during a run must not free its Rust
+/// closure: the restored image still refers to it. Run with deletions, then use them all.
+#[test]
+fn host_functions_dropped_by_a_run_still_work_in_the_next() {
+    let w = OneWorker::new(Limits::default());
+    for n in 0..20 {
+        let out = w.run(
+            r#"function main() {
+                for (const k of ["log", "info", "debug", "warn", "error"]) delete console[k];
+                delete globalThis.console; delete globalThis.exit; delete globalThis.err;
+                delete globalThis.vars; delete globalThis.require; delete globalThis.eval;
+                delete globalThis.setTimeout; delete globalThis.clearTimeout;
+                delete Math.random; delete globalThis.Map; delete globalThis.process;
+                return 1;
+            }"#,
+            Mode::App,
+            Json::Null,
+        );
+        assert_eq!(out.result, Ok(json!(1)));
+        let out = w.run(
+            r#"async function main() {
+                console.warn("w"); console.error("e");
+                await new Promise((r) => setTimeout(r, 1));
+                clearTimeout(setTimeout(() => exit("timer ran"), 1));
+                const m = new Map([[vars().n, Math.random()]]);
+                exit([m.size, typeof require, process.env.SCRIPTFORGE_NAME]);
+            }"#,
+            Mode::App,
+            json!({"n": n}),
+        );
+        assert_eq!(out.result, Ok(json!([1, "function", "pristine"])));
+        assert_eq!(out.logs.len(), 2);
+    }
+    assert_eq!(w.sandbox.pristine_restores(), 40);
+}
+
+#[test]
+fn math_random_differs_between_pristine_runs() {
+    let w = OneWorker::new(Limits::default());
+    let draws: std::collections::HashSet<String> = (0..8)
+        .map(|_| {
+            let out = w.run(
+                "function main(){ return Math.random() }",
+                Mode::Class4,
+                json!({}),
+            );
+            out.result.unwrap().to_string()
+        })
+        .collect();
+    assert_eq!(
+        draws.len(),
+        8,
+        "a restored image must not replay its generator"
+    );
+}
+
+/// Runs that hit a limit are restored like any other, and the next run is unaffected; a
+/// memory bomb's pages are given back.
+#[test]
+fn limits_hit_in_a_pristine_context_leave_it_usable() {
+    let limits = Limits {
+        script_cpu: Duration::from_millis(200),
+        app_cpu: Duration::from_secs(20),
+        memory_bytes: 16 * 1024 * 1024,
+        ..Limits::default()
+    };
+    let w = OneWorker::new(limits);
+    let runaways = [
+        (
+            "function main(){ while(true){} }",
+            Mode::Script,
+            "CPU time limit",
+        ),
+        (
+            "function main(){ let a=[]; while(true) a.push('x'.repeat(1000)+a.length) }",
+            Mode::App,
+            "memory limit",
+        ),
+        (
+            "function main(){ let a=[]; while(true) a.push(new ArrayBuffer(1<<20)) }",
+            Mode::App,
+            "memory limit",
+        ),
+        (
+            "function f(n){ return f(n+1)+1 } function main(){ return f(0) }",
+            Mode::App,
+            "stack limit",
+        ),
+        (
+            "async function main(){ await new Promise(()=>{}) }",
+            Mode::App,
+            "never settled",
+        ),
+    ];
+    for (source, mode, wanted) in runaways {
+        let out = w.run(source, mode, Json::Null);
+        let e = out.result.unwrap_err();
+        assert!(e.message.contains(wanted), "{source}: {e:?}");
+        for i in 0..3 {
+            let out = w.run(
+                "function main(d){ return [d.i, new Set([1,1,2]).size, 'a b '.trim()] }",
+                Mode::App,
+                json!({"i": i}),
+            );
+            assert_eq!(out.result, Ok(json!([i, 2, "a b"])), "after {source}");
+        }
+    }
+    assert_eq!(w.sandbox.pristine_restores(), 20);
+}
+
+/// A script that uses a host module makes objects owning Rust data: its runtime is torn down
+/// properly, and it runs in ordinary fresh contexts from then on; other scripts keep the image.
+#[test]
+fn host_module_scripts_leave_the_image_and_others_keep_it() {
+    let w = OneWorker::new(Limits::default());
+    let pure = "function main(d){ return d.i * 2 }";
+    let with_module =
+        "async function main(d){ const w = require('wrapped'); return typeof w + d.i }";
+    assert_eq!(w.run(pure, Mode::App, json!({"i": 1})).result, Ok(json!(2)));
+    assert_eq!(w.sandbox.pristine_restores(), 1);
+    for i in 0..5 {
+        let out = w.run(with_module, Mode::App, json!({"i": i}));
+        assert_eq!(out.result, Ok(json!(format!("function{i}"))));
+        assert_eq!(
+            w.sandbox.pristine_restores(),
+            1 + i as u64,
+            "module runs never restore"
+        );
+        let out = w.run(pure, Mode::App, json!({"i": i}));
+        assert_eq!(out.result, Ok(json!(i * 2)));
+        assert_eq!(w.sandbox.pristine_restores(), 2 + i as u64);
+    }
+}
