@@ -4,7 +4,7 @@
 use std::{
     cell::{Cell, RefCell},
     collections::{BTreeMap, HashMap, HashSet},
-    rc::Rc,
+    rc::{Rc, Weak},
     sync::Arc,
     time::{Duration, Instant},
 };
@@ -396,6 +396,15 @@ struct Image {
     arena: Arena,
 }
 
+/// Drops a run's JS handles when the run ends, however it ends.
+struct ReleaseOnDrop(Rc<RunState>);
+
+impl Drop for ReleaseOnDrop {
+    fn drop(&mut self) {
+        self.0.release_js();
+    }
+}
+
 /// A context that has served its run, to be recycled by [`Sandbox::recycle`].
 pub struct Spent {
     prepared: Prepared,
@@ -417,8 +426,9 @@ pub struct Sandbox {
     shared: RefCell<Vec<Rc<SharedRuntime>>>,
     /// The pristine context between runs (see [`Sandbox::build_pristine`]).
     pristine: RefCell<Option<Prepared>>,
-    /// A run holds the pristine context now.
-    pristine_out: Cell<bool>,
+    /// The state of the pristine context a run holds now (dead when none is out, including
+    /// when a run's future was dropped without recycling it).
+    pristine_out: RefCell<Weak<RunState>>,
     /// False after building one failed: runs then use ordinary fresh contexts.
     pristine_enabled: Cell<bool>,
     /// Content ids of scripts that use host modules: they run in ordinary fresh contexts.
@@ -454,7 +464,7 @@ impl Sandbox {
             recycled: Cell::new(0),
             shared: RefCell::new(Vec::new()),
             pristine: RefCell::new(None),
-            pristine_out: Cell::new(false),
+            pristine_out: RefCell::new(Weak::new()),
             pristine_enabled: Cell::new(true),
             impure_scripts: RefCell::new(HashSet::new()),
             restores: Cell::new(0),
@@ -627,12 +637,12 @@ impl Sandbox {
         if let Some(ready) = self.pristine.borrow_mut().take() {
             return Some(ready);
         }
-        if self.pristine_out.get() {
+        if self.pristine_out.borrow().strong_count() > 0 {
             return None;
         }
         match self.build_pristine() {
             Ok(p) => {
-                self.pristine_out.set(true);
+                *self.pristine_out.borrow_mut() = Rc::downgrade(&p.state);
                 Some(p)
             }
             Err(e) => {
@@ -670,7 +680,7 @@ impl Sandbox {
             });
             return;
         }
-        self.pristine_out.set(false);
+        *self.pristine_out.borrow_mut() = Weak::new();
         if state.impure.get() {
             let mut impure = self.impure_scripts.borrow_mut();
             if impure.len() >= MAX_IMPURE_SCRIPTS {
@@ -747,6 +757,9 @@ impl Sandbox {
             }
         };
         let state = prepared.state.clone();
+        // If this future is dropped mid-run, the run's handles go before its context does
+        // (declared after `prepared`, the guard is dropped first).
+        let _release = ReleaseOnDrop(state.clone());
         state.begin(&req.script, req.mode);
         let mode = req.mode;
         let data = std::mem::take(&mut req.data);

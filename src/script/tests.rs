@@ -1101,3 +1101,41 @@ fn host_module_scripts_leave_the_image_and_others_keep_it() {
         assert_eq!(w.sandbox.pristine_restores(), 2 + i as u64);
     }
 }
+
+/// A run whose future is dropped half-way (its caller went away) takes its pristine context
+/// with it; the worker builds a new one for the next run instead of giving the image up.
+#[test]
+fn a_dropped_run_does_not_lose_the_pristine_context() {
+    let w = OneWorker::new(Limits::default());
+    let pure = "function main(d){ return d.i + 1 }";
+    assert_eq!(w.run(pure, Mode::App, json!({"i": 1})).result, Ok(json!(2)));
+    let waiting = Arc::new(
+        compile(
+            "waits",
+            "async function main(){ await new Promise(r => setTimeout(r, 60000)); return 1 }",
+        )
+        .unwrap(),
+    );
+    let cut_short = w.local.block_on(&w.rt, async {
+        let run = w.sandbox.run(RunRequest {
+            script: waiting,
+            mode: Mode::App,
+            data: Json::Null,
+            function: None,
+            ctx: None,
+        });
+        tokio::time::timeout(Duration::from_millis(50), run).await
+    });
+    assert!(cut_short.is_err(), "the run was still waiting when dropped");
+    for i in 0..3 {
+        assert_eq!(
+            w.run(pure, Mode::App, json!({"i": i})).result,
+            Ok(json!(i + 1))
+        );
+    }
+    assert_eq!(
+        w.sandbox.pristine_restores(),
+        4,
+        "the runs after it used a new image"
+    );
+}
