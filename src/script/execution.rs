@@ -18,7 +18,7 @@ use serde::Serialize;
 use serde_json::Value as Json;
 
 use super::{
-    arena::Arena,
+    arena::{self, Arena},
     compile::{CompiledScript, SourceKind, DRIVER_FUNCTIONS},
     error::ScriptError,
     exception::{describe_exception, script_error_from, value_text},
@@ -165,6 +165,9 @@ struct RunState {
     /// The run made JS objects that own Rust data (a host module, `api`, `fetch`): restoring
     /// the image would leak that data, so the image's runtime is torn down properly instead.
     impure: Cell<bool>,
+    /// A host function panicked during the run (and the script may have caught the error):
+    /// Rust state tied to the runtime may be inconsistent, so it is never reused.
+    panicked: Cell<bool>,
 }
 
 struct Settler {
@@ -194,6 +197,7 @@ impl RunState {
             member: None,
             pristine: false,
             impure: Cell::new(false),
+            panicked: Cell::new(false),
         }
     }
 
@@ -392,7 +396,7 @@ struct Prepared {
 
 /// A pristine runtime's saved bytes and the arena they are restored into.
 struct Image {
-    bytes: Box<[u8]>,
+    bytes: arena::Image,
     arena: Arena,
 }
 
@@ -765,13 +769,10 @@ impl Sandbox {
         let data = std::mem::take(&mut req.data);
         let run = std::panic::AssertUnwindSafe(execute(&prepared.context, &state, req, &data));
         let (mut result, reusable, panicked) = match futures::FutureExt::catch_unwind(run).await {
+            Ok(result) if state.panicked.get() => (result, false, true),
             Ok(result) => (result, state.limit_hit.get().is_none(), false),
             Err(panic) => {
-                let what = panic
-                    .downcast_ref::<&str>()
-                    .map(|s| s.to_string())
-                    .or_else(|| panic.downcast_ref::<String>().cloned())
-                    .unwrap_or_else(|| "unknown panic".into());
+                let what = panic_text(&*panic);
                 tracing::error!(script = %state.name.borrow(), "host function panicked: {what}");
                 let error =
                     ScriptError::internal(format!("internal error in a host function: {what}"));
@@ -1529,40 +1530,102 @@ fn host_object_to_js<'js>(
         let host = host.clone();
         let state = state.clone();
         let name = method.name;
-        let func = Function::new(ctx.clone(), move |ctx: Ctx<'js>, args: Rest<Value<'js>>| {
-            let args = args_to_json(&ctx, args)?;
-            let call = host.call(name, args);
-            match (method.kind, call) {
-                (MethodKind::Sync, HostCall::Ready(Ok(v))) => json_to_js(&ctx, &v),
-                (MethodKind::Sync, HostCall::Ready(Err(e))) => {
-                    let err = host_error_to_js(&ctx, &e)?;
-                    Err(ctx.throw(err))
-                }
-                (_, call) => {
-                    let (promise, resolve, reject) = ctx.promise()?;
-                    let id = state.next_id();
-                    let settler = Settler {
-                        resolve: Persistent::save(&ctx, resolve),
-                        reject: Persistent::save(&ctx, reject),
-                    };
-                    match call {
-                        HostCall::Ready(result) => deliver(&ctx, settler, result)?,
-                        HostCall::Pending(fut) => {
-                            state.settlers.borrow_mut().insert(id, settler);
-                            state
-                                .host_calls
-                                .borrow()
-                                .push(Box::pin(async move { (id, fut.await) }));
-                        }
-                    }
-                    Ok(promise.into_value())
-                }
-            }
+        let func = host_fn(ctx, move |ctx: Ctx<'js>, args: Rest<Value<'js>>| {
+            guarded(&ctx, &state, || {
+                host_method_call(&ctx, &state, &*host, name, method.kind, args)
+            })
         })?
         .with_name(leaf)?;
         target.set(leaf, func)?;
     }
     Ok(obj)
+}
+
+/// One call of a host object's method from JS.
+fn host_method_call<'js>(
+    ctx: &Ctx<'js>,
+    state: &Rc<RunState>,
+    host: &dyn HostObject,
+    name: &'static str,
+    kind: MethodKind,
+    args: Rest<Value<'js>>,
+) -> rquickjs::Result<Value<'js>> {
+    let args = args_to_json(ctx, args)?;
+    let call = host.call(name, args);
+    match (kind, call) {
+        (MethodKind::Sync, HostCall::Ready(Ok(v))) => json_to_js(ctx, &v),
+        (MethodKind::Sync, HostCall::Ready(Err(e))) => {
+            let err = host_error_to_js(ctx, &e)?;
+            Err(ctx.throw(err))
+        }
+        (_, call) => {
+            let (promise, resolve, reject) = ctx.promise()?;
+            let id = state.next_id();
+            let settler = Settler {
+                resolve: Persistent::save(ctx, resolve),
+                reject: Persistent::save(ctx, reject),
+            };
+            match call {
+                HostCall::Ready(result) => deliver(ctx, settler, result)?,
+                HostCall::Pending(fut) => {
+                    state.settlers.borrow_mut().insert(id, settler);
+                    state
+                        .host_calls
+                        .borrow()
+                        .push(Box::pin(async move { (id, fut.await) }));
+                }
+            }
+            Ok(promise.into_value())
+        }
+    }
+}
+
+/// Run a host function's body. A panic in it ends the run with a 500 (an uncatchable error, so
+/// the script cannot swallow it) and marks the run so its runtime is never reused: rquickjs
+/// would otherwise keep the panic and resume it in whichever run next raises an error.
+fn guarded<'js, T>(
+    ctx: &Ctx<'js>,
+    state: &RunState,
+    body: impl FnOnce() -> rquickjs::Result<T>,
+) -> rquickjs::Result<T> {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(body)) {
+        Ok(result) => result,
+        Err(panic) => {
+            let what = panic_text(&*panic);
+            tracing::error!(script = %state.name.borrow(), "host function panicked: {what}");
+            state.panicked.set(true);
+            if state.completion.borrow().is_none() {
+                let error =
+                    ScriptError::internal(format!("internal error in a host function: {what}"));
+                *state.completion.borrow_mut() = Some(Err(error));
+            }
+            Err(throw_uncatchable(ctx))
+        }
+    }
+}
+
+fn panic_text(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "unknown panic".into())
+}
+
+/// `Function::new` with the function's prototype set to this context's `Function.prototype`.
+/// rquickjs takes it from a cache kept per runtime, which holds the `Function.prototype` of
+/// the runtime's first context: shared by every later context, and writable by their scripts.
+fn host_fn<'js, P, F>(ctx: &Ctx<'js>, f: F) -> rquickjs::Result<Function<'js>>
+where
+    F: rquickjs::function::IntoJsFunc<'js, P> + 'js,
+{
+    let func = Function::new(ctx.clone(), f)?;
+    // SAFETY: the context is locked (we hold a Ctx); JS_GetFunctionProto returns a new
+    // reference, which Value::from_raw takes over.
+    let proto =
+        unsafe { Value::from_raw(ctx.clone(), qjs::JS_GetFunctionProto(ctx.as_raw().as_ptr())) };
+    func.set_prototype(proto.as_object())?;
+    Ok(func)
 }
 
 /// The object at the dotted `path` under `root`, creating empty objects on the way.
@@ -1669,36 +1732,41 @@ fn install_common_globals<'js>(
     let st = state.clone();
     g.set(
         "vars",
-        Function::new(ctx.clone(), move |ctx: Ctx<'js>| {
-            match st.input.borrow().clone() {
-                Some(input) => input.restore(&ctx),
-                None => Ok(Value::new_undefined(ctx.clone())),
-            }
+        host_fn(ctx, move |ctx: Ctx<'js>| {
+            guarded(&ctx, &st, || {
+                let input = st.input.borrow().clone();
+                match input {
+                    Some(input) => input.restore(&ctx),
+                    None => Ok(Value::new_undefined(ctx.clone())),
+                }
+            })
         })?,
     )?;
 
     let st = state.clone();
     g.set(
         "exit",
-        Function::new(
-            ctx.clone(),
+        host_fn(
+            ctx,
             move |ctx: Ctx<'js>, value: rquickjs::function::Opt<Value<'js>>| {
-                let result = match value.0 {
-                    None => Ok(Json::Null),
-                    Some(v) => js_to_json(&ctx, v).map_err(|e| {
-                        let text = match e {
-                            rquickjs::Error::Exception => describe_exception(&ctx.catch()).text,
-                            other => other.to_string(),
-                        };
-                        ScriptError::internal(format!(
-                            "exit() got a value that is not JSON-serialisable: {text}"
-                        ))
-                    }),
-                };
-                if st.completion.borrow().is_none() {
-                    *st.completion.borrow_mut() = Some(result);
-                }
-                Err::<(), _>(throw_uncatchable(&ctx))
+                guarded(&ctx, &st, || {
+                    let result = match value.0 {
+                        None => Ok(Json::Null),
+                        Some(v) => js_to_json(&ctx, v).map_err(|e| {
+                            let text = match e {
+                                rquickjs::Error::Exception => describe_exception(&ctx.catch()).text,
+                                other => other.to_string(),
+                            };
+                            ScriptError::internal(format!(
+                                "exit() got a value that is not JSON-serialisable: {text}"
+                            ))
+                        }),
+                    };
+                    if st.completion.borrow().is_none() {
+                        *st.completion.borrow_mut() = Some(result);
+                    }
+                    Err::<(), _>(throw_uncatchable(&ctx))
+                })
             },
         )?,
     )?;
@@ -1706,21 +1774,23 @@ fn install_common_globals<'js>(
     let st = state.clone();
     g.set(
         "err",
-        Function::new(ctx.clone(), move |ctx: Ctx<'js>, args: Rest<Value<'js>>| {
-            let error = match args.0.as_slice() {
-                [] => ScriptError::internal("err() called without an error"),
-                [single] => script_error_from(single),
-                [code, message, ..] => {
-                    let pair = rquickjs::Array::new(ctx.clone())?;
-                    pair.set(0, code.clone())?;
-                    pair.set(1, message.clone())?;
-                    script_error_from(&pair.into_value())
+        host_fn(ctx, move |ctx: Ctx<'js>, args: Rest<Value<'js>>| {
+            guarded(&ctx, &st, || {
+                let error = match args.0.as_slice() {
+                    [] => ScriptError::internal("err() called without an error"),
+                    [single] => script_error_from(single),
+                    [code, message, ..] => {
+                        let pair = rquickjs::Array::new(ctx.clone())?;
+                        pair.set(0, code.clone())?;
+                        pair.set(1, message.clone())?;
+                        script_error_from(&pair.into_value())
+                    }
+                };
+                if st.completion.borrow().is_none() {
+                    *st.completion.borrow_mut() = Some(Err(error));
                 }
-            };
-            if st.completion.borrow().is_none() {
-                *st.completion.borrow_mut() = Some(Err(error));
-            }
-            Err::<(), _>(throw_uncatchable(&ctx))
+                Err::<(), _>(throw_uncatchable(&ctx))
+            })
         })?,
     )?;
 
@@ -1735,9 +1805,12 @@ fn install_common_globals<'js>(
         let st = state.clone();
         console.set(
             name,
-            Function::new(ctx.clone(), move |args: Rest<Value<'js>>| {
-                let text = args.0.iter().map(value_text).collect::<Vec<_>>().join(" ");
-                st.log(level, text);
+            host_fn(ctx, move |ctx: Ctx<'js>, args: Rest<Value<'js>>| {
+                guarded(&ctx, &st, || {
+                    let text = args.0.iter().map(value_text).collect::<Vec<_>>().join(" ");
+                    st.log(level, text);
+                    Ok(())
+                })
             })?,
         )?;
     }
@@ -1759,32 +1832,34 @@ fn install_common_globals<'js>(
     let modules = sandbox.modules.clone();
     g.set(
         "require",
-        Function::new(
-            ctx.clone(),
+        host_fn(
+            ctx,
             move |ctx: Ctx<'js>, name: rquickjs::Coerced<String>| {
-                let name = name.0;
-                let mode = st.mode.get();
-                match modules.entry(&name).filter(|r| r.module.available_in(mode)) {
-                    Some(registered) => module_value(&ctx, &st, &name, registered),
-                    None => {
-                        let allowed = modules.allowed_in(mode);
-                        let list = if allowed.is_empty() {
-                            format!("none in {mode} mode")
-                        } else {
-                            allowed.join(", ")
-                        };
-                        Err(Exception::throw_type(
-                            &ctx,
-                            &format!("require('{name}'): no such module; allowed: {list}"),
-                        ))
+                guarded(&ctx, &st, || {
+                    let name = name.0;
+                    let mode = st.mode.get();
+                    match modules.entry(&name).filter(|r| r.module.available_in(mode)) {
+                        Some(registered) => module_value(&ctx, &st, &name, registered),
+                        None => {
+                            let allowed = modules.allowed_in(mode);
+                            let list = if allowed.is_empty() {
+                                format!("none in {mode} mode")
+                            } else {
+                                allowed.join(", ")
+                            };
+                            Err(Exception::throw_type(
+                                &ctx,
+                                &format!("require('{name}'): no such module; allowed: {list}"),
+                            ))
+                        }
                     }
-                }
+                })
             },
         )?,
     )?;
 
     let disabled = |what: &'static str| {
-        Function::new(ctx.clone(), move |ctx: Ctx<'js>| {
+        host_fn(ctx, move |ctx: Ctx<'js>| {
             Err::<(), _>(Exception::throw_type(
                 &ctx,
                 &format!("{what} is disabled in callforge scripts"),
@@ -1832,10 +1907,21 @@ fn install_host_globals<'js>(
                     .enumerable(),
             )
         };
-        g.prop(
-            &*name,
-            rquickjs::object::Accessor::new(getter, setter).configurable(),
-        )?;
+        let (st_get, st_set) = (state.clone(), state.clone());
+        let getter = host_fn(ctx, move |ctx: Ctx<'js>| {
+            guarded(&ctx, &st_get, || getter(ctx.clone()))
+        })?;
+        let setter = host_fn(ctx, move |ctx: Ctx<'js>, value: Value<'js>| {
+            guarded(&ctx, &st_set, || setter(ctx.clone(), value))
+        })?;
+        // Defined through `Object.defineProperty` (pristine at preparation) so the accessor
+        // functions are ours, with this context's prototype (see `host_fn`).
+        let define: Function = g.get::<_, Object>("Object")?.get("defineProperty")?;
+        let descriptor = Object::new(ctx.clone())?;
+        descriptor.set("get", getter)?;
+        descriptor.set("set", setter)?;
+        descriptor.set("configurable", true)?;
+        define.call::<_, Value>((g.clone(), &*name, descriptor))?;
     }
     Ok(())
 }
@@ -2029,7 +2115,7 @@ unsafe extern "C" fn lazy_global(
 /// same QuickJS generator state, and so the same numbers, in every run.
 fn install_fresh_random<'js>(ctx: &Ctx<'js>) -> rquickjs::Result<Function<'js>> {
     let math: Object = ctx.globals().get("Math")?;
-    let random = Function::new(ctx.clone(), fastrand::f64)?.with_name("random")?;
+    let random = host_fn(ctx, fastrand::f64)?.with_name("random")?;
     math.prop(
         "random",
         rquickjs::object::Property::from(random.clone())
@@ -2084,49 +2170,54 @@ fn install_timers<'js>(ctx: &Ctx<'js>, state: &Rc<RunState>) -> rquickjs::Result
         let st = state.clone();
         g.set(
             "setTimeout",
-            Function::new(
-                ctx.clone(),
+            host_fn(
+                ctx,
                 move |ctx: Ctx<'js>,
                       callback: Value<'js>,
                       delay: rquickjs::function::Opt<f64>,
                       args: Rest<Value<'js>>| {
-                    let Some(func) = callback.as_function().cloned() else {
-                        return Err(Exception::throw_type(
-                            &ctx,
-                            "setTimeout: the callback must be a function",
-                        ));
-                    };
-                    let mut timers = st.timers.borrow_mut();
-                    if timers.len() >= MAX_TIMERS {
-                        return Err(Exception::throw_range(
-                            &ctx,
-                            &format!("setTimeout: more than {MAX_TIMERS} pending timers"),
-                        ));
-                    }
-                    let ms = delay.0.filter(|d| d.is_finite() && *d > 0.0).unwrap_or(0.0);
-                    let at = Instant::now() + Duration::from_micros((ms.min(1e12) * 1000.0) as u64);
-                    let id = st.next_id();
-                    let callback = if args.0.is_empty() {
-                        func
-                    } else {
-                        // Bind the extra arguments now so the timer entry is just a function.
-                        let bind: Function = func.get("bind")?;
-                        let mut call_args =
-                            rquickjs::function::Args::new(ctx.clone(), args.0.len() + 1);
-                        call_args.this(func.clone())?;
-                        call_args.push_arg(Value::new_undefined(ctx.clone()))?;
-                        call_args.push_args(args.0)?;
-                        call_args.apply::<Function>(&bind)?
-                    };
-                    timers.insert((at, id), Persistent::save(&ctx, callback));
-                    Ok(id as f64)
+                    guarded(&ctx, &st, || {
+                        let Some(func) = callback.as_function().cloned() else {
+                            return Err(Exception::throw_type(
+                                &ctx,
+                                "setTimeout: the callback must be a function",
+                            ));
+                        };
+                        // `bind` may be a script's getter that calls setTimeout itself: no borrow
+                        // of the timers may be held while JS runs.
+                        let callback = if args.0.is_empty() {
+                            func
+                        } else {
+                            // Bind the extra arguments now so the timer entry is just a function.
+                            let bind: Function = func.get("bind")?;
+                            let mut call_args =
+                                rquickjs::function::Args::new(ctx.clone(), args.0.len() + 1);
+                            call_args.this(func.clone())?;
+                            call_args.push_arg(Value::new_undefined(ctx.clone()))?;
+                            call_args.push_args(args.0)?;
+                            call_args.apply::<Function>(&bind)?
+                        };
+                        let mut timers = st.timers.borrow_mut();
+                        if timers.len() >= MAX_TIMERS {
+                            return Err(Exception::throw_range(
+                                &ctx,
+                                &format!("setTimeout: more than {MAX_TIMERS} pending timers"),
+                            ));
+                        }
+                        let ms = delay.0.filter(|d| d.is_finite() && *d > 0.0).unwrap_or(0.0);
+                        let at =
+                            Instant::now() + Duration::from_micros((ms.min(1e12) * 1000.0) as u64);
+                        let id = st.next_id();
+                        timers.insert((at, id), Persistent::save(&ctx, callback));
+                        Ok(id as f64)
+                    })
                 },
             )?,
         )?;
         let st = state.clone();
         g.set(
             "clearTimeout",
-            Function::new(ctx.clone(), move |id: rquickjs::function::Opt<f64>| {
+            host_fn(ctx, move |id: rquickjs::function::Opt<f64>| {
                 if let Some(id) = id.0 {
                     st.timers.borrow_mut().retain(|(_, t), _| *t as f64 != id);
                 }

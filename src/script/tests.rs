@@ -883,6 +883,7 @@ impl OneWorker {
     fn new(limits: Limits) -> Self {
         let mut modules = HostModules::new();
         modules.register(&["wrapped"], Arc::new(Wrapped));
+        modules.register(&["panicky"], Arc::new(Panicky));
         OneWorker {
             sandbox: Sandbox::new(limits, modules, "test".into()),
             rt: tokio::runtime::Builder::new_current_thread()
@@ -1138,4 +1139,102 @@ fn a_dropped_run_does_not_lose_the_pristine_context() {
         4,
         "the runs after it used a new image"
     );
+}
+
+/// A panic in a host function ends its run even when the script catches what is thrown, and
+/// leaves nothing for the next run on the worker (rquickjs keeps a caught panic per runtime).
+#[test]
+fn a_host_panic_cannot_be_swallowed_or_reach_the_next_run() {
+    let w = OneWorker::new(Limits::default());
+    for mode in [Mode::App, Mode::Class4] {
+        let out = w.run(
+            "function main(){ try { require('panicky').boom() } catch (e) { return 'swallowed' } }",
+            mode,
+            json!({"routing": {}}),
+        );
+        let e = out.result.unwrap_err();
+        assert!(
+            e.message
+                .contains("internal error in a host function: host bug"),
+            "{e:?}"
+        );
+        let out = w.run(
+            "function main(){ throw new TypeError('plain') }",
+            mode,
+            json!({}),
+        );
+        assert!(out.result.unwrap_err().message.contains("plain"));
+    }
+}
+
+/// `setTimeout` runs script code (a `bind` getter) while it works: that code may call the
+/// timer functions again.
+#[test]
+fn set_timeout_can_be_reentered_from_the_script() {
+    let w = OneWorker::new(Limits::default());
+    let out = w.run(
+        r#"async function main(){
+            const f = (x) => x;
+            Object.defineProperty(f, 'bind', { get() {
+                clearTimeout(setTimeout(() => {}, 1)); return Function.prototype.bind } });
+            await new Promise((r) => setTimeout((v) => r(v), 1, 'bound'));
+            setTimeout(f, 1, 'arg');
+            return 'ok' }"#,
+        Mode::App,
+        Json::Null,
+    );
+    assert_eq!(out.result, Ok(json!("ok")));
+}
+
+/// Memory freed in blocks of one size serves blocks of another: a run whose live memory stays
+/// far below the limit passes in a pristine context as it does in an ordinary one.
+#[test]
+fn freed_memory_of_every_size_is_reused_within_a_pristine_run() {
+    let limits = Limits {
+        memory_bytes: 16 * 1024 * 1024,
+        app_cpu: Duration::from_secs(60),
+        ..Limits::default()
+    };
+    let w = OneWorker::new(limits);
+    let src = r#"function main(){
+        for (let k = 0; k < 40; k++) {
+            let a = [];
+            for (let i = 0; i < 10000; i++) a.push('y'.repeat(16 * k + 20));
+            a = null;
+        }
+        return 'ok' }"#;
+    assert_eq!(w.run(src, Mode::App, Json::Null).result, Ok(json!("ok")));
+    assert_eq!(w.sandbox.pristine_restores(), 1);
+}
+
+/// Host functions have their own context's `Function.prototype`, not one shared by every
+/// context of a runtime (rquickjs caches the first context's): a run or a call cannot leave
+/// data there for the next.
+#[test]
+fn host_functions_share_no_prototype_across_runs_or_calls() {
+    let w = OneWorker::new(Limits::default());
+    let src = r#"function main(d){
+        if (d.impure) require('wrapped');
+        const p = Object.getPrototypeOf(console.log);
+        const seen = p.secret === undefined ? null : p.secret;
+        p.secret = 'left by ' + d.who;
+        return [seen, p === Function.prototype,
+                Object.getPrototypeOf(setTimeout) === Function.prototype] }"#;
+    // Ordinary fresh contexts in reused runtimes (the script uses a module), and the
+    // shared runtimes of class5 calls.
+    for (mode, data) in [
+        (Mode::App, json!({"impure": true})),
+        (Mode::Class5, json!({})),
+    ] {
+        for who in 0..3 {
+            let mut data = data.clone();
+            data["who"] = json!(who);
+            let out = w.run(src, mode, data);
+            assert_eq!(
+                out.result,
+                Ok(json!([null, true, true])),
+                "{mode} run {who}"
+            );
+        }
+    }
 }
