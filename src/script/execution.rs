@@ -714,6 +714,14 @@ impl Sandbox {
         self.restores.get()
     }
 
+    /// Bytes a restore copies, when a pristine image is waiting for its next run.
+    pub fn pristine_image_bytes(&self) -> Option<usize> {
+        let slot = self.pristine.borrow();
+        slot.as_ref()
+            .and_then(|p| p.image.as_ref())
+            .map(|i| i.bytes.len())
+    }
+
     /// Prepare contexts ahead of time so the next runs skip context creation.
     pub fn prewarm(&self) {
         while self.ready.borrow().len() < MAX_READY {

@@ -1005,6 +1005,17 @@ fn host_functions_dropped_by_a_run_still_work_in_the_next() {
     assert_eq!(w.sandbox.pristine_restores(), 40);
 }
 
+/// What a restore copies stays small: the routing bench's "whole cycle" depends on it.
+#[test]
+fn the_pristine_image_stays_small() {
+    let w = OneWorker::new(Limits::default());
+    assert_eq!(w.sandbox.pristine_image_bytes(), None);
+    w.run("function main(){ return 1 }", Mode::Class4, json!({}));
+    let bytes = w.sandbox.pristine_image_bytes().expect("an image waits");
+    eprintln!("pristine image: {bytes} bytes");
+    assert!(bytes < 256 * 1024, "{bytes} bytes");
+}
+
 #[test]
 fn math_random_differs_between_pristine_runs() {
     let w = OneWorker::new(Limits::default());
