@@ -293,7 +293,9 @@ pub struct SipConfig {
     pub listen: Vec<String>,
     /// Start SIP at all (`false` serves HTTP only).
     pub enabled: bool,
-    /// RFC 3261 T1 in milliseconds (retransmission base; 64*T1 is the transaction timeout).
+    /// RFC 3261 T1 in milliseconds: paces our retransmissions, and 64*T1 is how long we
+    /// wait for answers. What we remember of the peer's requests (absorbing its
+    /// retransmissions, crossed BYEs) lasts 64 x max(T1, 500 ms), as the peer's T1 is its own.
     pub t1_ms: u64,
     pub max_calls: usize,
     pub max_transactions: usize,

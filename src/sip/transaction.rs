@@ -50,17 +50,30 @@ pub struct TimerConfig {
 impl Default for TimerConfig {
     fn default() -> Self {
         Self {
-            t1: Duration::from_millis(500),
+            t1: DEFAULT_T1,
             t2: Duration::from_secs(4),
             t4: Duration::from_secs(5),
         }
     }
 }
 
+/// RFC 3261's default T1, which a peer uses unless it was told otherwise.
+pub const DEFAULT_T1: Duration = Duration::from_millis(500);
+
 impl TimerConfig {
-    /// 64*T1: timers B, F, H, J, L, M.
+    /// 64*T1: how long we keep retransmitting or waiting for our own requests and
+    /// responses (timers B, F, H).
     pub fn t1x64(&self) -> Duration {
         self.t1 * 64
+    }
+
+    /// How long a peer may keep retransmitting at us: 64 times the larger of our T1 and
+    /// the RFC default (timers J, L, M and dialog tombstones). A short `t1` speeds up our
+    /// own retransmissions, but the peer's are paced by its T1, which we cannot know; a
+    /// peer on the default T1 retransmits a BYE for 32 s, and forgetting the transaction
+    /// after 64 x 100 ms would answer its last retransmissions with 481.
+    pub fn peer_window(&self) -> Duration {
+        self.t1.max(DEFAULT_T1) * 64
     }
 }
 
@@ -338,7 +351,7 @@ impl Transaction {
                     200..=299 => {
                         *last = None;
                         self.core.state = State::Accepted;
-                        self.core.arm(TimerKind::L, now + cfg.t1x64(), q);
+                        self.core.arm(TimerKind::L, now + cfg.peer_window(), q);
                     }
                     _ => {
                         *last = Some(bytes);
@@ -364,7 +377,7 @@ impl Transaction {
                     if self.core.reliable() {
                         self.core.terminate(out);
                     } else {
-                        self.core.arm(TimerKind::J, now + cfg.t1x64(), q);
+                        self.core.arm(TimerKind::J, now + cfg.peer_window(), q);
                     }
                 }
             }
@@ -401,7 +414,7 @@ impl Transaction {
                         self.core.state = State::Accepted;
                         self.core.disarm(TimerKind::A);
                         self.core.disarm(TimerKind::B);
-                        self.core.arm(TimerKind::M, now + cfg.t1x64(), q);
+                        self.core.arm(TimerKind::M, now + cfg.peer_window(), q);
                     }
                     out.push(TxOutput::Response {
                         key,
@@ -980,6 +993,79 @@ mod tests {
         t.respond(&key, &message::response_to(&opt, 200, None), t0, &mut out)
             .unwrap();
         assert!(t.is_empty(), "J = 0 on reliable transports");
+    }
+
+    #[test]
+    fn short_t1_paces_our_timers_but_not_the_peers_window() {
+        let t0 = Instant::now();
+        let cfg = TimerConfig {
+            t1: ms(100),
+            ..TimerConfig::default()
+        };
+        let mut t = TransactionTable::new(cfg, 10);
+        let mut out = Vec::new();
+        // Non-INVITE server: the peer (on T1 = 500 ms) retransmits for 32 s; so do we absorb.
+        let bye = req("BYE sip:b@10.0.0.1 SIP/2.0\r\nVia: SIP/2.0/UDP 192.0.2.1:5060;branch=z9hG4bKj1\r\nFrom: <sip:a@x>;tag=f1\r\nTo: <sip:b@y>;tag=t1\r\nCall-ID: cid7\r\nCSeq: 3 BYE\r\nContent-Length: 0\r\n\r\n");
+        let bye_key = TxKey::server(&bye).unwrap();
+        t.create_server(bye_key.clone(), false, udp(), None, &mut out)
+            .unwrap();
+        t.respond(
+            &bye_key,
+            &message::response_to(&bye, 200, None),
+            t0,
+            &mut out,
+        )
+        .unwrap();
+        // INVITE server answered 2xx: Accepted (timer L) for the peer's window too.
+        let inv = invite("z9hG4bKl1");
+        let inv_key = TxKey::server(&inv).unwrap();
+        t.create_server(inv_key.clone(), true, udp(), None, &mut out)
+            .unwrap();
+        t.respond(
+            &inv_key,
+            &message::response_to(&inv, 200, Some("t")),
+            t0,
+            &mut out,
+        )
+        .unwrap();
+        // INVITE server answered 486: timer H still gives up after 64 x our T1.
+        let busy = invite("z9hG4bKh1");
+        let busy_key = TxKey::server(&busy).unwrap();
+        t.create_server(busy_key.clone(), true, udp(), None, &mut out)
+            .unwrap();
+        t.respond(
+            &busy_key,
+            &message::response_to(&busy, 486, Some("b")),
+            t0,
+            &mut out,
+        )
+        .unwrap();
+        out.clear();
+        let o = step(&mut t, t0 + ms(6_400));
+        assert!(
+            o.iter()
+                .any(|x| matches!(x, TxOutput::Timeout { key } if *key == busy_key)),
+            "H = 64 x 100 ms: {o:?}"
+        );
+        // The peer's BYE retransmitted on its own schedule, long after 64 x 100 ms.
+        for at in [7_500, 15_500, 31_500] {
+            out.clear();
+            assert_eq!(
+                t.match_request(&bye, t0 + ms(at), &mut out),
+                Some(ServerMatch::Absorbed),
+                "BYE retransmission at {at} ms"
+            );
+            assert_eq!(sends(&out), 1, "200 resent at {at} ms");
+            assert_eq!(
+                t.match_request(&inv, t0 + ms(at), &mut out),
+                Some(ServerMatch::Absorbed),
+                "INVITE retransmission at {at} ms"
+            );
+        }
+        step(&mut t, t0 + ms(31_999));
+        assert_eq!(t.len(), 2, "J and L still running");
+        step(&mut t, t0 + ms(32_000));
+        assert!(t.is_empty(), "J and L fire at 64 x 500 ms");
     }
 
     #[test]

@@ -314,7 +314,8 @@ pub struct UserAgent {
     messages: HashMap<TxKey, message_out::MessageHandle>,
     next_message: u64,
     timers: TimerQueue<(CallHandle, CallTimer)>,
-    /// Dialogs ended in the last 64*T1, so a BYE crossing ours gets 200, not 481.
+    /// Dialogs ended within the peer's retransmission window, so a BYE crossing ours (or
+    /// a late retransmission of one we answered) gets 200, not 481.
     ended: VecDeque<(Instant, DialogId)>,
     /// The instant of the input being processed (for bookkeeping that has no `now` param).
     now: Option<Instant>,
@@ -761,10 +762,10 @@ impl UserAgent {
         }
     }
 
-    /// Records the current instant and forgets tombstones older than 64*T1.
+    /// Records the current instant and forgets tombstones older than the peer's window.
     fn set_now(&mut self, now: Instant) {
         self.now = Some(now);
-        let keep = self.cfg.timers.t1x64();
+        let keep = self.cfg.timers.peer_window();
         while self
             .ended
             .front()

@@ -1324,3 +1324,57 @@ fn bye_crossing_ours_gets_200() {
     h.input(&in_dialog("BYE", "z9hG4bKlate", 3, &tag, None));
     assert_eq!(statuses(&h.take_sent()), vec![481]);
 }
+
+#[test]
+fn bye_retransmitted_on_the_default_t1_is_answered_200_when_our_t1_is_short() {
+    // SIPp's BYE with T1 = 500 ms, our 200s lost: its retransmissions come at
+    // 0.5, 1.5, 3.5, 7.5 s... Our T1 of 100 ms must not make us forget the BYE after 6.4 s.
+    let mut cfg = UaConfig::default();
+    cfg.timers.t1 = ms(100);
+    let mut h = H::with(cfg, TransportKind::Udp);
+    let (_, tag) = h.established();
+    h.take_sent();
+    h.input(&in_dialog("BYE", "z9hG4bKlossy", 2, &tag, None));
+    assert_eq!(statuses(&h.take_sent()), vec![200]);
+    let mut at = 0;
+    for gap in [500, 1_000, 2_000, 4_000, 4_000, 4_000, 4_000, 4_000, 4_000] {
+        h.advance(ms(gap));
+        at += gap;
+        h.input(&in_dialog("BYE", "z9hG4bKlossy", 2, &tag, None));
+        assert_eq!(
+            statuses(&h.take_sent()),
+            vec![200],
+            "BYE retransmission {at} ms after the first"
+        );
+    }
+}
+
+#[test]
+fn a_dialog_we_ended_is_remembered_for_the_peers_window_when_our_t1_is_short() {
+    let mut cfg = UaConfig::default();
+    cfg.timers.t1 = ms(100);
+    let mut h = H::with(cfg, TransportKind::Udp);
+    let (call, tag) = h.established();
+    h.ua.hangup(call, h.now).unwrap();
+    h.drain();
+    h.take_sent();
+    h.take_events();
+    // The peer's own BYE, sent before ours reached it and retransmitted until 10 s.
+    h.advance(ms(10_000));
+    h.take_sent();
+    h.input(&in_dialog("BYE", "z9hG4bKcross", 2, &tag, None));
+    assert_eq!(
+        statuses(&h.take_sent()),
+        vec![200],
+        "not 481 after 64 x 100 ms"
+    );
+    assert!(h.take_events().is_empty());
+    h.advance(ms(30_000));
+    h.take_sent();
+    h.input(&in_dialog("BYE", "z9hG4bKlater", 3, &tag, None));
+    assert_eq!(
+        statuses(&h.take_sent()),
+        vec![481],
+        "forgotten after 64 x 500 ms"
+    );
+}
