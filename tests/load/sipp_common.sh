@@ -5,7 +5,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 command -v sipp >/dev/null || { echo "sipp missing: tools/ensure-deps.sh --test installs it" >&2; exit 1; }
-cargo build --release --quiet --bin callforge
+# CALLFORGE_BIN=path runs a prebuilt binary instead (A/B comparisons of two builds).
+bin=${CALLFORGE_BIN:-target/release/callforge}
+[ -n "${CALLFORGE_BIN:-}" ] || cargo build --release --quiet --bin callforge
 work=$(mktemp -d)
 mkdir -p "$work/scripts"
 cp scripts/*.js scripts/*.toml "$work/scripts/"
@@ -37,7 +39,7 @@ charlie = "sip:charlie.example.net:5060"
 delta = "sip:delta.example.net:5060"
 echo = "sip:echo.example.net:5060"
 TOML
-RUST_LOG=warn target/release/callforge serve --config "$work/callforge.toml" --scripts "$work/scripts" \
+RUST_LOG=warn "$bin" serve --config "$work/callforge.toml" --scripts "$work/scripts" \
   --http 127.0.0.1:0 >"$work/out" 2>"$work/err" &
 pid=$!
 trap 'kill $pid 2>/dev/null || true; rm -rf "$work"' EXIT
