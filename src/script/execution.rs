@@ -214,6 +214,19 @@ impl RunState {
         self.impure.set(false);
     }
 
+    /// Note a host function's panic: logged, the runtime marked never to be reused, and the
+    /// run's error returned.
+    fn host_panicked(&self, panic: &(dyn std::any::Any + Send)) -> ScriptError {
+        let what = panic
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| panic.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "unknown panic".into());
+        tracing::error!(script = %self.name.borrow(), "host function panicked: {what}");
+        self.panicked.set(true);
+        ScriptError::internal(format!("internal error in a host function: {what}"))
+    }
+
     /// Bind this (prepared, unused) state to the run about to start.
     fn begin(&self, script: &CompiledScript, mode: Mode) {
         self.name.borrow_mut().clone_from(&script.name);
@@ -414,8 +427,6 @@ pub struct Spent {
     prepared: Prepared,
     /// False when the run hit a limit or panicked: the runtime is then never reused.
     reusable: bool,
-    /// A host function panicked: Rust state tied to the runtime may be inconsistent.
-    panicked: bool,
 }
 
 /// The per-worker-thread executor: owns runtimes and runs scripts in fresh contexts.
@@ -514,8 +525,9 @@ impl Sandbox {
         let fail = |what: &str, e: &dyn std::fmt::Display| {
             ScriptError::internal(format!("cannot build a pristine JS runtime: {what}: {e}"))
         };
-        // Room for the memory limit twice over: size classes waste up to a quarter, and
-        // freed blocks serve only their own class.
+        // Room for the memory limit twice over: TLSF merges freed neighbours, but a run that
+        // frees in a scattered pattern still leaves holes (address space costs nothing
+        // until touched).
         let capacity = self.limits.memory_bytes.saturating_mul(2) + ARENA_SLACK;
         let arena = Arena::new(capacity).map_err(|e| fail("reserving memory", &e))?;
         let rt = Runtime::new_with_alloc(arena.allocator()).map_err(|e| fail("runtime", &e))?;
@@ -666,9 +678,8 @@ impl Sandbox {
         context: Context,
         rt: Runtime,
         image: Image,
-        panicked: bool,
     ) {
-        if !state.impure.get() && !panicked {
+        if !state.impure.get() && !state.panicked.get() {
             state.reset();
             // SAFETY: the run's handles are gone: `execute` dropped its `Persistent`s, and
             // `reset` the ones the state kept. The pins, context and runtime handles kept
@@ -776,17 +787,11 @@ impl Sandbox {
         let mode = req.mode;
         let data = std::mem::take(&mut req.data);
         let run = std::panic::AssertUnwindSafe(execute(&prepared.context, &state, req, &data));
-        let (mut result, reusable, panicked) = match futures::FutureExt::catch_unwind(run).await {
-            Ok(result) if state.panicked.get() => (result, false, true),
-            Ok(result) => (result, state.limit_hit.get().is_none(), false),
-            Err(panic) => {
-                let what = panic_text(&*panic);
-                tracing::error!(script = %state.name.borrow(), "host function panicked: {what}");
-                let error =
-                    ScriptError::internal(format!("internal error in a host function: {what}"));
-                (Err(error), false, true)
-            }
+        let mut result = match futures::FutureExt::catch_unwind(run).await {
+            Ok(result) => result,
+            Err(panic) => Err(state.host_panicked(&*panic)),
         };
+        let reusable = state.limit_hit.get().is_none() && !state.panicked.get();
         if let (Mode::Class4, Ok(value)) = (mode, &mut result) {
             // The input is not needed any more: normalising moves it instead of copying it.
             *value = super::class4::normalise(data, std::mem::take(value));
@@ -798,22 +803,12 @@ impl Sandbox {
             duration: started.elapsed(),
             cpu: state.cpu_used.get(),
         };
-        let spent = Spent {
-            prepared,
-            reusable,
-            panicked,
-        };
-        (output, Some(spent))
+        (output, Some(Spent { prepared, reusable }))
     }
 
     /// Tear down a spent context and, when its runtime is healthy, prepare the next one in it.
     pub fn recycle(&self, spent: Option<Spent>) {
-        let Some(Spent {
-            prepared,
-            reusable,
-            panicked,
-        }) = spent
-        else {
+        let Some(Spent { prepared, reusable }) = spent else {
             return;
         };
         let Prepared {
@@ -824,7 +819,7 @@ impl Sandbox {
             image,
         } = prepared;
         if let Some(image) = image {
-            self.recycle_pristine(state, pins, context, rt, image, panicked);
+            self.recycle_pristine(state, pins, context, rt, image);
             return;
         }
         if state.member.is_some() {
@@ -1599,25 +1594,13 @@ fn guarded<'js, T>(
     match std::panic::catch_unwind(std::panic::AssertUnwindSafe(body)) {
         Ok(result) => result,
         Err(panic) => {
-            let what = panic_text(&*panic);
-            tracing::error!(script = %state.name.borrow(), "host function panicked: {what}");
-            state.panicked.set(true);
+            let error = state.host_panicked(&*panic);
             if state.completion.borrow().is_none() {
-                let error =
-                    ScriptError::internal(format!("internal error in a host function: {what}"));
                 *state.completion.borrow_mut() = Some(Err(error));
             }
             Err(throw_uncatchable(ctx))
         }
     }
-}
-
-fn panic_text(panic: &(dyn std::any::Any + Send)) -> String {
-    panic
-        .downcast_ref::<&str>()
-        .map(|s| s.to_string())
-        .or_else(|| panic.downcast_ref::<String>().cloned())
-        .unwrap_or_else(|| "unknown panic".into())
 }
 
 /// `Function::new` with the function's prototype set to this context's `Function.prototype`.

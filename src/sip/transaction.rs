@@ -586,10 +586,10 @@ pub enum ServerMatch {
     New(TxKey),
 }
 
-/// All live transactions, their timers, and a size limit.
 /// The most transactions a table makes room for before the first one arrives.
 const PRESIZED_TRANSACTIONS: usize = 65_536;
 
+/// All live transactions, their timers, and a size limit.
 #[derive(Debug)]
 pub struct TransactionTable {
     cfg: TimerConfig,
@@ -1011,50 +1011,36 @@ mod tests {
         };
         let mut t = TransactionTable::new(cfg, 10);
         let mut out = Vec::new();
+        let mut answered = |request: &rsip::Request, code: u16, tag: Option<&str>| {
+            let key = TxKey::server(request).unwrap();
+            let invite = request.method == rsip::Method::Invite;
+            t.create_server(key.clone(), invite, udp(), None, &mut out)
+                .unwrap();
+            let response = message::response_to(request, code, tag);
+            t.respond(&key, &response, t0, &mut out).unwrap();
+            key
+        };
         // Non-INVITE server: the peer (on T1 = 500 ms) retransmits for 32 s; so do we absorb.
         let bye = req("BYE sip:b@10.0.0.1 SIP/2.0\r\nVia: SIP/2.0/UDP 192.0.2.1:5060;branch=z9hG4bKj1\r\nFrom: <sip:a@x>;tag=f1\r\nTo: <sip:b@y>;tag=t1\r\nCall-ID: cid7\r\nCSeq: 3 BYE\r\nContent-Length: 0\r\n\r\n");
-        let bye_key = TxKey::server(&bye).unwrap();
-        t.create_server(bye_key.clone(), false, udp(), None, &mut out)
-            .unwrap();
-        t.respond(
-            &bye_key,
-            &message::response_to(&bye, 200, None),
-            t0,
-            &mut out,
-        )
-        .unwrap();
+        answered(&bye, 200, None);
         // INVITE server answered 2xx: Accepted (timer L) for the peer's window too.
         let inv = invite("z9hG4bKl1");
-        let inv_key = TxKey::server(&inv).unwrap();
-        t.create_server(inv_key.clone(), true, udp(), None, &mut out)
-            .unwrap();
-        t.respond(
-            &inv_key,
-            &message::response_to(&inv, 200, Some("t")),
-            t0,
-            &mut out,
-        )
-        .unwrap();
+        answered(&inv, 200, Some("t"));
         // INVITE server answered 486: timer H still gives up after 64 x our T1.
-        let busy = invite("z9hG4bKh1");
-        let busy_key = TxKey::server(&busy).unwrap();
-        t.create_server(busy_key.clone(), true, udp(), None, &mut out)
+        let busy_key = answered(&invite("z9hG4bKh1"), 486, Some("b"));
+        // INVITE client answered 2xx: Accepted (timer M) while the callee may resend it.
+        let mut out = Vec::new();
+        t.send_request(invite("z9hG4bKm2"), udp(), t0, &mut out)
             .unwrap();
-        t.respond(
-            &busy_key,
-            &message::response_to(&busy, 486, Some("b")),
-            t0,
-            &mut out,
-        )
-        .unwrap();
-        out.clear();
+        let ok = resp("SIP/2.0 200 OK\r\nVia: SIP/2.0/UDP 192.0.2.1:5060;branch=z9hG4bKm2\r\nFrom: <sip:a@x>;tag=f1\r\nTo: <sip:b@y>;tag=rt\r\nCall-ID: cid1\r\nCSeq: 1 INVITE\r\nContent-Length: 0\r\n\r\n");
+        t.on_response(ok.clone(), t0, &mut out);
         let o = step(&mut t, t0 + ms(6_400));
         assert!(
             o.iter()
                 .any(|x| matches!(x, TxOutput::Timeout { key } if *key == busy_key)),
             "H = 64 x 100 ms: {o:?}"
         );
-        // The peer's BYE retransmitted on its own schedule, long after 64 x 100 ms.
+        // The peer's retransmissions on its own schedule, long after 64 x 100 ms.
         for at in [7_500, 15_500, 31_500] {
             out.clear();
             assert_eq!(
@@ -1068,11 +1054,17 @@ mod tests {
                 Some(ServerMatch::Absorbed),
                 "INVITE retransmission at {at} ms"
             );
+            out.clear();
+            t.on_response(ok.clone(), t0 + ms(at), &mut out);
+            assert!(
+                matches!(out.as_slice(), [TxOutput::Response { .. }]),
+                "2xx retransmission at {at} ms delivered for a re-ACK: {out:?}"
+            );
         }
         step(&mut t, t0 + ms(31_999));
-        assert_eq!(t.len(), 2, "J and L still running");
+        assert_eq!(t.len(), 3, "J, L and M still running");
         step(&mut t, t0 + ms(32_000));
-        assert!(t.is_empty(), "J and L fire at 64 x 500 ms");
+        assert!(t.is_empty(), "J, L and M fire at 64 x 500 ms");
     }
 
     #[test]
