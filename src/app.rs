@@ -71,7 +71,13 @@ pub struct App {
 }
 
 impl App {
-    pub fn new(config: Config, modules: HostModules) -> Result<Self, AppError> {
+    pub fn new(config: Config, mut modules: HostModules) -> Result<Self, AppError> {
+        let library = Arc::new(ScriptLibrary::new(
+            &config.scripts.dir,
+            config.scripts.library_limits(),
+        ));
+        // Scripts import other scripts of the same folder (`import ... from './lib'`).
+        modules.set_scripts(library.clone());
         let engine = Engine::start(EngineConfig {
             limits: config.limits.to_limits(),
             workers: config.limits.workers,
@@ -79,11 +85,10 @@ impl App {
             modules,
             ..EngineConfig::default()
         })?;
-        let library = ScriptLibrary::new(&config.scripts.dir, config.scripts.library_limits());
         Ok(App {
             config,
             engine: Arc::new(engine),
-            library: Arc::new(library),
+            library,
             records: None,
             send: None,
             originator: OriginatorSlot::default(),

@@ -51,6 +51,9 @@ pub struct Config {
     pub trunk: Vec<TrunkConfig>,
     /// `[calls]`: per-call limits of class5 calls and their outbound legs.
     pub calls: CallsConfig,
+    /// `[env]`: operator variables every script sees in `process.env` (text, numbers and
+    /// booleans; numbers and booleans become their text).
+    pub env: BTreeMap<String, toml::Value>,
     /// The folder relative paths in the file are resolved against (the file's own folder).
     #[serde(skip)]
     pub base_dir: PathBuf,

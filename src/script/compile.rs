@@ -6,7 +6,10 @@
 use std::{cell::RefCell, ffi::CString, fmt::Write as _};
 
 use rquickjs::{
-    context::intrinsic, module::WriteOptions, qjs, Context, Ctx, Module, Runtime, Value,
+    context::intrinsic,
+    loader::{ImportAttributes, Loader, Resolver},
+    module::{Declared, WriteOptions},
+    qjs, Context, Ctx, Module, Runtime, Value,
 };
 use sha2::{Digest, Sha256};
 
@@ -29,10 +32,36 @@ pub struct CompiledScript {
     pub name: String,
     /// Content hash of the source (hex), exposed as `process.env.SCRIPTFORGE_ID`.
     pub id: String,
+    /// A UUID derived from the name, stable across edits: `process.env.SCRIPTFORGE_UUID`.
+    pub uuid: String,
     pub kind: SourceKind,
     pub bytecode: Vec<u8>,
     /// The source exports driver functions (`module.exports = {search, ...}` or ES exports).
     pub is_driver: bool,
+}
+
+/// The UUID of the script called `name`: the first 16 bytes of SHA-256 of the name, marked as
+/// an RFC 9562 version 8 (name-based, custom hash) UUID.
+pub fn name_uuid(name: &str) -> String {
+    let digest = Sha256::digest(name.as_bytes());
+    let mut bytes = [0u8; 16];
+    bytes.copy_from_slice(&digest[..16]);
+    bytes[6] = (bytes[6] & 0x0f) | 0x80;
+    bytes[8] = (bytes[8] & 0x3f) | 0x80;
+    uuid_text(&bytes)
+}
+
+/// 16 bytes in the 8-4-4-4-12 hex form.
+pub fn uuid_text(bytes: &[u8; 16]) -> String {
+    let hex = hex::encode(bytes);
+    format!(
+        "{}-{}-{}-{}-{}",
+        &hex[..8],
+        &hex[8..12],
+        &hex[12..16],
+        &hex[16..20],
+        &hex[20..]
+    )
 }
 
 /// The content hash used for caching and `SCRIPTFORGE_ID`.
@@ -47,7 +76,47 @@ thread_local! {
 
 /// Compile `source` (named `name` in error positions) to bytecode.
 pub fn compile(name: &str, source: &str) -> Result<CompiledScript, CompileError> {
-    let kind = detect_kind(source);
+    compile_as(name, source, detect_kind(source))
+}
+
+/// How a script of the scripts folder is compiled when another script imports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ImportAs {
+    /// `import ... from './lib'`: an ES module.
+    Module,
+    /// `require('./lib')` of a CommonJS script (an ES module is compiled as one): the source wrapped in a function of
+    /// `(exports, require, module, __filename, __dirname)`, as Node does, so the script's
+    /// top-level names stay its own. The bytecode evaluates to that function.
+    CommonJs,
+}
+
+/// Compile a script that another script imports. The module name (`name`) is the one the
+/// importer's `import` resolves to, so QuickJS finds the module again on a second import.
+pub fn compile_import(
+    name: &str,
+    source: &str,
+    kind: ImportAs,
+) -> Result<CompiledScript, CompileError> {
+    match kind {
+        ImportAs::Module => compile_as(name, source, SourceKind::Module),
+        // `require` of an ES module: the caller evaluates it and returns its namespace.
+        ImportAs::CommonJs if detect_kind(source) == SourceKind::Module => {
+            compile_as(name, source, SourceKind::Module)
+        }
+        ImportAs::CommonJs => {
+            // The wrapper's head shares the first line, so line numbers stay the source's.
+            let wrapped = format!(
+                "(function (exports, require, module, __filename, __dirname) {{{source}\n}})"
+            );
+            let mut script = compile_as(name, &wrapped, SourceKind::Global)?;
+            script.kind = SourceKind::Global;
+            script.id = content_id(source);
+            Ok(script)
+        }
+    }
+}
+
+fn compile_as(name: &str, source: &str, kind: SourceKind) -> Result<CompiledScript, CompileError> {
     let bytecode = COMPILER.with(|cell| {
         let mut slot = cell.borrow_mut();
         if slot.is_none() {
@@ -75,6 +144,7 @@ pub fn compile(name: &str, source: &str) -> Result<CompiledScript, CompileError>
     Ok(CompiledScript {
         name: name.to_string(),
         id: content_id(source),
+        uuid: name_uuid(name),
         kind,
         bytecode,
         is_driver: detect_driver(source),
@@ -86,8 +156,38 @@ fn new_compiler() -> rquickjs::Result<(Runtime, Context)> {
     // Source is attacker-controlled too: a pathological script must not exhaust the host.
     rt.set_memory_limit(256 * 1024 * 1024);
     rt.set_max_stack_size(1024 * 1024);
+    rt.set_loader(Placeholders, Placeholders);
     let ctx = Context::custom::<(intrinsic::Eval, intrinsic::RegExpCompiler)>(&rt)?;
     Ok((rt, ctx))
+}
+
+/// The compiler's resolver and loader. QuickJS resolves a module's imports while compiling it,
+/// but the bytecode records only the names it imports: each is resolved again, for real, when
+/// a run loads the bytecode (see `imports.rs`). So here any name is an empty module, and a
+/// script compiles whatever it imports; a name that leads nowhere fails its runs, clearly.
+struct Placeholders;
+
+impl Resolver for Placeholders {
+    fn resolve<'js>(
+        &mut self,
+        _ctx: &Ctx<'js>,
+        _base: &str,
+        name: &str,
+        _attributes: Option<ImportAttributes<'js>>,
+    ) -> rquickjs::Result<String> {
+        Ok(name.to_string())
+    }
+}
+
+impl Loader for Placeholders {
+    fn load<'js>(
+        &mut self,
+        ctx: &Ctx<'js>,
+        name: &str,
+        _attributes: Option<ImportAttributes<'js>>,
+    ) -> rquickjs::Result<Module<'js, Declared>> {
+        Module::declare(ctx.clone(), name, "")
+    }
 }
 
 /// ES modules are recognised by a top-level `import` or `export` statement at a line start;
