@@ -332,7 +332,17 @@ async fn published_routing_and_driver_examples_run_unchanged_over_http() {
 
 #[tokio::test]
 async fn connexcs_kv_and_userspace_shapes_in_both_module_forms() {
-    let dir = workdir("");
+    kv_and_userspace_shapes("").await;
+}
+
+#[tokio::test]
+async fn the_cxkv_shape_is_the_same_on_redis() {
+    let redis = support::redis();
+    kv_and_userspace_shapes(&format!("[kv]\nbackend = \"{}\"\n", redis.url)).await;
+}
+
+async fn kv_and_userspace_shapes(config: &str) {
+    let dir = workdir(config);
     let s = start(dir.path());
     // The example of ConnexCS's cxKV stub, as written there.
     s.put_script(
