@@ -79,8 +79,12 @@ async fn published_outbound_honeypot_blocks_the_fourth_call_with_603() {
     assert_eq!(body["result"], json!(["103", null]));
 }
 
-/// A SIP server with the published class4 examples routed by prefix.
+/// A SIP server with the published examples routed by prefix (class4) or number (class5).
 fn sip_server() -> sip_support::Server {
+    sip_server_logging(None)
+}
+
+fn sip_server_logging(log: Option<&Path>) -> sip_support::Server {
     let routes = r#"
 [[route]]
 match = "^4479"
@@ -99,13 +103,55 @@ match = "^4476"
 script = "random-cli.js"
 mode = "class4"
 vars = "carriers.toml"
+
+[[route]]
+match = "^5901$"
+script = "pin-verification.js"
+mode = "class5"
+
+[[route]]
+match = "^5902$"
+script = "simple-greeting.js"
+mode = "class5"
 "#;
-    let s = sip_support::start(routes);
+    let s = sip_support::start_logging(routes, log);
     install(
         &s.dir.path().join("scripts"),
-        &["outbound-honeypot", "dnc-check", "dnc-add", "random-cli"],
+        &[
+            "outbound-honeypot",
+            "dnc-check",
+            "dnc-add",
+            "random-cli",
+            "pin-verification",
+            "simple-greeting",
+        ],
     );
     s
+}
+
+#[test]
+fn published_pin_verification_logs_its_error_like_node_and_hangs_up() {
+    // Both examples prompt with a file this engine does not ship: ctx.ivr fails, the script
+    // catches it, logs `console.error('Script error:', error)`, says so and hangs up (BYE).
+    let log = tempfile::NamedTempFile::new().unwrap();
+    let s = sip_server_logging(Some(log.path()));
+    for number in ["5901", "5902"] {
+        let run = sip_support::sipp("class5_script_bye", s.udp, number, 1, &[]);
+        sip_support::assert_all_ok(&run, 1);
+    }
+    let text = std::fs::read_to_string(log.path()).unwrap();
+    let errors: Vec<&str> = text
+        .lines()
+        .filter(|l| l.contains("Script error:"))
+        .collect();
+    assert_eq!(errors.len(), 2, "{text}");
+    for line in errors {
+        let logged = &line[line.find("Script error:").unwrap()..];
+        assert!(
+            !logged.contains("{}") && logged.contains("Error: "),
+            "an Error prints as its name and message: {line}"
+        );
+    }
 }
 
 #[test]

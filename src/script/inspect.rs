@@ -333,7 +333,7 @@ impl<'js> Inspector<'js> {
         let extra: Vec<String> = error
             .keys::<String>()
             .filter_map(Result::ok)
-            .filter(|k| !matches!(k.as_str(), "stack" | "message"))
+            .filter(|k| !matches!(k.as_str(), "stack" | "message" | "name"))
             .map(|k| {
                 let v: Value = error
                     .get(k.as_str())
