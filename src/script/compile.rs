@@ -84,9 +84,10 @@ pub fn compile(name: &str, source: &str) -> Result<CompiledScript, CompileError>
 pub enum ImportAs {
     /// `import ... from './lib'`: an ES module.
     Module,
-    /// `require('./lib')` of a CommonJS script (an ES module is compiled as one): the source wrapped in a function of
+    /// `require('./lib')` of a CommonJS script: the source wrapped in a function of
     /// `(exports, require, module, __filename, __dirname)`, as Node does, so the script's
-    /// top-level names stay its own. The bytecode evaluates to that function.
+    /// top-level names stay its own; the bytecode evaluates to that function. (A required ES
+    /// module is compiled as a module.)
     CommonJs,
 }
 

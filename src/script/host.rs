@@ -8,6 +8,9 @@
 //! (`api.lookup.tps(...)`). A module may also ship a JS *prelude*: the source of a function
 //! expression, compiled once to bytecode, that receives the raw host object and returns what
 //! scripts see (the `fetch` module wraps its raw answer in a WHATWG-shaped `Response` this way).
+//!
+//! Each name a module is registered under is also an ES module (`import { kv } from 'cxKV'`),
+//! compiled once at registration; `imports.rs` loads it into the runs that import it.
 
 use std::{collections::BTreeMap, fmt, sync::Arc};
 
