@@ -51,17 +51,19 @@ pub fn name_uuid(name: &str) -> String {
     uuid_text(&bytes)
 }
 
-/// 16 bytes in the 8-4-4-4-12 hex form.
+/// 16 bytes in the 8-4-4-4-12 hex form (one allocation: a run makes one for its
+/// `CORRELATION_ID`).
 pub fn uuid_text(bytes: &[u8; 16]) -> String {
-    let hex = hex::encode(bytes);
-    format!(
-        "{}-{}-{}-{}-{}",
-        &hex[..8],
-        &hex[8..12],
-        &hex[12..16],
-        &hex[16..20],
-        &hex[20..]
-    )
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut out = String::with_capacity(36);
+    for (i, b) in bytes.iter().enumerate() {
+        if matches!(i, 4 | 6 | 8 | 10) {
+            out.push('-');
+        }
+        out.push(HEX[usize::from(b >> 4)] as char);
+        out.push(HEX[usize::from(b & 0xf)] as char);
+    }
+    out
 }
 
 /// The content hash used for caching and `SCRIPTFORGE_ID`.
@@ -338,6 +340,19 @@ mod tests {
         assert!(err.to_string().starts_with("broken:2:"), "{err}");
         let err = compile("mod", "export function main() {\n\n  let = ;\n}").unwrap_err();
         assert_eq!(err.line, 3, "{err}");
+    }
+
+    #[test]
+    fn uuids_have_the_8_4_4_4_12_form() {
+        let bytes = [
+            0x12, 0x34, 0x56, 0x78, 0x9a, 0xbc, 0xde, 0xf0, 0x01, 0x23, 0x45, 0x67, 0x89, 0xab,
+            0xcd, 0xef,
+        ];
+        assert_eq!(uuid_text(&bytes), "12345678-9abc-def0-0123-456789abcdef");
+        let named = name_uuid("routing");
+        assert_eq!(named, name_uuid("routing"));
+        assert_ne!(named, name_uuid("routing2"));
+        assert_eq!(&named[14..15], "8", "version 8: {named}");
     }
 
     #[test]

@@ -110,6 +110,22 @@ export async function main(data) {
     let mut inv = Invocation::new(script, Mode::Driver, json!({"number": "1"}));
     inv.function = Some("search".into());
     assert_eq!(s.engine.run(inv).await.unwrap().result, Ok(json!(true)));
+    // Class5: calls share runtimes; each context loads the module for itself.
+    for _ in 0..3 {
+        let script = Arc::new(
+            compile(
+                "c5",
+                "import { lookup } from 'cxFake';\nimport * as again from 'fake';\nexport async function main(data, ctx) { return [(await lookup.tps('5')).dnc, typeof ctx.top, typeof again.lookup] }",
+            )
+            .unwrap(),
+        );
+        let mut inv = Invocation::new(script, Mode::Class5, Json::Null);
+        inv.ctx = Some(Box::new(FakeObject));
+        assert_eq!(
+            s.engine.run(inv).await.unwrap().result,
+            Ok(json!([true, "function", "object"]))
+        );
+    }
     let out = s
         .run(
             "dyn",
