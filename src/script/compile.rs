@@ -74,6 +74,17 @@ pub fn content_id(source: &str) -> String {
 
 thread_local! {
     static COMPILER: RefCell<Option<(Runtime, Context)>> = const { RefCell::new(None) };
+    /// Modules the compiler context holds: QuickJS keeps every module it declares (compiled
+    /// scripts and the placeholders of their imports) for the context's life.
+    static DECLARED: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+/// Past this many declared modules the compiler context is dropped and built afresh, so
+/// uploads with ever new import names cannot grow it without bound.
+const MAX_DECLARED: usize = 4096;
+
+fn note_declared() {
+    DECLARED.with(|d| d.set(d.get() + 1));
 }
 
 /// Compile `source` (named `name` in error positions) to bytecode.
@@ -131,7 +142,7 @@ fn compile_as(name: &str, source: &str, kind: SourceKind) -> Result<CompiledScri
             })?);
         }
         let (_, context) = slot.as_ref().expect("compiler initialised above");
-        context.with(|ctx| match kind {
+        let compiled = context.with(|ctx| match kind {
             SourceKind::Global => match compile_global(&ctx, name, source) {
                 Err(e) if e.message.contains("export") || e.message.contains("import") => {
                     compile_module(&ctx, name, source)
@@ -141,7 +152,12 @@ fn compile_as(name: &str, source: &str, kind: SourceKind) -> Result<CompiledScri
                 other => other.map(|b| (SourceKind::Global, b)),
             },
             SourceKind::Module => compile_module(&ctx, name, source).map(|b| (kind, b)),
-        })
+        });
+        if DECLARED.with(|d| d.get()) > MAX_DECLARED {
+            DECLARED.with(|d| d.set(0));
+            *slot = None;
+        }
+        compiled
     })?;
     let (kind, bytecode) = bytecode;
     Ok(CompiledScript {
@@ -189,6 +205,7 @@ impl Loader for Placeholders {
         name: &str,
         _attributes: Option<ImportAttributes<'js>>,
     ) -> rquickjs::Result<Module<'js, Declared>> {
+        note_declared();
         Module::declare(ctx.clone(), name, "")
     }
 }
@@ -272,6 +289,7 @@ fn write_bytecode(ctx: &Ctx<'_>, value: &Value<'_>) -> Result<Vec<u8>, String> {
 }
 
 fn compile_module(ctx: &Ctx<'_>, name: &str, source: &str) -> Result<Vec<u8>, CompileError> {
+    note_declared();
     let declared =
         Module::declare(ctx.clone(), name, source).map_err(|_| syntax_error(ctx, name))?;
     declared
@@ -340,6 +358,17 @@ mod tests {
         assert!(err.to_string().starts_with("broken:2:"), "{err}");
         let err = compile("mod", "export function main() {\n\n  let = ;\n}").unwrap_err();
         assert_eq!(err.line, 3, "{err}");
+    }
+
+    #[test]
+    fn the_compiler_is_renewed_before_its_modules_pile_up() {
+        for i in 0..(MAX_DECLARED / 2 + 10) {
+            let src =
+                format!("import a from './lib{i}';\nimport b from 'x{i}';\nexport default a + b;");
+            compile(&format!("m{i}"), &src).unwrap();
+        }
+        assert!(DECLARED.with(|d| d.get()) <= MAX_DECLARED);
+        assert!(compile("after", "export const v = 1;").is_ok());
     }
 
     #[test]
