@@ -572,3 +572,27 @@ async fn process_env_set_env_var_and_console_errors() {
         "{e}"
     );
 }
+
+#[test]
+fn callforge_run_imports_from_the_scripts_own_folder() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("rates.js"),
+        "module.exports = { rate: (n) => n * 0.01 };",
+    )
+    .unwrap();
+    std::fs::write(
+        dir.path().join("calc.js"),
+        "const { rate } = require('./rates');\nfunction main(d) { return rate(d.n) }",
+    )
+    .unwrap();
+    let out = std::process::Command::new(support::BIN)
+        .arg("run")
+        .arg(dir.path().join("calc.js"))
+        .args(["--data", r#"{"n": 300}"#])
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "3");
+}
