@@ -66,6 +66,8 @@ const OURS: &[(&str, &str)] = &[
   const done = new Promise((r) => { three = r; });
   ctx.on("dtmf", (k) => { keys.push(k); if (keys.length === 3) three(); });
   ctx.on("hangup", (how) => console.log("hangup event by " + how.by));
+  // Handlers set before answer do not answer the call.
+  await ctx.sleep(1000);
   await ctx.answer();
   await done;
   console.log("keys by ctx.on: " + keys.join(""));
@@ -100,6 +102,26 @@ const OURS: &[(&str, &str)] = &[
   await ctx.play(data.greeting);
   const { value } = await ctx.ivr(null, 5, 1, 1);
   return { choice: value, lang: ctx.get("lang"), to: data.to_user };
+}"##,
+    ),
+    (
+        "bad-input",
+        r##"async function main(data, ctx) {
+  await ctx.answer();
+  const seen = [];
+  const attempt = async (what, f) => {
+    try { await f(); seen.push(what + ":ok"); } catch (e) { seen.push(what + ":" + e.name); }
+  };
+  await attempt("waitFor-regexp", () => ctx.waitFor("(", "*", 1));
+  await attempt("waitFor-none", () => ctx.waitFor());
+  await attempt("on-event", () => ctx.on("transcription", () => {}));
+  await attempt("on-fn", () => ctx.on("dtmf", 42));
+  await attempt("continue_on", () => ctx.bridge("1001", "sometimes"));
+  await attempt("transfer_on_failure", () => ctx.ivr(null, 1, 1, 1, "#", { transfer_on_failure: {} }));
+  await attempt("destination", () => ctx.destination("no-such-script"));
+  await attempt("blockDtmf", () => ctx.blockDtmf({}));
+  ctx.header("X-Errors", seen.join(" "));
+  await ctx.hangup();
 }"##,
     ),
     (
@@ -503,9 +525,14 @@ async fn wait_for_follows_the_stub_string_regexp_function_result_seconds_and_qui
 #[tokio::test]
 async fn ctx_on_reports_keys_and_the_callers_hangup() {
     let rig = rig("");
+    let placed = Instant::now();
     let mut call = Call::place(rig.server.udp, "on-events")
         .await
         .expect("answered");
+    assert!(
+        placed.elapsed() >= Duration::from_millis(900),
+        "ctx.on() did not answer the call; answer() after a 1 s sleep did"
+    );
     tokio::time::sleep(Duration::from_millis(400)).await;
     call.send_digits("3*8").await;
     assert!(
@@ -638,5 +665,21 @@ async fn destination_runs_another_script_on_the_call_and_returns_its_result() {
         &call.received_audio(),
         &prompt("welcome.wav"),
         "the second script's prompt",
+    );
+}
+
+#[tokio::test]
+async fn bad_arguments_to_the_stub_apis_are_named_errors_and_the_call_goes_on() {
+    let rig = rig("");
+    let call = Call::place(rig.server.udp, "bad-input")
+        .await
+        .expect("answered");
+    let bye = call.wait_for_bye(10 * SECOND).await.expect("BYE");
+    assert_eq!(
+        bye.header("X-Errors"),
+        Some(
+            "waitFor-regexp:TypeError waitFor-none:TypeError on-event:TypeError on-fn:TypeError \
+             continue_on:TypeError transfer_on_failure:TypeError destination:Error blockDtmf:TypeError"
+        )
     );
 }
