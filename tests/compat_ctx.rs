@@ -125,6 +125,13 @@ const OURS: &[(&str, &str)] = &[
 }"##,
     ),
     (
+        "block-bridge",
+        r##"async function main(data, ctx) {
+  ctx.blockDtmf("12");
+  await ctx.bridge(ctx.header("X-To"));
+}"##,
+    ),
+    (
         "ivr-transfer",
         r##"async function main(data, ctx) {
   await ctx.answer();
@@ -682,4 +689,25 @@ async fn bad_arguments_to_the_stub_apis_are_named_errors_and_the_call_goes_on() 
              continue_on:TypeError transfer_on_failure:TypeError destination:Error blockDtmf:TypeError"
         )
     );
+}
+
+#[tokio::test]
+async fn blocked_keys_do_not_cross_a_bridge_and_the_others_do() {
+    let (rig, mut callee) = rig_with_callee().await;
+    let to = callee.uri("2004");
+    let headers = [("X-To", to.as_str())];
+    let (call, invite) = tokio::join!(
+        Call::place_with(rig.server.udp, "block-bridge", &headers),
+        callee.accept(AcceptOpts::answer_after(100))
+    );
+    let mut call = call.expect("the callee's answer answers the caller");
+    invite.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    call.send_digits("1#23").await;
+    callee.send_digits("1").await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(callee.received_digits(), "#3", "1 and 2 are blocked");
+    assert_eq!(call.received_digits(), "1", "the callee's keys are not");
+    assert_eq!(call.bye().await.unwrap(), 200);
+    drop(rig);
 }

@@ -27,7 +27,7 @@ use super::{
 use crate::{
     media::{
         g711::G711,
-        relay::LegMedia,
+        relay::{BlockedKeys, LegMedia},
         relay_driver::{relay, BridgeLeg, RelayStats},
         MediaSession, RtpSocket,
     },
@@ -212,6 +212,8 @@ pub(super) struct RelaySide {
     pub(super) media: LegMedia,
     pub(super) remote: std::net::SocketAddr,
     pub(super) ssrc: u32,
+    /// Keys whose events from this side are not relayed (`ctx.blockDtmf` on the caller).
+    pub(super) blocked: BlockedKeys,
 }
 
 impl RelayRun {
@@ -226,12 +228,14 @@ impl RelayRun {
                     media: a.media,
                     remote: a.remote,
                     ssrc: a.ssrc,
+                    blocked: a.blocked,
                 },
                 BridgeLeg {
                     socket: &mut b.socket,
                     media: b.media,
                     remote: b.remote,
                     ssrc: b.ssrc,
+                    blocked: b.blocked,
                 },
                 async {
                     let _ = stopped.await;
@@ -601,12 +605,14 @@ impl CallState {
                 media: caller,
                 remote: c_session.remote(),
                 ssrc: c_session.ssrc(),
+                blocked: self.media.blocked_keys(),
             },
             RelaySide {
                 socket: b_sock,
                 media: callee,
                 remote: b_remote,
                 ssrc: fastrand::u32(..),
+                blocked: BlockedKeys::default(),
             },
             Some(c_session),
         );

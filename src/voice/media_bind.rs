@@ -16,7 +16,9 @@ use super::{
     media_task::{self, MediaHandle},
 };
 use crate::{
-    media::{MediaSession, PromptCache, RtpSocket, SessionConfig, TtsCache, G711},
+    media::{
+        relay::BlockedKeys, MediaSession, PromptCache, RtpSocket, SessionConfig, TtsCache, G711,
+    },
     script::{HostCall, HostError, HostMethod},
     sip::{sdp::Codec, Negotiated},
 };
@@ -85,6 +87,8 @@ pub struct MediaSlot(Arc<SlotInner>);
 struct SlotInner {
     media: Mutex<Option<MediaContext>>,
     blocked: Mutex<String>,
+    /// The same keys, for the RTP relay while the call is bridged.
+    relay_blocked: BlockedKeys,
     /// Woken when media starts, for waits that must not answer the call (`ctx.on("dtmf")`).
     started: Notify,
 }
@@ -115,9 +119,15 @@ impl MediaSlot {
     /// `ctx.blockDtmf(digits)`: remembered for the call, applied to the running media now.
     pub fn block(&self, digits: &str) {
         *self.0.blocked.lock().unwrap_or_else(|p| p.into_inner()) = digits.to_string();
+        self.0.relay_blocked.set(digits);
         if let Some(m) = self.get() {
             m.media.digits.block(digits);
         }
+    }
+
+    /// The blocked keys as the bridge relay reads them.
+    pub fn blocked_keys(&self) -> BlockedKeys {
+        self.0.relay_blocked.clone()
     }
 
     /// Resolves once the call has media (answer, early media, an originated call).
