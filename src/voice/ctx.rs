@@ -172,7 +172,13 @@ impl CallCtx {
     /// the method. Logged once per call, so an operator sees which scripts rely on it.
     fn answer_then(&self, method: &'static str, args: Vec<Json>) -> HostCall {
         if !self.implicit_logged.replace(true) {
-            tracing::info!(call_id = %self.call_id, "ctx.{method} before ctx.answer(): answering the call implicitly");
+            // `digitsAfter` is the primitive under the prelude's `waitFor`.
+            let shown = if method == "digitsAfter" {
+                "waitFor"
+            } else {
+                method
+            };
+            tracing::info!(call_id = %self.call_id, "ctx.{shown} before ctx.answer(): answering the call implicitly");
         }
         let HostCall::Pending(answered) = ({
             let headers = self.headers();

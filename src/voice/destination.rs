@@ -41,8 +41,10 @@ impl CallState {
             input = vars::merge(input, &d);
         }
         // The operator's vars win over what a script passes, as they do over request data.
-        if let Some(v) = library.vars(app).ok().flatten() {
-            input = vars::merge(input, &v);
+        match library.vars(app) {
+            Ok(Some(v)) => input = vars::merge(input, &v),
+            Ok(None) => {}
+            Err(e) => tracing::warn!(script = %app, "vars ignored: {e}"),
         }
         tracing::info!(call = ?self.call, app, "ctx.destination: running another script on the call");
         let mut inv = Invocation::new(script, Mode::Class5, input);
