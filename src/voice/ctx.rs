@@ -7,8 +7,11 @@
 //! the media operations themselves are in `media_bind`, the JS-only parts in `ctx_prelude.js`.
 
 use std::{
-    cell::{Cell, RefCell},
-    sync::{Arc, Mutex, OnceLock},
+    cell::RefCell,
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc, Mutex, OnceLock,
+    },
 };
 
 use futures::FutureExt;
@@ -117,8 +120,8 @@ pub struct CallCtx {
     /// `sip_h_<Header>` variables written with `ctx.set` (not `skipWrite`): headers of the
     /// INVITEs `bridge` sends, as FreeSWITCH (under ConnexCS) does with them.
     leg_headers: RefCell<Vec<(String, String)>>,
-    /// The implicit answer is logged once per call.
-    implicit_logged: Cell<bool>,
+    /// The implicit answer is logged once per call (shared with `destination()` twins).
+    implicit_logged: Arc<AtomicBool>,
 }
 
 impl std::fmt::Debug for CallCtx {
@@ -143,7 +146,10 @@ impl CallCtx {
             self.media.clone(),
         );
         *twin.leg_headers.borrow_mut() = self.leg_headers.borrow().clone();
-        twin
+        CallCtx {
+            implicit_logged: self.implicit_logged.clone(),
+            ..twin
+        }
     }
 
     pub fn new(
@@ -164,14 +170,14 @@ impl CallCtx {
             out_headers,
             media,
             leg_headers: RefCell::default(),
-            implicit_logged: Cell::new(false),
+            implicit_logged: Arc::default(),
         }
     }
 
     /// A media method before the call has media: answer it first, as ConnexCS does, then run
     /// the method. Logged once per call, so an operator sees which scripts rely on it.
     fn answer_then(&self, method: &'static str, args: Vec<Json>) -> HostCall {
-        if !self.implicit_logged.replace(true) {
+        if !self.implicit_logged.swap(true, Ordering::Relaxed) {
             // `digitsAfter` is the primitive under the prelude's `waitFor`.
             let shown = if method == "digitsAfter" {
                 "waitFor"
