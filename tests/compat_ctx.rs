@@ -65,6 +65,8 @@ const OURS: &[(&str, &str)] = &[
   let three;
   const done = new Promise((r) => { three = r; });
   ctx.on("dtmf", (k) => { keys.push(k); if (keys.length === 3) three(); });
+  const removed = () => console.log("a removed handler ran");
+  ctx.on("dtmf", removed).off("dtmf", removed);
   ctx.on("hangup", (how) => console.log("hangup event by " + how.by));
   // Handlers set before answer do not answer the call.
   await ctx.sleep(1000);
@@ -549,6 +551,10 @@ async fn ctx_on_reports_keys_and_the_callers_hangup() {
     );
     assert_eq!(call.bye().await.unwrap(), 200);
     assert!(rig.log_has("hangup event by remote").await, "{}", rig.log());
+    assert!(
+        !rig.log().contains("a removed handler ran"),
+        "ctx.off removes a handler"
+    );
 }
 
 #[tokio::test]
