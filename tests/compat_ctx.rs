@@ -127,6 +127,14 @@ const OURS: &[(&str, &str)] = &[
 }"##,
     ),
     (
+        "implicit-twice",
+        r##"async function main(data, ctx) {
+  const [said, keys] = await Promise.all([ctx.play("ivr/welcome.wav"), ctx.waitFor("42", "*", 10)]);
+  ctx.header("X-Both", said.status + " " + keys);
+  await ctx.hangup();
+}"##,
+    ),
+    (
         "block-bridge",
         r##"async function main(data, ctx) {
   ctx.blockDtmf("12");
@@ -716,4 +724,26 @@ async fn blocked_keys_do_not_cross_a_bridge_and_the_others_do() {
     assert_eq!(call.received_digits(), "1", "the callee's keys are not");
     assert_eq!(call.bye().await.unwrap(), 200);
     drop(rig);
+}
+
+/// Both operations start before the call has media, so both ask for the answer; one 200 OK
+/// serves both. (Whether the second request reaches the call task before or after the ACK is
+/// up to timing, so this does not pin the not-yet-acknowledged case on every run.)
+#[tokio::test]
+async fn two_media_operations_before_answer_share_one_implicit_answer() {
+    let rig = rig("");
+    let mut call = Call::place(rig.server.udp, "implicit-twice")
+        .await
+        .expect("answered once for both");
+    tokio::time::sleep(Duration::from_millis(2300)).await;
+    call.send_digits("42").await;
+    let bye = call.wait_for_bye(10 * SECOND).await.expect("BYE");
+    assert_eq!(bye.header("X-Both"), Some("completed 42"));
+    assert_heard(&call.received_audio(), &prompt("welcome.wav"), "welcome");
+    assert_eq!(
+        rig.log().matches("answering the call implicitly").count(),
+        1,
+        "{}",
+        rig.log()
+    );
 }
