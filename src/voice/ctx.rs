@@ -237,6 +237,16 @@ impl CallCtx {
         Ok(json!(true))
     }
 
+    /// The written `sip_h_` variables as headers of an outbound INVITE; headers named in the
+    /// call itself take precedence.
+    fn add_leg_headers(&self, opts: &mut BridgeOpts) {
+        for (n, v) in self.leg_headers.borrow().iter() {
+            if !opts.headers.iter().any(|(h, _)| h.eq_ignore_ascii_case(n)) {
+                opts.headers.push((n.clone(), v.clone()));
+            }
+        }
+    }
+
     fn invite_header(&self, name: &str) -> Option<&str> {
         self.invite_headers
             .iter()
@@ -379,18 +389,15 @@ impl HostObject for CallCtx {
             "waitForHangup" => self.request(false, CtxRequest::WaitForHangup),
             "bridge" => match parse_bridge_args(&args) {
                 Ok((dest, mut opts)) => {
-                    // Headers named in the call take precedence over written variables.
-                    for (n, v) in self.leg_headers.borrow().iter() {
-                        if !opts.headers.iter().any(|(h, _)| h.eq_ignore_ascii_case(n)) {
-                            opts.headers.push((n.clone(), v.clone()));
-                        }
-                    }
+                    self.add_leg_headers(&mut opts);
                     self.request(true, |reply| CtxRequest::Bridge { dest, opts, reply })
                 }
                 Err(e) => HostCall::Ready(Err(e)),
             },
             "transfer" => match parse_transfer_args(&args) {
-                Ok((dest, opts)) => {
+                Ok((dest, mut opts)) => {
+                    // For the bridge a refused REFER falls back to.
+                    self.add_leg_headers(&mut opts);
                     self.request(true, |reply| CtxRequest::Transfer { dest, opts, reply })
                 }
                 Err(e) => HostCall::Ready(Err(e)),
