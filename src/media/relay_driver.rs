@@ -5,7 +5,7 @@
 use std::net::SocketAddr;
 
 use super::{
-    relay::{Forwarder, LegMedia},
+    relay::{BlockedKeys, Forwarder, LegMedia},
     rtp_socket::RtpSocket,
 };
 
@@ -15,6 +15,8 @@ pub struct BridgeLeg<'a> {
     pub media: LegMedia,
     pub remote: SocketAddr,
     pub ssrc: u32,
+    /// Keys whose events from this leg are not relayed to the other.
+    pub blocked: BlockedKeys,
 }
 
 /// Counters of a finished relay, per direction (a→b, b→a).
@@ -32,8 +34,8 @@ pub async fn relay(
     b: BridgeLeg<'_>,
     stop: impl std::future::Future<Output = ()>,
 ) -> RelayStats {
-    let mut ab = Forwarder::new(a.media, b.media, b.ssrc);
-    let mut ba = Forwarder::new(b.media, a.media, a.ssrc);
+    let mut ab = Forwarder::new(a.media, b.media, b.ssrc).blocking(a.blocked);
+    let mut ba = Forwarder::new(b.media, a.media, a.ssrc).blocking(b.blocked);
     let (mut a_dest, mut b_dest) = (a.remote, b.remote);
     let (mut a_latched, mut b_latched) = (false, false);
     let (a_sock, b_sock) = (a.socket, b.socket);
@@ -108,12 +110,14 @@ mod tests {
                     media: pcmu,
                     remote: caller_addr,
                     ssrc: 11,
+                    blocked: Default::default(),
                 },
                 BridgeLeg {
                     socket: &mut sb,
                     media: pcma,
                     remote: callee_addr,
                     ssrc: 22,
+                    blocked: Default::default(),
                 },
                 async {
                     let _ = stop_rx.await;

@@ -146,12 +146,14 @@ impl CallState {
                 media: leg_media(&b_neg),
                 remote: b_remote,
                 ssrc: fastrand::u32(..),
+                blocked: Default::default(),
             },
             RelaySide {
                 socket: c_sock,
                 media: leg_media(&c_neg),
                 remote: c_remote,
                 ssrc: fastrand::u32(..),
+                blocked: Default::default(),
             },
             None,
         );
