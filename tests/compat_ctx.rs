@@ -322,8 +322,18 @@ async fn ctx_tts_speaks_its_message() {
 #[tokio::test]
 async fn ctx_set_get_reads_back_what_it_set_and_speaks_it_twice() {
     let rig = speaks_then_ends("ctx-set-get", 40).await;
+    // The value the script stores, read from the script itself (fixture or published one).
+    let source = std::fs::read_to_string(
+        scriptforge_dir(Path::new(env!("CARGO_MANIFEST_DIR"))).join("ctx-set-get.js"),
+    )
+    .unwrap();
+    let stored = regex::Regex::new(r"ctx\.set\('greeting',\s*'([^']+)'\)")
+        .unwrap()
+        .captures(&source)
+        .expect("the script sets 'greeting'")[1]
+        .to_string();
     assert!(
-        rig.log_has("Greeting message: Hello from ConnexCS").await,
+        rig.log_has(&stored).await,
         "get returns what set stored: {}",
         rig.log()
     );
