@@ -749,6 +749,8 @@ pub struct JobsConfig {
     pub concurrency: usize,
     /// Delay before a failed job's first retry; doubled for each next one (at most 1 hour).
     pub backoff_ms: u64,
+    /// Completed and failed jobs are deleted this many hours after they finish (0: kept).
+    pub keep_hours: u64,
 }
 
 impl Default for JobsConfig {
@@ -756,6 +758,7 @@ impl Default for JobsConfig {
         JobsConfig {
             concurrency: 4,
             backoff_ms: 1_000,
+            keep_hours: 168,
         }
     }
 }

@@ -408,6 +408,35 @@ async fn pubsub_crosses_engines_through_redis() {
     listener_hears_publisher(&a, &b).await;
 }
 
+#[tokio::test]
+async fn pubsub_without_its_redis_rejects_with_a_named_error() {
+    let port = support::free_port();
+    let dir = workdir(&format!("[kv]\nbackend = \"redis://127.0.0.1:{port}/\"\n"));
+    let s = start(dir.path());
+    s.put_script(
+        "down",
+        r#"const { publish, subscribe } = require('cxPubSub');
+        async function main() {
+            const out = [];
+            for (const f of [() => publish('e', {a: 1}), () => subscribe('e', () => {})]) {
+                try { await f(); out.push('resolved'); } catch (e) { out.push(e.name + ': ' + e.message); }
+            }
+            return out;
+        }"#,
+    );
+    let started = Instant::now();
+    let (status, body) = s.post("/v1/run/down", json!({})).await;
+    assert_eq!(status, 200, "{body}");
+    for text in body["result"].as_array().unwrap() {
+        let text = text.as_str().unwrap();
+        assert!(
+            text.starts_with("PubSubError: cxPubSub: redis://127.0.0.1:"),
+            "{body}"
+        );
+    }
+    assert!(started.elapsed() < Duration::from_secs(12));
+}
+
 const JOBS: &str = r#"const cxJob = require('cxJob');
 const kv = require('kv');
 async function main(d) {

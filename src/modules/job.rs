@@ -117,7 +117,17 @@ impl JobService {
                 Err(e) => tracing::warn!("cxJob: cannot read the queue: {e}"),
             }
             let slots = Arc::new(Semaphore::new(me.config.concurrency.max(1)));
+            let mut last_purge = 0;
             loop {
+                // Hourly, forget jobs finished longer ago than [jobs] keep_hours.
+                if me.config.keep_hours > 0 && now_ms() - last_purge > 3_600_000 {
+                    last_purge = now_ms();
+                    let before =
+                        last_purge - (me.config.keep_hours as i64).saturating_mul(3_600_000);
+                    if let Err(e) = me.jobs.purge_finished(before).await {
+                        tracing::warn!("cxJob: cannot purge finished jobs: {e}");
+                    }
+                }
                 let free = slots.available_permits();
                 if free > 0 {
                     match me.jobs.claim_due(free).await {

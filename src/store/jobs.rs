@@ -238,6 +238,17 @@ impl Jobs {
         .await
     }
 
+    /// Forget completed and failed jobs that finished before `before` (ms since the epoch).
+    pub async fn purge_finished(&self, before: i64) -> Result<usize, StoreError> {
+        self.with(move |c| {
+            Ok(c.execute(
+                "DELETE FROM jobs WHERE state IN ('completed', 'failed') AND finished_at < ?1",
+                params![before],
+            )?)
+        })
+        .await
+    }
+
     /// The job as scripts see it: `{id, state, attempts, attemptsMade, progress, data, result, error, ...}`.
     pub async fn get(&self, id: i64) -> Result<Option<Json>, StoreError> {
         self.with(move |c| {
@@ -288,5 +299,10 @@ mod tests {
         assert!(jobs.set_field(later, false, json!(50)).await.unwrap());
         assert_eq!(jobs.get(later).await.unwrap().unwrap()["progress"], 50);
         assert!(jobs.next_due().await.unwrap().unwrap() > now_ms() + 50_000);
+        // Finished jobs are purged once old enough; waiting ones never.
+        assert_eq!(jobs.purge_finished(now_ms() - 60_000).await.unwrap(), 0);
+        assert_eq!(jobs.purge_finished(now_ms() + 1).await.unwrap(), 1);
+        assert!(jobs.get(a).await.unwrap().is_none());
+        assert!(jobs.get(later).await.unwrap().is_some());
     }
 }
