@@ -470,7 +470,17 @@ async function later(data) {
 #[tokio::test]
 async fn jobs_retry_record_progress_and_resolve_their_result() {
     let dir = workdir("");
-    let s = start(dir.path());
+    jobs_run_with_retries(&start(dir.path())).await;
+}
+
+#[tokio::test]
+async fn jobs_in_redis_retry_record_progress_and_resolve_their_result() {
+    let redis = redis();
+    let dir = workdir(&format!("[kv]\nbackend = \"{}\"\n", redis.url));
+    jobs_run_with_retries(&start(dir.path())).await;
+}
+
+async fn jobs_run_with_retries(s: &Engine) {
     s.put_script("jobs", JOBS);
     let (status, body) = s.post("/v1/run/jobs", json!({"items": [1, 2, 3]})).await;
     assert_eq!(status, 200, "{body}");
@@ -498,16 +508,32 @@ async fn jobs_retry_record_progress_and_resolve_their_result() {
 #[tokio::test]
 async fn queued_jobs_survive_a_restart_of_the_binary() {
     let dir = workdir("");
-    let s = start(dir.path());
-    s.put_script("jobs", JOBS);
+    let first = start(dir.path());
+    first.put_script("jobs", JOBS);
+    job_outlives_its_engine(first, || start(dir.path())).await;
+}
+
+#[tokio::test]
+async fn queued_jobs_in_redis_run_on_another_engine() {
+    let redis = redis();
+    let config = format!("[kv]\nbackend = \"{}\"\n", redis.url);
+    let (dir_a, dir_b) = (workdir(&config), workdir(&config));
+    let first = start(dir_a.path());
+    first.put_script("jobs", JOBS);
+    std::fs::write(dir_b.path().join("scripts/jobs.js"), JOBS).unwrap();
+    job_outlives_its_engine(first, || start(dir_b.path())).await;
+}
+
+/// Queue a delayed job on `s`, kill `s` (SIGKILL) before the job is due, then check that
+/// the engine `next` starts runs it once.
+async fn job_outlives_its_engine(s: Engine, next: impl FnOnce() -> Engine) {
     let (status, body) = s.post("/v1/run/jobs", json!({"later": "v42"})).await;
     assert_eq!(status, 200, "{body}");
     let id = body["result"].as_i64().expect("a job id");
     let (_, pending) = s.post("/v1/run/jobs", json!({"check": id})).await;
     assert_eq!(pending["result"]["state"], "waiting", "{pending}");
-    // Stopped (SIGKILL) before the job is due; a new process runs it.
     drop(s);
-    let s = start(dir.path());
+    let s = next();
     let until = Instant::now() + Duration::from_secs(15);
     let job = loop {
         let (_, body) = s.post("/v1/run/jobs", json!({"check": id})).await;

@@ -7,7 +7,8 @@
 //! `cxJob.setData(d)` record JSON on it; `cxJob.get(id)` reads a job back.
 //!
 //! `serve` runs the queue ([`JobService::start`]); jobs wait in the store across restarts, and
-//! an attempt cut short by a stop is made again.
+//! an attempt cut short by a stop is made again. With `[kv] backend = "redis://..."` the
+//! queue is in Redis and every engine on it runs its due jobs.
 
 use std::{sync::Arc, time::Duration};
 
@@ -22,8 +23,8 @@ use crate::{
         HostObject, Invocation, Mode, ScriptLibrary,
     },
     store::{
-        jobs::{Claimed, Jobs, NewJob},
-        now_ms, Store, StoreError,
+        jobs::{Claimed, JobStore, NewJob, LEASE_MS},
+        now_ms, StoreError,
     },
 };
 
@@ -80,7 +81,7 @@ const CTX_PRELUDE: &str = r#"(function (raw) {
 
 /// The queue: its store, its runner's wake-up, and who waits for results.
 pub struct JobService {
-    jobs: Jobs,
+    jobs: JobStore,
     config: JobsConfig,
     wake: Notify,
     finished: broadcast::Sender<i64>,
@@ -88,7 +89,7 @@ pub struct JobService {
 }
 
 impl JobService {
-    pub fn new(store: Store, config: &JobsConfig) -> Self {
+    pub fn new(jobs: JobStore, config: &JobsConfig) -> Self {
         let (finished, _) = broadcast::channel(256);
         let ctx_prelude = match crate::script::compile("<cxJob ctx>", CTX_PRELUDE) {
             Ok(c) => Some(Arc::new(c)),
@@ -98,7 +99,7 @@ impl JobService {
             }
         };
         JobService {
-            jobs: Jobs::new(store),
+            jobs,
             config: config.clone(),
             wake: Notify::new(),
             finished,
@@ -126,6 +127,12 @@ impl JobService {
                         last_purge - (me.config.keep_hours as i64).saturating_mul(3_600_000);
                     if let Err(e) = me.jobs.purge_finished(before).await {
                         tracing::warn!("cxJob: cannot purge finished jobs: {e}");
+                    }
+                }
+                if me.jobs.shared() {
+                    // Jobs of an engine that died go back to waiting when their lease ends.
+                    if let Err(e) = me.jobs.recover().await {
+                        tracing::warn!("cxJob: cannot read the queue: {e}");
                     }
                 }
                 let free = slots.available_permits();
@@ -167,6 +174,18 @@ impl JobService {
     }
 
     async fn run_one(self: &Arc<Self>, engine: &Engine, library: &ScriptLibrary, job: Claimed) {
+        // A shared queue's claim is a lease: renew it while the job runs.
+        let renewing = self.jobs.shared().then(|| {
+            let (jobs, id) = (self.jobs.clone(), job.id);
+            tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(Duration::from_millis(LEASE_MS as u64 / 3)).await;
+                    if let Err(e) = jobs.renew(id).await {
+                        tracing::warn!(job = id, "cxJob: cannot renew the job's lease: {e}");
+                    }
+                }
+            })
+        });
         let outcome = match library.get(&job.script) {
             Err(e) => Err(format!("script '{}': {e}", job.script)),
             Ok(script) => {
@@ -182,6 +201,9 @@ impl JobService {
                 }
             }
         };
+        if let Some(task) = renewing {
+            task.abort();
+        }
         let saved = match outcome {
             Ok(value) => {
                 tracing::info!(job = job.id, script = %job.script, function = %job.function, "cxJob: job completed");

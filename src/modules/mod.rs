@@ -89,7 +89,16 @@ pub fn build(config: &Config, open_store_now: bool) -> Result<Built, ModuleError
     let send = Arc::new(send::SendService::new(&config.send)?.with_templates(templates.clone()));
     let fetch = Arc::new(fetch::FetchService::new(&config.fetch)?);
     let redis_url = Some(config.kv.backend.as_str()).filter(|b| b.starts_with("redis"));
-    let jobs = Arc::new(job::JobService::new(store.clone(), &config.jobs));
+    let job_store = match redis_url {
+        Some(url) => crate::store::jobs::JobStore::Redis(
+            crate::store::redis_jobs::RedisJobs::new(url)
+                .map_err(|e| ModuleError::config("kv", format!("backend: {e}")))?,
+        ),
+        None => {
+            crate::store::jobs::JobStore::Embedded(crate::store::jobs::Jobs::new(store.clone()))
+        }
+    };
+    let jobs = Arc::new(job::JobService::new(job_store, &config.jobs));
 
     let mut modules = HostModules::new();
     modules.register(&["kv", "cxKV"], Arc::new(kv::KvModule::new(kv)));

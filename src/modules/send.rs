@@ -181,7 +181,9 @@ impl SendService {
             Ok(p) => p,
             Err(e) => return HostCall::Ready(Err(e)),
         };
-        if let (Some(name), Some(templates)) = (params.remove("template"), self.templates.clone()) {
+        let templated = matches!(channel, "email" | "sms") && params.contains_key("template");
+        if let (true, Some(templates)) = (templated, self.templates.clone()) {
+            let name = params.remove("template").unwrap_or_default();
             let Json::String(name) = name else {
                 return HostCall::Ready(Err(HostError::type_error(format!(
                     "{method}: template must be a template name"

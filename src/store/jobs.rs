@@ -1,5 +1,6 @@
 //! The `cxJob` queue in the embedded store: a job is a script function to call later with
-//! JSON data, with attempts, progress, data and a result that survive a restart.
+//! JSON data, with attempts, progress, data and a result that survive a restart. [`JobStore`]
+//! picks this table or the Redis queue (`redis_jobs`).
 
 use std::sync::{
     atomic::{AtomicBool, Ordering},
@@ -258,6 +259,100 @@ impl Jobs {
             )
         })
         .await
+    }
+}
+
+/// Where the queue lives: the embedded store (one engine), or Redis (shared by engines).
+#[derive(Debug, Clone)]
+pub enum JobStore {
+    Embedded(Jobs),
+    Redis(super::redis_jobs::RedisJobs),
+}
+
+/// How long a claimed job stays claimed without its runner renewing the lease (Redis only:
+/// an embedded queue has one runner, which recovers its jobs when it starts).
+pub const LEASE_MS: i64 = 30_000;
+
+impl JobStore {
+    pub async fn add(&self, job: NewJob) -> Result<i64, StoreError> {
+        match self {
+            JobStore::Embedded(j) => j.add(job).await,
+            JobStore::Redis(r) => r.add(job).await,
+        }
+    }
+
+    /// At startup (and, for Redis, on every round: leases of dead engines run out).
+    pub async fn recover(&self) -> Result<usize, StoreError> {
+        match self {
+            JobStore::Embedded(j) => j.recover().await,
+            JobStore::Redis(r) => r.recover().await,
+        }
+    }
+
+    pub fn shared(&self) -> bool {
+        matches!(self, JobStore::Redis(_))
+    }
+
+    pub async fn claim_due(&self, limit: usize) -> Result<Vec<Claimed>, StoreError> {
+        match self {
+            JobStore::Embedded(j) => j.claim_due(limit).await,
+            JobStore::Redis(r) => r.claim_due(limit, LEASE_MS).await,
+        }
+    }
+
+    /// Keep a running job claimed (Redis); a no-op for the embedded store.
+    pub async fn renew(&self, id: i64) -> Result<(), StoreError> {
+        match self {
+            JobStore::Embedded(_) => Ok(()),
+            JobStore::Redis(r) => r.renew(id, LEASE_MS).await,
+        }
+    }
+
+    pub async fn next_due(&self) -> Result<Option<i64>, StoreError> {
+        match self {
+            JobStore::Embedded(j) => j.next_due().await,
+            JobStore::Redis(r) => r.next_due().await,
+        }
+    }
+
+    pub async fn complete(&self, id: i64, result: Json) -> Result<(), StoreError> {
+        match self {
+            JobStore::Embedded(j) => j.complete(id, result).await,
+            JobStore::Redis(r) => r.complete(id, result).await,
+        }
+    }
+
+    pub async fn fail(
+        &self,
+        id: i64,
+        error: String,
+        retry_at: Option<i64>,
+    ) -> Result<(), StoreError> {
+        match self {
+            JobStore::Embedded(j) => j.fail(id, error, retry_at).await,
+            JobStore::Redis(r) => r.fail(id, error, retry_at).await,
+        }
+    }
+
+    pub async fn set_field(&self, id: i64, data: bool, value: Json) -> Result<bool, StoreError> {
+        match self {
+            JobStore::Embedded(j) => j.set_field(id, data, value).await,
+            JobStore::Redis(r) => r.set_field(id, data, value).await,
+        }
+    }
+
+    pub async fn purge_finished(&self, before: i64) -> Result<usize, StoreError> {
+        match self {
+            JobStore::Embedded(j) => j.purge_finished(before).await,
+            JobStore::Redis(r) => r.purge_finished(before).await,
+        }
+    }
+
+    pub async fn get(&self, id: i64) -> Result<Option<Json>, StoreError> {
+        match self {
+            JobStore::Embedded(j) => j.get(id).await,
+            JobStore::Redis(r) => r.get(id).await,
+        }
     }
 }
 

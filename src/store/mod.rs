@@ -7,6 +7,7 @@
 pub mod jobs;
 pub mod kv;
 pub mod records;
+pub mod redis_jobs;
 pub mod redis_kv;
 pub mod sqlite;
 pub mod userspace;
