@@ -135,6 +135,46 @@ async fn published_cxrest_scripts_call_the_configured_api() {
 }
 
 #[tokio::test]
+async fn the_published_random_cli_script_picks_a_did_of_the_account_as_cli() {
+    let (port, log) = rest_api().await;
+    let dir = workdir(&rest_config(port));
+    let s = start(dir.path());
+    put_fixture(&s, "random-cli-from-did");
+    let dids = ["441000000001", "441000000002"];
+    let mut picked = std::collections::BTreeSet::new();
+    for _ in 0..20 {
+        let input = json!({"routing": {
+            "account_id": 42, "cli": "447700900000", "dest_number": "4420",
+            "egress_routing": [{"gw": {"1": {"cli": "447700900000"}, "2": {"cli": "447700900000"}}}],
+        }});
+        let (status, body) = s
+            .post("/v1/run/random-cli-from-did?mode=class4", input)
+            .await;
+        assert_eq!(status, 200, "{body}");
+        let routing = &body["result"]["routing"];
+        let cli = routing["cli"].as_str().unwrap_or_default().to_string();
+        assert!(dids.contains(&cli.as_str()), "{body}");
+        assert_eq!(
+            routing["dest_number"], "4420",
+            "the rest of the routing stays"
+        );
+        for gw in ["1", "2"] {
+            assert_eq!(routing["egress_routing"][0]["gw"][gw]["cli"], cli, "{body}");
+        }
+        picked.insert(cli);
+    }
+    assert_eq!(
+        picked.len(),
+        2,
+        "random among the account's DIDs: {picked:?}"
+    );
+    let seen = log.lock().unwrap().clone();
+    assert!(seen
+        .iter()
+        .all(|r| r.path == "/api/cp/did" && r.auth == "Bearer tok"));
+}
+
+#[tokio::test]
 async fn cxrest_helpers_send_what_the_stub_describes_and_fail_with_rest_errors() {
     let (port, log) = rest_api().await;
     let dir = workdir(&rest_config(port));
