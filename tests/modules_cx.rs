@@ -428,14 +428,17 @@ async fn pubsub_delivers_json_events_between_runs_in_one_engine() {
             const sub = await subscribe('other', () => {});
             let bad;
             try { await publish('x', 'y', {big: 'z'.repeat(70000)}); } catch (e) { bad = e.name; }
-            return { heard: await heard, unsubscribed: sub.unsubscribe(), bad };
+            let many;
+            try { for (let i = 0; i < 200; i++) await subscribe('e' + i, () => {}); } catch (e) { many = e.message; }
+            return { heard: await heard, unsubscribed: sub.unsubscribe(), bad, many };
         }"#,
     );
     let (status, body) = s.post("/v1/run/self", json!({})).await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(
         body["result"],
-        json!({"heard": {"my": "data"}, "unsubscribed": true, "bad": "TypeError"})
+        json!({"heard": {"my": "data"}, "unsubscribed": true, "bad": "TypeError",
+               "many": "cxPubSub.subscribe: a run may hold at most 100 subscriptions"})
     );
 }
 

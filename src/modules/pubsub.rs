@@ -18,6 +18,8 @@ use crate::script::{HostCall, HostError, HostMethod, HostModule, HostObject};
 
 /// Largest payload, as JSON text.
 pub const MAX_PAYLOAD_BYTES: usize = 64 * 1024;
+/// Subscriptions one run may hold at once (each holds a receiver outside the JS heap).
+pub const MAX_SUBSCRIPTIONS: usize = 100;
 /// Events a slow subscriber may fall behind by before it misses some.
 const BACKLOG: usize = 1024;
 const REDIS_PREFIX: &str = "callforge:pubsub:";
@@ -318,6 +320,11 @@ impl HostObject for PubSubObject {
                     Ok(i) => i,
                     Err(e) => return HostCall::Ready(Err(e)),
                 };
+                if self.subs.borrow().len() >= MAX_SUBSCRIPTIONS {
+                    return HostCall::Ready(Err(HostError::type_error(format!(
+                        "{name}: a run may hold at most {MAX_SUBSCRIPTIONS} subscriptions"
+                    ))));
+                }
                 // The receiver exists from this call on: a publish right after `subscribe()`
                 // (without awaiting it) is not missed.
                 let sub_id = self.next_id.get() + 1;
