@@ -507,8 +507,11 @@ async function processJob(data) {
 async function alwaysFails() { throw new Error('broken on purpose'); }
 async function later(data) {
     await kv.set('later-ran', data.v);
-    return 'ran ' + data.v;
+    return 'ran ' + data.v + ' ' + data.cfg.tag;
 }"#;
+
+/// The operator's vars for `jobs.js`, merged into the data of its runs, jobs included.
+const JOBS_VARS: &str = "[cfg]\ntag = \"T\"\n";
 
 #[tokio::test]
 async fn jobs_retry_record_progress_and_resolve_their_result() {
@@ -551,6 +554,7 @@ async fn jobs_run_with_retries(s: &Engine) {
 #[tokio::test]
 async fn queued_jobs_survive_a_restart_of_the_binary() {
     let dir = workdir("");
+    std::fs::write(dir.path().join("scripts/jobs.toml"), JOBS_VARS).unwrap();
     let first = start(dir.path());
     first.put_script("jobs", JOBS);
     job_outlives_its_engine(first, || start(dir.path())).await;
@@ -564,6 +568,7 @@ async fn queued_jobs_in_redis_run_on_another_engine() {
     let first = start(dir_a.path());
     first.put_script("jobs", JOBS);
     std::fs::write(dir_b.path().join("scripts/jobs.js"), JOBS).unwrap();
+    std::fs::write(dir_b.path().join("scripts/jobs.toml"), JOBS_VARS).unwrap();
     job_outlives_its_engine(first, || start(dir_b.path())).await;
 }
 
@@ -586,7 +591,10 @@ async fn job_outlives_its_engine(s: Engine, next: impl FnOnce() -> Engine) {
         tokio::time::sleep(Duration::from_millis(200)).await;
     };
     assert_eq!(job["state"], "completed", "{job}");
-    assert_eq!(job["result"], "ran v42");
+    assert_eq!(
+        job["result"], "ran v42 T",
+        "the job's data has the script's vars"
+    );
     assert_eq!(job["attemptsMade"], 1);
     s.put_script(
         "readkv",

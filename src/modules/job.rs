@@ -186,10 +186,19 @@ impl JobService {
                 }
             })
         });
-        let outcome = match library.get(&job.script) {
+        // The script and its vars TOML, as an HTTP run of it would have them.
+        let loaded = library
+            .get(&job.script)
+            .map_err(|e| e.to_string())
+            .and_then(|script| match library.vars(&job.script) {
+                Ok(Some(vars)) => Ok((script, crate::script::vars::merge(job.data.clone(), &vars))),
+                Ok(None) => Ok((script, job.data.clone())),
+                Err(e) => Err(e.to_string()),
+            });
+        let outcome = match loaded {
             Err(e) => Err(format!("script '{}': {e}", job.script)),
-            Ok(script) => {
-                let mut inv = Invocation::new(script, Mode::App, job.data.clone());
+            Ok((script, data)) => {
+                let mut inv = Invocation::new(script, Mode::App, data);
                 inv.function = Some(job.function.clone());
                 inv.ctx = Some(Box::new(JobCtx {
                     id: job.id,
