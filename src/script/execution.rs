@@ -1711,7 +1711,9 @@ fn install_run_globals<'js>(
     // Published ScriptForge scripts also read the input as the object `vars`
     // (`vars.routing.cli = ...; return vars`): the `vars()` function carries the input's
     // top-level properties, the same objects, so changes through either are one change.
-    if let (Some(input), Ok(vars)) = (data.as_object(), g.get::<_, Object>("vars")) {
+    // Only scripts that read it so pay for it (a few property sets per key).
+    let input = data.as_object().filter(|_| script.reads_vars_object);
+    if let (Some(input), Ok(vars)) = (input, g.get::<_, Object>("vars")) {
         for key in input.keys::<String>() {
             let key = key?;
             if matches!(key.as_str(), "name" | "length" | "prototype") {
