@@ -3,8 +3,10 @@
 //! template and positional forms (the SMTP sink and webhook server of `support`), `cxPubSub`
 //! (in-process, and across two engines over a real redis-server), `cxJob` (retries, progress,
 //! results, and a restart of the binary) and `cxLLM` (an OpenAI-compatible server started
-//! here). Published ScriptForge examples run unchanged from `tests/fixtures/scriptforge/`.
+//! here). Published ScriptForge examples run unchanged from `tests/fixtures/scriptforge/`,
+//! over HTTP and, for class4, over SIP with SIPp.
 
+mod sip_support;
 mod support;
 
 use std::{
@@ -172,6 +174,42 @@ async fn the_published_random_cli_script_picks_a_did_of_the_account_as_cli() {
     assert!(seen
         .iter()
         .all(|r| r.path == "/api/cp/did" && r.auth == "Bearer tok"));
+}
+
+#[tokio::test]
+async fn the_published_random_cli_script_routes_a_sip_call_with_a_did_as_cli() {
+    let (port, log) = rest_api().await;
+    // A route of its own (inserted before the shared ones: first match wins).
+    let extra = format!(
+        "{}\n[[route]]\nmatch = \"^7000$\"\nscript = \"random-cli-from-did.js\"\nmode = \"class4\"\n",
+        rest_config(port)
+    );
+    let server = sip_support::start(&extra);
+    let scripts = server.dir.path().join("scripts");
+    let source = std::fs::read_to_string(format!(
+        "{ROOT}/tests/fixtures/scriptforge/random-cli-from-did.js"
+    ))
+    .unwrap();
+    std::fs::write(scripts.join("random-cli-from-did.js"), source).unwrap();
+    // The carriers come from the script's vars, as an operator would configure them.
+    std::fs::write(
+        scripts.join("random-cli-from-did.toml"),
+        "[[routing.egress_routing]]\ngw = { alpha = { cli = \"0\" } }\n\
+         [[routing.egress_routing]]\ngw = { bravo = { cli = \"0\" } }\n",
+    )
+    .unwrap();
+    let udp = server.udp;
+    let run = tokio::task::spawn_blocking(move || {
+        sip_support::sipp("random_cli", udp, "7000", 10, &["-r", "20"])
+    })
+    .await
+    .unwrap();
+    sip_support::assert_all_ok(&run, 10);
+    let seen = log.lock().unwrap().clone();
+    assert_eq!(seen.len(), 10, "one API call per INVITE: {seen:?}");
+    assert!(seen
+        .iter()
+        .all(|r| r.path == "/api/cp/did" && r.query == "customer_id=42"));
 }
 
 #[tokio::test]
