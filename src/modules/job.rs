@@ -119,6 +119,19 @@ impl JobService {
             }
             let slots = Arc::new(Semaphore::new(me.config.concurrency.max(1)));
             let mut last_purge = 0;
+            // While the queue cannot be read (Redis down), say so once, and when it is back.
+            let mut unreadable = false;
+            let mut report = |result: Result<(), StoreError>| match (result, unreadable) {
+                (Err(e), false) => {
+                    tracing::warn!("cxJob: cannot read the queue: {e}");
+                    unreadable = true;
+                }
+                (Ok(()), true) => {
+                    tracing::info!("cxJob: the queue can be read again");
+                    unreadable = false;
+                }
+                _ => {}
+            };
             loop {
                 // Hourly, forget jobs finished longer ago than [jobs] keep_hours.
                 if me.config.keep_hours > 0 && now_ms() - last_purge > 3_600_000 {
@@ -131,14 +144,14 @@ impl JobService {
                 }
                 if me.jobs.shared() {
                     // Jobs of an engine that died go back to waiting when their lease ends.
-                    if let Err(e) = me.jobs.recover().await {
-                        tracing::warn!("cxJob: cannot read the queue: {e}");
-                    }
+                    report(me.jobs.recover().await.map(drop));
                 }
                 let free = slots.available_permits();
                 if free > 0 {
-                    match me.jobs.claim_due(free).await {
+                    let claimed = me.jobs.claim_due(free).await;
+                    match claimed {
                         Ok(claimed) => {
+                            report(Ok(()));
                             for job in claimed {
                                 let Ok(permit) = slots.clone().acquire_owned().await else {
                                     return;
@@ -152,7 +165,7 @@ impl JobService {
                                 });
                             }
                         }
-                        Err(e) => tracing::warn!("cxJob: cannot read the queue: {e}"),
+                        Err(e) => report(Err(e)),
                     }
                 }
                 let wait_ms = if slots.available_permits() == 0 {

@@ -150,13 +150,22 @@ impl PubSub {
         let (client, url) = (redis.client.clone(), redis.url.clone());
         tokio::spawn(async move {
             let mut pubsub = Some(first);
+            let mut down = false;
             loop {
                 let current = match pubsub.take() {
                     Some(p) => p,
                     None => match connect(client.clone(), url.clone()).await {
-                        Ok(p) => p,
+                        Ok(p) => {
+                            if std::mem::take(&mut down) {
+                                tracing::info!("cxPubSub: subscribed to {url} again");
+                            }
+                            p
+                        }
                         Err(e) => {
-                            tracing::warn!("cxPubSub: {e}; retrying in 1 s");
+                            // Once per outage; retried every second.
+                            if !std::mem::replace(&mut down, true) {
+                                tracing::warn!("cxPubSub: {e}; retrying every second");
+                            }
                             tokio::time::sleep(Duration::from_secs(1)).await;
                             continue;
                         }
