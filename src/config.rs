@@ -751,6 +751,9 @@ pub struct JobsConfig {
     pub backoff_ms: u64,
     /// Completed and failed jobs are deleted this many hours after they finish (0: kept).
     pub keep_hours: u64,
+    /// Redis queue only: how long a claimed job stays claimed unless its engine renews the
+    /// claim (every third of it); a dead engine's job is retried after this.
+    pub lease_ms: u64,
 }
 
 impl Default for JobsConfig {
@@ -759,6 +762,7 @@ impl Default for JobsConfig {
             concurrency: 4,
             backoff_ms: 1_000,
             keep_hours: 168,
+            lease_ms: 30_000,
         }
     }
 }

@@ -522,6 +522,7 @@ const JOBS: &str = r#"const cxJob = require('cxJob');
 const kv = require('kv');
 async function main(d) {
     if (d.check) return await cxJob.get(d.check);
+    if (d.slow) return (await cxJob.add(process.env.SCRIPTFORGE_NAME, 'slow', null)).id;
     if (d.later) {
         const job = await cxJob.add(process.env.SCRIPTFORGE_NAME, 'later', {v: d.later}, {delay: 1500});
         return job.id;
@@ -543,6 +544,10 @@ async function processJob(data) {
     return data.items.map((x) => x * 2);
 }
 async function alwaysFails() { throw new Error('broken on purpose'); }
+async function slow(data) {
+    await new Promise((resolve) => setTimeout(resolve, 2500));
+    return 'slow done';
+}
 async function later(data) {
     await kv.set('later-ran', data.v);
     return 'ran ' + data.v + ' ' + data.cfg.tag;
@@ -608,6 +613,68 @@ async fn queued_jobs_in_redis_run_on_another_engine() {
     std::fs::write(dir_b.path().join("scripts/jobs.js"), JOBS).unwrap();
     std::fs::write(dir_b.path().join("scripts/jobs.toml"), JOBS_VARS).unwrap();
     job_outlives_its_engine(first, || start(dir_b.path())).await;
+}
+
+#[tokio::test]
+async fn a_job_whose_engine_dies_while_running_it_is_run_by_another_after_its_lease() {
+    let redis = redis();
+    let config = format!(
+        "[kv]\nbackend = \"{}\"\n[jobs]\nlease_ms = 1500\n",
+        redis.url
+    );
+    let (dir_a, dir_b) = (workdir(&config), workdir(&config));
+    std::fs::write(dir_b.path().join("scripts/jobs.js"), JOBS).unwrap();
+    job_cut_short(start(dir_a.path()), || start(dir_b.path())).await;
+}
+
+#[tokio::test]
+async fn a_job_cut_short_by_a_restart_runs_again_when_the_binary_restarts() {
+    let dir = workdir("");
+    job_cut_short(start(dir.path()), || start(dir.path())).await;
+}
+
+/// Start the 2.5 s job `slow` on `a`, kill `a` (SIGKILL) while it runs, and check that the
+/// engine `next` starts completes it, the attempt cut short not counted.
+async fn job_cut_short(a: Engine, next: impl FnOnce() -> Engine) {
+    a.put_script("jobs", JOBS);
+    let (_, body) = a.post("/v1/run/jobs", json!({"slow": true})).await;
+    let id = body["result"].as_i64().expect("a job id");
+    let state = |s: &Engine| {
+        let (url, client) = (format!("{}/v1/run/jobs", s.base), support::client());
+        async move {
+            let r = client
+                .post(url)
+                .json(&json!({"check": id}))
+                .send()
+                .await
+                .unwrap();
+            r.json::<Value>().await.unwrap()["result"].clone()
+        }
+    };
+    let until = Instant::now() + Duration::from_secs(5);
+    while state(&a).await["state"] != "active" {
+        assert!(
+            Instant::now() < until,
+            "the first engine never started the job"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    drop(a);
+    let b = next();
+    let until = Instant::now() + Duration::from_secs(20);
+    let job = loop {
+        let job = state(&b).await;
+        if job["state"] == "completed" || Instant::now() > until {
+            break job;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(job["state"], "completed", "{job}");
+    assert_eq!(job["result"], "slow done");
+    assert_eq!(
+        job["attemptsMade"], 1,
+        "the attempt cut short does not count: {job}"
+    );
 }
 
 /// Queue a delayed job on `s`, kill `s` (SIGKILL) before the job is due, then check that

@@ -23,7 +23,7 @@ use crate::{
         HostObject, Invocation, Mode, ScriptLibrary,
     },
     store::{
-        jobs::{Claimed, JobStore, NewJob, LEASE_MS},
+        jobs::{Claimed, JobStore, NewJob},
         now_ms, StoreError,
     },
 };
@@ -148,7 +148,7 @@ impl JobService {
                 }
                 let free = slots.available_permits();
                 if free > 0 {
-                    let claimed = me.jobs.claim_due(free).await;
+                    let claimed = me.jobs.claim_due(free, me.lease_ms()).await;
                     match claimed {
                         Ok(claimed) => {
                             report(Ok(()));
@@ -186,14 +186,18 @@ impl JobService {
         });
     }
 
+    fn lease_ms(&self) -> i64 {
+        self.config.lease_ms.clamp(300, 86_400_000) as i64
+    }
+
     async fn run_one(self: &Arc<Self>, engine: &Engine, library: &ScriptLibrary, job: Claimed) {
         // A shared queue's claim is a lease: renew it while the job runs.
         let renewing = self.jobs.shared().then(|| {
-            let (jobs, id) = (self.jobs.clone(), job.id);
+            let (jobs, id, lease) = (self.jobs.clone(), job.id, self.lease_ms());
             tokio::spawn(async move {
                 loop {
-                    tokio::time::sleep(Duration::from_millis(LEASE_MS as u64 / 3)).await;
-                    if let Err(e) = jobs.renew(id).await {
+                    tokio::time::sleep(Duration::from_millis(lease as u64 / 3)).await;
+                    if let Err(e) = jobs.renew(id, lease).await {
                         tracing::warn!(job = id, "cxJob: cannot renew the job's lease: {e}");
                     }
                 }

@@ -269,10 +269,6 @@ pub enum JobStore {
     Redis(super::redis_jobs::RedisJobs),
 }
 
-/// How long a claimed job stays claimed without its runner renewing the lease (Redis only:
-/// an embedded queue has one runner, which recovers its jobs when it starts).
-pub const LEASE_MS: i64 = 30_000;
-
 impl JobStore {
     pub async fn add(&self, job: NewJob) -> Result<i64, StoreError> {
         match self {
@@ -293,18 +289,20 @@ impl JobStore {
         matches!(self, JobStore::Redis(_))
     }
 
-    pub async fn claim_due(&self, limit: usize) -> Result<Vec<Claimed>, StoreError> {
+    /// Claim due jobs; in Redis the claim is a lease of `lease_ms` (an embedded queue has
+    /// one runner, which recovers its jobs when it starts).
+    pub async fn claim_due(&self, limit: usize, lease_ms: i64) -> Result<Vec<Claimed>, StoreError> {
         match self {
             JobStore::Embedded(j) => j.claim_due(limit).await,
-            JobStore::Redis(r) => r.claim_due(limit, LEASE_MS).await,
+            JobStore::Redis(r) => r.claim_due(limit, lease_ms).await,
         }
     }
 
     /// Keep a running job claimed (Redis); a no-op for the embedded store.
-    pub async fn renew(&self, id: i64) -> Result<(), StoreError> {
+    pub async fn renew(&self, id: i64, lease_ms: i64) -> Result<(), StoreError> {
         match self {
             JobStore::Embedded(_) => Ok(()),
-            JobStore::Redis(r) => r.renew(id, LEASE_MS).await,
+            JobStore::Redis(r) => r.renew(id, lease_ms).await,
         }
     }
 
