@@ -1,16 +1,22 @@
 //! Host modules scripts reach, built from `callforge.toml`: `kv`, `userspace`, `lookup`
-//! (also `api.lookup`), `send` (also `api.send`) and the global `fetch`.
+//! (also `api.lookup`), `send` (also `api.send`), `originate`, the global `fetch`, and
+//! ConnexCS's `cxRest`, `cxTemplate`, `cxPubSub`, `cxJob`, `cxLLM` and `cxOriginate`.
 //!
 //! Each is a `script::HostModule`; [`build`] checks the configuration and registers them.
 
 pub mod api;
 pub mod args;
 pub mod fetch;
+pub mod job;
 pub mod kv;
+pub mod llm;
 pub mod lookup;
 pub mod originate;
+pub mod pubsub;
+pub mod rest;
 pub mod send;
 pub mod smtp;
+pub mod template;
 pub mod userspace;
 pub mod webhook;
 
@@ -50,6 +56,8 @@ pub struct Built {
     pub send: Arc<send::SendService>,
     /// Filled in when SIP starts: `require('originate')` and `/v1/calls` use it.
     pub originator: originate::OriginatorSlot,
+    /// The `cxJob` queue; `serve` starts its runner (`JobService::start`).
+    pub jobs: Arc<job::JobService>,
 }
 
 /// Build every module from `config`. `open_store_now` opens the database at once (for
@@ -75,8 +83,22 @@ pub fn build(config: &Config, open_store_now: bool) -> Result<Built, ModuleError
     };
     let userspace = crate::store::Userspace::new(store.clone());
     let lookup = Arc::new(lookup::LookupService::new(config, userspace.clone())?);
-    let send = Arc::new(send::SendService::new(&config.send)?);
+    let templates = Arc::new(template::Templates::new(
+        config.resolve(&config.templates.dir),
+    ));
+    let send = Arc::new(send::SendService::new(&config.send)?.with_templates(templates.clone()));
     let fetch = Arc::new(fetch::FetchService::new(&config.fetch)?);
+    let redis_url = Some(config.kv.backend.as_str()).filter(|b| b.starts_with("redis"));
+    let job_store = match redis_url {
+        Some(url) => crate::store::jobs::JobStore::Redis(
+            crate::store::redis_jobs::RedisJobs::new(url)
+                .map_err(|e| ModuleError::config("kv", format!("backend: {e}")))?,
+        ),
+        None => {
+            crate::store::jobs::JobStore::Embedded(crate::store::jobs::Jobs::new(store.clone()))
+        }
+    };
+    let jobs = Arc::new(job::JobService::new(job_store, &config.jobs));
 
     let mut modules = HostModules::new();
     modules.register(&["kv", "cxKV"], Arc::new(kv::KvModule::new(kv)));
@@ -95,8 +117,36 @@ pub fn build(config: &Config, open_store_now: bool) -> Result<Built, ModuleError
     modules.register_global("api", Arc::new(api::ApiModule::new(lookup, send.clone())));
     let originator = originate::OriginatorSlot::default();
     modules.register(
-        &["originate"],
+        &["originate", "cxOriginate"],
         Arc::new(originate::OriginateModule::new(originator.clone())),
+    );
+    modules.register(
+        &["cxRest", "rest"],
+        Arc::new(rest::RestModule::new(Arc::new(rest::RestService::new(
+            &config.rest,
+            fetch.clone(),
+        )?))),
+    );
+    modules.register(
+        &["cxTemplate", "template"],
+        Arc::new(template::TemplateModule::new(templates)),
+    );
+    modules.register(
+        &["cxPubSub", "pubsub"],
+        Arc::new(pubsub::PubSubModule::new(Arc::new(pubsub::PubSub::new(
+            redis_url,
+        )?))),
+    );
+    modules.register(
+        &["cxJob", "job"],
+        Arc::new(job::JobModule::new(jobs.clone())),
+    );
+    modules.register(
+        &["cxLLM", "llm"],
+        Arc::new(llm::LlmModule::new(Arc::new(llm::LlmService::new(
+            &config.llm,
+            fetch.clone(),
+        )?))),
     );
     modules.register_global("fetch", Arc::new(fetch::FetchModule::new(fetch)));
 
@@ -112,5 +162,6 @@ pub fn build(config: &Config, open_store_now: bool) -> Result<Built, ModuleError
         records,
         send,
         originator,
+        jobs,
     })
 }

@@ -4,8 +4,10 @@
 //! SQLite runs in WAL mode behind one mutex-guarded connection; blocking work goes through
 //! `spawn_blocking`, so a script worker thread never waits on the disk.
 
+pub mod jobs;
 pub mod kv;
 pub mod records;
+pub mod redis_jobs;
 pub mod redis_kv;
 pub mod sqlite;
 pub mod userspace;
