@@ -4,8 +4,11 @@
 
 use std::net::SocketAddr;
 
+use std::time::Instant;
+
 use super::{
-    relay::{Forwarder, LegMedia},
+    relay::{Forwarder, LegMedia, OutStream},
+    rtp::StreamPosition,
     rtp_socket::RtpSocket,
 };
 
@@ -14,7 +17,8 @@ pub struct BridgeLeg<'a> {
     pub socket: &'a mut RtpSocket,
     pub media: LegMedia,
     pub remote: SocketAddr,
-    pub ssrc: u32,
+    /// The stream sent toward this leg: a new one, or the continuation of the leg's session.
+    pub out: OutStream,
 }
 
 /// Counters of a finished relay, per direction (a→b, b→a).
@@ -23,6 +27,9 @@ pub struct RelayStats {
     pub a_to_b: u64,
     pub b_to_a: u64,
     pub dropped: u64,
+    /// Where the stream sent toward each leg stands, for whoever sends there next.
+    pub a_out: Option<StreamPosition>,
+    pub b_out: Option<StreamPosition>,
 }
 
 /// Relay until `stop` completes. The sockets are borrowed, so each leg's session can take
@@ -32,8 +39,8 @@ pub async fn relay(
     b: BridgeLeg<'_>,
     stop: impl std::future::Future<Output = ()>,
 ) -> RelayStats {
-    let mut ab = Forwarder::new(a.media, b.media, b.ssrc);
-    let mut ba = Forwarder::new(b.media, a.media, a.ssrc);
+    let mut ab = Forwarder::new(a.media, b.media, b.out);
+    let mut ba = Forwarder::new(b.media, a.media, a.out);
     let (mut a_dest, mut b_dest) = (a.remote, b.remote);
     let (mut a_latched, mut b_latched) = (false, false);
     let (a_sock, b_sock) = (a.socket, b.socket);
@@ -46,7 +53,7 @@ pub async fn relay(
                 let Ok((data, from)) = r else { continue };
                 if !a_latched { a_dest = from; a_latched = true; }
                 if from != a_dest { continue; }
-                if let Ok(out) = ab.forward(data) {
+                if let Ok(out) = ab.forward(Instant::now(), data) {
                     let _ = b_sock.send_raw(&out, b_dest);
                 }
             }
@@ -54,7 +61,7 @@ pub async fn relay(
                 let Ok((data, from)) = r else { continue };
                 if !b_latched { b_dest = from; b_latched = true; }
                 if from != b_dest { continue; }
-                if let Ok(out) = ba.forward(data) {
+                if let Ok(out) = ba.forward(Instant::now(), data) {
                     let _ = a_sock.send_raw(&out, a_dest);
                 }
             }
@@ -64,6 +71,8 @@ pub async fn relay(
         a_to_b: ab.forwarded,
         b_to_a: ba.forwarded,
         dropped: ab.dropped + ba.dropped,
+        a_out: ba.position(),
+        b_out: ab.position(),
     }
 }
 
@@ -71,10 +80,7 @@ pub async fn relay(
 mod tests {
     use super::*;
     use crate::media::{g711::G711, rtp::build, rtp::RtpPacket, PortAllocator};
-    use std::{
-        sync::Arc,
-        time::{Duration, Instant},
-    };
+    use std::{sync::Arc, time::Duration};
     use tokio::net::UdpSocket;
 
     #[tokio::test]
@@ -107,13 +113,13 @@ mod tests {
                     socket: &mut sa,
                     media: pcmu,
                     remote: caller_addr,
-                    ssrc: 11,
+                    out: OutStream::New { ssrc: 11 },
                 },
                 BridgeLeg {
                     socket: &mut sb,
                     media: pcma,
                     remote: callee_addr,
-                    ssrc: 22,
+                    out: OutStream::New { ssrc: 22 },
                 },
                 async {
                     let _ = stop_rx.await;

@@ -25,8 +25,9 @@ use super::{
 use crate::{
     media::{
         g711::G711,
-        relay::LegMedia,
+        relay::{LegMedia, OutStream},
         relay_driver::{relay, BridgeLeg, RelayStats},
+        rtp::StreamPosition,
         MediaSession, RtpSocket,
     },
     script::HostError,
@@ -194,7 +195,8 @@ pub(super) struct RelaySide {
     pub(super) socket: RtpSocket,
     pub(super) media: LegMedia,
     pub(super) remote: std::net::SocketAddr,
-    pub(super) ssrc: u32,
+    /// The stream sent toward this side.
+    pub(super) out: OutStream,
 }
 
 impl RelayRun {
@@ -208,13 +210,13 @@ impl RelayRun {
                     socket: &mut a.socket,
                     media: a.media,
                     remote: a.remote,
-                    ssrc: a.ssrc,
+                    out: a.out,
                 },
                 BridgeLeg {
                     socket: &mut b.socket,
                     media: b.media,
                     remote: b.remote,
-                    ssrc: b.ssrc,
+                    out: b.out,
                 },
                 async {
                     let _ = stopped.await;
@@ -579,13 +581,16 @@ impl CallState {
                 socket: c_sock,
                 media: caller,
                 remote: c_session.remote(),
-                ssrc: c_session.ssrc(),
+                // The caller keeps hearing one stream: the relay continues the session's.
+                out: OutStream::Continue(c_session.stream_position()),
             },
             RelaySide {
                 socket: b_sock,
                 media: callee,
                 remote: b_remote,
-                ssrc: fastrand::u32(..),
+                out: OutStream::New {
+                    ssrc: fastrand::u32(..),
+                },
             },
             Some(c_session),
         );
@@ -634,7 +639,7 @@ impl CallState {
                 Ok((sock, session, _b_sock, stats)) => {
                     tracing::debug!(call = ?self.call, ?stats, "relay stopped");
                     if let (false, Some(session)) = (self.ended, session) {
-                        self.resume_media(sock, session);
+                        self.resume_media(sock, session, stats.a_out);
                     }
                 }
                 Err(e) => tracing::warn!(call = ?self.call, "relay task failed: {e}"),
@@ -674,9 +679,18 @@ impl CallState {
         }
     }
 
-    /// Restart the caller's media task on the socket the relay gave back.
-    fn resume_media(&mut self, socket: RtpSocket, session: MediaSession) {
+    /// Restart the caller's media task on the socket the relay gave back, continuing the
+    /// stream the relay was sending to the caller (not the session's stale counters).
+    fn resume_media(
+        &mut self,
+        socket: RtpSocket,
+        mut session: MediaSession,
+        relayed: Option<StreamPosition>,
+    ) {
         let Some(old) = self.media.get() else { return };
+        if let Some(pos) = relayed {
+            session.continue_stream(pos, Instant::now());
+        }
         let digits = old.media.digits.history();
         if !digits.is_empty() {
             self.cdr.digits.push(digits);
@@ -697,8 +711,8 @@ impl CallState {
             return;
         }
         self.ended = true;
-        self.stop_media();
         let _ = self.hangup.send(true);
+        self.stop_media();
         let sent = if self.answered {
             self.ended_by("callee", "normal_clearing".into());
             self.server.sip.hangup(self.call).await
@@ -717,6 +731,7 @@ impl CallState {
         if let Err(e) = sent {
             tracing::debug!(call = ?self.call, "caller hangup after bridge not sent: {e}");
         }
+        self.release_hangup_waiters("local");
     }
 
     /// The script is over while a bridge runs: end the B leg and wait for it briefly.
