@@ -477,6 +477,15 @@ impl UserAgent {
         local: SocketAddr,
         now: Instant,
     ) {
+        if bytes
+            .iter()
+            .all(|b| matches!(b, b'\r' | b'\n' | b' ' | b'\t' | 0))
+        {
+            // A keep-alive (RFC 5626 §3.5.1 CRLF, or the blank datagrams phones send through
+            // NAT every 30 s): nothing to answer and nothing worth a warning.
+            tracing::trace!(%source.addr, len = bytes.len(), "keep-alive ignored");
+            return;
+        }
         let parsed = parse::normalise(bytes, &self.cfg.limits).and_then(|raw| {
             let msg = raw.to_rsip()?;
             match &msg {
@@ -794,5 +803,7 @@ use reply::{response_target, salvage, stamp_via};
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_rfc4475;
 #[cfg(test)]
 mod tests_transfer;
