@@ -40,6 +40,8 @@ pub enum Dropped {
     Malformed,
     UnknownPayloadType(u8),
     NoDtmfOnOtherLeg,
+    /// The outgoing leg is on hold in this direction (its SDP says it does not receive).
+    Held,
 }
 
 /// The stream a [`Forwarder`] sends on its outgoing leg.
@@ -63,6 +65,10 @@ pub struct Forwarder {
     /// Where the outgoing stream stands; `None` until a new stream sends its first packet.
     position: Option<StreamPosition>,
     anchor: Option<Anchor>,
+    /// False while the outgoing leg is held in this direction: nothing is sent to it.
+    open: bool,
+    /// The next packet sent starts a talk spurt (the direction was just reopened).
+    reopened: bool,
     pub forwarded: u64,
     pub dropped: u64,
 }
@@ -86,9 +92,21 @@ impl Forwarder {
             out_ssrc,
             position,
             anchor: None,
+            open: true,
+            reopened: false,
             forwarded: 0,
             dropped: 0,
         }
+    }
+
+    /// Opens or closes this direction (hold, RFC 3264 §8.4). While closed, packets are
+    /// dropped and the outgoing stream pauses; it resumes with the next sequence number, a
+    /// timestamp that kept following the incoming stream, and the marker bit.
+    pub fn set_open(&mut self, open: bool) {
+        if open && !self.open {
+            self.reopened = true;
+        }
+        self.open = open;
     }
 
     /// Where the outgoing stream stands, for whoever sends on that leg next; `None` when a
@@ -109,6 +127,9 @@ impl Forwarder {
 
     fn rewrite(&mut self, now: Instant, datagram: &[u8]) -> Result<Vec<u8>, Dropped> {
         let packet = RtpPacket::parse(datagram).map_err(|_| Dropped::Malformed)?;
+        if !self.open {
+            return Err(Dropped::Held);
+        }
         let is_audio = packet.pt == self.from.audio_pt;
         let (pt, payload) = if is_audio {
             let payload = if self.from.codec == self.to.codec {
@@ -157,6 +178,16 @@ impl Forwarder {
                 a
             }
         };
+        let mut anchor = anchor;
+        if std::mem::take(&mut self.reopened) {
+            // After a hold the sequence goes on from the last packet sent (the packets held
+            // back were not lost); the timestamps kept following the incoming stream's clock.
+            if let Some(p) = self.position {
+                anchor.seq_offset = p.next_seq.wrapping_sub(packet.seq);
+                self.anchor = Some(anchor);
+            }
+            marker = true;
+        }
         let seq = packet.seq.wrapping_add(anchor.seq_offset);
         let ts = packet.timestamp.wrapping_add(anchor.ts_offset);
         // Track the newest packet sent (sequence order with wraparound), for whoever continues.
@@ -463,5 +494,32 @@ mod tests {
         assert!(back[0].marker);
         assert_eq!(back[0].seq, p.seq.wrapping_add(1));
         assert_eq!(back[0].timestamp, p.timestamp.wrapping_add(160 * 17));
+    }
+
+    #[test]
+    fn a_held_direction_sends_nothing_then_resumes_the_same_stream_with_a_marker() {
+        let t0 = Instant::now();
+        let mut f = Forwarder::new(PCMU, PCMU, OutStream::New { ssrc: 5 });
+        let pkt = |i: u16| build(0, false, 100 + i, 160 * i as u32, 9, &[0; 160]);
+        let before = parse(&f.forward(t0, &pkt(0)).unwrap());
+        f.set_open(false);
+        for i in 1..=10u16 {
+            assert_eq!(
+                f.forward(t0 + FRAME * i as u32, &pkt(i)),
+                Err(Dropped::Held)
+            );
+        }
+        f.set_open(true);
+        let after = parse(&f.forward(t0 + FRAME * 11, &pkt(11)).unwrap());
+        let next = parse(&f.forward(t0 + FRAME * 12, &pkt(12)).unwrap());
+        assert_eq!(
+            after.seq,
+            before.seq.wrapping_add(1),
+            "no gap: nothing was lost"
+        );
+        assert_eq!(after.timestamp, before.timestamp.wrapping_add(160 * 11));
+        assert!(after.marker, "a new talk spurt after the hold");
+        assert_eq!(next.seq, after.seq.wrapping_add(1));
+        assert!(!next.marker);
     }
 }

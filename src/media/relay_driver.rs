@@ -21,6 +21,23 @@ pub struct BridgeLeg<'a> {
     pub out: OutStream,
 }
 
+/// Which directions of a relay are open: a leg on hold (its SDP says it does not receive)
+/// gets nothing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RelayGates {
+    pub to_a: bool,
+    pub to_b: bool,
+}
+
+impl Default for RelayGates {
+    fn default() -> Self {
+        RelayGates {
+            to_a: true,
+            to_b: true,
+        }
+    }
+}
+
 /// Counters of a finished relay, per direction (a→b, b→a).
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct RelayStats {
@@ -37,6 +54,7 @@ pub struct RelayStats {
 pub async fn relay(
     a: BridgeLeg<'_>,
     b: BridgeLeg<'_>,
+    mut gates: tokio::sync::watch::Receiver<RelayGates>,
     stop: impl std::future::Future<Output = ()>,
 ) -> RelayStats {
     let mut ab = Forwarder::new(a.media, b.media, b.out);
@@ -45,10 +63,18 @@ pub async fn relay(
     let (mut a_latched, mut b_latched) = (false, false);
     let (a_sock, b_sock) = (a.socket, b.socket);
     tokio::pin!(stop);
+    let apply = |g: RelayGates, ab: &mut Forwarder, ba: &mut Forwarder| {
+        ab.set_open(g.to_b);
+        ba.set_open(g.to_a);
+    };
+    apply(*gates.borrow_and_update(), &mut ab, &mut ba);
     loop {
         tokio::select! {
             biased;
             _ = &mut stop => break,
+            Ok(()) = gates.changed() => {
+                apply(*gates.borrow_and_update(), &mut ab, &mut ba);
+            }
             r = a_sock.recv_raw() => {
                 let Ok((data, from)) = r else { continue };
                 if !a_latched { a_dest = from; a_latched = true; }
@@ -121,6 +147,7 @@ mod tests {
                     remote: callee_addr,
                     out: OutStream::New { ssrc: 22 },
                 },
+                tokio::sync::watch::channel(RelayGates::default()).1,
                 async {
                     let _ = stop_rx.await;
                 },

@@ -792,6 +792,7 @@ impl UserAgent {
 
 mod auth;
 mod commands;
+mod hold;
 mod incoming;
 mod message_out;
 mod outbound;

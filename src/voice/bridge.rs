@@ -14,7 +14,7 @@
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value as Json};
-use tokio::sync::oneshot;
+use tokio::sync::{oneshot, watch};
 
 use super::{
     call::{now_ms, CallEvent, CallState},
@@ -26,12 +26,12 @@ use crate::{
     media::{
         g711::G711,
         relay::{LegMedia, OutStream},
-        relay_driver::{relay, BridgeLeg, RelayStats},
+        relay_driver::{relay, BridgeLeg, RelayGates, RelayStats},
         rtp::StreamPosition,
         MediaSession, RtpSocket,
     },
     script::HostError,
-    sip::{sdp::Codec, CallHandle, EndReason, Negotiated},
+    sip::{sdp::Codec, CallHandle, EndReason, InDialogKind, Negotiated},
 };
 
 /// US ringback (440+480 Hz, 2 s on, 4 s off), played to an answered caller while the callee
@@ -184,6 +184,8 @@ fn status_of(reason: &EndReason, timed_out: bool, caller_gone: bool) -> (&'stati
 /// The relay task and how to stop it.
 pub(super) struct RelayRun {
     pub(super) stop: oneshot::Sender<()>,
+    /// Opens and closes each direction as the legs hold and resume.
+    pub(super) gates: watch::Sender<RelayGates>,
     /// Gives back the first leg's socket (and the caller's media session when the first leg
     /// is the caller), the second leg's socket, and the counters.
     pub(super) done:
@@ -204,6 +206,7 @@ impl RelayRun {
     /// session when `a` is the caller) comes back with the sockets, to resume its media.
     pub(super) fn spawn(mut a: RelaySide, mut b: RelaySide, session: Option<MediaSession>) -> Self {
         let (stop, stopped) = oneshot::channel::<()>();
+        let (gates, gates_rx) = watch::channel(RelayGates::default());
         let done = tokio::spawn(async move {
             let stats = relay(
                 BridgeLeg {
@@ -218,6 +221,7 @@ impl RelayRun {
                     remote: b.remote,
                     out: b.out,
                 },
+                gates_rx,
                 async {
                     let _ = stopped.await;
                 },
@@ -225,7 +229,7 @@ impl RelayRun {
             .await;
             (a.socket, session, b.socket, stats)
         });
-        RelayRun { stop, done }
+        RelayRun { stop, gates, done }
     }
 }
 
@@ -446,6 +450,11 @@ impl CallState {
             }
             CallEvent::Answered { media } => self.bridge_answered(media).await,
             CallEvent::Ended { reason, .. } => self.bridge_ended(reason).await,
+            CallEvent::InDialog {
+                kind: InDialogKind::ReInvite | InDialogKind::Update,
+                media: Some(neg),
+                ..
+            } => self.callee_reoffered(neg).await,
             CallEvent::InDialog { .. }
             | CallEvent::Acked
             | CallEvent::Kill { .. }
@@ -690,6 +699,10 @@ impl CallState {
         let Some(old) = self.media.get() else { return };
         if let Some(pos) = relayed {
             session.continue_stream(pos, Instant::now());
+        }
+        // A caller that put us on hold during the bridge stays on hold.
+        if let Some(neg) = &self.negotiated {
+            session.set_sending(neg.local_direction.sends() && neg.remote_rtp.is_some());
         }
         let digits = old.media.digits.history();
         if !digits.is_empty() {

@@ -360,6 +360,11 @@ impl CallState {
                     request,
                     ..
                 } => self.refer_from_caller(&request).await,
+                CallEvent::InDialog {
+                    kind: InDialogKind::ReInvite | InDialogKind::Update,
+                    media: Some(neg),
+                    ..
+                } if self.relaying() => self.caller_reoffered(neg).await,
                 ev => self.event(ev),
             }
             if caller_gone {

@@ -32,6 +32,7 @@ pub mod collect;
 pub mod control;
 pub mod ctx;
 pub mod data;
+mod hold;
 pub mod media_bind;
 pub mod media_ops;
 pub mod media_task;
