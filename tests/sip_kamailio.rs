@@ -140,7 +140,10 @@ fn start_proxy(next_hop: SocketAddr) -> Proxy {
         if let Ok(Some(status)) = child.try_wait() {
             panic!("kamailio exited ({status}):\n{}", log.lock().unwrap());
         }
-        assert!(Instant::now() < deadline, "kamailio did not bind 127.0.0.1:{port}");
+        assert!(
+            Instant::now() < deadline,
+            "kamailio did not bind 127.0.0.1:{port}"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
     // Its workers start just after the bind.
