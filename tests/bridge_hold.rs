@@ -137,3 +137,66 @@ async fn a_caller_holding_a_bridged_call_is_sent_nothing_and_the_callee_is_told_
     assert_eq!(call.bye().await.unwrap(), 200);
     assert!(callee.wait_for_bye(5 * SECOND).await.is_some());
 }
+
+#[tokio::test]
+async fn a_callee_going_inactive_stops_the_relay_both_ways_and_the_caller_is_told() {
+    let server = server();
+    let mut callee = Callee::listen(Codec::Pcmu).await;
+    let to = callee.uri("5102");
+    let headers = [("X-Bridge-To", to.as_str())];
+    let (call, invite) = tokio::join!(
+        Call::place_with(server.udp, "bridge", &headers),
+        callee.accept(AcceptOpts::answer_after(100))
+    );
+    let mut call = call.unwrap();
+    invite.unwrap();
+    let (a, b) = (tone(600, 400.0), tone(600, 700.0));
+    tokio::join!(call.send_audio(&a), callee.send_audio(&b));
+
+    let held = callee.reinvite("inactive").await.unwrap();
+    assert_eq!(held.status(), Some(200), "{}", held.first_line);
+    assert!(held.body.contains("a=inactive"), "{}", held.body);
+    // The caller is re-INVITEd inactive too.
+    let until = Instant::now() + 3 * SECOND;
+    while !call
+        .requests
+        .lock()
+        .unwrap()
+        .iter()
+        .any(|r| r.method() == Some("INVITE") && r.body.contains("a=inactive"))
+    {
+        assert!(Instant::now() < until, "the hold did not reach the caller");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let t0 = Instant::now();
+    // Both keep sending regardless: the relay must not pass anything either way.
+    tokio::join!(call.send_audio(&a), callee.send_audio(&b));
+    let t1 = Instant::now();
+    assert_eq!(
+        between(&callee.audio_packets(), t0, t1),
+        0,
+        "to the inactive callee"
+    );
+    assert_eq!(
+        between(&call.audio_packets(), t0, t1),
+        0,
+        "from the inactive callee"
+    );
+
+    let resumed = callee.reinvite("sendrecv").await.unwrap();
+    assert_eq!(resumed.status(), Some(200));
+    let t2 = Instant::now();
+    tokio::join!(call.send_audio(&a), callee.send_audio(&b));
+    let t3 = Instant::now();
+    assert!(between(&callee.audio_packets(), t2, t3) > 15);
+    assert!(between(&call.audio_packets(), t2, t3) > 15);
+    assert!(call
+        .requests
+        .lock()
+        .unwrap()
+        .iter()
+        .any(|r| r.method() == Some("INVITE") && r.body.contains("a=sendrecv")));
+    assert_eq!(callee.bye().await.unwrap(), 200);
+    assert!(call.wait_for_bye(5 * SECOND).await.is_some());
+}

@@ -606,6 +606,8 @@ impl CallState {
         if let Some(b) = self.bridge.as_mut() {
             b.relay = Some(run);
         }
+        // A caller already on hold stays so.
+        self.apply_gates();
     }
 
     /// The B leg ended: resolve the promise, give the caller its media back or hang it up.

@@ -4,11 +4,25 @@
 //! it back the same way.
 
 use super::call::CallState;
-use crate::sip::Negotiated;
+use crate::{media::relay_driver::RelayGates, sip::Negotiated};
 
 /// Whether we may send to a leg after negotiating `neg` with it.
 fn sends_to(neg: &Negotiated) -> bool {
     neg.local_direction.sends() && neg.remote_rtp.is_some()
+}
+
+/// Whether what a leg sends is to be taken (and relayed) after negotiating `neg` with it.
+fn takes_from(neg: &Negotiated) -> bool {
+    neg.local_direction.receives()
+}
+
+/// What the relay lets through for the two legs' current negotiations: toward a leg only
+/// when we may send to it and may take what the other leg sends.
+fn gates(caller: &Negotiated, callee: &Negotiated) -> RelayGates {
+    RelayGates {
+        to_a: sends_to(caller) && takes_from(callee),
+        to_b: sends_to(callee) && takes_from(caller),
+    }
 }
 
 impl CallState {
@@ -17,20 +31,28 @@ impl CallState {
         self.bridge.as_ref().is_some_and(|b| b.relay.is_some())
     }
 
+    /// Sets the relay's gates from both legs' current negotiations.
+    pub(super) fn apply_gates(&self) {
+        let (Some(caller), Some(b)) = (&self.negotiated, &self.bridge) else {
+            return;
+        };
+        let (Some(callee), Some(run)) = (&b.b_neg, &b.relay) else {
+            return;
+        };
+        let g = gates(caller, callee);
+        tracing::debug!(call = ?self.call, ?g, "relay gates");
+        run.gates.send_replace(g);
+    }
+
     /// The caller re-offered (hold or resume) while bridged.
     pub(super) async fn caller_reoffered(&mut self, neg: Negotiated) {
-        let Some(b) = self.bridge.as_ref() else {
+        let Some(leg) = self.bridge.as_ref().map(|b| b.leg) else {
             return;
         };
-        let Some(run) = b.relay.as_ref() else {
-            return;
-        };
-        let open = sends_to(&neg);
-        run.gates.send_modify(|g| g.to_a = open);
-        let leg = b.leg;
         let direction = neg.offered_direction;
         tracing::info!(call = ?self.call, leg = leg.0, ?direction, "caller re-offered while bridged; passing it on");
         self.negotiated = Some(neg);
+        self.apply_gates();
         if let Err(e) = self.server.sip.reoffer(leg, direction).await {
             tracing::info!(call = ?self.call, leg = leg.0, "hold not passed to the callee: {e}");
         }
@@ -41,16 +63,69 @@ impl CallState {
         let Some(b) = self.bridge.as_mut() else {
             return;
         };
-        let Some(run) = b.relay.as_ref() else {
-            return;
-        };
-        let open = sends_to(&neg);
-        run.gates.send_modify(|g| g.to_b = open);
         let direction = neg.offered_direction;
         tracing::info!(call = ?self.call, leg = b.leg.0, ?direction, "callee re-offered while bridged; passing it on");
         b.b_neg = Some(neg);
+        self.apply_gates();
         if let Err(e) = self.server.sip.reoffer(self.call, direction).await {
             tracing::info!(call = ?self.call, "hold not passed to the caller: {e}");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sip::sdp::{Codec, Direction};
+
+    fn neg(offered: Direction) -> Negotiated {
+        Negotiated {
+            codec: Codec::Pcmu,
+            payload_type: 0,
+            dtmf_payload_type: None,
+            remote_rtp: Some("192.0.2.1:4000".parse().unwrap()),
+            remote_ptime: None,
+            offered_direction: offered,
+            local_direction: offered.answer(),
+            media_index: 0,
+        }
+    }
+
+    #[test]
+    fn each_hold_closes_the_right_directions() {
+        use Direction::*;
+        let open = RelayGates {
+            to_a: true,
+            to_b: true,
+        };
+        assert_eq!(gates(&neg(SendRecv), &neg(SendRecv)), open);
+        // The caller holds (sendonly): nothing to it; its music goes on to the callee.
+        assert_eq!(
+            gates(&neg(SendOnly), &neg(SendRecv)),
+            RelayGates {
+                to_a: false,
+                to_b: true
+            }
+        );
+        // The callee goes inactive: nothing either way.
+        assert_eq!(
+            gates(&neg(SendRecv), &neg(Inactive)),
+            RelayGates {
+                to_a: false,
+                to_b: false
+            }
+        );
+        // The caller only listens (recvonly): it is sent to, its packets are not relayed.
+        assert_eq!(
+            gates(&neg(RecvOnly), &neg(SendRecv)),
+            RelayGates {
+                to_a: true,
+                to_b: false
+            }
+        );
+        // A hold by c=0.0.0.0 (no address): nothing to that leg.
+        let mut old_hold = neg(SendRecv);
+        old_hold.remote_rtp = None;
+        assert!(!gates(&neg(SendRecv), &old_hold).to_b);
     }
 }
