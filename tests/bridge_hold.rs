@@ -84,6 +84,11 @@ async fn a_caller_holding_a_bridged_call_is_sent_nothing_and_the_callee_is_told_
         "the caller hears the callee before the hold"
     );
 
+    // A re-INVITE that keeps sendrecv (a session refresh) is not passed on: the callee's
+    // first re-INVITE below is the hold.
+    let refresh = call.reinvite("sendrecv").await.unwrap();
+    assert_eq!(refresh.status(), Some(200));
+
     // Hold: answered recvonly, passed on as sendonly.
     let held = call.reinvite("sendonly").await.unwrap();
     assert_eq!(held.status(), Some(200), "{}", held.first_line);

@@ -1,7 +1,8 @@
 //! Hold while bridged: a re-offer from one leg changes what the relay sends to that leg
 //! (nothing while its SDP says it does not receive) and is passed to the other leg as a
 //! re-INVITE with the same direction, so both phones agree who is on hold; `sendrecv` takes
-//! it back the same way.
+//! it back the same way. A re-offer that keeps the direction (a session refresh) is not
+//! passed on.
 
 use super::call::CallState;
 use crate::{media::relay_driver::RelayGates, sip::Negotiated};
@@ -50,9 +51,17 @@ impl CallState {
             return;
         };
         let direction = neg.offered_direction;
-        tracing::info!(call = ?self.call, leg = leg.0, ?direction, "caller re-offered while bridged; passing it on");
+        // A session refresh repeats the direction: nothing to pass on then.
+        let changed = self
+            .negotiated
+            .as_ref()
+            .is_none_or(|n| n.offered_direction != direction);
         self.negotiated = Some(neg);
         self.apply_gates();
+        if !changed {
+            return;
+        }
+        tracing::info!(call = ?self.call, leg = leg.0, ?direction, "caller re-offered while bridged; passing it on");
         if let Err(e) = self.server.sip.reoffer(leg, direction).await {
             tracing::info!(call = ?self.call, leg = leg.0, "hold not passed to the callee: {e}");
         }
@@ -64,9 +73,17 @@ impl CallState {
             return;
         };
         let direction = neg.offered_direction;
-        tracing::info!(call = ?self.call, leg = b.leg.0, ?direction, "callee re-offered while bridged; passing it on");
+        let changed = b
+            .b_neg
+            .as_ref()
+            .is_none_or(|n| n.offered_direction != direction);
+        let leg = b.leg;
         b.b_neg = Some(neg);
         self.apply_gates();
+        if !changed {
+            return;
+        }
+        tracing::info!(call = ?self.call, leg = leg.0, ?direction, "callee re-offered while bridged; passing it on");
         if let Err(e) = self.server.sip.reoffer(self.call, direction).await {
             tracing::info!(call = ?self.call, "hold not passed to the caller: {e}");
         }
