@@ -330,9 +330,14 @@ fn crlf_keep_alives_get_no_answer_and_no_warning() {
     let log = tempfile::NamedTempFile::new().unwrap();
     let s = sip_support::start_logging("", Some(log.path()));
     let (sock, local) = udp_client();
+    // And STUN Binding requests (RFC 5389), the other keep-alive of RFC 5626.
+    let stun = [
+        0x00u8, 0x01, 0x00, 0x00, 0x21, 0x12, 0xA4, 0x42, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0, 1, 2,
+    ];
     for _ in 0..5 {
         sock.send_to(b"\r\n\r\n", s.udp).unwrap();
         sock.send_to(b"\r\n", s.udp).unwrap();
+        sock.send_to(&stun, s.udp).unwrap();
     }
     // An OPTIONS sent after them is answered, so they have been read by then.
     let resp = udp_final(&sock, s.udp, &options("ka1", local, "UDP"), "ka1@test");

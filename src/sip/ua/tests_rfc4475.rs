@@ -238,7 +238,11 @@ fn every_torture_message_gets_its_answer_and_the_call_that_was_up_survives() {
 #[test]
 fn keep_alives_get_no_answer() {
     let mut h = Ua::new();
-    for ka in [&b"\r\n\r\n"[..], b"\r\n", b"\0\0\0\0", b" "] {
+    // A STUN Binding request (RFC 5389): type 0x0001, length 0, magic cookie, transaction id.
+    let stun = [
+        0x00, 0x01, 0x00, 0x00, 0x21, 0x12, 0xA4, 0x42, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12,
+    ];
+    for ka in [&b"\r\n\r\n"[..], b"\r\n", b"\0\0\0\0", b" ", &stun] {
         h.input(ka);
         let (sent, events) = h.take();
         assert!(sent.is_empty() && events.is_empty(), "{ka:?}");
