@@ -153,7 +153,7 @@ impl Forwarder {
             return Err(Dropped::UnknownPayloadType(packet.pt));
         };
         let mut marker = packet.marker;
-        let anchor = match self.anchor {
+        let mut anchor = match self.anchor {
             Some(a) if a.in_ssrc == packet.ssrc => a,
             _ => {
                 // First packet, or a new incoming stream: the marker bit is ours, not the
@@ -178,7 +178,6 @@ impl Forwarder {
                 a
             }
         };
-        let mut anchor = anchor;
         if std::mem::take(&mut self.reopened) {
             // After a hold the sequence goes on from the last packet sent (the packets held
             // back were not lost); the timestamps kept following the incoming stream's clock.
