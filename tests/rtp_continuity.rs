@@ -1,7 +1,8 @@
 //! RTP continuity across hand-overs, seen from real sockets: the in-repo caller and callee
 //! record every packet callforge sends them. Toward the caller, one SSRC keeps one sequence
 //! and one timeline through answer -> prompt -> ringback -> bridge (relay) -> back to the
-//! script's media -> prompt, and through a bridge placed before answering (183 early media);
+//! script's media -> prompt, and through a bridge placed before answering (on 183 early
+//! media, or on the callee's 200);
 //! toward the callee, the relayed stream starts with the marker bit of its own.
 
 mod caller;
@@ -147,5 +148,30 @@ async fn a_bridge_before_answer_with_early_media_then_a_prompt_is_one_stream_for
     );
     let heard = call.audio_packets();
     assert!(heard.len() > 200, "{} packets", heard.len());
+    assert_one_continuous_stream("toward the caller", &heard);
+}
+
+#[tokio::test]
+async fn a_bridge_the_callees_answer_answers_then_a_prompt_is_one_stream_for_the_caller() {
+    // No early media: the callee's 200 answers the caller (whose session starts and hands
+    // over to the relay at once); when the callee hangs up the script's prompt follows.
+    let server = server();
+    let mut callee = Callee::listen(Codec::Pcmu).await;
+    let to = callee.uri("4003");
+    let headers = [("X-Bridge-To", to.as_str()), ("X-Bridge-Answer", "no")];
+    let place = Call::place_with(server.udp, "relay", &headers);
+    let far = async {
+        callee.accept(AcceptOpts::answer_after(300)).await.unwrap();
+        callee.send_audio(&tone(1500)).await;
+        assert_eq!(callee.bye().await.unwrap(), 200);
+    };
+    let (call, ()) = tokio::join!(place, far);
+    let call = call.unwrap();
+    assert!(
+        call.wait_for_bye(15 * SECOND).await.is_some(),
+        "the script's closing prompt and BYE"
+    );
+    let heard = call.audio_packets();
+    assert!(heard.len() > 150, "{} packets", heard.len());
     assert_one_continuous_stream("toward the caller", &heard);
 }
