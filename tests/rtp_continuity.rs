@@ -2,8 +2,8 @@
 //! record every packet callforge sends them. Toward the caller, one SSRC keeps one sequence
 //! and one timeline through answer -> prompt -> ringback -> bridge (relay) -> back to the
 //! script's media -> prompt, and through a bridge placed before answering (on 183 early
-//! media, or on the callee's 200);
-//! toward the callee, the relayed stream starts with the marker bit of its own.
+//! media, or on the callee's 200); toward the callee, the relayed stream starts with a
+//! marker bit of its own.
 
 mod caller;
 mod sip_support;
