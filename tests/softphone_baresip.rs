@@ -10,7 +10,6 @@ mod sip_support;
 use std::{
     path::{Path, PathBuf},
     process::{Command, Stdio},
-    time::Duration,
 };
 
 use caller::{read_wav, AcceptOpts, Callee, Codec};
