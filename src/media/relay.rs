@@ -14,17 +14,55 @@
 //!   incoming packet's;
 //! - transcodes PCMU↔PCMA sample by sample when the legs negotiated different codecs;
 //! - relays RFC 4733 telephone-events under the outgoing leg's negotiated payload number (and
-//!   drops them when that leg has none);
+//!   drops them when that leg has none, or when the key is one the script blocked);
 //! - drops anything else (unknown payload types, RTCP, malformed datagrams).
 //!
 //! Forwarding is immediate (no pacing, no buffering), so the relay adds no latency of its own.
 
-use std::time::Instant;
+use std::{
+    sync::{
+        atomic::{AtomicU16, Ordering},
+        Arc,
+    },
+    time::Instant,
+};
 
 use super::{
     g711::G711,
     rtp::{build, RtpPacket, StreamPosition, FRAME, FRAME_SAMPLES},
 };
+
+/// Keys a leg's RFC 4733 events must not be relayed for (`ctx.blockDtmf`): one bit per event
+/// code 0–15 (`0`–`9`, `*`, `#`, `A`–`D`). Shared, so a block set during a bridge applies at
+/// once.
+#[derive(Debug, Clone, Default)]
+pub struct BlockedKeys(Arc<AtomicU16>);
+
+impl BlockedKeys {
+    /// Block exactly the keys in `digits` (others are ignored); `""` unblocks all.
+    pub fn set(&self, digits: &str) {
+        let mask = digits
+            .chars()
+            .filter_map(event_code)
+            .fold(0u16, |m, e| m | (1 << e));
+        self.0.store(mask, Ordering::Relaxed);
+    }
+
+    pub fn blocks(&self, event: u8) -> bool {
+        event < 16 && self.0.load(Ordering::Relaxed) & (1 << event) != 0
+    }
+}
+
+/// The RFC 4733 event code of a key.
+fn event_code(key: char) -> Option<u8> {
+    match key.to_ascii_uppercase() {
+        d @ '0'..='9' => Some(d as u8 - b'0'),
+        '*' => Some(10),
+        '#' => Some(11),
+        l @ 'A'..='D' => Some(l as u8 - b'A' + 12),
+        _ => None,
+    }
+}
 
 /// What one leg negotiated.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -42,6 +80,7 @@ pub enum Dropped {
     NoDtmfOnOtherLeg,
     /// The outgoing leg is on hold in this direction (its SDP says it does not receive).
     Held,
+    Blocked(u8),
 }
 
 /// The stream a [`Forwarder`] sends on its outgoing leg.
@@ -69,6 +108,7 @@ pub struct Forwarder {
     open: bool,
     /// The next packet sent starts a talk spurt (the direction was just reopened).
     reopened: bool,
+    blocked: BlockedKeys,
     pub forwarded: u64,
     pub dropped: u64,
 }
@@ -94,6 +134,7 @@ impl Forwarder {
             anchor: None,
             open: true,
             reopened: false,
+            blocked: BlockedKeys::default(),
             forwarded: 0,
             dropped: 0,
         }
@@ -113,6 +154,12 @@ impl Forwarder {
     /// new stream never sent a packet.
     pub fn position(&self) -> Option<StreamPosition> {
         self.position
+    }
+
+    /// Drop the telephone-events of `keys` instead of relaying them.
+    pub fn blocking(mut self, keys: BlockedKeys) -> Self {
+        self.blocked = keys;
+        self
     }
 
     /// The datagram to send on the other leg for one received on this one at `now`.
@@ -147,6 +194,9 @@ impl Forwarder {
             };
             (self.to.audio_pt, payload)
         } else if Some(packet.pt) == self.from.dtmf_pt {
+            if let Some(&event) = packet.payload.first().filter(|e| self.blocked.blocks(**e)) {
+                return Err(Dropped::Blocked(event));
+            }
             let pt = self.to.dtmf_pt.ok_or(Dropped::NoDtmfOnOtherLeg)?;
             (pt, packet.payload.clone())
         } else {
@@ -520,5 +570,27 @@ mod tests {
         assert!(after.marker, "a new talk spurt after the hold");
         assert_eq!(next.seq, after.seq.wrapping_add(1));
         assert!(!next.marker);
+    }
+
+    #[test]
+    fn blocked_keys_are_not_relayed_and_a_change_applies_at_once() {
+        let keys = BlockedKeys::default();
+        keys.set("1*d");
+        let mut f = Forwarder::new(PCMU, PCMA, OutStream::New { ssrc: 1 }).blocking(keys.clone());
+        let event = |e: u8, seq: u16| build(101, true, seq, 0, 2, &[e, 10, 0, 160]);
+        assert_eq!(f.forward(t0(), &event(1, 1)), Err(Dropped::Blocked(1)));
+        assert_eq!(f.forward(t0(), &event(10, 2)), Err(Dropped::Blocked(10)));
+        assert_eq!(
+            f.forward(t0(), &event(15, 3)),
+            Err(Dropped::Blocked(15)),
+            "d is D"
+        );
+        assert_eq!(parse(&f.forward(t0(), &event(2, 4)).unwrap()).payload[0], 2);
+        // Audio is never blocked.
+        assert!(f
+            .forward(t0(), &build(0, false, 5, 160, 2, &[0xff; 160]))
+            .is_ok());
+        keys.set("");
+        assert_eq!(parse(&f.forward(t0(), &event(1, 6)).unwrap()).payload[0], 1);
     }
 }

@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 use std::time::Instant;
 
 use super::{
-    relay::{Forwarder, LegMedia, OutStream},
+    relay::{BlockedKeys, Forwarder, LegMedia, OutStream},
     rtp::StreamPosition,
     rtp_socket::RtpSocket,
 };
@@ -19,6 +19,8 @@ pub struct BridgeLeg<'a> {
     pub remote: SocketAddr,
     /// The stream sent toward this leg: a new one, or the continuation of the leg's session.
     pub out: OutStream,
+    /// Keys whose events from this leg are not relayed to the other.
+    pub blocked: BlockedKeys,
 }
 
 /// Which directions of a relay are open: a leg on hold (its SDP says it does not receive)
@@ -57,8 +59,8 @@ pub async fn relay(
     mut gates: tokio::sync::watch::Receiver<RelayGates>,
     stop: impl std::future::Future<Output = ()>,
 ) -> RelayStats {
-    let mut ab = Forwarder::new(a.media, b.media, b.out);
-    let mut ba = Forwarder::new(b.media, a.media, a.out);
+    let mut ab = Forwarder::new(a.media, b.media, b.out).blocking(a.blocked);
+    let mut ba = Forwarder::new(b.media, a.media, a.out).blocking(b.blocked);
     let (mut a_dest, mut b_dest) = (a.remote, b.remote);
     let (mut a_latched, mut b_latched) = (false, false);
     let (a_sock, b_sock) = (a.socket, b.socket);
@@ -140,12 +142,14 @@ mod tests {
                     media: pcmu,
                     remote: caller_addr,
                     out: OutStream::New { ssrc: 11 },
+                    blocked: Default::default(),
                 },
                 BridgeLeg {
                     socket: &mut sb,
                     media: pcma,
                     remote: callee_addr,
                     out: OutStream::New { ssrc: 22 },
+                    blocked: Default::default(),
                 },
                 tokio::sync::watch::channel(RelayGates::default()).1,
                 async {

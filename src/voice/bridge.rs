@@ -5,8 +5,10 @@
 //! Arguments (all forms are accepted):
 //! - `bridge(destination)`
 //! - `bridge(destination, {timeout, callerId, headers, continueOnFail, hangupAfterBridge, trunk})`
-//! - `bridge(destination, continueOnFail)` — ConnexCS's `continue_on`
-//! - `bridge(destination, continueOnFail, hangupAfterBridge)` — e.g. `bridge(n, false, true)`
+//! - `bridge(destination, continue_on)` — ConnexCS's `continue_on`: `false` (the default: the
+//!   call ends with the bridge), `true` (the script goes on whatever happened), `'fail'` (it
+//!   goes on after a failed attempt), `'completed'` (it goes on after an answered bridge)
+//! - `bridge(destination, continue_on, hangupAfterBridge)` — e.g. `bridge(n, false, true)`
 //!
 //! The promise resolves when the bridge ends with `{status, sipCode, duration}`; `status` is
 //! `completed`, `busy`, `no-answer`, `failed` or `cancelled`.
@@ -25,7 +27,7 @@ use super::{
 use crate::{
     media::{
         g711::G711,
-        relay::{LegMedia, OutStream},
+        relay::{BlockedKeys, LegMedia, OutStream},
         relay_driver::{relay, BridgeLeg, RelayGates, RelayStats},
         rtp::StreamPosition,
         MediaSession, RtpSocket,
@@ -81,6 +83,21 @@ pub fn parse_bridge_args(args: &[Json]) -> Result<(String, BridgeOpts), HostErro
         None | Some(Json::Null) => {}
         Some(Json::Bool(b)) => {
             opts.continue_on_fail = *b;
+            opts.hangup_after = !*b;
+            if let Some(Json::Bool(h)) = args.get(2) {
+                opts.hangup_after = *h;
+            }
+        }
+        Some(Json::String(s)) => {
+            match s.trim().to_ascii_lowercase().as_str() {
+                "fail" | "failed" => opts.continue_on_fail = true,
+                "completed" | "complete" => opts.hangup_after = false,
+                other => {
+                    return Err(HostError::type_error(format!(
+                        "ctx.bridge: continue_on {other:?} is not one of true, false, 'fail', 'completed'"
+                    )))
+                }
+            }
             if let Some(Json::Bool(h)) = args.get(2) {
                 opts.hangup_after = *h;
             }
@@ -119,7 +136,7 @@ pub fn parse_bridge_args(args: &[Json]) -> Result<(String, BridgeOpts), HostErro
         }
         Some(_) => {
             return Err(HostError::type_error(
-                "ctx.bridge: the second argument is an options object or continueOnFail (boolean)",
+                "ctx.bridge: the second argument is an options object or continue_on (true, false, 'fail', 'completed')",
             ))
         }
     }
@@ -199,6 +216,8 @@ pub(super) struct RelaySide {
     pub(super) remote: std::net::SocketAddr,
     /// The stream sent toward this side.
     pub(super) out: OutStream,
+    /// Keys whose events from this side are not relayed (`ctx.blockDtmf` on the caller).
+    pub(super) blocked: BlockedKeys,
 }
 
 impl RelayRun {
@@ -214,12 +233,14 @@ impl RelayRun {
                     media: a.media,
                     remote: a.remote,
                     out: a.out,
+                    blocked: a.blocked,
                 },
                 BridgeLeg {
                     socket: &mut b.socket,
                     media: b.media,
                     remote: b.remote,
                     out: b.out,
+                    blocked: b.blocked,
                 },
                 gates_rx,
                 async {
@@ -250,6 +271,9 @@ pub(super) struct Bridge {
     /// A provisional response arrived (a CANCEL can be sent).
     progress_seen: bool,
     ringback: bool,
+    /// Renders and plays the ringback; aborted when the bridge ends, so a ringback still
+    /// being rendered then never starts playing over what the script does next.
+    ringback_task: Option<tokio::task::JoinHandle<()>>,
     _slot: TrunkSlot,
     /// Set when this bridge is a transfer's fallback.
     pub(super) transfer: bool,
@@ -380,6 +404,7 @@ impl CallState {
             caller_gone: false,
             progress_seen: false,
             ringback: false,
+            ringback_task: None,
             _slot: slot,
             transfer,
             b_neg: None,
@@ -483,7 +508,7 @@ impl CallState {
         b.ringback = true;
         let Some(ctx) = self.media.get() else { return };
         // Rendered once and shared through the prompt cache, off the async threads.
-        tokio::spawn(async move {
+        b.ringback_task = Some(tokio::spawn(async move {
             let prompts = ctx.prompts.clone();
             match tokio::task::spawn_blocking(move || prompts.load(RINGBACK)).await {
                 Ok(Ok(samples)) => {
@@ -492,7 +517,7 @@ impl CallState {
                 Ok(Err(e)) => tracing::warn!("ringback tone: {e}"),
                 Err(e) => tracing::warn!("ringback tone: {e}"),
             }
-        });
+        }));
     }
 
     /// The callee sent SDP before answering: pass its early media to the caller.
@@ -592,6 +617,7 @@ impl CallState {
                 remote: c_session.remote(),
                 // The caller keeps hearing one stream: the relay continues the session's.
                 out: OutStream::Continue(c_session.stream_position()),
+                blocked: self.media.blocked_keys(),
             },
             RelaySide {
                 socket: b_sock,
@@ -600,6 +626,7 @@ impl CallState {
                 out: OutStream::New {
                     ssrc: fastrand::u32(..),
                 },
+                blocked: BlockedKeys::default(),
             },
             Some(c_session),
         );
@@ -643,6 +670,9 @@ impl CallState {
             self.cdr.legs.push(json!({
                 "leg": b.leg.0, "destination": b.dest, "status": status, "sipCode": code,
             }));
+        }
+        if let Some(ringback) = b.ringback_task.take() {
+            ringback.abort();
         }
         if let Some(run) = b.relay.take() {
             let _ = run.stop.send(());
@@ -773,7 +803,20 @@ mod tests {
         assert_eq!((d.as_str(), o), ("1001", BridgeOpts::default()));
         let (d, o) = parse_bridge_args(&[json!(447700900123u64), json!(true)]).unwrap();
         assert_eq!(d, "447700900123");
-        assert!(o.continue_on_fail && o.hangup_after);
+        // ConnexCS's continue_on true: the script goes on after a failure and after a bridge.
+        assert!(o.continue_on_fail && !o.hangup_after);
+        let (_, o) = parse_bridge_args(&[json!("1"), json!("fail")]).unwrap();
+        assert!(
+            o.continue_on_fail && o.hangup_after,
+            "'fail': only failures go on"
+        );
+        let (_, o) = parse_bridge_args(&[json!("1"), json!("completed")]).unwrap();
+        assert!(
+            !o.continue_on_fail && !o.hangup_after,
+            "'completed': only answered bridges go on"
+        );
+        let (_, o) = parse_bridge_args(&[json!("1"), json!(false), json!(true)]).unwrap();
+        assert!(!o.continue_on_fail && o.hangup_after);
         let (_, o) = parse_bridge_args(&[json!("x"), json!(false), json!(false)]).unwrap();
         assert!(!o.continue_on_fail && !o.hangup_after);
         let (_, o) = parse_bridge_args(&[

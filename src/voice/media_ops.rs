@@ -507,16 +507,19 @@ pub async fn next_digit(ctx: MediaContext, args: Vec<Json>) -> HostResult {
     .await
 }
 
-/// `ctx.blockDtmf(digits)`: those keys stop reaching the script; `""` unblocks.
-pub fn block_dtmf(ctx: &MediaContext, args: &[Json]) -> HostResult {
-    let digits = match args.first() {
-        None | Some(Json::Null) => "",
-        Some(Json::String(s)) => s.as_str(),
-        Some(_) => return Err(type_error("blockDtmf", "digits must be a string")),
-    };
-    ctx.media.digits.block(digits);
-    Ok(Json::Null)
+/// The keys `ctx.blockDtmf(digits)` blocks. No argument blocks the ten digits (the ConnexCS
+/// stub's default, `'0123456789'`); `""` unblocks everything.
+pub fn blocked_digits(args: &[Json]) -> Result<String, HostError> {
+    match args.first() {
+        None | Some(Json::Null) => Ok(DEFAULT_BLOCKED.to_string()),
+        Some(Json::String(s)) => Ok(s.clone()),
+        Some(Json::Number(n)) => Ok(n.to_string()),
+        Some(_) => Err(type_error("blockDtmf", "digits must be a string")),
+    }
 }
+
+/// What `ctx.blockDtmf()` blocks when given nothing.
+pub const DEFAULT_BLOCKED: &str = "0123456789";
 
 /// The primitive behind `ctx.waitFor`: wait (up to `timeoutMs`) until a key arrives after
 /// press number `count`, then answer `{count, digits}` with every key pressed since `count`.

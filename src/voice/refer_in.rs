@@ -152,6 +152,7 @@ impl CallState {
                         ssrc: fastrand::u32(..),
                     },
                 },
+                blocked: Default::default(),
             },
             RelaySide {
                 socket: c_sock,
@@ -160,6 +161,7 @@ impl CallState {
                 out: OutStream::New {
                     ssrc: fastrand::u32(..),
                 },
+                blocked: Default::default(),
             },
             None,
         );
