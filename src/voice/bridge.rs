@@ -16,7 +16,7 @@
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value as Json};
-use tokio::sync::oneshot;
+use tokio::sync::{oneshot, watch};
 
 use super::{
     call::{now_ms, CallEvent, CallState},
@@ -27,12 +27,13 @@ use super::{
 use crate::{
     media::{
         g711::G711,
-        relay::{BlockedKeys, LegMedia},
-        relay_driver::{relay, BridgeLeg, RelayStats},
+        relay::{BlockedKeys, LegMedia, OutStream},
+        relay_driver::{relay, BridgeLeg, RelayGates, RelayStats},
+        rtp::StreamPosition,
         MediaSession, RtpSocket,
     },
     script::HostError,
-    sip::{sdp::Codec, CallHandle, EndReason, Negotiated},
+    sip::{sdp::Codec, CallHandle, EndReason, InDialogKind, Negotiated},
 };
 
 /// US ringback (440+480 Hz, 2 s on, 4 s off), played to an answered caller while the callee
@@ -200,6 +201,8 @@ fn status_of(reason: &EndReason, timed_out: bool, caller_gone: bool) -> (&'stati
 /// The relay task and how to stop it.
 pub(super) struct RelayRun {
     pub(super) stop: oneshot::Sender<()>,
+    /// Opens and closes each direction as the legs hold and resume.
+    pub(super) gates: watch::Sender<RelayGates>,
     /// Gives back the first leg's socket (and the caller's media session when the first leg
     /// is the caller), the second leg's socket, and the counters.
     pub(super) done:
@@ -211,7 +214,8 @@ pub(super) struct RelaySide {
     pub(super) socket: RtpSocket,
     pub(super) media: LegMedia,
     pub(super) remote: std::net::SocketAddr,
-    pub(super) ssrc: u32,
+    /// The stream sent toward this side.
+    pub(super) out: OutStream,
     /// Keys whose events from this side are not relayed (`ctx.blockDtmf` on the caller).
     pub(super) blocked: BlockedKeys,
 }
@@ -221,22 +225,24 @@ impl RelayRun {
     /// session when `a` is the caller) comes back with the sockets, to resume its media.
     pub(super) fn spawn(mut a: RelaySide, mut b: RelaySide, session: Option<MediaSession>) -> Self {
         let (stop, stopped) = oneshot::channel::<()>();
+        let (gates, gates_rx) = watch::channel(RelayGates::default());
         let done = tokio::spawn(async move {
             let stats = relay(
                 BridgeLeg {
                     socket: &mut a.socket,
                     media: a.media,
                     remote: a.remote,
-                    ssrc: a.ssrc,
+                    out: a.out,
                     blocked: a.blocked,
                 },
                 BridgeLeg {
                     socket: &mut b.socket,
                     media: b.media,
                     remote: b.remote,
-                    ssrc: b.ssrc,
+                    out: b.out,
                     blocked: b.blocked,
                 },
+                gates_rx,
                 async {
                     let _ = stopped.await;
                 },
@@ -244,7 +250,7 @@ impl RelayRun {
             .await;
             (a.socket, session, b.socket, stats)
         });
-        RelayRun { stop, done }
+        RelayRun { stop, gates, done }
     }
 }
 
@@ -469,6 +475,11 @@ impl CallState {
             }
             CallEvent::Answered { media } => self.bridge_answered(media).await,
             CallEvent::Ended { reason, .. } => self.bridge_ended(reason).await,
+            CallEvent::InDialog {
+                kind: InDialogKind::ReInvite | InDialogKind::Update,
+                media: Some(neg),
+                ..
+            } => self.callee_reoffered(neg).await,
             CallEvent::InDialog { .. }
             | CallEvent::Acked
             | CallEvent::Kill { .. }
@@ -604,14 +615,17 @@ impl CallState {
                 socket: c_sock,
                 media: caller,
                 remote: c_session.remote(),
-                ssrc: c_session.ssrc(),
+                // The caller keeps hearing one stream: the relay continues the session's.
+                out: OutStream::Continue(c_session.stream_position()),
                 blocked: self.media.blocked_keys(),
             },
             RelaySide {
                 socket: b_sock,
                 media: callee,
                 remote: b_remote,
-                ssrc: fastrand::u32(..),
+                out: OutStream::New {
+                    ssrc: fastrand::u32(..),
+                },
                 blocked: BlockedKeys::default(),
             },
             Some(c_session),
@@ -619,6 +633,8 @@ impl CallState {
         if let Some(b) = self.bridge.as_mut() {
             b.relay = Some(run);
         }
+        // A caller already on hold stays so.
+        self.apply_gates();
     }
 
     /// The B leg ended: resolve the promise, give the caller its media back or hang it up.
@@ -664,7 +680,7 @@ impl CallState {
                 Ok((sock, session, _b_sock, stats)) => {
                     tracing::debug!(call = ?self.call, ?stats, "relay stopped");
                     if let (false, Some(session)) = (self.ended, session) {
-                        self.resume_media(sock, session);
+                        self.resume_media(sock, session, stats.a_out);
                     }
                 }
                 Err(e) => tracing::warn!(call = ?self.call, "relay task failed: {e}"),
@@ -704,9 +720,22 @@ impl CallState {
         }
     }
 
-    /// Restart the caller's media task on the socket the relay gave back.
-    fn resume_media(&mut self, socket: RtpSocket, session: MediaSession) {
+    /// Restart the caller's media task on the socket the relay gave back, continuing the
+    /// stream the relay was sending to the caller (not the session's stale counters).
+    fn resume_media(
+        &mut self,
+        socket: RtpSocket,
+        mut session: MediaSession,
+        relayed: Option<StreamPosition>,
+    ) {
         let Some(old) = self.media.get() else { return };
+        if let Some(pos) = relayed {
+            session.continue_stream(pos, Instant::now());
+        }
+        // A caller that put us on hold during the bridge stays on hold.
+        if let Some(neg) = &self.negotiated {
+            session.set_sending(neg.local_direction.sends() && neg.remote_rtp.is_some());
+        }
         let digits = old.media.digits.history();
         if !digits.is_empty() {
             self.cdr.digits.push(digits);
@@ -727,8 +756,8 @@ impl CallState {
             return;
         }
         self.ended = true;
-        self.stop_media();
         let _ = self.hangup.send(true);
+        self.stop_media();
         let sent = if self.answered {
             self.ended_by("callee", "normal_clearing".into());
             self.server.sip.hangup(self.call).await
@@ -747,6 +776,7 @@ impl CallState {
         if let Err(e) = sent {
             tracing::debug!(call = ?self.call, "caller hangup after bridge not sent: {e}");
         }
+        self.release_hangup_waiters("local");
     }
 
     /// The script is over while a bridge runs: end the B leg and wait for it briefly.

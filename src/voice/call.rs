@@ -176,6 +176,8 @@ pub(super) struct CallState {
     /// Answers waiting for the ACK (an explicit `answer()` and implicit ones may overlap).
     pending_answer: Vec<Reply>,
     hangup_waiters: Vec<Reply>,
+    /// Who ended the call ("remote" or "local"), for `waitForHangup()` asked after the end.
+    hung_up_by: Option<&'static str>,
     pub(super) hangup: watch::Sender<bool>,
     /// Bound at answer/early media; the media issue's session drives it.
     rtp: Option<RtpSocket>,
@@ -249,6 +251,7 @@ impl CallState {
             ended: false,
             pending_answer: Vec::new(),
             hangup_waiters: Vec::new(),
+            hung_up_by: None,
             hangup,
             rtp: None,
             negotiated: None,
@@ -336,9 +339,11 @@ impl CallState {
         }
         self.abandon_bridge().await;
         self.ended = true;
+        // The flag goes up before the media stops, so a prompt the stop ends reads as a
+        // hang-up (see `media_ops::until_hangup`).
+        let _ = self.hangup.send(true);
         self.stop_media();
         self.ended_by("engine", cause);
-        let _ = self.hangup.send(true);
         let sent = if self.answered {
             self.server.sip.hangup(self.call).await
         } else {
@@ -353,8 +358,14 @@ impl CallState {
         for r in self.pending_answer.drain(..) {
             let _ = r.send(Err(hangup_error()));
         }
+        self.release_hangup_waiters("local");
+    }
+
+    /// Answers every `waitForHangup()` with who ended the call (the first to do so).
+    pub(super) fn release_hangup_waiters(&mut self, by: &'static str) {
+        let by = *self.hung_up_by.get_or_insert(by);
         for w in self.hangup_waiters.drain(..) {
-            let _ = w.send(Ok(json!({"by": "local"})));
+            let _ = w.send(Ok(json!({ "by": by })));
         }
     }
 
@@ -371,6 +382,11 @@ impl CallState {
                     request,
                     ..
                 } => self.refer_from_caller(&request).await,
+                CallEvent::InDialog {
+                    kind: InDialogKind::ReInvite | InDialogKind::Update,
+                    media: Some(neg),
+                    ..
+                } if self.relaying() => self.caller_reoffered(neg).await,
                 ev => self.event(ev),
             }
             if caller_gone {
@@ -409,6 +425,10 @@ impl CallState {
             | CallEvent::Kill { .. } => {}
             CallEvent::Ended { remote, .. } => {
                 self.ended = true;
+                if remote {
+                    // Before the media stops: see `kill`.
+                    let _ = self.hangup.send(true);
+                }
                 self.stop_media();
                 let cause = if self.answered {
                     "normal_clearing"
@@ -420,15 +440,10 @@ impl CallState {
                 } else {
                     self.ended_by("engine", "ended".to_string());
                 }
-                if remote {
-                    let _ = self.hangup.send(true);
-                }
                 for r in self.pending_answer.drain(..) {
                     let _ = r.send(Err(hangup_error()));
                 }
-                for w in self.hangup_waiters.drain(..) {
-                    let _ = w.send(Ok(json!({"by": if remote { "remote" } else { "local" }})));
-                }
+                self.release_hangup_waiters(if remote { "remote" } else { "local" });
             }
         }
     }
@@ -514,6 +529,7 @@ impl CallState {
                     for r in self.pending_answer.drain(..) {
                         let _ = r.send(Err(HostError::new("Hangup", "the script hung up")));
                     }
+                    self.release_hangup_waiters("local");
                 }
                 let _ = reply.send(Ok(Json::Null));
             }
@@ -553,7 +569,8 @@ impl CallState {
             }
             CtxRequest::WaitForHangup(reply) => {
                 if self.ended {
-                    let _ = reply.send(Ok(json!({"by": "ended"})));
+                    let by = self.hung_up_by.unwrap_or("local");
+                    let _ = reply.send(Ok(json!({ "by": by })));
                 } else {
                     self.hangup_waiters.push(reply);
                 }

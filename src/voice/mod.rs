@@ -34,6 +34,7 @@ pub mod control;
 pub mod ctx;
 pub mod data;
 pub mod destination;
+mod hold;
 pub mod media_bind;
 pub mod media_ops;
 pub mod media_task;
