@@ -15,6 +15,13 @@ if [ "${1:-}" = "--test" ]; then
   # The prompt tests make an MP3 with sox: without its MP3 handler that case goes untested.
   dpkg -s libsox-fmt-mp3 >/dev/null 2>&1 || missing+=(libsox-fmt-mp3)
   command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
+  # The cluster test (tests/cluster.rs): Kamailio's dispatcher in front of two engines.
+  command -v kamailio >/dev/null 2>&1 || missing+=(kamailio)
+  # The PostgreSQL store tests: initdb/pg_ctl on PATH, or Debian's /usr/lib/postgresql/N/bin.
+  if ! command -v pg_ctl >/dev/null 2>&1 && ! ls /usr/lib/postgresql/*/bin/pg_ctl >/dev/null 2>&1; then
+    missing+=(postgresql)
+  fi
+  command -v psql >/dev/null 2>&1 || missing+=(postgresql-client)
 fi
 if [ ${#missing[@]} -gt 0 ]; then
   echo "installing: ${missing[*]}" >&2
