@@ -316,6 +316,8 @@ struct Load {
     run: SippRun,
     /// Call-ID → the SIP port of the engine that answered.
     answered: BTreeMap<String, u16>,
+    /// How many 2xx answers carried the proxy's Record-Route back.
+    record_routed: usize,
     done: BTreeSet<String>,
     elapsed: Duration,
 }
@@ -348,12 +350,16 @@ fn sipp_through(
     );
     let elapsed = started.elapsed();
     let (mut answered, mut done) = (BTreeMap::new(), BTreeSet::new());
+    let mut record_routed = 0;
     for line in std::fs::read_to_string(&log).unwrap_or_default().lines() {
         let words: Vec<&str> = line.split_whitespace().collect();
         // SIPp puts a time stamp before the message when it logs.
         if let Some(i) = words.iter().position(|w| *w == "answered") {
             if let (Some(id), Some(port)) = (words.get(i + 1), words.get(i + 2)) {
                 answered.insert(id.to_string(), port.parse().unwrap_or(0));
+                if words.get(i + 3).is_some_and(|w| w.len() > "rr=".len()) {
+                    record_routed += 1;
+                }
             }
         } else if let Some(i) = words.iter().position(|w| *w == "done") {
             if let Some(id) = words.get(i + 1) {
@@ -364,6 +370,7 @@ fn sipp_through(
     Load {
         run,
         answered,
+        record_routed,
         done,
         elapsed,
     }
@@ -462,8 +469,12 @@ impl Cluster {
 }
 
 fn sipp_report(load: &Load) -> String {
-    let errors: String = load.run.errors.chars().take(3000).collect();
-    format!("{:?}\n{errors}", load.run)
+    let r = &load.run;
+    let errors: String = r.errors.chars().take(3000).collect();
+    format!(
+        "sipp exit {}, created {}, successful {}, failed {}\n{errors}",
+        r.status, r.created, r.successful, r.failed
+    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -532,21 +543,18 @@ async fn cluster_shares_state_and_survives_a_kill9() {
             "{id} answered by {node}, CDR from {nodes:?}"
         );
     }
-    let class4_runs: usize =
-        c.pg.psql("SELECT COUNT(*) FROM executions WHERE mode = 'class4'")
-            .parse()
-            .unwrap();
-    let nodes =
-        c.pg.psql("SELECT string_agg(DISTINCT node, ',' ORDER BY node) FROM executions");
     eprintln!(
-        "phase 1: {calls} class5 calls ({on_a} on A, {on_b} on B) in {:.1} s, {routes} class4 redirects in {:.1} s; class4 execution records: {class4_runs} from {nodes}",
+        "phase 1: {calls} class5 calls ({on_a} on A, {on_b} on B) in {:.1} s, {routes} class4 redirects in {:.1} s; \
+         2xx with Record-Route: {} of {calls}",
         class5.elapsed.as_secs_f64(),
-        class4.elapsed.as_secs_f64()
+        class4.elapsed.as_secs_f64(),
+        class5.record_routed
     );
 
-    // Phase 2: calls held 2 s at 25/s (about 25 live on each engine), redirects alongside;
-    // engine A is killed 6 s in.
-    let (calls2, routes2) = (400u32, 400u32);
+    // Phase 2: calls held 2 s at 25/s (about 25 live on each engine), redirects alongside.
+    // Engine A is killed once it has been in rotation for longer than a call lasts, so calls
+    // are live on it (on a loaded machine a slow probe answer can take it out for a moment).
+    let (calls2, routes2) = (500u32, 500u32);
     let class5 = sipp_in_background(
         c.kamailio.addr,
         "cluster_call.xml",
@@ -563,7 +571,21 @@ async fn cluster_shares_state_and_survives_a_kill9() {
         25,
         0,
     );
-    std::thread::sleep(Duration::from_secs(6));
+    let started = Instant::now();
+    let mut active_since = None;
+    while started.elapsed() < Duration::from_secs(12) {
+        if c.kamailio.is_active(&c.a) {
+            let since = *active_since.get_or_insert_with(Instant::now);
+            if started.elapsed() > Duration::from_secs(4)
+                && since.elapsed() > Duration::from_millis(2_500)
+            {
+                break;
+            }
+        } else {
+            active_since = None;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
     let killed_at = Instant::now();
     c.a.kill9();
     let marked_down = wait_until(Duration::from_secs(10), || !c.kamailio.is_active(&c.a));
@@ -592,6 +614,22 @@ async fn cluster_shares_state_and_survives_a_kill9() {
     assert!(
         on_b_unfinished.is_empty(),
         "calls on the surviving engine failed: {on_b_unfinished:?}"
+    );
+    eprintln!(
+        "phase 2 raw: answered {} (A {}, B {}), done {}, failed {}",
+        class5.answered.len(),
+        class5
+            .answered
+            .values()
+            .filter(|p| **p == c.a.sip_port)
+            .count(),
+        class5
+            .answered
+            .values()
+            .filter(|p| **p == c.b.sip_port)
+            .count(),
+        class5.done.len(),
+        class5.run.failed
     );
     assert!(
         !live_on_a.is_empty(),
@@ -656,6 +694,15 @@ async fn cluster_shares_state_and_survives_a_kill9() {
 fn compose_config_validates() {
     let tries: [&[&str]; 2] = [&["docker", "compose"], &["docker-compose"]];
     for tool in tries {
+        // `docker` without its compose plugin is no compose tool.
+        let present = Command::new(tool[0])
+            .args(&tool[1..])
+            .arg("version")
+            .output()
+            .is_ok_and(|o| o.status.success());
+        if !present {
+            continue;
+        }
         let Ok(out) = Command::new(tool[0])
             .args(&tool[1..])
             .args(["-f", &format!("{ROOT}/docker-compose.yml"), "config", "-q"])
@@ -664,16 +711,42 @@ fn compose_config_validates() {
             continue;
         };
         let stderr = String::from_utf8_lossy(&out.stderr);
-        if !out.status.success()
-            && (stderr.contains("unknown command") || stderr.contains("is not a docker command"))
-        {
-            continue;
-        }
         assert!(out.status.success(), "{} config: {stderr}", tool.join(" "));
         eprintln!("{} config: docker-compose.yml is valid", tool.join(" "));
         return;
     }
     eprintln!("no docker compose tool here: docker-compose.yml not validated");
+}
+
+/// A measurement, not a check: class4 redirects through the dispatcher at the rate in
+/// `CLUSTER_CPS` (default 1000/s) for 10 s; prints the rate achieved and the failures.
+/// `CLUSTER_CPS=2000 cargo test --release --test cluster cps -- --ignored --nocapture`
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a measurement for the README, run by hand"]
+async fn cluster_class4_cps() {
+    let c = cluster();
+    let rate: u32 = std::env::var("CLUSTER_CPS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1000);
+    let calls = rate * 10;
+    let load = sipp_through(
+        c.kamailio.addr,
+        "cluster_redirect.xml",
+        "447700900555",
+        calls,
+        rate,
+        0,
+    );
+    let secs = load.elapsed.as_secs_f64();
+    eprintln!(
+        "class4 through the dispatcher: offered {rate}/s, {} of {calls} redirected in {secs:.1} s \
+         ({:.0}/s), {} failed; kv counter {}",
+        load.run.successful,
+        load.run.successful as f64 / secs,
+        load.run.failed,
+        c.kv_counter("cluster:routes")
+    );
 }
 
 /// Drain (issue 13): SIGTERM moves traffic off an engine with zero failed calls.

@@ -112,7 +112,7 @@ pub struct Page<T> {
 #[derive(Clone)]
 pub struct Records {
     backend: Backend,
-    export: Option<Arc<Mutex<(PathBuf, File)>>>,
+    export: Option<Export>,
 }
 
 /// Where records go: the embedded SQLite file, or the shared PostgreSQL database.
@@ -132,6 +132,9 @@ struct PendingExecution {
     record: ExecutionRecord,
     ack: tokio::sync::oneshot::Sender<Result<ExecutionRecord, StoreError>>,
 }
+
+/// The JSON-lines export file, shared by every clone.
+type Export = Arc<Mutex<(PathBuf, File)>>;
 
 /// The most records one group commit takes.
 const MAX_BATCH: usize = 512;
@@ -332,7 +335,7 @@ impl Records {
     }
 }
 
-fn open_export(jsonl: Option<PathBuf>) -> Result<Option<Arc<Mutex<(PathBuf, File)>>>, StoreError> {
+fn open_export(jsonl: Option<PathBuf>) -> Result<Option<Export>, StoreError> {
     let Some(path) = jsonl else {
         return Ok(None);
     };
@@ -370,7 +373,7 @@ fn export_line(
 fn write_executions(
     queue: std::sync::mpsc::Receiver<PendingExecution>,
     store: Store,
-    export: Option<Arc<Mutex<(PathBuf, File)>>>,
+    export: Option<Export>,
 ) {
     while let Ok(first) = queue.recv() {
         let mut batch = vec![first];
