@@ -25,7 +25,11 @@ use serde_json::{json, Value};
 use sip_support::{free_port, sipp_file, SippRun};
 
 const ROOT: &str = env!("CARGO_MANIFEST_DIR");
-const BIN: &str = env!("CARGO_BIN_EXE_callforge");
+
+/// The engine binary: this build's, or `CALLFORGE_BIN` (a release build, for measurements).
+fn engine_bin() -> String {
+    std::env::var("CALLFORGE_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_callforge").into())
+}
 
 /// The class5 script: counts the call in the shared kv, answers, waits for the caller's BYE.
 const CALL_JS: &str = r#"// Cluster test: one class5 call.
@@ -132,7 +136,7 @@ alpha = "sip:alpha.example.net:5060"
             .append(true)
             .open(self.dir.path().join("engine.log"))
             .unwrap();
-        let mut child = Command::new(BIN)
+        let mut child = Command::new(engine_bin())
             .args(["serve", "--http", "127.0.0.1:0", "--config"])
             .arg(self.dir.path().join("callforge.toml"))
             .arg("--scripts")

@@ -138,6 +138,45 @@ async fn records_cdrs_and_userspace_round_trip_through_postgres() {
     assert_eq!(Cdr { id: 0, ..written }, cdr);
     assert_eq!(pg.psql("SELECT node FROM cdrs"), "test-node");
 
+    // A NUL (PostgreSQL text cannot hold one) is written as U+FFFD, not refused.
+    let mut nul = exec(500);
+    nul.message = Some("bad\0byte".into());
+    let written = records.write_execution(nul).await.unwrap();
+    assert_eq!(
+        pg.psql(&format!(
+            "SELECT message FROM executions WHERE id = {}",
+            written.id
+        )),
+        "bad\u{FFFD}byte"
+    );
+    // A record the database refuses fails alone: the others of its batch are committed.
+    pg.psql("ALTER TABLE executions ADD CONSTRAINT no_poison CHECK (script <> 'poison')");
+    let tasks: Vec<_> = (600..700)
+        .map(|i| {
+            let records = records.clone();
+            let mut r = exec(i);
+            if i == 650 {
+                r.script = "poison".into();
+            }
+            tokio::spawn(async move { records.write_execution(r).await })
+        })
+        .collect();
+    let mut refused = 0;
+    for t in tasks {
+        match t.await.unwrap() {
+            Ok(r) => assert!(r.id > 0 && r.script != "poison"),
+            Err(e) => {
+                assert!(e.to_string().contains("no_poison"), "{e}");
+                refused += 1;
+            }
+        }
+    }
+    assert_eq!(refused, 1);
+    assert_eq!(
+        pg.psql("SELECT COUNT(*) FROM executions WHERE started_at >= 1600 AND started_at < 1700"),
+        "99"
+    );
+
     // Userspace: a second store on the same database (another engine) sees the same rows.
     let sqlite = Store::lazy(&dir.path().join("unused.db"), Synchronous::Normal);
     let a = Userspace::postgres(sqlite.clone(), store);

@@ -40,7 +40,47 @@ pub enum Outgoing {
     Cdr(Cdr),
 }
 
+/// PostgreSQL's text cannot hold NUL (a script's error message can): U+FFFD stands in.
+fn scrub(s: &mut String) {
+    if s.contains('\0') {
+        *s = s.replace('\0', "\u{FFFD}");
+    }
+}
+
 impl Outgoing {
+    fn scrub(&mut self) {
+        match self {
+            Outgoing::Execution(r) => {
+                for s in [&mut r.script, &mut r.mode] {
+                    scrub(s);
+                }
+                for s in [r.function.as_mut(), r.message.as_mut()]
+                    .into_iter()
+                    .flatten()
+                {
+                    scrub(s);
+                }
+            }
+            Outgoing::Cdr(c) => {
+                for s in [&mut c.call_id, &mut c.from, &mut c.to] {
+                    scrub(s);
+                }
+                let error = c.error.as_mut().map(|e| &mut e.message);
+                for s in [
+                    c.script.as_mut(),
+                    c.hangup_cause.as_mut(),
+                    c.hangup_side.as_mut(),
+                    error,
+                ]
+                .into_iter()
+                .flatten()
+                {
+                    scrub(s);
+                }
+            }
+        }
+    }
+
     fn set_id(&mut self, id: i64) {
         match self {
             Outgoing::Execution(r) => r.id = id,
@@ -139,7 +179,8 @@ impl Outbox {
     }
 
     /// Hand a record over; returns once it is committed, or queued when the database is down.
-    pub async fn write(&self, item: Outgoing) -> Result<Written, StoreError> {
+    pub async fn write(&self, mut item: Outgoing) -> Result<Written, StoreError> {
+        item.scrub();
         let n = self.seq.fetch_add(1, Ordering::Relaxed);
         let queued = Queued {
             uid: format!("{}-{n}", self.prefix),
@@ -207,8 +248,11 @@ impl Writer {
                 Ok(ids) => {
                     for (pending, id) in batch.into_iter().zip(ids) {
                         let mut item = pending.queued.item;
-                        item.set_id(id);
-                        let _ = pending.ack.send(Ok(Written::Committed(item)));
+                        let answer = id.map(|id| {
+                            item.set_id(id);
+                            Written::Committed(item)
+                        });
+                        let _ = pending.ack.send(answer);
                     }
                 }
                 Err(e) => {
@@ -314,9 +358,75 @@ const CDR_SQL: &str = "INSERT INTO cdrs
     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17)
     ON CONFLICT (uid) DO NOTHING RETURNING id";
 
+/// Why a batch was not written.
+enum InsertError {
+    /// No connection, a cut one, a timeout: try again later.
+    Unreachable(StoreError),
+    /// The server answered with an error: some record in the batch is at fault.
+    Refused(StoreError),
+}
+
+impl From<tokio_postgres::Error> for InsertError {
+    fn from(e: tokio_postgres::Error) -> Self {
+        // Class 08 (connection), 57P (shutdown) and 53 (resources) pass; others are the data's.
+        let transient = e.as_db_error().is_none_or(|d| {
+            let code = d.code().code();
+            code.starts_with("08") || code.starts_with("57P") || code.starts_with("53")
+        });
+        if transient {
+            InsertError::Unreachable(e.into())
+        } else {
+            InsertError::Refused(e.into())
+        }
+    }
+}
+
+impl From<StoreError> for InsertError {
+    fn from(e: StoreError) -> Self {
+        InsertError::Unreachable(e)
+    }
+}
+
+/// Insert `items`: one transaction when the database takes them all; when it refuses the
+/// batch, each record alone, so one bad record cannot hold the others back forever. The
+/// result per record: its id (0 when it was already there, from an earlier replay), or why
+/// the database refused it. `Err` when the database is unreachable.
+async fn insert(
+    pg: &PgStore,
+    node: &str,
+    items: &[&Queued],
+) -> Result<Vec<Result<i64, StoreError>>, StoreError> {
+    match insert_batch(pg, node, items).await {
+        Ok(ids) => Ok(ids.into_iter().map(Ok).collect()),
+        Err(InsertError::Unreachable(e)) => Err(e),
+        Err(InsertError::Refused(e)) if items.len() == 1 => {
+            tracing::error!(uid = %items[0].uid, "PostgreSQL refused a record, dropped: {e}");
+            Ok(vec![Err(e)])
+        }
+        Err(InsertError::Refused(_)) => {
+            let mut results = Vec::with_capacity(items.len());
+            for item in items {
+                match insert_batch(pg, node, &[*item]).await {
+                    Ok(ids) => results.push(Ok(ids.first().copied().unwrap_or(0))),
+                    Err(InsertError::Unreachable(e)) => return Err(e),
+                    Err(InsertError::Refused(e)) => {
+                        tracing::error!(uid = %item.uid, "PostgreSQL refused a record, dropped: {e}");
+                        results.push(Err(e));
+                    }
+                }
+            }
+            Ok(results)
+        }
+    }
+}
+
 /// Insert `items` in one transaction, the statements pipelined; the ids in order (0 for a
 /// record already there: a replay of a batch whose commit was in fact made).
-async fn insert(pg: &PgStore, node: &str, items: &[&Queued]) -> Result<Vec<i64>, StoreError> {
+async fn insert_batch(
+    pg: &PgStore,
+    node: &str,
+    items: &[&Queued],
+) -> Result<Vec<i64>, InsertError> {
     let work = async {
         let mut client = pg.client().await?;
         let tx = client.transaction().await?;
@@ -384,7 +494,7 @@ async fn insert(pg: &PgStore, node: &str, items: &[&Queued]) -> Result<Vec<i64>,
         }))
         .await?;
         tx.commit().await?;
-        Ok::<_, StoreError>(
+        Ok::<_, InsertError>(
             rows.into_iter()
                 .map(|r| r.map(|r| r.get::<_, i64>(0)).unwrap_or(0))
                 .collect(),
@@ -392,7 +502,11 @@ async fn insert(pg: &PgStore, node: &str, items: &[&Queued]) -> Result<Vec<i64>,
     };
     tokio::time::timeout(QUERY_TIMEOUT, work)
         .await
-        .map_err(|_| StoreError::Postgres("the database did not answer in time".into()))?
+        .map_err(|_| {
+            InsertError::Unreachable(StoreError::Postgres(
+                "the database did not answer in time".into(),
+            ))
+        })?
 }
 
 /// The spool folder: JSON-lines files of queued records, one file per spell of spilling.
