@@ -239,7 +239,7 @@ impl Kamailio {
             .arg(define("FR_TIMER", "1000"))
             .arg("-A")
             .arg(define("FR_INV_TIMER", "5000"))
-            .args(["-m", "64", "-M", "8", "-Y"])
+            .args(["-m", "256", "-M", "8", "-Y"])
             .arg(dir.path())
             .arg("-w")
             .arg(dir.path())
@@ -555,10 +555,12 @@ async fn cluster_shares_state_and_survives_a_kill9() {
         class5.record_routed
     );
 
-    // Phase 2: calls held 2 s at 25/s (about 25 live on each engine), redirects alongside.
+    // Phase 2: calls held 2 s at 25/s (about 25 live on each engine), redirects at 40/s.
     // Engine A is killed once it has been in rotation for longer than a call lasts, so calls
     // are live on it (on a loaded machine a slow probe answer can take it out for a moment).
-    let (calls2, routes2) = (500u32, 500u32);
+    // Round robin alternates over every INVITE: at equal rates the two SIPp streams would
+    // interleave and every class5 call land on the same engine, so the rates differ.
+    let (calls2, routes2) = (500u32, 800u32);
     let class5 = sipp_in_background(
         c.kamailio.addr,
         "cluster_call.xml",
@@ -572,7 +574,7 @@ async fn cluster_shares_state_and_survives_a_kill9() {
         "cluster_redirect.xml",
         "447700900555",
         routes2,
-        25,
+        40,
         0,
     );
     let started = Instant::now();
@@ -681,7 +683,7 @@ async fn cluster_shares_state_and_survives_a_kill9() {
         assert!(cdrs.contains_key(id), "no CDR for {id} (engine B)");
     }
     eprintln!(
-        "phase 2: {calls2} class5 calls at 25/s held 2 s + {routes2} class4 at 25/s; kill -9 of A: \
+        "phase 2: {calls2} class5 calls at 25/s held 2 s + {routes2} class4 at 40/s; kill -9 of A: \
          dispatcher marked it down {:.2} s later; {} calls lost (live on A), {} class5 ok, \
          {} class4 ok; CDRs {settled} (expected {expected})",
         failover.as_secs_f64(),
@@ -751,6 +753,12 @@ async fn cluster_class4_cps() {
         load.run.failed,
         c.kv_counter("cluster:routes")
     );
+    if load.run.failed > 0 {
+        eprintln!("{}", sipp_report(&load).chars().take(1500).collect::<String>());
+        let log = c.kamailio.log();
+        let tail: Vec<&str> = log.lines().rev().take(15).collect();
+        eprintln!("kamailio log, last lines:\n{}", tail.join("\n"));
+    }
 }
 
 /// Drain (issue 13): SIGTERM moves traffic off an engine with zero failed calls.
