@@ -64,14 +64,25 @@ pub struct Config {
     pub base_dir: PathBuf,
 }
 
-/// `[store]`: the embedded SQLite database (kv, userspace tables, records).
+/// `[store]`: the embedded SQLite database (kv, userspace tables, records), or with `url`
+/// a shared PostgreSQL database for userspace tables and records.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct StoreConfig {
     /// Relative to the configuration file's folder.
     pub path: PathBuf,
-    /// `"normal"` survives a process crash; `"full"` also a power loss (an fsync per write).
+    /// `"normal"` survives a process crash; `"full"` also a power loss (an fsync per write,
+    /// and per spooled record with PostgreSQL).
     pub synchronous: Synchronous,
+    /// `postgres://user:password@host:port/db`: userspace, execution records and CDRs go
+    /// there instead of the SQLite file.
+    pub url: Option<String>,
+    /// PostgreSQL only: records waiting in memory while the database is unreachable.
+    pub queue_memory: usize,
+    /// PostgreSQL only: where records beyond `queue_memory` wait (relative to the config's folder).
+    pub spool: PathBuf,
+    /// PostgreSQL only: this engine's name in the `node` column (default: the host name).
+    pub node: Option<String>,
 }
 
 impl Default for StoreConfig {
@@ -79,6 +90,10 @@ impl Default for StoreConfig {
         StoreConfig {
             path: PathBuf::from("callforge.db"),
             synchronous: Synchronous::Normal,
+            url: None,
+            queue_memory: 10_000,
+            spool: PathBuf::from("callforge-spool"),
+            node: None,
         }
     }
 }

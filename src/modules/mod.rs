@@ -25,7 +25,7 @@ use std::sync::Arc;
 use crate::{
     config::Config,
     script::HostModules,
-    store::{Kv, Records, RedisKv, SqliteKv, Store, StoreError},
+    store::{Kv, Outbox, OutboxConfig, PgStore, Records, RedisKv, SqliteKv, Store, StoreError},
 };
 
 /// A configuration problem found while building the modules: names the key at fault.
@@ -60,11 +60,33 @@ pub struct Built {
     pub jobs: Arc<job::JobService>,
 }
 
+/// This machine's name (a container's id under Docker), for the records' `node` column.
+fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|h| h.trim().to_string())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "callforge".into())
+}
+
 /// Build every module from `config`. `open_store_now` opens the database at once (for
 /// `serve`, so a bad path is a startup error); otherwise it opens on first use.
 pub fn build(config: &Config, open_store_now: bool) -> Result<Built, ModuleError> {
     let path = config.resolve(&config.store.path);
-    let store = if open_store_now {
+    let pg = match config.store.url.as_deref() {
+        None | Some("") => None,
+        Some(url) if url.starts_with("postgres://") || url.starts_with("postgresql://") => Some(
+            PgStore::connect(url).map_err(|e| ModuleError::config("store", format!("url: {e}")))?,
+        ),
+        Some(_) => {
+            return Err(ModuleError::config(
+                "store",
+                "url: expected a postgres:// URL (leave it out for the embedded SQLite file)",
+            ))
+        }
+    };
+    // With PostgreSQL the SQLite file holds only an embedded kv: open it when that is used.
+    let store = if open_store_now && pg.is_none() {
         Store::open(&path, config.store.synchronous)?
     } else {
         Store::lazy(&path, config.store.synchronous)
@@ -81,7 +103,10 @@ pub fn build(config: &Config, open_store_now: bool) -> Result<Built, ModuleError
             ))
         }
     };
-    let userspace = crate::store::Userspace::new(store.clone());
+    let userspace = match &pg {
+        Some(pg) => crate::store::Userspace::postgres(store.clone(), pg.clone()),
+        None => crate::store::Userspace::new(store.clone()),
+    };
     let lookup = Arc::new(lookup::LookupService::new(config, userspace.clone())?);
     let templates = Arc::new(template::Templates::new(
         config.resolve(&config.templates.dir),
@@ -152,7 +177,21 @@ pub fn build(config: &Config, open_store_now: bool) -> Result<Built, ModuleError
 
     let records = if config.records.enabled {
         let jsonl = config.records.jsonl.as_ref().map(|p| config.resolve(p));
-        Some(Records::new(store.clone(), jsonl)?)
+        match &pg {
+            Some(pg) => {
+                let outbox = Outbox::start(
+                    pg.clone(),
+                    OutboxConfig {
+                        node: config.store.node.clone().unwrap_or_else(host_name),
+                        memory_limit: config.store.queue_memory,
+                        spool: config.resolve(&config.store.spool),
+                        sync_spool: config.store.synchronous == crate::store::Synchronous::Full,
+                    },
+                )?;
+                Some(Records::postgres(pg.clone(), outbox, jsonl)?)
+            }
+            None => Some(Records::new(store.clone(), jsonl)?),
+        }
     } else {
         None
     };
