@@ -1,5 +1,6 @@
 //! Host modules scripts reach, built from `callforge.toml`: `cxKV`, `cxUserspace`, `cxSend`,
-//! `lookup` (also `api.lookup`), `originate`, and the globals `api` and `fetch`.
+//! `cxRest`, `cxTemplate`, `cxPubSub`, `cxJob`, `cxLLM`, `cxOriginate` (each also under
+//! callforge's short name), `lookup` (also `api.lookup`), and the globals `api` and `fetch`.
 //!
 //! Each is a `script::HostModule`, listed once in [`MODULES`] (or [`GLOBALS`]) with the names
 //! scripts reach it by; [`build`] checks the configuration and registers them.
@@ -7,11 +8,16 @@
 pub mod api;
 pub mod args;
 pub mod fetch;
+pub mod job;
 pub mod kv;
+pub mod llm;
 pub mod lookup;
 pub mod originate;
+pub mod pubsub;
+pub mod rest;
 pub mod send;
 pub mod smtp;
+pub mod template;
 pub mod userspace;
 pub mod webhook;
 
@@ -20,7 +26,7 @@ use std::sync::Arc;
 use crate::{
     config::Config,
     script::{HostModule, HostModules},
-    store::{Kv, Records, RedisKv, SqliteKv, Store, StoreError},
+    store::{Kv, Outbox, OutboxConfig, PgStore, Records, RedisKv, SqliteKv, Store, StoreError},
 };
 
 /// A configuration problem found while building the modules: names the key at fault.
@@ -50,6 +56,10 @@ pub struct Shared<'a> {
     pub lookup: Arc<lookup::LookupService>,
     pub send: Arc<send::SendService>,
     pub fetch: Arc<fetch::FetchService>,
+    pub templates: Arc<template::Templates>,
+    pub jobs: Arc<job::JobService>,
+    /// The Redis URL of `[kv] backend`, when it is one (cxPubSub shares it).
+    pub redis_url: Option<&'a str>,
     pub originator: originate::OriginatorSlot,
 }
 
@@ -84,11 +94,40 @@ pub const MODULES: &[Entry] = &[
         build: |s| Ok(Arc::new(lookup::LookupModule::new(s.lookup.clone()))),
     },
     Entry {
-        names: &["originate"],
+        names: &["cxOriginate", "originate"],
         build: |s| {
             Ok(Arc::new(originate::OriginateModule::new(
                 s.originator.clone(),
             )))
+        },
+    },
+    Entry {
+        names: &["cxRest", "rest"],
+        build: |s| {
+            let service = rest::RestService::new(&s.config.rest, s.fetch.clone())?;
+            Ok(Arc::new(rest::RestModule::new(Arc::new(service))))
+        },
+    },
+    Entry {
+        names: &["cxTemplate", "template"],
+        build: |s| Ok(Arc::new(template::TemplateModule::new(s.templates.clone()))),
+    },
+    Entry {
+        names: &["cxPubSub", "pubsub"],
+        build: |s| {
+            let pubsub = pubsub::PubSub::new(s.redis_url)?;
+            Ok(Arc::new(pubsub::PubSubModule::new(Arc::new(pubsub))))
+        },
+    },
+    Entry {
+        names: &["cxJob", "job"],
+        build: |s| Ok(Arc::new(job::JobModule::new(s.jobs.clone()))),
+    },
+    Entry {
+        names: &["cxLLM", "llm"],
+        build: |s| {
+            let service = llm::LlmService::new(&s.config.llm, s.fetch.clone())?;
+            Ok(Arc::new(llm::LlmModule::new(Arc::new(service))))
         },
     },
 ];
@@ -147,13 +186,37 @@ pub struct Built {
     pub send: Arc<send::SendService>,
     /// Filled in when SIP starts: `require('originate')` and `/v1/calls` use it.
     pub originator: originate::OriginatorSlot,
+    /// The `cxJob` queue; `serve` starts its runner (`JobService::start`).
+    pub jobs: Arc<job::JobService>,
+}
+
+/// This machine's name (a container's id under Docker), for the records' `node` column.
+fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|h| h.trim().to_string())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "callforge".into())
 }
 
 /// Build every module from `config`. `open_store_now` opens the database at once (for
 /// `serve`, so a bad path is a startup error); otherwise it opens on first use.
 pub fn build(config: &Config, open_store_now: bool) -> Result<Built, ModuleError> {
     let path = config.resolve(&config.store.path);
-    let store = if open_store_now {
+    let pg = match config.store.url.as_deref() {
+        None | Some("") => None,
+        Some(url) if url.starts_with("postgres://") || url.starts_with("postgresql://") => Some(
+            PgStore::connect(url).map_err(|e| ModuleError::config("store", format!("url: {e}")))?,
+        ),
+        Some(_) => {
+            return Err(ModuleError::config(
+                "store",
+                "url: expected a postgres:// URL (leave it out for the embedded SQLite file)",
+            ))
+        }
+    };
+    // With PostgreSQL the SQLite file holds only an embedded kv: open it when that is used.
+    let store = if open_store_now && pg.is_none() {
         Store::open(&path, config.store.synchronous)?
     } else {
         Store::lazy(&path, config.store.synchronous)
@@ -170,10 +233,27 @@ pub fn build(config: &Config, open_store_now: bool) -> Result<Built, ModuleError
             ))
         }
     };
-    let userspace = crate::store::Userspace::new(store.clone());
+    let userspace = match &pg {
+        Some(pg) => crate::store::Userspace::postgres(store.clone(), pg.clone()),
+        None => crate::store::Userspace::new(store.clone()),
+    };
     let lookup = Arc::new(lookup::LookupService::new(config, userspace.clone())?);
-    let send = Arc::new(send::SendService::new(&config.send)?);
+    let templates = Arc::new(template::Templates::new(
+        config.resolve(&config.templates.dir),
+    ));
+    let send = Arc::new(send::SendService::new(&config.send)?.with_templates(templates.clone()));
     let fetch = Arc::new(fetch::FetchService::new(&config.fetch)?);
+    let redis_url = Some(config.kv.backend.as_str()).filter(|b| b.starts_with("redis"));
+    let job_store = match redis_url {
+        Some(url) => crate::store::jobs::JobStore::Redis(
+            crate::store::redis_jobs::RedisJobs::new(url)
+                .map_err(|e| ModuleError::config("kv", format!("backend: {e}")))?,
+        ),
+        None => {
+            crate::store::jobs::JobStore::Embedded(crate::store::jobs::Jobs::new(store.clone()))
+        }
+    };
+    let jobs = Arc::new(job::JobService::new(job_store, &config.jobs));
     let originator = originate::OriginatorSlot::default();
     let shared = Shared {
         config,
@@ -183,6 +263,9 @@ pub fn build(config: &Config, open_store_now: bool) -> Result<Built, ModuleError
         lookup,
         send: send.clone(),
         fetch,
+        templates,
+        jobs: jobs.clone(),
+        redis_url,
         originator: originator.clone(),
     };
 
@@ -197,7 +280,21 @@ pub fn build(config: &Config, open_store_now: bool) -> Result<Built, ModuleError
 
     let records = if config.records.enabled {
         let jsonl = config.records.jsonl.as_ref().map(|p| config.resolve(p));
-        Some(Records::new(store.clone(), jsonl)?)
+        match &pg {
+            Some(pg) => {
+                let outbox = Outbox::start(
+                    pg.clone(),
+                    OutboxConfig {
+                        node: config.store.node.clone().unwrap_or_else(host_name),
+                        memory_limit: config.store.queue_memory,
+                        spool: config.resolve(&config.store.spool),
+                        sync_spool: config.store.synchronous == crate::store::Synchronous::Full,
+                    },
+                )?;
+                Some(Records::postgres(pg.clone(), outbox, jsonl)?)
+            }
+            None => Some(Records::new(store.clone(), jsonl)?),
+        }
     } else {
         None
     };
@@ -207,5 +304,6 @@ pub fn build(config: &Config, open_store_now: bool) -> Result<Built, ModuleError
         records,
         send,
         originator,
+        jobs,
     })
 }
