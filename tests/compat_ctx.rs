@@ -230,7 +230,7 @@ fn rig(extra: &str) -> Rig {
     let scripts = server.dir.path().join("scripts");
     for name in PUBLISHED {
         std::fs::copy(
-            scriptforge_dir(&root).join(format!("{name}.js")),
+            scriptforge_dir(root).join(format!("{name}.js")),
             scripts.join(format!("{name}.js")),
         )
         .unwrap();
