@@ -33,7 +33,7 @@ use crate::{
         media_bind::MediaShared,
         originate::OriginateRequest,
         remote_audio::{HttpTtsRenderer, RemoteAudio, RemoteAudioConfig},
-        trunks::Trunks,
+        trunks::{TrunkTable, Trunks},
         CallEvent, VoiceServer,
     },
 };
@@ -102,6 +102,9 @@ pub struct Ops {
     sip: OnceLock<SipHandle>,
     admission: OnceLock<watch::Sender<Arc<Admission>>>,
     voice: OnceLock<CallControl>,
+    trunks: OnceLock<Arc<TrunkTable>>,
+    /// The SIP listeners as bound, in `[sip] listen` order.
+    bound: OnceLock<Vec<ListenSpec>>,
 }
 
 impl Ops {
@@ -131,14 +134,21 @@ impl Ops {
         next.sip.listen = started.sip.listen.clone();
         next.scripts.dir = started.scripts.dir.clone();
         let admission = admission(&next, &self.scripts_dir).map_err(|e| e.to_string())?;
-        let policy = guard_policy(&next.sip).map_err(|e| e.to_string())?;
+        let bound = self.bound.get().cloned().unwrap_or_default();
+        let policy = guard_policy(&next.sip, &bound).map_err(|e| e.to_string())?;
         check_exposure(&next).map_err(|e| e.to_string())?;
+        let codecs = codecs(&next.sip).map_err(|e| e.to_string())?;
+        let trunks = Trunks::build(&next.trunk, &codecs).map_err(|e| format!("[[trunk]] {e}"))?;
         let summary = format!(
-            "{} routes, {} ACL entries, {} users",
+            "{} routes, {} ACL entries, {} users, {} trunks",
             admission.routes.len(),
             policy.allow.len(),
-            admission.users.len()
+            admission.users.len(),
+            next.trunk.len()
         );
+        if let Some(table) = self.trunks.get() {
+            table.replace(trunks);
+        }
         if let Some(sip) = self.sip.get() {
             sip.set_guard(policy);
         }
@@ -206,14 +216,37 @@ fn admission(config: &Config, scripts_dir: &std::path::Path) -> Result<Admission
     })
 }
 
-fn guard_policy(cfg: &SipConfig) -> Result<GuardPolicy, AppError> {
-    let allow = cfg
-        .allow
-        .iter()
-        .map(|a| guard::parse_net(a).map_err(|e| AppError::SipConfig(format!("allow: {e}"))))
-        .collect::<Result<Vec<_>, _>>()?;
+/// The guard's rules from `[sip]`; `bound` are the listeners' addresses as bound, in the
+/// order of `listen` (the configured ones before binding).
+fn guard_policy(cfg: &SipConfig, bound: &[ListenSpec]) -> Result<GuardPolicy, AppError> {
+    let nets = |what: &str, list: &[String]| {
+        list.iter()
+            .map(|a| guard::parse_net(a).map_err(|e| AppError::SipConfig(format!("{what}: {e}"))))
+            .collect::<Result<Vec<_>, _>>()
+    };
+    let allow = nets("allow", &cfg.allow)?;
+    let mut listeners = Vec::new();
+    for (spec, list) in &cfg.listener_allow {
+        let i = cfg
+            .listen
+            .iter()
+            .position(|l| l.trim() == spec.trim())
+            .ok_or_else(|| {
+                AppError::SipConfig(format!(
+                    "listener_allow {spec:?} is not one of listen = {:?}",
+                    cfg.listen
+                ))
+            })?;
+        let Some(b) = bound.get(i) else { continue };
+        listeners.push((
+            b.transport,
+            b.addr,
+            nets(&format!("listener_allow {spec:?}"), list)?,
+        ));
+    }
     Ok(GuardPolicy {
         allow,
+        listeners,
         deny_action: cfg.deny_action,
         rate_per_source: cfg.rate_per_source,
         calls_per_source: cfg.calls_per_source,
@@ -236,6 +269,11 @@ pub fn check_exposure(config: &Config) -> Result<(), AppError> {
         .filter(|l| {
             l.parse::<ListenSpec>()
                 .is_ok_and(|s| !s.addr.ip().is_loopback())
+                && config
+                    .sip
+                    .listener_allow
+                    .get(l.as_str())
+                    .is_none_or(|list| list.is_empty())
         })
         .collect();
     let open: Vec<&str> = config
@@ -274,6 +312,8 @@ impl App {
             sip: OnceLock::new(),
             admission: OnceLock::new(),
             voice: OnceLock::new(),
+            trunks: OnceLock::new(),
+            bound: OnceLock::new(),
         });
         Ok(App {
             ops,
@@ -368,7 +408,8 @@ impl App {
     /// Starts SIP when there is at least one `[[route]]`; prints one line per listener.
     pub async fn start_sip(&self) -> Result<Option<SipHandle>, AppError> {
         let admission = admission(&self.config, self.library.dir())?;
-        let policy = guard_policy(&self.config.sip)?;
+        let configured = listen_specs(&self.config.sip).unwrap_or_default();
+        let policy = guard_policy(&self.config.sip, &configured)?;
         let routes = &admission.routes;
         if !self.config.sip.enabled {
             tracing::info!("[sip] enabled = false: SIP not started");
@@ -382,7 +423,7 @@ impl App {
         check_gateways(&self.config.gateways)?;
         let specs = listen_specs(cfg)?;
         let mut ua = ua_config(cfg, self.config.calls.accept_refer);
-        ua.guard = policy;
+        ua.guard = policy.clone();
         let transport = sip::start(&specs, ua).await.map_err(|e| match e {
             TransportError::Bind { spec, source } if source.kind() == std::io::ErrorKind::AddrInUse => {
                 AppError::SipConfig(format!(
@@ -393,6 +434,13 @@ impl App {
             }
             other => AppError::Sip(other),
         })?;
+        if !cfg.listener_allow.is_empty() {
+            // Port-0 listeners are only known now that they are bound.
+            transport
+                .handle
+                .set_guard(guard_policy(cfg, &transport.local_addrs)?);
+        }
+        let _ = self.ops.bound.set(transport.local_addrs.clone());
         for spec in &transport.local_addrs {
             tracing::info!(%spec, routes = routes.len(), "callforge sip listening");
             println!("callforge sip listening on {spec}");
@@ -442,7 +490,7 @@ impl App {
             media: media_shared(&self.config.media)?,
             records: self.records.clone(),
             control,
-            trunks: Arc::new(trunks),
+            trunks: Arc::new(TrunkTable::new(trunks)),
             calls: self.config.calls.clone(),
         };
         self.originator
@@ -456,6 +504,7 @@ impl App {
         let _ = self.ops.admission.set(admission_tx);
         let _ = self.ops.sip.set(handle.clone());
         let _ = self.ops.voice.set(voice.control.clone());
+        let _ = self.ops.trunks.set(voice.trunks.clone());
         tokio::spawn(dispatch(
             transport.events,
             commands,
@@ -797,7 +846,7 @@ impl Originator for VoiceOriginator {
 
     fn list(&self) -> serde_json::Value {
         let calls = self.0.control.live.list(crate::store::now_ms());
-        serde_json::json!({"calls": calls, "trunks": self.0.trunks.usage().into_iter()
+        serde_json::json!({"calls": calls, "trunks": self.0.trunks.current().usage().into_iter()
             .map(|(name, active, max)| serde_json::json!({"name": name, "active": active, "max_calls": max}))
             .collect::<Vec<_>>()})
     }
@@ -938,6 +987,34 @@ mod tests {
         g.insert("c".to_string(), "alpha.example.net".to_string());
         let e = check_gateways(&g).unwrap_err().to_string();
         assert!(e.contains("[gateways] c"), "{e}");
+    }
+
+    #[test]
+    fn a_public_listener_with_an_open_class5_route_is_refused() {
+        let open = "[sip]\nlisten = [\"udp:0.0.0.0:5060\"]\n[[route]]\nmatch = \".\"\nscript = \"x\"\nmode = \"class5\"\n";
+        let e = check_exposure(&Config::parse(open, "t").unwrap())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("insecure_open") && e.contains("udp:0.0.0.0:5060"),
+            "{e}"
+        );
+        for text in [
+            open.replacen("[sip]\n", "[sip]\ninsecure_open = true\n", 1),
+            open.replacen("[sip]\n", "[sip]\nallow = [\"192.0.2.0/24\"]\n", 1),
+            format!("{open}[sip.listener_allow]\n\"udp:0.0.0.0:5060\" = [\"192.0.2.1\"]\n"),
+        ] {
+            let c = Config::parse(&text, "t").unwrap_or_else(|e| panic!("{text}: {e}"));
+            assert!(check_exposure(&c).is_ok(), "{text}");
+        }
+        for guarded in ["auth = true", "allow = [\"192.0.2.1\"]"] {
+            let c = Config::parse(&format!("{open}{guarded}\n"), "t").unwrap();
+            assert!(check_exposure(&c).is_ok(), "{guarded}");
+        }
+        let lo = open.replace("0.0.0.0", "127.0.0.1");
+        assert!(check_exposure(&Config::parse(&lo, "t").unwrap()).is_ok());
+        let class4 = open.replace("class5", "class4");
+        assert!(check_exposure(&Config::parse(&class4, "t").unwrap()).is_ok());
     }
 
     #[test]

@@ -311,6 +311,9 @@ pub struct SipConfig {
     pub rtp_ports: [u16; 2],
     /// Sources (IP or CIDR) whose new requests every listener accepts; empty accepts all.
     pub allow: Vec<String>,
+    /// Listeners with their own source list, by listen spec as written in `listen`
+    /// (`"udp:0.0.0.0:5060" = ["192.0.2.0/24"]`); used instead of `allow` on that listener.
+    pub listener_allow: BTreeMap<String, Vec<String>>,
     /// What refused sources get: `"reject"` (403) or `"drop"` (no answer).
     pub deny_action: crate::sip::guard::DenyAction,
     /// New out-of-dialog requests per second per source IP (0 = no limit).
@@ -351,6 +354,7 @@ impl Default for SipConfig {
             rtp_ip: None,
             rtp_ports: [16_384, 32_767],
             allow: Vec::new(),
+            listener_allow: BTreeMap::new(),
             deny_action: Default::default(),
             rate_per_source: 0,
             calls_per_source: 0,

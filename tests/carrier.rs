@@ -435,3 +435,25 @@ fn reload_swaps_a_route_live_and_refuses_a_bad_config_whole() {
     let (status, body) = http_post(&s, "/v1/admin/reload");
     assert_eq!(status, 200, "{body}");
 }
+
+#[test]
+fn serve_refuses_a_public_listener_with_an_open_class5_route() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("callforge.toml");
+    std::fs::write(
+        &cfg,
+        "[sip]\nlisten = [\"udp:0.0.0.0:0\"]\n[[route]]\nmatch = \".\"\nscript = \"answer_and_hangup\"\nmode = \"class5\"\n",
+    )
+    .unwrap();
+    let out = std::process::Command::new(sip_support::BIN)
+        .args(["serve", "--http", "127.0.0.1:0", "--config"])
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(
+        err.contains("insecure_open") && err.contains("[sip] allow"),
+        "{err}"
+    );
+}

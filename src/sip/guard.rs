@@ -4,12 +4,13 @@
 
 use std::{
     collections::HashMap,
-    net::IpAddr,
+    net::{IpAddr, SocketAddr},
     time::{Duration, Instant},
 };
 
 use ipnet::IpNet;
 
+use super::transaction::TransportKind;
 use crate::metrics::{metrics, Metrics};
 
 /// What happens to a refused request.
@@ -28,6 +29,9 @@ pub enum DenyAction {
 pub struct GuardPolicy {
     /// Sources allowed to send new requests; empty allows every source.
     pub allow: Vec<IpNet>,
+    /// Listeners with their own list, used instead of `allow` for requests they receive:
+    /// (transport, bound address, list). A wildcard address matches any local IP on its port.
+    pub listeners: Vec<(TransportKind, SocketAddr, Vec<IpNet>)>,
     pub deny_action: DenyAction,
     /// New out-of-dialog requests per second one source IP may send (0 = no limit); bursts
     /// up to one second's worth are absorbed.
@@ -40,8 +44,17 @@ pub struct GuardPolicy {
 }
 
 impl GuardPolicy {
-    pub fn allows(&self, ip: IpAddr) -> bool {
-        allowed(&self.allow, ip)
+    /// Whether `ip` may send new requests to the listener `local` (over `transport`).
+    pub fn allows(&self, ip: IpAddr, local: SocketAddr, transport: TransportKind) -> bool {
+        let own = self.listeners.iter().find(|(t, addr, _)| {
+            *t == transport
+                && addr.port() == local.port()
+                && (addr.ip() == local.ip() || addr.ip().is_unspecified())
+        });
+        match own {
+            Some((_, _, list)) => allowed(list, ip),
+            None => allowed(&self.allow, ip),
+        }
     }
 }
 
@@ -138,9 +151,16 @@ impl Guard {
         self.draining
     }
 
-    /// A new out-of-dialog request (`invite` or `options` when it is one) from `ip`.
-    pub fn check(&mut self, ip: IpAddr, method: &rsip::Method, now: Instant) -> Verdict {
-        if !self.policy.allows(ip) {
+    /// A new out-of-dialog request from `source`, received on `local`.
+    pub fn check(
+        &mut self,
+        source: super::Target,
+        local: SocketAddr,
+        method: &rsip::Method,
+        now: Instant,
+    ) -> Verdict {
+        let ip = source.addr.ip();
+        if !self.policy.allows(ip, local, source.transport) {
             return self.refuse(ip, Refusal::Acl, now);
         }
         let invite = *method == rsip::Method::Invite;
@@ -241,6 +261,43 @@ mod tests {
         s.parse().unwrap()
     }
 
+    fn src_ip(ip: IpAddr) -> super::super::Target {
+        super::super::Target {
+            addr: SocketAddr::new(ip, 5099),
+            transport: TransportKind::Udp,
+        }
+    }
+
+    fn src(s: &str) -> super::super::Target {
+        src_ip(ip(s))
+    }
+
+    fn local() -> SocketAddr {
+        "127.0.0.1:5060".parse().unwrap()
+    }
+
+    #[test]
+    fn a_listener_with_its_own_list_uses_it() {
+        let any: SocketAddr = "0.0.0.0:5070".parse().unwrap();
+        let mut g = Guard::new(GuardPolicy {
+            allow: vec![parse_net("127.0.0.1").unwrap()],
+            listeners: vec![(
+                TransportKind::Udp,
+                any,
+                vec![parse_net("127.0.0.9").unwrap()],
+            )],
+            ..GuardPolicy::default()
+        });
+        let now = Instant::now();
+        let inv = rsip::Method::Invite;
+        let on_5070: SocketAddr = "127.0.0.1:5070".parse().unwrap();
+        assert_eq!(g.check(src("127.0.0.9"), on_5070, &inv, now), Verdict::Pass);
+        assert_ne!(g.check(src("127.0.0.1"), on_5070, &inv, now), Verdict::Pass);
+        // Other listeners keep the global list.
+        assert_eq!(g.check(src("127.0.0.1"), local(), &inv, now), Verdict::Pass);
+        assert_ne!(g.check(src("127.0.0.9"), local(), &inv, now), Verdict::Pass);
+    }
+
     #[test]
     fn acl_admits_listed_networks_only() {
         let mut g = Guard::new(GuardPolicy {
@@ -252,11 +309,17 @@ mod tests {
         });
         let now = Instant::now();
         let inv = rsip::Method::Invite;
-        assert_eq!(g.check(ip("127.0.0.1"), &inv, now), Verdict::Pass);
-        assert_eq!(g.check(ip("10.1.200.3"), &inv, now), Verdict::Pass);
-        assert_eq!(g.check(ip("::ffff:10.1.0.9"), &inv, now), Verdict::Pass);
+        assert_eq!(g.check(src("127.0.0.1"), local(), &inv, now), Verdict::Pass);
+        assert_eq!(
+            g.check(src("10.1.200.3"), local(), &inv, now),
+            Verdict::Pass
+        );
+        assert_eq!(
+            g.check(src("::ffff:10.1.0.9"), local(), &inv, now),
+            Verdict::Pass
+        );
         assert!(matches!(
-            g.check(ip("127.0.0.2"), &inv, now),
+            g.check(src("127.0.0.2"), local(), &inv, now),
             Verdict::Reject { code: 403, .. }
         ));
         g.set_policy(GuardPolicy {
@@ -265,7 +328,7 @@ mod tests {
             ..GuardPolicy::default()
         });
         assert_eq!(
-            g.check(ip("127.0.0.2"), &inv, now),
+            g.check(src("127.0.0.2"), local(), &inv, now),
             Verdict::Drop(Refusal::Acl)
         );
         assert!(parse_net("10.0.0.0/33").is_err());
@@ -282,13 +345,13 @@ mod tests {
         let t0 = Instant::now();
         let opt = rsip::Method::Options;
         let passed = (0..20)
-            .filter(|_| g.check(ip("127.0.0.3"), &opt, t0) == Verdict::Pass)
+            .filter(|_| g.check(src("127.0.0.3"), local(), &opt, t0) == Verdict::Pass)
             .count();
         assert_eq!(passed, 5);
         // Another source is not affected.
-        assert_eq!(g.check(ip("127.0.0.4"), &opt, t0), Verdict::Pass);
+        assert_eq!(g.check(src("127.0.0.4"), local(), &opt, t0), Verdict::Pass);
         assert_eq!(
-            g.check(ip("127.0.0.3"), &opt, t0),
+            g.check(src("127.0.0.3"), local(), &opt, t0),
             Verdict::Reject {
                 code: 503,
                 retry_after: Some(2),
@@ -297,9 +360,9 @@ mod tests {
         );
         // 400 ms later two tokens are back.
         let t1 = t0 + Duration::from_millis(400);
-        assert_eq!(g.check(ip("127.0.0.3"), &opt, t1), Verdict::Pass);
-        assert_eq!(g.check(ip("127.0.0.3"), &opt, t1), Verdict::Pass);
-        assert_ne!(g.check(ip("127.0.0.3"), &opt, t1), Verdict::Pass);
+        assert_eq!(g.check(src("127.0.0.3"), local(), &opt, t1), Verdict::Pass);
+        assert_eq!(g.check(src("127.0.0.3"), local(), &opt, t1), Verdict::Pass);
+        assert_ne!(g.check(src("127.0.0.3"), local(), &opt, t1), Verdict::Pass);
     }
 
     #[test]
@@ -314,20 +377,26 @@ mod tests {
         g.call_started(a);
         g.call_started(a);
         assert!(matches!(
-            g.check(a, &inv, now),
+            g.check(src_ip(a), local(), &inv, now),
             Verdict::Reject {
                 why: Refusal::Concurrent,
                 ..
             }
         ));
-        assert_eq!(g.check(a, &rsip::Method::Options, now), Verdict::Pass);
+        assert_eq!(
+            g.check(src_ip(a), local(), &rsip::Method::Options, now),
+            Verdict::Pass
+        );
         g.call_ended(a);
-        assert_eq!(g.check(a, &inv, now), Verdict::Pass);
+        assert_eq!(g.check(src_ip(a), local(), &inv, now), Verdict::Pass);
         g.set_draining(true);
         assert!(matches!(
-            g.check(a, &rsip::Method::Options, now),
+            g.check(src_ip(a), local(), &rsip::Method::Options, now),
             Verdict::Reject { code: 503, .. }
         ));
-        assert_eq!(g.check(a, &rsip::Method::Message, now), Verdict::Pass);
+        assert_eq!(
+            g.check(src_ip(a), local(), &rsip::Method::Message, now),
+            Verdict::Pass
+        );
     }
 }

@@ -331,6 +331,27 @@ pub struct UserAgent {
     guard: super::guard::Guard,
 }
 
+/// The method's name for the metrics, without allocating (`OTHER` for the rare ones).
+fn method_name(m: &rsip::Method) -> &'static str {
+    use rsip::Method::*;
+    match m {
+        Invite => "INVITE",
+        Ack => "ACK",
+        Bye => "BYE",
+        Cancel => "CANCEL",
+        Options => "OPTIONS",
+        Register => "REGISTER",
+        Info => "INFO",
+        Update => "UPDATE",
+        Refer => "REFER",
+        Notify => "NOTIFY",
+        Message => "MESSAGE",
+        PRack => "PRACK",
+        Subscribe => "SUBSCRIBE",
+        _ => "OTHER",
+    }
+}
+
 /// Counts an outgoing message by method or status code, read from its first line.
 fn count_sent(bytes: &[u8]) {
     let m = crate::metrics::metrics();
@@ -533,7 +554,7 @@ impl UserAgent {
             Ok((_, rsip::SipMessage::Request(req))) => {
                 crate::metrics::metrics()
                     .sip_requests_received
-                    .inc(&req.method.to_string());
+                    .inc(method_name(&req.method));
                 self.on_request(req, source, local, now)
             }
             Ok((_, rsip::SipMessage::Response(resp))) => {

@@ -11,7 +11,7 @@ use super::{
     ctx::{hangup_error, CallCtx, CtxRequest, OutHeaders, Reply},
     data,
     media_bind::{self, MediaShared, MediaSlot},
-    trunks::Trunks,
+    trunks::TrunkTable,
 };
 use crate::{
     config::CallsConfig,
@@ -70,7 +70,8 @@ pub struct VoiceServer {
     pub records: Option<Records>,
     /// Places outbound legs and lists live calls.
     pub control: CallControl,
-    pub trunks: Arc<Trunks>,
+    /// Swapped by a configuration reload.
+    pub trunks: Arc<TrunkTable>,
     pub calls: CallsConfig,
 }
 

@@ -83,7 +83,7 @@ impl UserAgent {
         let out_of_dialog = message::to_tag(&req.headers).is_none()
             && !matches!(req.method, rsip::Method::Ack | rsip::Method::Cancel);
         if out_of_dialog {
-            match self.guard.check(source.addr.ip(), &req.method, now) {
+            match self.guard.check(source, local, &req.method, now) {
                 super::super::guard::Verdict::Pass => {}
                 super::super::guard::Verdict::Drop(_) => return,
                 super::super::guard::Verdict::Reject {
