@@ -140,7 +140,10 @@ impl VoiceServer {
         });
         tracing::info!(call = handle.0, uri = %dialed.request_uri, script = %req.script, "originating");
         let server = self.clone();
+        // Draining waits for originated calls too, until their CDR is written.
+        let in_flight = crate::lifecycle::InFlight::begin();
         tokio::spawn(async move {
+            let _in_flight = in_flight;
             server
                 .run_originated(Originated {
                     handle,
