@@ -699,7 +699,7 @@ fn print_demo_banner(addr: SocketAddr) {
          \x20   sipp -sn uac -s 1000 {addr} -m 1 -d 10000\n\
          \x20   softphone: sip:1000@{addr}\n\
          \x20 echo test (you hear yourself until you press a key): sip:echo@{addr}\n\
-         \x20 class4 routing (302 to the cheapest carrier): sipp -sf tests/sipp/redirect.xml -s 447700900123 {addr} -m 1\n\
+         \x20 class4 routing (302 to the cheapest carrier): sipp -sf tests/sipp/uac_302.xml -s 447700900123 {addr} -m 1\n\
          Other ports: callforge serve --sip udp:127.0.0.1:5070 --sip tcp:127.0.0.1:5070\n"
     );
 }

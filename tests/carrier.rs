@@ -457,3 +457,63 @@ fn serve_refuses_a_public_listener_with_an_open_class5_route() {
         "{err}"
     );
 }
+
+/// `serve` without a configuration file, as `tools/start.sh` runs it, from the repository root.
+#[test]
+fn the_embedded_default_answers_calls_and_says_how() {
+    let port = sip_support::free_port();
+    let udp = format!("udp:127.0.0.1:{port}");
+    let tcp = format!("tcp:127.0.0.1:{port}");
+    let serve = |http: &str| {
+        std::process::Command::new(sip_support::BIN)
+            .args(["serve", "--http", http, "--sip", &udp, "--sip", &tcp])
+            .current_dir(sip_support::ROOT)
+            .env("RUST_LOG", "warn")
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let mut child = serve("127.0.0.1:0");
+    let stdout = child.stdout.take().unwrap();
+    let mut banner = String::new();
+    for line in std::io::BufRead::lines(std::io::BufReader::new(stdout)) {
+        let line = line.unwrap();
+        banner.push_str(&line);
+        banner.push('\n');
+        if line.starts_with("callforge http listening") {
+            break;
+        }
+    }
+    let target: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    struct Kill(std::process::Child);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let _guard = Kill(child);
+    assert!(
+        banner.contains(&format!("sipp -sn uac -s 1000 {target}")),
+        "{banner}"
+    );
+    assert!(banner.contains(&format!("sip:1000@{target}")), "{banner}");
+    assert!(
+        banner.contains("tests/sipp/uac_302.xml -s 447700900123"),
+        "{banner}"
+    );
+    // The class4 demo route redirects; the IVR answers (SIPp hangs up after 1 s).
+    let run = sipp("uac_302", target, "447700900123", 2, &[]);
+    assert_all_ok(&run, 2);
+    let ivr = sipp("uac_call", target, "1000", 1, &["-d", "1000"]);
+    assert_eq!((ivr.successful, ivr.failed), (1, 0), "{ivr:?}");
+    // A second engine on the same port says which flag to use.
+    let second = serve("127.0.0.1:0").wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&second.stderr);
+    assert!(!second.status.success());
+    assert!(
+        err.contains("already in use") && err.contains("--sip"),
+        "{err}"
+    );
+}
