@@ -517,3 +517,59 @@ fn the_embedded_default_answers_calls_and_says_how() {
         "{err}"
     );
 }
+
+#[test]
+fn concurrent_calls_are_limited_per_source() {
+    let s = start(&format!("calls_per_source = 2\n{LONG_CALL}"));
+    std::fs::write(
+        s.dir.path().join("scripts/three_seconds.js"),
+        "async function main(data, ctx) { await ctx.answer(); await new Promise((r) => setTimeout(r, 3000)); await ctx.hangup(); }",
+    )
+    .unwrap();
+    let target = s.udp;
+    // Two calls from 127.0.0.1 stay up for 3 s, then the script hangs up.
+    let runner =
+        std::thread::spawn(move || sipp("class5_script_bye", target, "7200", 2, &["-r", "10"]));
+    std::thread::sleep(Duration::from_millis(1200));
+    // A third INVITE from the same source is refused before routing; another source is not
+    // limited (it reaches routing: 404 for a number without a route).
+    assert_eq!(
+        request_from(
+            "127.0.0.1",
+            target,
+            "INVITE",
+            "nobody",
+            Duration::from_secs(2)
+        ),
+        Some(503)
+    );
+    assert_eq!(
+        request_from(
+            "127.0.0.2",
+            target,
+            "INVITE",
+            "nobody",
+            Duration::from_secs(2)
+        ),
+        Some(404)
+    );
+    assert_all_ok(&runner.join().unwrap(), 2);
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(
+        request_from(
+            "127.0.0.1",
+            target,
+            "INVITE",
+            "nobody",
+            Duration::from_secs(2)
+        ),
+        Some(404),
+        "the ended calls no longer count"
+    );
+    let (_, m) = http_get(&s, "/metrics");
+    assert_eq!(
+        metric(&m, "callforge_sip_rejected_total{reason=\"concurrent\"}"),
+        1.0,
+        "{m}"
+    );
+}
