@@ -3,11 +3,15 @@
 use std::{
     collections::HashMap,
     net::{IpAddr, Ipv4Addr, SocketAddr},
-    sync::Arc,
-    time::Duration,
+    path::PathBuf,
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc, Mutex, OnceLock,
+    },
+    time::{Duration, Instant},
 };
 
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch, Notify};
 
 use crate::{
     config::{Config, RouteMode, SipConfig},
@@ -17,8 +21,11 @@ use crate::{
     routing::{request::request_user, Class4Server, RouteError, RouteTable},
     script::{Engine, EngineConfig, EngineError, HostModules, ScriptLibrary},
     sip::{
-        self, sdp::Codec, CallHandle, EndReason, EndedBy, ListenSpec, SipHandle, TransportError,
-        UaConfig, UaEvent,
+        self,
+        guard::{self, GuardPolicy},
+        inbound_auth::{AuthOutcome, DigestVerifier},
+        sdp::Codec,
+        CallHandle, EndReason, EndedBy, ListenSpec, SipHandle, TransportError, UaConfig, UaEvent,
     },
     store::Records,
     voice::{
@@ -26,7 +33,7 @@ use crate::{
         media_bind::MediaShared,
         originate::OriginateRequest,
         remote_audio::{HttpTtsRenderer, RemoteAudio, RemoteAudioConfig},
-        trunks::Trunks,
+        trunks::{TrunkTable, Trunks},
         CallEvent, VoiceServer,
     },
 };
@@ -49,6 +56,8 @@ pub enum AppError {
     SipConfig(String),
     #[error("SIP: {0}")]
     Sip(#[from] TransportError),
+    #[error("{0}")]
+    Exposure(String),
     #[error("[media] {what}: {source}")]
     Media {
         what: String,
@@ -68,6 +77,220 @@ pub struct App {
     pub send: Option<Arc<crate::modules::send::SendService>>,
     /// Where `originate()` and `/v1/calls` find the voice layer once SIP runs.
     pub originator: OriginatorSlot,
+    /// Drain and reload state, shared with the HTTP admin endpoints.
+    ops: Arc<Ops>,
+    /// Running the embedded default: print how to call the demo routes.
+    demo_banner: bool,
+}
+
+/// What the dispatcher consults for each new INVITE; swapped whole by a reload.
+struct Admission {
+    routes: RouteTable,
+    realm: String,
+    nonce_ttl: Duration,
+    users: Arc<HashMap<String, String>>,
+}
+
+/// Drain and reload: the handles they act on, filled in as SIP starts.
+pub struct Ops {
+    config_path: Option<PathBuf>,
+    /// The configuration as started (listeners and folders are not reloaded).
+    started: Mutex<Config>,
+    scripts_dir: PathBuf,
+    draining: AtomicBool,
+    drain_requested: Notify,
+    sip: OnceLock<SipHandle>,
+    admission: OnceLock<watch::Sender<Arc<Admission>>>,
+    voice: OnceLock<CallControl>,
+    trunks: OnceLock<Arc<TrunkTable>>,
+    /// The SIP listeners as bound, in `[sip] listen` order.
+    bound: OnceLock<Vec<ListenSpec>>,
+}
+
+impl Ops {
+    fn start_drain(&self) {
+        if !self.draining.swap(true, Ordering::SeqCst) {
+            tracing::info!("draining: new calls get 503, live calls continue");
+            crate::metrics::metrics().draining.set(1);
+            if let Some(sip) = self.sip.get() {
+                sip.set_draining(true);
+            }
+        }
+        self.drain_requested.notify_one();
+    }
+
+    /// Reads the configuration file again and applies what can change live.
+    fn reload_config(&self) -> Result<String, String> {
+        let Some(path) = &self.config_path else {
+            return Err("started without a configuration file: nothing to reload".into());
+        };
+        let mut next = Config::load(path).map_err(|e| e.to_string())?;
+        let started = self
+            .started
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        // Listeners and folders belong to the running process; keep them as started.
+        next.sip.listen = started.sip.listen.clone();
+        next.scripts.dir = started.scripts.dir.clone();
+        let admission = admission(&next, &self.scripts_dir).map_err(|e| e.to_string())?;
+        let bound = self.bound.get().cloned().unwrap_or_default();
+        let policy = guard_policy(&next.sip, &bound).map_err(|e| e.to_string())?;
+        check_exposure(&next).map_err(|e| e.to_string())?;
+        let codecs = codecs(&next.sip).map_err(|e| e.to_string())?;
+        let trunks = Trunks::build(&next.trunk, &codecs).map_err(|e| format!("[[trunk]] {e}"))?;
+        let summary = format!(
+            "{} routes, {} ACL entries, {} users, {} trunks",
+            admission.routes.len(),
+            policy.allow.len(),
+            admission.users.len(),
+            next.trunk.len()
+        );
+        if let Some(table) = self.trunks.get() {
+            table.replace(trunks);
+        }
+        if let Some(sip) = self.sip.get() {
+            sip.set_guard(policy);
+        }
+        if let Some(tx) = self.admission.get() {
+            tx.send_replace(Arc::new(admission));
+        }
+        *self.started.lock().unwrap_or_else(|p| p.into_inner()) = next;
+        Ok(summary)
+    }
+}
+
+impl http::Admin for Ops {
+    fn drain(&self) {
+        self.start_drain();
+    }
+
+    fn draining(&self) -> bool {
+        self.draining.load(Ordering::SeqCst)
+    }
+
+    fn reload(&self) -> Result<String, String> {
+        let result = self.reload_config();
+        let m = crate::metrics::metrics();
+        match &result {
+            Ok(summary) => {
+                tracing::info!(%summary, "configuration reloaded");
+                crate::metrics::Metrics::inc(&m.config_reloads, "result", "ok");
+            }
+            Err(reason) => {
+                tracing::warn!(%reason, "configuration reload refused; the running one stays");
+                crate::metrics::Metrics::inc(&m.config_reloads, "result", "refused");
+            }
+        }
+        result
+    }
+}
+
+/// The routes and accounts of `config`, checked.
+fn admission(config: &Config, scripts_dir: &std::path::Path) -> Result<Admission, AppError> {
+    let routes = RouteTable::build(&config.route, scripts_dir)?;
+    let mut users = HashMap::new();
+    for u in &config.sip.user {
+        if u.name.is_empty() || u.password.is_empty() {
+            return Err(AppError::SipConfig(
+                "[[sip.user]] needs a name and a password".into(),
+            ));
+        }
+        if users.insert(u.name.clone(), u.password.clone()).is_some() {
+            return Err(AppError::SipConfig(format!(
+                "[[sip.user]] {:?} appears twice",
+                u.name
+            )));
+        }
+    }
+    if config.route.iter().any(|r| r.auth) && users.is_empty() {
+        return Err(AppError::SipConfig(
+            "a route has auth = true but there is no [[sip.user]]".into(),
+        ));
+    }
+    Ok(Admission {
+        routes,
+        realm: config.sip.realm.clone(),
+        nonce_ttl: Duration::from_secs(config.sip.nonce_ttl_s.max(1)),
+        users: Arc::new(users),
+    })
+}
+
+/// The guard's rules from `[sip]`; `bound` are the listeners' addresses as bound, in the
+/// order of `listen` (the configured ones before binding).
+fn guard_policy(cfg: &SipConfig, bound: &[ListenSpec]) -> Result<GuardPolicy, AppError> {
+    let nets = |what: &str, list: &[String]| {
+        list.iter()
+            .map(|a| guard::parse_net(a).map_err(|e| AppError::SipConfig(format!("{what}: {e}"))))
+            .collect::<Result<Vec<_>, _>>()
+    };
+    let allow = nets("allow", &cfg.allow)?;
+    let mut listeners = Vec::new();
+    for (spec, list) in &cfg.listener_allow {
+        let i = cfg
+            .listen
+            .iter()
+            .position(|l| l.trim() == spec.trim())
+            .ok_or_else(|| {
+                AppError::SipConfig(format!(
+                    "listener_allow {spec:?} is not one of listen = {:?}",
+                    cfg.listen
+                ))
+            })?;
+        let Some(b) = bound.get(i) else { continue };
+        listeners.push((
+            b.transport,
+            b.addr,
+            nets(&format!("listener_allow {spec:?}"), list)?,
+        ));
+    }
+    Ok(GuardPolicy {
+        allow,
+        listeners,
+        deny_action: cfg.deny_action,
+        rate_per_source: cfg.rate_per_source,
+        calls_per_source: cfg.calls_per_source,
+        limit_action: cfg.limit_action,
+        retry_after: 5,
+    })
+}
+
+/// Refuses a SIP listener on a non-loopback address when a class5 route (whose script may
+/// `ctx.bridge` to a trunk: toll fraud) is open to anyone: no `[sip] allow`, no route `allow`,
+/// no `auth`. `[sip] insecure_open = true` accepts the risk.
+pub fn check_exposure(config: &Config) -> Result<(), AppError> {
+    if config.sip.insecure_open || !config.sip.enabled || !config.sip.allow.is_empty() {
+        return Ok(());
+    }
+    let public: Vec<&String> = config
+        .sip
+        .listen
+        .iter()
+        .filter(|l| {
+            l.parse::<ListenSpec>()
+                .is_ok_and(|s| !s.addr.ip().is_loopback())
+                && config
+                    .sip
+                    .listener_allow
+                    .get(l.as_str())
+                    .is_none_or(|list| list.is_empty())
+        })
+        .collect();
+    let open: Vec<&str> = config
+        .route
+        .iter()
+        .filter(|r| r.mode == RouteMode::Class5 && r.allow.is_empty() && !r.auth)
+        .map(|r| r.pattern.as_str())
+        .collect();
+    if public.is_empty() || open.is_empty() {
+        return Ok(());
+    }
+    Err(AppError::Exposure(format!(
+        "refusing to start: SIP listens on {} (not loopback) and class5 route(s) {:?} can bridge calls to trunks for anyone who reaches it. \
+         Set [sip] allow = [\"CIDR\", ...], or allow / auth = true on those routes, or [sip] insecure_open = true to accept the risk",
+        public.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(", "),
+        open
+    )))
 }
 
 impl App {
@@ -85,7 +308,21 @@ impl App {
             modules,
             ..EngineConfig::default()
         })?;
+        let ops = Arc::new(Ops {
+            config_path: None,
+            started: Mutex::new(config.clone()),
+            scripts_dir: library.dir().to_path_buf(),
+            draining: AtomicBool::new(false),
+            drain_requested: Notify::new(),
+            sip: OnceLock::new(),
+            admission: OnceLock::new(),
+            voice: OnceLock::new(),
+            trunks: OnceLock::new(),
+            bound: OnceLock::new(),
+        });
         Ok(App {
+            ops,
+            demo_banner: false,
             config,
             engine: Arc::new(engine),
             library,
@@ -93,6 +330,19 @@ impl App {
             send: None,
             originator: OriginatorSlot::default(),
         })
+    }
+
+    /// The file `serve` read, re-read by SIGHUP and `POST /v1/admin/reload`.
+    pub fn with_config_path(mut self, path: Option<PathBuf>) -> Self {
+        if let Some(ops) = Arc::get_mut(&mut self.ops) {
+            ops.config_path = path;
+        }
+        self
+    }
+
+    pub fn with_demo_banner(mut self, on: bool) -> Self {
+        self.demo_banner = on;
+        self
     }
 
     /// Write an execution record for every HTTP run, and serve `/v1/executions` and `/v1/cdrs`.
@@ -120,11 +370,15 @@ impl App {
             max_body_bytes: self.config.http.max_body_bytes,
             records: self.records.clone(),
             calls: self.originator.clone(),
+            admin: Some(self.ops.clone() as Arc<dyn http::Admin>),
+            metrics: self.config.http.metrics,
+            metrics_token: self.config.http.metrics_token.clone(),
         }))
     }
 
     /// Serve HTTP (and SIP when routes are configured) until ctrl-c / SIGTERM.
     pub async fn serve(self) -> Result<(), AppError> {
+        check_exposure(&self.config)?;
         let sip = self.start_sip().await?;
         let addr = self.config.http.listen;
         if !addr.ip().is_loopback() && self.config.http.token.is_none() {
@@ -144,8 +398,10 @@ impl App {
         );
         // Tests and wrappers read this line to learn an ephemeral port.
         println!("callforge http listening on {local}");
+        spawn_reload_on_hup(self.ops.clone());
+        let drain_timeout = Duration::from_secs(self.config.calls.drain_timeout_s);
         let served = axum::serve(listener, self.router())
-            .with_graceful_shutdown(shutdown_signal())
+            .with_graceful_shutdown(drained(self.ops.clone(), drain_timeout))
             .await
             .map_err(AppError::Serve);
         if let Some(handle) = sip {
@@ -156,7 +412,10 @@ impl App {
 
     /// Starts SIP when there is at least one `[[route]]`; prints one line per listener.
     pub async fn start_sip(&self) -> Result<Option<SipHandle>, AppError> {
-        let routes = RouteTable::build(&self.config.route, self.library.dir())?;
+        let admission = admission(&self.config, self.library.dir())?;
+        let configured = listen_specs(&self.config.sip).unwrap_or_default();
+        let policy = guard_policy(&self.config.sip, &configured)?;
+        let routes = &admission.routes;
         if !self.config.sip.enabled {
             tracing::info!("[sip] enabled = false: SIP not started");
             return Ok(None);
@@ -168,10 +427,37 @@ impl App {
         let cfg = &self.config.sip;
         check_gateways(&self.config.gateways)?;
         let specs = listen_specs(cfg)?;
-        let transport = sip::start(&specs, ua_config(cfg, self.config.calls.accept_refer)).await?;
+        let mut ua = ua_config(cfg, self.config.calls.accept_refer);
+        ua.guard = policy.clone();
+        let transport = sip::start(&specs, ua).await.map_err(|e| match e {
+            TransportError::Bind { spec, source } if source.kind() == std::io::ErrorKind::AddrInUse => {
+                AppError::SipConfig(format!(
+                    "cannot listen on {spec}: the port is already in use (another SIP server?). \
+                     Choose free ports with `callforge serve --sip udp:127.0.0.1:5070 --sip tcp:127.0.0.1:5070` \
+                     (or [sip] listen in the configuration file)"
+                ))
+            }
+            other => AppError::Sip(other),
+        })?;
+        if !cfg.listener_allow.is_empty() {
+            // Port-0 listeners are only known now that they are bound.
+            transport
+                .handle
+                .set_guard(guard_policy(cfg, &transport.local_addrs)?);
+        }
+        let _ = self.ops.bound.set(transport.local_addrs.clone());
         for spec in &transport.local_addrs {
             tracing::info!(%spec, routes = routes.len(), "callforge sip listening");
             println!("callforge sip listening on {spec}");
+        }
+        if self.demo_banner {
+            if let Some(udp) = transport
+                .local_addrs
+                .iter()
+                .find(|s| s.transport == sip::TransportKind::Udp)
+            {
+                print_demo_banner(udp.addr);
+            }
         }
         let rtp_ip = cfg.rtp_ip.unwrap_or_else(|| {
             let ip = specs[0].addr.ip();
@@ -209,12 +495,29 @@ impl App {
             media: media_shared(&self.config.media)?,
             records: self.records.clone(),
             control,
-            trunks: Arc::new(trunks),
+            trunks: Arc::new(TrunkTable::new(trunks)),
             calls: self.config.calls.clone(),
         };
         self.originator
             .attach(Arc::new(VoiceOriginator(voice.clone())));
-        tokio::spawn(dispatch(transport.events, commands, routes, class4, voice));
+        let verifier = DigestVerifier::new(
+            &admission.realm,
+            admission.nonce_ttl,
+            admission.users.clone(),
+        );
+        let (admission_tx, admission_rx) = watch::channel(Arc::new(admission));
+        let _ = self.ops.admission.set(admission_tx);
+        let _ = self.ops.sip.set(handle.clone());
+        let _ = self.ops.voice.set(voice.control.clone());
+        let _ = self.ops.trunks.set(voice.trunks.clone());
+        tokio::spawn(dispatch(
+            transport.events,
+            commands,
+            admission_rx,
+            verifier,
+            class4,
+            voice,
+        ));
         if let Some(send) = &self.send {
             let from = format!("sip:callforge@{}", rtp_ip);
             send.attach_sip(Arc::new(StackMessenger {
@@ -273,11 +576,13 @@ fn ua_config(cfg: &SipConfig, accept_refer: bool) -> UaConfig {
 async fn dispatch(
     mut events: mpsc::UnboundedReceiver<UaEvent>,
     mut commands: mpsc::UnboundedReceiver<DispatchCommand>,
-    routes: RouteTable,
+    mut admission: watch::Receiver<Arc<Admission>>,
+    mut verifier: DigestVerifier,
     class4: Class4Server,
     voice: VoiceServer,
 ) {
     let mut calls: HashMap<CallHandle, mpsc::UnboundedSender<LegEvent>> = HashMap::new();
+    let mut refusals = RefusalLog::default();
     let mut commands_open = true;
     loop {
         let event = tokio::select! {
@@ -307,8 +612,25 @@ async fn dispatch(
         };
         let (call, ev) = match event {
             UaEvent::IncomingCall(incoming) => {
+                if admission.has_changed().unwrap_or(false) {
+                    let a = admission.borrow_and_update().clone();
+                    verifier.update(&a.realm, a.nonce_ttl, a.users.clone());
+                }
+                let current = admission.borrow().clone();
                 let user = request_user(&incoming);
-                match routes.find(&user) {
+                let route = current.routes.find(&user);
+                if let Some(route) = route {
+                    if let Some((code, headers)) =
+                        admit(route, &incoming, &mut verifier, &mut refusals)
+                    {
+                        let sip = class4.sip.clone();
+                        tokio::spawn(async move {
+                            let _ = sip.reject(incoming.call, code, None, headers).await;
+                        });
+                        continue;
+                    }
+                }
+                match route {
                     None => {
                         let sip = class4.sip.clone();
                         tokio::spawn(async move {
@@ -373,6 +695,141 @@ async fn dispatch(
     }
 }
 
+/// How to call the embedded default's routes (scripts/demo.toml).
+fn print_demo_banner(addr: SocketAddr) {
+    println!(
+        "\nNo configuration file: serving the demo routes of scripts/demo.toml.\n\
+         Call them (Ctrl-C stops the engine):\n\
+         \x20 IVR (menu, 1 sales, 2 support, 3 record + play back):\n\
+         \x20   sipp -sn uac -s 1000 {addr} -m 1 -d 10000\n\
+         \x20   softphone: sip:1000@{addr}\n\
+         \x20 echo test (you hear yourself until you press a key): sip:echo@{addr}\n\
+         \x20 class4 routing (302 to the cheapest carrier): sipp -sf tests/sipp/uac_302.xml -s 447700900123 {addr} -m 1\n\
+         Other ports: callforge serve --sip udp:127.0.0.1:5070 --sip tcp:127.0.0.1:5070\n"
+    );
+}
+
+/// One log line per refusal reason per 10 s (the metric counts them all).
+#[derive(Default)]
+struct RefusalLog(HashMap<&'static str, Instant>);
+
+impl RefusalLog {
+    fn note(&mut self, reason: &'static str, source: SocketAddr, detail: &str) {
+        crate::metrics::Metrics::inc(&crate::metrics::metrics().sip_rejected, "reason", reason);
+        let now = Instant::now();
+        let due = self
+            .0
+            .get(reason)
+            .is_none_or(|at| now.duration_since(*at) >= Duration::from_secs(10));
+        if due {
+            self.0.insert(reason, now);
+            tracing::warn!(%source, reason, detail, "INVITE refused (logged at most every 10 s per reason)");
+        }
+    }
+}
+
+/// The route's own ACL and Digest check: `None` admits the call, else the status and headers
+/// to refuse it with.
+fn admit(
+    route: &crate::routing::Route,
+    incoming: &sip::IncomingCall,
+    verifier: &mut DigestVerifier,
+    refusals: &mut RefusalLog,
+) -> Option<(u16, Vec<(String, String)>)> {
+    let source = incoming.source.addr;
+    if !guard::allowed(&route.allow, source.ip()) {
+        refusals.note("route_acl", source, "source not in the route's allow list");
+        return Some((403, Vec::new()));
+    }
+    if !route.auth {
+        return None;
+    }
+    match verifier.check(&incoming.request, Instant::now()) {
+        AuthOutcome::Authenticated(user) => {
+            tracing::debug!(%source, %user, "caller authenticated");
+            None
+        }
+        AuthOutcome::Challenge(header) => {
+            crate::metrics::Metrics::inc(
+                &crate::metrics::metrics().sip_rejected,
+                "reason",
+                "auth_challenge",
+            );
+            Some((401, vec![("WWW-Authenticate".to_string(), header)]))
+        }
+        AuthOutcome::Refused(why) => {
+            refusals.note("auth", source, why);
+            Some((403, Vec::new()))
+        }
+    }
+}
+
+/// Reloads the configuration on SIGHUP.
+fn spawn_reload_on_hup(ops: Arc<Ops>) {
+    #[cfg(unix)]
+    tokio::spawn(async move {
+        let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        else {
+            return;
+        };
+        while hup.recv().await.is_some() {
+            let _ = http::Admin::reload(&*ops);
+        }
+    });
+}
+
+/// Resolves when the process may stop: after a drain (SIGTERM, ctrl-c or the admin API)
+/// has let live calls end, or hung them up at `timeout`, and every CDR is written.
+/// A second SIGTERM or ctrl-c exits at once.
+async fn drained(ops: Arc<Ops>, timeout: Duration) {
+    tokio::select! {
+        _ = shutdown_signal() => ops.start_drain(),
+        _ = ops.drain_requested.notified() => {}
+    }
+    tokio::spawn(async {
+        shutdown_signal().await;
+        tracing::warn!("second stop signal: exiting without waiting for live calls");
+        std::process::exit(1);
+    });
+    let started = Instant::now();
+    let mut hung_up = false;
+    loop {
+        let left = crate::lifecycle::in_flight();
+        if left == 0 {
+            break;
+        }
+        if !hung_up && started.elapsed() >= timeout {
+            hung_up = true;
+            if let Some(control) = ops.voice.get() {
+                let live = control.live.list(crate::store::now_ms());
+                tracing::warn!(
+                    calls = live.len(),
+                    "drain timeout: hanging up the calls still up"
+                );
+                for call in live {
+                    control.hang_up(call.id, "drain_timeout");
+                }
+            }
+        }
+        if hung_up && started.elapsed() >= timeout + Duration::from_secs(10) {
+            tracing::error!(
+                left,
+                "calls did not end 10 s after their BYE; exiting anyway"
+            );
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    if hung_up {
+        // Our BYEs may need a retransmission or two.
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    tracing::info!(
+        took_ms = started.elapsed().as_millis() as u64,
+        "drained; exiting"
+    );
+}
+
 /// The voice layer as `originate()` and `/v1/calls` see it.
 struct VoiceOriginator(VoiceServer);
 
@@ -394,7 +851,7 @@ impl Originator for VoiceOriginator {
 
     fn list(&self) -> serde_json::Value {
         let calls = self.0.control.live.list(crate::store::now_ms());
-        serde_json::json!({"calls": calls, "trunks": self.0.trunks.usage().into_iter()
+        serde_json::json!({"calls": calls, "trunks": self.0.trunks.current().usage().into_iter()
             .map(|(name, active, max)| serde_json::json!({"name": name, "active": active, "max_calls": max}))
             .collect::<Vec<_>>()})
     }
@@ -535,6 +992,34 @@ mod tests {
         g.insert("c".to_string(), "alpha.example.net".to_string());
         let e = check_gateways(&g).unwrap_err().to_string();
         assert!(e.contains("[gateways] c"), "{e}");
+    }
+
+    #[test]
+    fn a_public_listener_with_an_open_class5_route_is_refused() {
+        let open = "[sip]\nlisten = [\"udp:0.0.0.0:5060\"]\n[[route]]\nmatch = \".\"\nscript = \"x\"\nmode = \"class5\"\n";
+        let e = check_exposure(&Config::parse(open, "t").unwrap())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("insecure_open") && e.contains("udp:0.0.0.0:5060"),
+            "{e}"
+        );
+        for text in [
+            open.replacen("[sip]\n", "[sip]\ninsecure_open = true\n", 1),
+            open.replacen("[sip]\n", "[sip]\nallow = [\"192.0.2.0/24\"]\n", 1),
+            format!("{open}[sip.listener_allow]\n\"udp:0.0.0.0:5060\" = [\"192.0.2.1\"]\n"),
+        ] {
+            let c = Config::parse(&text, "t").unwrap_or_else(|e| panic!("{text}: {e}"));
+            assert!(check_exposure(&c).is_ok(), "{text}");
+        }
+        for guarded in ["auth = true", "allow = [\"192.0.2.1\"]"] {
+            let c = Config::parse(&format!("{open}{guarded}\n"), "t").unwrap();
+            assert!(check_exposure(&c).is_ok(), "{guarded}");
+        }
+        let lo = open.replace("0.0.0.0", "127.0.0.1");
+        assert!(check_exposure(&Config::parse(&lo, "t").unwrap()).is_ok());
+        let class4 = open.replace("class5", "class4");
+        assert!(check_exposure(&Config::parse(&class4, "t").unwrap()).is_ok());
     }
 
     #[test]

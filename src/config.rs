@@ -335,6 +335,35 @@ pub struct SipConfig {
     pub rtp_ip: Option<IpAddr>,
     /// RTP port range (inclusive), even ports are used.
     pub rtp_ports: [u16; 2],
+    /// Sources (IP or CIDR) whose new requests every listener accepts; empty accepts all.
+    pub allow: Vec<String>,
+    /// Listeners with their own source list, by listen spec as written in `listen`
+    /// (`"udp:0.0.0.0:5060" = ["192.0.2.0/24"]`); used instead of `allow` on that listener.
+    pub listener_allow: BTreeMap<String, Vec<String>>,
+    /// What refused sources get: `"reject"` (403) or `"drop"` (no answer).
+    pub deny_action: crate::sip::guard::DenyAction,
+    /// New out-of-dialog requests per second per source IP (0 = no limit).
+    pub rate_per_source: u32,
+    /// Calls in progress per source IP (0 = no limit).
+    pub calls_per_source: u32,
+    /// What sources over a limit get: `"reject"` (503 + Retry-After) or `"drop"`.
+    pub limit_action: crate::sip::guard::DenyAction,
+    /// Realm of the Digest challenges sent to callers.
+    pub realm: String,
+    /// How long a Digest nonce we issued stays valid, in seconds.
+    pub nonce_ttl_s: u64,
+    /// `[[sip.user]]`: accounts that routes with `auth = true` accept.
+    pub user: Vec<SipUser>,
+    /// Serve a non-loopback listener with a class5 route that has neither ACL nor auth.
+    pub insecure_open: bool,
+}
+
+/// One `[[sip.user]]`: a caller account for Digest authentication.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SipUser {
+    pub name: String,
+    pub password: String,
 }
 
 impl Default for SipConfig {
@@ -350,6 +379,16 @@ impl Default for SipConfig {
             codecs: vec!["PCMU".into(), "PCMA".into()],
             rtp_ip: None,
             rtp_ports: [16_384, 32_767],
+            allow: Vec::new(),
+            listener_allow: BTreeMap::new(),
+            deny_action: Default::default(),
+            rate_per_source: 0,
+            calls_per_source: 0,
+            limit_action: Default::default(),
+            realm: "callforge".into(),
+            nonce_ttl_s: 300,
+            user: Vec::new(),
+            insecure_open: false,
         }
     }
 }
@@ -405,6 +444,9 @@ pub struct CallsConfig {
     pub ring_timeout_s: u64,
     /// Incoming REFER from the caller: `false` answers 603 Decline.
     pub accept_refer: bool,
+    /// Draining (SIGTERM, `POST /v1/admin/drain`): calls still up after this many seconds
+    /// get a BYE, then the process exits.
+    pub drain_timeout_s: u64,
 }
 
 impl Default for CallsConfig {
@@ -414,6 +456,7 @@ impl Default for CallsConfig {
             max_bridge_attempts: 10,
             ring_timeout_s: 60,
             accept_refer: false,
+            drain_timeout_s: 300,
         }
     }
 }
@@ -440,6 +483,12 @@ pub struct RouteConfig {
     pub vars: Option<PathBuf>,
     /// Class 4: the SIP status a script failure or timeout becomes (default 500).
     pub timeout_action: Option<u16>,
+    /// Sources (IP or CIDR) that may use this route; others get 403 (empty: no extra check).
+    #[serde(default)]
+    pub allow: Vec<String>,
+    /// Require Digest credentials of a `[[sip.user]]` on INVITEs for this route.
+    #[serde(default)]
+    pub auth: bool,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -449,6 +498,10 @@ pub struct HttpConfig {
     /// Bearer token required on `/v1/*` when set.
     pub token: Option<String>,
     pub max_body_bytes: usize,
+    /// Serve Prometheus metrics on `/metrics`.
+    pub metrics: bool,
+    /// Bearer token `/metrics` requires; unset leaves it open (it holds no secrets).
+    pub metrics_token: Option<String>,
 }
 
 impl Default for HttpConfig {
@@ -457,6 +510,8 @@ impl Default for HttpConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
             token: None,
             max_body_bytes: 1024 * 1024,
+            metrics: true,
+            metrics_token: None,
         }
     }
 }
@@ -542,6 +597,13 @@ impl Config {
         })
     }
 
+    /// What `serve` runs without a configuration file: SIP on loopback with demo routes
+    /// (`scripts/demo.toml`, compiled in; its paths are relative to the working folder).
+    pub fn embedded_default() -> Self {
+        // The file is tested to parse (config::tests), so this cannot fail at run time.
+        Self::parse(include_str!("../scripts/demo.toml"), "scripts/demo.toml").unwrap_or_default()
+    }
+
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Io {
             path: path.display().to_string(),
@@ -586,6 +648,15 @@ mod tests {
         )
         .unwrap_err();
         assert!(e.to_string().contains("class9"), "{e}");
+    }
+
+    #[test]
+    fn embedded_default_has_demo_routes_on_loopback() {
+        let c = Config::parse(include_str!("../scripts/demo.toml"), "demo").unwrap();
+        assert!(c.route.iter().any(|r| r.mode == RouteMode::Class4));
+        assert!(c.route.iter().any(|r| r.script == "ivr.js"));
+        assert!(c.sip.listen.iter().all(|l| l.contains("127.0.0.1")));
+        assert_eq!(Config::embedded_default().route.len(), c.route.len());
     }
 
     #[test]

@@ -3,7 +3,9 @@
 pub mod app;
 pub mod config;
 pub mod http;
+pub mod lifecycle;
 pub mod media;
+pub mod metrics;
 pub mod modules;
 pub mod routing;
 pub mod script;

@@ -109,10 +109,18 @@ fn main() -> ExitCode {
     }
 }
 
+/// The configuration file `serve` and `run` read: `--config`, else ./callforge.toml if present.
+fn config_path(path: Option<&Path>) -> Option<PathBuf> {
+    match path {
+        Some(path) => Some(path.to_path_buf()),
+        None if Path::new("callforge.toml").exists() => Some(PathBuf::from("callforge.toml")),
+        None => None,
+    }
+}
+
 fn load_config(path: Option<&Path>) -> anyhow::Result<Config> {
-    Ok(match path {
-        Some(path) => Config::load(path)?,
-        None if Path::new("callforge.toml").exists() => Config::load(Path::new("callforge.toml"))?,
+    Ok(match config_path(path) {
+        Some(path) => Config::load(&path)?,
         None => Config::default(),
     })
 }
@@ -120,7 +128,12 @@ fn load_config(path: Option<&Path>) -> anyhow::Result<Config> {
 fn serve(args: ServeArgs) -> anyhow::Result<()> {
     raise_open_file_limit();
     limit_malloc_arenas();
-    let mut config = load_config(args.config.as_deref())?;
+    let path = config_path(args.config.as_deref());
+    let demo = path.is_none();
+    let mut config = match &path {
+        Some(path) => Config::load(path)?,
+        None => Config::embedded_default(),
+    };
     if let Some(addr) = args.http {
         config.http.listen = addr;
     }
@@ -138,6 +151,8 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         .with_context(|| "bad configuration".to_string())?;
     runtime.block_on(async {
         let app = App::new(config, built.modules)?
+            .with_config_path(path)
+            .with_demo_banner(demo)
             .with_records(built.records)
             .with_send(built.send)
             .with_originator(built.originator);

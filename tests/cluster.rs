@@ -772,13 +772,9 @@ async fn cluster_class4_cps() {
     }
 }
 
-/// Drain (issue 13): SIGTERM moves traffic off an engine with zero failed calls.
-///
-/// NOT RUNNABLE ON THIS BRANCH ALONE: it needs graceful drain (SIGTERM → new INVITEs 503 +
-/// Retry-After, OPTIONS 503, live calls finish, exit 0) from issue 13. It passed on a scratch
-/// merge with that work; remove the `ignore` once both are merged.
+/// Drain: SIGTERM moves traffic off an engine with zero failed calls (new INVITEs and OPTIONS
+/// get 503, live calls finish, exit 0).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "needs graceful drain (issue 13): SIGTERM -> 503 to INVITE and OPTIONS, live calls finish"]
 async fn cluster_drain_moves_traffic_with_zero_failures() {
     let mut c = cluster();
     // Engine A goes away and comes back: the dispatcher's probes bring it back into rotation.

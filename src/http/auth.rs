@@ -12,7 +12,7 @@ use axum::{
 use super::{ApiError, ApiState};
 
 /// Compare without an early exit, so timing does not reveal how much of a guess was right.
-fn same(a: &[u8], b: &[u8]) -> bool {
+pub(super) fn same(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 

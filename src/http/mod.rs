@@ -1,5 +1,6 @@
 //! The HTTP API (axum): run scripts, forms and drivers; manage scripts; records; health.
 
+mod admin;
 mod auth;
 mod calls;
 mod records;
@@ -24,6 +25,7 @@ use crate::{
     store::{now_ms, ExecutionRecord, Records},
 };
 
+pub use admin::Admin;
 pub use reply::ApiError;
 
 /// What the handlers share.
@@ -36,6 +38,11 @@ pub struct ApiState {
     pub records: Option<Records>,
     /// The voice layer for `/v1/calls` (attached when SIP starts).
     pub calls: crate::modules::originate::OriginatorSlot,
+    /// Drain and reload (`/v1/admin/*`); `None` answers 501.
+    pub admin: Option<Arc<dyn Admin>>,
+    /// Serve `/metrics`, behind this bearer token when one is set.
+    pub metrics: bool,
+    pub metrics_token: Option<String>,
 }
 
 /// The API's routes; `/healthz` is open, `/v1/*` needs the bearer token when one is set.
@@ -45,6 +52,8 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .route("/v1/forms/{script}", post(submit_form))
         .route("/v1/drivers/{script}/{function}", post(call_driver))
         .route("/v1/scripts", get(list_scripts))
+        .route("/v1/admin/drain", post(admin::drain))
+        .route("/v1/admin/reload", post(admin::reload))
         .route("/v1/executions", get(records::list_executions))
         .route("/v1/cdrs", get(records::list_cdrs))
         .route("/v1/calls", get(calls::list_calls).post(calls::place_call))
@@ -60,9 +69,11 @@ pub fn router(state: Arc<ApiState>) -> Router {
             state.clone(),
             auth::require_token,
         ));
-    Router::new()
-        .route("/healthz", get(healthz))
-        .merge(v1)
+    let mut open = Router::new().route("/healthz", get(healthz));
+    if state.metrics {
+        open = open.route("/metrics", get(admin::metrics));
+    }
+    open.merge(v1)
         // Our own limit check answers with a JSON 413; axum's default 2 MiB cap is lifted so
         // the configured one is the one that counts.
         .layer(DefaultBodyLimit::max(state.max_body_bytes))
@@ -70,6 +81,14 @@ pub fn router(state: Arc<ApiState>) -> Router {
 }
 
 async fn healthz(State(state): State<Arc<ApiState>>) -> Response {
+    // A load balancer's health check takes the engine out of rotation while it drains.
+    if state.admin.as_ref().is_some_and(|a| a.draining()) {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            JsonBody(json!({"status": "draining", "workers": state.engine.workers()})),
+        )
+            .into_response();
+    }
     JsonBody(json!({"status": "ok", "workers": state.engine.workers()})).into_response()
 }
 

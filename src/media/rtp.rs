@@ -158,7 +158,8 @@ impl FrameClock {
         self.due(self.next)
     }
 
-    fn due(&self, n: u64) -> Instant {
+    /// When frame `n` is due.
+    pub fn due(&self, n: u64) -> Instant {
         // u32 frames of 20 ms is 2.7 years; saturate rather than overflow beyond.
         self.start + FRAME * u32::try_from(n).unwrap_or(u32::MAX)
     }

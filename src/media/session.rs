@@ -333,7 +333,10 @@ impl MediaSession {
         }
         self.rx_ssrc = Some(pkt.ssrc);
         match self.rx.push(now, pkt.seq, pkt) {
-            Pushed::Accepted => self.stats.received += 1,
+            Pushed::Accepted => {
+                self.stats.received += 1;
+                crate::metrics::metrics().rtp_packets_received.inc();
+            }
             Pushed::Duplicate | Pushed::Late => self.stats.late_or_duplicate += 1,
         }
         self.drain_received(now);
@@ -359,6 +362,9 @@ impl MediaSession {
         while let Some(n) = self.clock.poll(now) {
             if let Some(data) = self.frame(n) {
                 self.stats.sent += 1;
+                let m = crate::metrics::metrics();
+                m.rtp_packets_sent.inc();
+                m.rtp_paced(now.saturating_duration_since(self.clock.due(n)));
                 return Some(Transmit {
                     dest: self.remote,
                     data,
@@ -417,6 +423,7 @@ impl MediaSession {
             match r {
                 Released::Lost(n) => {
                     self.stats.lost += n;
+                    crate::metrics::metrics().rtp_packets_lost.inc_by(n);
                     if self.tap {
                         let len = n.min(MAX_CONCEALED_PACKETS) as usize * self.last_rx_samples;
                         self.events.push_back(MediaEvent::Audio(vec![0; len]));

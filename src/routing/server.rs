@@ -100,6 +100,11 @@ impl Class4Server {
     /// Sends the answer without waiting for the SIP driver. A CANCEL that won the race makes
     /// the user agent skip it; a stopped stack is only logged at debug level.
     fn send(&self, call: CallHandle, decision: Decision) {
+        let code = match &decision {
+            Decision::Redirect(_) => 302,
+            Decision::Reject { code, .. } => *code,
+        };
+        crate::metrics::metrics().class4_decisions.inc(code);
         let sent = match decision {
             Decision::Redirect(contacts) => {
                 let headers = contacts
@@ -124,8 +129,12 @@ impl Class4Server {
     pub fn submit(&self, call: Box<IncomingCall>, route: Arc<Route>) {
         let (handle, timeout_action) = (call.call, route.timeout_action);
         let server = self.clone();
+        let in_flight = crate::lifecycle::InFlight::begin();
         let task: LocalTask = Box::new(move |runner| {
-            Box::pin(async move { server.answer_on(&runner, call, &route).await })
+            Box::pin(async move {
+                server.answer_on(&runner, call, &route).await;
+                drop(in_flight);
+            })
         });
         if let Err(e) = self.engine.spawn_local(task) {
             tracing::warn!(call = ?handle, "class4 INVITE not run: {e}");

@@ -27,6 +27,8 @@ pub enum RouteError {
     },
     #[error("route {index}: timeout_action {code} is not a final SIP status (300-699)")]
     BadTimeoutAction { index: usize, code: u16 },
+    #[error("route {index}: allow: {message}")]
+    BadAllow { index: usize, message: String },
 }
 
 /// One compiled route.
@@ -40,6 +42,10 @@ pub struct Route {
     pub vars: Option<Arc<Json>>,
     /// Status for a failed or timed-out class4 script.
     pub timeout_action: u16,
+    /// Sources that may use this route (empty: any the listener admits); others get 403.
+    pub allow: Vec<ipnet::IpNet>,
+    /// INVITEs must carry Digest credentials of a `[[sip.user]]`.
+    pub auth: bool,
 }
 
 /// All routes in configuration order.
@@ -78,7 +84,15 @@ impl RouteTable {
                     code: timeout_action,
                 });
             }
+            let allow = c
+                .allow
+                .iter()
+                .map(|a| crate::sip::guard::parse_net(a))
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|message| RouteError::BadAllow { index, message })?;
             routes.push(Arc::new(Route {
+                allow,
+                auth: c.auth,
                 pattern,
                 script: c
                     .script
@@ -113,6 +127,8 @@ mod tests {
 
     fn cfg(pattern: &str, script: &str, mode: RouteMode) -> RouteConfig {
         RouteConfig {
+            allow: Vec::new(),
+            auth: false,
             pattern: pattern.into(),
             script: script.into(),
             mode,

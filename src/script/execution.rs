@@ -804,7 +804,24 @@ impl Sandbox {
             Ok(result) => result,
             Err(panic) => Err(state.host_panicked(&*panic)),
         };
-        let reusable = state.limit_hit.get().is_none() && !state.panicked.get();
+        let limit = state.limit_hit.get();
+        let reusable = limit.is_none() && !state.panicked.get();
+        let m = crate::metrics::metrics();
+        if let Some(hit) = limit {
+            let kind = match hit {
+                LimitHit::Cpu => "script_cpu",
+                LimitHit::Memory => "script_memory",
+                LimitHit::Stack => "script_stack",
+                LimitHit::Wall => "script_wall",
+            };
+            crate::metrics::Metrics::inc(&m.limit_hits, "kind", kind);
+        }
+        let outcome = match (&result, limit) {
+            (Ok(_), _) => "ok",
+            (Err(_), Some(_)) => "limit",
+            (Err(_), None) => "error",
+        };
+        m.script_run(mode.as_str(), outcome, started.elapsed());
         if let (Mode::Class4, Ok(value)) = (mode, &mut result) {
             // The input is not needed any more: normalising moves it instead of copying it.
             *value = super::class4::normalise(data, std::mem::take(value));
@@ -1580,6 +1597,26 @@ fn host_method_call<'js>(
 ) -> rquickjs::Result<Value<'js>> {
     let args = args_to_json(ctx, args)?;
     let call = host.call(name, args);
+    let m = crate::metrics::metrics();
+    crate::metrics::Metrics::inc(&m.host_calls, "method", name);
+    let call = match call {
+        HostCall::Ready(Err(e)) => {
+            crate::metrics::Metrics::inc(&m.host_errors, "method", name);
+            HostCall::Ready(Err(e))
+        }
+        HostCall::Pending(fut) => HostCall::Pending(Box::pin(async move {
+            let r = fut.await;
+            if r.is_err() {
+                crate::metrics::Metrics::inc(
+                    &crate::metrics::metrics().host_errors,
+                    "method",
+                    name,
+                );
+            }
+            r
+        })),
+        ready => ready,
+    };
     match (kind, call) {
         (MethodKind::Sync, HostCall::Ready(Ok(v))) => json_to_js(ctx, &v),
         (MethodKind::Sync, HostCall::Ready(Err(e))) => {

@@ -54,7 +54,7 @@ pub struct Challenge {
 }
 
 /// Split `a=b, c="d, e"` into pairs, honouring quotes.
-fn params(text: &str) -> Vec<(String, String)> {
+pub(crate) fn params(text: &str) -> Vec<(String, String)> {
     let mut out = Vec::new();
     let mut rest = text.trim();
     while !rest.is_empty() {
@@ -147,6 +147,29 @@ impl Challenge {
         }
     }
 
+    /// The `response` value for these inputs (RFC 2617 §3.2.2.1); the server side computes
+    /// the same to check a caller's answer.
+    pub fn response(
+        &self,
+        username: &str,
+        password: &str,
+        method: &str,
+        uri: &str,
+        cnonce: &str,
+        nc_text: &str,
+    ) -> String {
+        let ha1 = self.hash(&format!("{username}:{}:{password}", self.realm));
+        let ha2 = self.hash(&format!("{method}:{uri}"));
+        if self.qop_auth {
+            self.hash(&format!(
+                "{ha1}:{}:{nc_text}:{cnonce}:auth:{ha2}",
+                self.nonce
+            ))
+        } else {
+            self.hash(&format!("{ha1}:{}:{ha2}", self.nonce))
+        }
+    }
+
     /// The `Authorization` (or `Proxy-Authorization`) header value answering this challenge
     /// for `method uri`. `cnonce` must be fresh per request; `nc` counts uses of this nonce.
     pub fn answer(
@@ -158,17 +181,8 @@ impl Challenge {
         cnonce: &str,
         nc: u32,
     ) -> String {
-        let ha1 = self.hash(&format!("{username}:{}:{password}", self.realm));
-        let ha2 = self.hash(&format!("{method}:{uri}"));
         let nc_text = format!("{nc:08x}");
-        let response = if self.qop_auth {
-            self.hash(&format!(
-                "{ha1}:{}:{nc_text}:{cnonce}:auth:{ha2}",
-                self.nonce
-            ))
-        } else {
-            self.hash(&format!("{ha1}:{}:{ha2}", self.nonce))
-        };
+        let response = self.response(username, password, method, uri, cnonce, &nc_text);
         let algorithm = match self.algorithm {
             Algorithm::Md5 => "MD5",
             Algorithm::Sha256 => "SHA-256",

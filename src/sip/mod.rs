@@ -90,6 +90,8 @@
 pub mod dialog;
 pub mod digest;
 pub mod framing;
+pub mod guard;
+pub mod inbound_auth;
 pub mod message;
 pub mod parse;
 pub mod sdp;

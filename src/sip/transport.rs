@@ -110,6 +110,8 @@ enum Command {
     Refer(CallHandle, String, Reply<()>),
     Reoffer(CallHandle, Direction, Reply<()>),
     NotifyTransfer(CallHandle, u16, String, Reply<()>),
+    Guard(Box<super::guard::GuardPolicy>),
+    Drain(bool),
     Shutdown,
 }
 
@@ -273,6 +275,16 @@ impl SipHandle {
     }
 
     /// Stops the driver task.
+    /// Replaces the source ACL and per-source limits; live calls are not touched.
+    pub fn set_guard(&self, policy: super::guard::GuardPolicy) {
+        let _ = self.commands.send(Command::Guard(Box::new(policy)));
+    }
+
+    /// Starts (or stops) draining: new INVITEs and OPTIONS get 503 with `Retry-After`.
+    pub fn set_draining(&self, draining: bool) {
+        let _ = self.commands.send(Command::Drain(draining));
+    }
+
     pub fn shutdown(&self) {
         let _ = self.commands.send(Command::Shutdown);
     }
@@ -630,6 +642,8 @@ impl Driver {
             Command::NotifyTransfer(c, code, reason, r) => {
                 let _ = r.send(self.ua.notify_transfer(c, code, &reason, t));
             }
+            Command::Guard(policy) => self.ua.set_guard_policy(*policy),
+            Command::Drain(on) => self.ua.set_draining(on),
             Command::Shutdown => {}
         }
     }

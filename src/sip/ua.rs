@@ -57,6 +57,8 @@ pub struct UaConfig {
     /// Accept in-dialog REFERs (blind transfer asked by the peer): 202 + NOTIFY and an
     /// `InDialogRequest { kind: Refer }` event. When false they get 603 and nothing goes up.
     pub accept_refer: bool,
+    /// Source ACL and per-source limits for new requests (see [`super::guard`]).
+    pub guard: super::guard::GuardPolicy,
 }
 
 impl Default for UaConfig {
@@ -74,6 +76,7 @@ impl Default for UaConfig {
             seed: 0x5eed_ca11_f0e6_e001,
             pending_timeout: std::time::Duration::from_secs(180),
             accept_refer: false,
+            guard: super::guard::GuardPolicy::default(),
         }
     }
 }
@@ -308,6 +311,8 @@ struct Call {
     auth: Option<auth::AuthState>,
     /// A REFER the peer sent and we accepted: the implicit subscription's state.
     transfer: Option<transfer::TransferSubscription>,
+    /// Inbound: the source address the guard counts this call against.
+    admitted_from: Option<IpAddr>,
 }
 
 /// The user agent core. Feed it with [`handle_input`](Self::handle_input),
@@ -333,6 +338,46 @@ pub struct UserAgent {
     announced: Option<Instant>,
     next_id: u64,
     next_call: u64,
+    guard: super::guard::Guard,
+}
+
+/// The method's name for the metrics, without allocating (`OTHER` for the rare ones).
+fn method_name(m: &rsip::Method) -> &'static str {
+    use rsip::Method::*;
+    match m {
+        Invite => "INVITE",
+        Ack => "ACK",
+        Bye => "BYE",
+        Cancel => "CANCEL",
+        Options => "OPTIONS",
+        Register => "REGISTER",
+        Info => "INFO",
+        Update => "UPDATE",
+        Refer => "REFER",
+        Notify => "NOTIFY",
+        Message => "MESSAGE",
+        PRack => "PRACK",
+        Subscribe => "SUBSCRIBE",
+        _ => "OTHER",
+    }
+}
+
+/// Counts an outgoing message by method or status code, read from its first line.
+fn count_sent(bytes: &[u8]) {
+    let m = crate::metrics::metrics();
+    if let Some(rest) = bytes.strip_prefix(b"SIP/2.0 ") {
+        let code = rest
+            .get(..3)
+            .and_then(|d| std::str::from_utf8(d).ok())
+            .and_then(|d| d.parse::<u16>().ok());
+        if let Some(code) = code {
+            m.sip_responses_sent.inc(code);
+        }
+    } else {
+        let end = bytes.iter().position(|b| *b == b' ').unwrap_or(0);
+        m.sip_requests_sent
+            .inc(std::str::from_utf8(&bytes[..end]).unwrap_or("OTHER"));
+    }
 }
 
 fn splitmix(mut x: u64) -> u64 {
@@ -345,6 +390,7 @@ fn splitmix(mut x: u64) -> u64 {
 impl UserAgent {
     pub fn new(cfg: UaConfig) -> Self {
         Self {
+            guard: super::guard::Guard::new(cfg.guard.clone()),
             txs: TransactionTable::new(cfg.timers, cfg.max_transactions),
             cfg,
             calls: HashMap::new(),
@@ -390,6 +436,23 @@ impl UserAgent {
         self.txs.len()
     }
 
+    /// Replaces the ACL and per-source limits (live calls are not touched).
+    pub fn set_guard_policy(&mut self, policy: super::guard::GuardPolicy) {
+        self.guard.set_policy(policy);
+    }
+
+    /// Draining: new INVITEs and OPTIONS get 503 with `Retry-After`; dialogs carry on.
+    pub fn set_draining(&mut self, draining: bool) {
+        self.guard.set_draining(draining);
+    }
+
+    /// Publishes the live transaction and call counts (two atomic stores).
+    fn publish_gauges(&self) {
+        let m = crate::metrics::metrics();
+        m.sip_transactions.set(self.txs.len() as i64);
+        m.sip_dialogs.set(self.calls.len() as i64);
+    }
+
     fn new_token(&mut self) -> String {
         self.next_id += 1;
         format!("{:016x}", splitmix(self.cfg.seed ^ splitmix(self.next_id)))
@@ -412,6 +475,7 @@ impl UserAgent {
     }
 
     fn send_raw(&mut self, target: Target, bytes: Vec<u8>) {
+        count_sent(&bytes);
         self.actions.push_back(Action::Send {
             to: target.addr,
             transport: target.transport,
@@ -478,6 +542,7 @@ impl UserAgent {
         self.set_now(now);
         self.handle_input_inner(bytes, source, local, now);
         self.announce_timer();
+        self.publish_gauges();
     }
 
     fn handle_input_inner(
@@ -503,8 +568,16 @@ impl UserAgent {
             Ok((raw, msg))
         });
         match parsed {
-            Ok((_, rsip::SipMessage::Request(req))) => self.on_request(req, source, local, now),
+            Ok((_, rsip::SipMessage::Request(req))) => {
+                crate::metrics::metrics()
+                    .sip_requests_received
+                    .inc(method_name(&req.method));
+                self.on_request(req, source, local, now)
+            }
             Ok((_, rsip::SipMessage::Response(resp))) => {
+                crate::metrics::metrics()
+                    .sip_responses_received
+                    .inc(resp.status_code.code());
                 let mut out = Vec::new();
                 if !self.txs.on_response(resp, now, &mut out) {
                     tracing::debug!(%source.addr, "stray response dropped");
@@ -527,6 +600,7 @@ impl UserAgent {
             self.on_call_timer(handle, timer, now);
         }
         self.announce_timer();
+        self.publish_gauges();
     }
 
     fn arm_retransmit(&mut self, handle: CallHandle, r: &AnswerRetransmit) {
@@ -771,6 +845,9 @@ impl UserAgent {
 
     fn remove_call(&mut self, handle: CallHandle) {
         if let Some(c) = self.calls.remove(&handle) {
+            if let Some(ip) = c.admitted_from {
+                self.guard.call_ended(ip);
+            }
             self.dialogs.remove(&c.dialog.id);
             self.invites.remove(&c.invite_key);
             if let (Some(now), false) = (self.now, c.dialog.id.remote_tag.is_empty()) {

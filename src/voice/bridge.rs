@@ -332,18 +332,17 @@ impl CallState {
             .caller_id
             .clone()
             .or_else(|| self.caller_number.clone());
-        let dialed =
-            match self
-                .server
-                .trunks
-                .resolve(&dest, opts.trunk.as_deref(), caller_id.as_deref())
-            {
-                Ok(d) => d,
-                Err(e) => {
-                    let _ = reply.send(Err(HostError::error(format!("ctx.bridge: {e}"))));
-                    return;
-                }
-            };
+        let dialed = match self.server.trunks.current().resolve(
+            &dest,
+            opts.trunk.as_deref(),
+            caller_id.as_deref(),
+        ) {
+            Ok(d) => d,
+            Err(e) => {
+                let _ = reply.send(Err(HostError::error(format!("ctx.bridge: {e}"))));
+                return;
+            }
+        };
         let slot = match dialed.acquire() {
             Ok(s) => s,
             Err(e @ TrunkError::AtLimit { .. }) => {

@@ -12,7 +12,7 @@ use super::{
     ctx::{hangup_error, CallCtx, CtxRequest, OutHeaders, Reply},
     data,
     media_bind::{self, MediaShared, MediaSlot},
-    trunks::Trunks,
+    trunks::TrunkTable,
 };
 use crate::{
     config::CallsConfig,
@@ -71,7 +71,8 @@ pub struct VoiceServer {
     pub records: Option<Records>,
     /// Places outbound legs and lists live calls.
     pub control: CallControl,
-    pub trunks: Arc<Trunks>,
+    /// Swapped by a configuration reload.
+    pub trunks: Arc<TrunkTable>,
     pub calls: CallsConfig,
 }
 
@@ -83,7 +84,15 @@ impl VoiceServer {
         route: Arc<Route>,
     ) -> mpsc::UnboundedSender<LegEvent> {
         let (tx, rx) = mpsc::unbounded_channel();
-        tokio::spawn(self.clone().run_call(call, route, tx.clone(), rx));
+        let in_flight = crate::lifecycle::InFlight::begin();
+        let m = crate::metrics::metrics();
+        m.calls_active.inc();
+        let run = self.clone().run_call(call, route, tx.clone(), rx);
+        tokio::spawn(async move {
+            run.await;
+            crate::metrics::metrics().calls_active.dec();
+            drop(in_flight);
+        });
         tx
     }
 
@@ -721,6 +730,13 @@ impl CallState {
         self.stop_media();
         self.end_call(&outcome).await;
         self.server.control.live.remove(self.call.0);
+        let label = match (self.answered, outcome.is_ok()) {
+            (true, true) => "completed",
+            (true, false) => "script_error",
+            (false, true) => "not_answered",
+            (false, false) => "rejected",
+        };
+        crate::metrics::Metrics::inc(&crate::metrics::metrics().calls_ended, "outcome", label);
         self.write_cdr(outcome).await;
     }
 

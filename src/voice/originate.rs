@@ -95,9 +95,10 @@ impl VoiceServer {
             Some(t) if t > 0.0 && t <= 3600.0 => Duration::from_secs_f64(t),
             Some(_) => return Err(OriginateError::BadTimeout),
         };
-        let dialed = self
-            .trunks
-            .resolve(&req.to, req.trunk.as_deref(), req.from.as_deref())?;
+        let dialed =
+            self.trunks
+                .current()
+                .resolve(&req.to, req.trunk.as_deref(), req.from.as_deref())?;
         let slot = dialed.acquire()?;
         let rtp = RtpSocket::bind(&self.rtp_ports, self.rtp_ip)
             .await
@@ -139,7 +140,10 @@ impl VoiceServer {
         });
         tracing::info!(call = handle.0, uri = %dialed.request_uri, script = %req.script, "originating");
         let server = self.clone();
+        // Draining waits for originated calls too, until their CDR is written.
+        let in_flight = crate::lifecycle::InFlight::begin();
         tokio::spawn(async move {
+            let _in_flight = in_flight;
             server
                 .run_originated(Originated {
                     handle,

@@ -50,7 +50,7 @@ impl CallState {
             self.notify_caller(603, "Declined").await;
             return;
         };
-        let dialed = match self.server.trunks.resolve(&target, None, None) {
+        let dialed = match self.server.trunks.current().resolve(&target, None, None) {
             Ok(d) => d,
             Err(e) => {
                 tracing::info!(call = ?self.call, "REFER target {target:?} not dialable: {e}");

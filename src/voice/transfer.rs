@@ -27,18 +27,17 @@ impl CallState {
             .caller_id
             .clone()
             .or_else(|| self.caller_number.clone());
-        let uri =
-            match self
-                .server
-                .trunks
-                .resolve(&target, opts.trunk.as_deref(), caller_id.as_deref())
-            {
-                Ok(d) => d.request_uri,
-                Err(e) => {
-                    let _ = reply.send(Err(HostError::error(format!("ctx.transfer: {e}"))));
-                    return;
-                }
-            };
+        let uri = match self.server.trunks.current().resolve(
+            &target,
+            opts.trunk.as_deref(),
+            caller_id.as_deref(),
+        ) {
+            Ok(d) => d.request_uri,
+            Err(e) => {
+                let _ = reply.send(Err(HostError::error(format!("ctx.transfer: {e}"))));
+                return;
+            }
+        };
         if !self.answered {
             let r = self.server.sip.redirect(self.call, vec![uri.clone()]).await;
             match r {

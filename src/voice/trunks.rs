@@ -53,7 +53,9 @@ pub struct Trunk {
     strip_plus: bool,
     pub codecs: Vec<Codec>,
     max_calls: usize,
-    active: AtomicUsize,
+    /// Shared with the trunk of the same name in a reloaded set, so calls placed before a
+    /// reload still count against (and are released from) the trunk's limit.
+    active: Arc<AtomicUsize>,
 }
 
 impl Trunk {
@@ -152,6 +154,31 @@ impl Dialed {
     }
 }
 
+/// The trunks in force. A reload swaps the whole set; a call holds the trunk it was placed on.
+#[derive(Debug, Default)]
+pub struct TrunkTable(std::sync::RwLock<Arc<Trunks>>);
+
+impl TrunkTable {
+    pub fn new(trunks: Trunks) -> Self {
+        TrunkTable(std::sync::RwLock::new(Arc::new(trunks)))
+    }
+
+    pub fn current(&self) -> Arc<Trunks> {
+        self.0.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Puts `next` in force; trunks keeping their name keep their count of live calls.
+    pub fn replace(&self, mut next: Trunks) {
+        let mut slot = self.0.write().unwrap_or_else(|p| p.into_inner());
+        for t in &mut next.list {
+            if let (Some(old), Some(new)) = (slot.get(&t.name), Arc::get_mut(t)) {
+                new.active = old.active.clone();
+            }
+        }
+        *slot = Arc::new(next);
+    }
+}
+
 /// Every configured trunk and which one is the default.
 #[derive(Debug, Default)]
 pub struct Trunks {
@@ -237,7 +264,7 @@ impl Trunks {
                 strip_plus: c.strip_plus,
                 codecs,
                 max_calls: c.max_calls,
-                active: AtomicUsize::new(0),
+                active: Arc::new(AtomicUsize::new(0)),
             }));
         }
         if default.is_none() && !list.is_empty() {
@@ -470,6 +497,28 @@ mod tests {
         drop(s1);
         let _s3 = d.acquire().unwrap();
         assert_eq!(t.usage()[0], ("a".to_string(), 2, 2));
+    }
+
+    #[test]
+    fn a_reloaded_trunk_keeps_counting_the_calls_placed_before() {
+        let mut a = trunk("a", "127.0.0.1:5099");
+        a.max_calls = 2;
+        let table = TrunkTable::new(Trunks::build(std::slice::from_ref(&a), &[]).unwrap());
+        let before = table.current().resolve("a:1", None, None).unwrap();
+        let held = before.acquire().unwrap();
+        // The reload moves the trunk and lowers its limit; the live call still counts.
+        let mut moved = trunk("a", "127.0.0.1:5100");
+        moved.max_calls = 1;
+        table.replace(Trunks::build(&[moved, trunk("b", "127.0.0.1:5101")], &[]).unwrap());
+        let after = table.current().resolve("a:1", None, None).unwrap();
+        assert_eq!(after.target.addr, "127.0.0.1:5100".parse().unwrap());
+        assert!(
+            after.acquire().is_err(),
+            "the call placed before still holds the place"
+        );
+        drop(held);
+        assert!(after.acquire().is_ok());
+        assert!(table.current().resolve("b:1", None, None).is_ok());
     }
 
     #[test]

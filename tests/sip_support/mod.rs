@@ -88,6 +88,15 @@ pub fn start(extra_sip: &str) -> Server {
 
 /// [`start`], with the server's log (at info level) written to `log` when given.
 pub fn start_logging(extra_sip: &str, log: Option<&Path>) -> Server {
+    start_full("", extra_sip, log)
+}
+
+/// [`start`] with `top` (other sections: `[http]`, `[calls]`...) before `[sip]`.
+pub fn start_with_top(top: &str, extra_sip: &str) -> Server {
+    start_full(top, extra_sip, None)
+}
+
+fn start_full(top: &str, extra_sip: &str, log: Option<&Path>) -> Server {
     let dir = tempfile::tempdir().unwrap();
     let scripts = dir.path().join("scripts");
     std::fs::create_dir_all(&scripts).unwrap();
@@ -116,7 +125,7 @@ pub fn start_logging(extra_sip: &str, log: Option<&Path>) -> Server {
     std::fs::write(
         &cfg,
         format!(
-            "[sip]\nlisten = [\"udp:127.0.0.1:0\", \"tcp:127.0.0.1:0\"]\n{extra_sip}\n{ROUTES}"
+            "{top}\n[sip]\nlisten = [\"udp:127.0.0.1:0\", \"tcp:127.0.0.1:0\"]\n{extra_sip}\n{ROUTES}"
         ),
     )
     .unwrap();

@@ -145,8 +145,10 @@ impl UserAgent {
             .map(|c| c.0)
             .unwrap_or(0);
         let bytes = message::to_bytes(&resp.clone().into());
+        let setup = now.saturating_duration_since(call.refreshed_at);
         let mut out = Vec::new();
         self.txs.respond(&key, &resp, now, &mut out)?;
+        crate::metrics::metrics().call_setup.observe(setup);
         self.drain_tx(out, now);
         let t = self.cfg.timers;
         let retx = AnswerRetransmit::new(bytes, t.t1, t.t2, reliable, now);
@@ -209,8 +211,10 @@ impl UserAgent {
         }
         self.push_server_header(&mut resp);
         let key = call.invite_key.clone();
+        let setup = now.saturating_duration_since(call.refreshed_at);
         let mut out = Vec::new();
         self.txs.respond(&key, &resp, now, &mut out)?;
+        crate::metrics::metrics().call_setup.observe(setup);
         self.drain_tx(out, now);
         self.remove_call(handle);
         Ok(())

@@ -123,6 +123,27 @@ impl UserAgent {
             return;
         }
 
+        let out_of_dialog = message::to_tag(&req.headers).is_none()
+            && !matches!(req.method, rsip::Method::Ack | rsip::Method::Cancel);
+        if out_of_dialog {
+            match self.guard.check(source, local, &req.method, now) {
+                super::super::guard::Verdict::Pass => {}
+                super::super::guard::Verdict::Drop(_) => return,
+                super::super::guard::Verdict::Reject {
+                    code, retry_after, ..
+                } => {
+                    // Stateless: a flood must not fill the transaction table.
+                    let mut resp = self.simple_response(&req, code, None);
+                    if let Some(s) = retry_after {
+                        resp.headers
+                            .push(message::make_header("Retry-After", s.to_string()));
+                    }
+                    self.send_raw(target, message::to_bytes(&resp.into()));
+                    return;
+                }
+            }
+        }
+
         if !matches!(req.method, rsip::Method::Ack | rsip::Method::Cancel) {
             // RFC 3261 §8.2.2.3, for every request but ACK and CANCEL (OPTIONS included).
             let unsupported = unsupported_requires(&req.headers);
@@ -264,6 +285,11 @@ impl UserAgent {
         now: Instant,
     ) {
         if self.calls.len() >= self.cfg.max_calls {
+            crate::metrics::Metrics::inc(
+                &crate::metrics::metrics().limit_hits,
+                "kind",
+                "sip_max_calls",
+            );
             let resp = self.overloaded(&req);
             self.respond_new(key, &req, resp, target, now);
             return;
@@ -345,8 +371,10 @@ impl UserAgent {
                 ack: None,
                 auth: None,
                 transfer: None,
+                admitted_from: Some(source.addr.ip()),
             },
         );
+        self.guard.call_started(source.addr.ip());
         self.timers
             .arm(now + self.cfg.pending_timeout, (handle, CallTimer::Pending));
         let (from, to) = match self.calls.get(&handle) {

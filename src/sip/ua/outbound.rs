@@ -140,6 +140,7 @@ impl UserAgent {
                 ack: None,
                 auth: oc.auth.map(auth::AuthState::new),
                 transfer: None,
+                admitted_from: None,
             },
         );
         self.timers
