@@ -294,7 +294,13 @@ pub fn check_exposure(config: &Config) -> Result<(), AppError> {
 }
 
 impl App {
-    pub fn new(config: Config, modules: HostModules) -> Result<Self, AppError> {
+    pub fn new(config: Config, mut modules: HostModules) -> Result<Self, AppError> {
+        let library = Arc::new(ScriptLibrary::new(
+            &config.scripts.dir,
+            config.scripts.library_limits(),
+        ));
+        // Scripts import other scripts of the same folder (`import ... from './lib'`).
+        modules.set_scripts(library.clone());
         let engine = Engine::start(EngineConfig {
             limits: config.limits.to_limits(),
             workers: config.limits.workers,
@@ -302,7 +308,6 @@ impl App {
             modules,
             ..EngineConfig::default()
         })?;
-        let library = ScriptLibrary::new(&config.scripts.dir, config.scripts.library_limits());
         let ops = Arc::new(Ops {
             config_path: None,
             started: Mutex::new(config.clone()),
@@ -320,7 +325,7 @@ impl App {
             demo_banner: false,
             config,
             engine: Arc::new(engine),
-            library: Arc::new(library),
+            library,
             records: None,
             send: None,
             originator: OriginatorSlot::default(),

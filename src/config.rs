@@ -59,6 +59,9 @@ pub struct Config {
     pub llm: LlmConfig,
     /// `[jobs]`: the `cxJob` queue's runner.
     pub jobs: JobsConfig,
+    /// `[env]`: operator variables every script sees in `process.env` (text, numbers and
+    /// booleans; numbers and booleans become their text).
+    pub env: BTreeMap<String, toml::Value>,
     /// The folder relative paths in the file are resolved against (the file's own folder).
     #[serde(skip)]
     pub base_dir: PathBuf,

@@ -218,6 +218,16 @@ fn run(args: RunArgs) -> ExitCode {
             return ExitCode::from(1);
         }
     };
+    // The script imports other scripts from its own folder.
+    let mut modules = modules;
+    let folder = match args.script.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => std::path::PathBuf::from("."),
+    };
+    modules.set_scripts(std::sync::Arc::new(script::ScriptLibrary::new(
+        folder,
+        script::LibraryLimits::default(),
+    )));
     let mode = args.mode.unwrap_or_else(|| Engine::default_mode(&script));
     let outcome = tokio::runtime::Builder::new_current_thread()
         .enable_all()

@@ -414,6 +414,11 @@ impl HostModule for JobModule {
     fn prelude(&self) -> Option<&'static str> {
         Some(PRELUDE)
     }
+
+    /// What `import { ... } from` this module offers: the names its prelude returns.
+    fn exports(&self) -> Option<&'static [&'static str]> {
+        Some(&["add", "scriptForge", "get", "setProgress", "setData"])
+    }
 }
 
 struct JobObject {

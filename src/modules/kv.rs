@@ -1,5 +1,7 @@
-//! `require('kv')` (alias `cxKV`): `get, set(key, value, ttlSeconds), incr(key, by,
-//! expireSeconds), del, keys(prefix)` over the configured backend (embedded or Redis).
+//! `require('cxKV')` (alias `kv`) over the configured backend (embedded or Redis), in
+//! ConnexCS's shape: `kv` (values as text) and `ko` (values as objects), each with
+//! `get/set(key, value, ttlSeconds)/del`, beside `incr(key, by, expireSeconds)`, `keys(prefix)`
+//! and `usage()`. callforge's own `get/set/del` (any JSON value) stay at the top level.
 
 use std::sync::Arc;
 
@@ -19,6 +21,48 @@ const METHODS: &[HostMethod] = &[
     HostMethod::asynchronous("keys"),
 ];
 
+/// What scripts see: the raw methods, plus the `kv`/`ko` maps and `usage()` built on them.
+/// `kv.set` stores text (a non-string is stored as its JSON text, `String(v)` for numbers and
+/// booleans) and `kv.get` answers text (a number `incr` made answers as its digits), as a
+/// Redis-backed store would; `ko.get` parses stored JSON text back into an object.
+const PRELUDE: &str = r#"(function (raw) {
+    const text = function (v) {
+        if (v === null || v === undefined) return null;
+        if (typeof v === 'string') return v;
+        if (typeof v === 'object') return JSON.stringify(v);
+        return String(v);
+    };
+    const object = function (v) {
+        if (typeof v !== 'string') return v;
+        try { return JSON.parse(v); } catch (e) { return v; }
+    };
+    const kv = {
+        get: function (key) { return raw.get(key).then(text); },
+        set: function (key, value, ttlSeconds) { return raw.set(key, text(value), ttlSeconds); },
+        del: function (key) { return raw.del(key); },
+    };
+    const ko = {
+        get: function (key) { return raw.get(key).then(object); },
+        set: function (key, value, ttlSeconds) { return raw.set(key, value, ttlSeconds); },
+        del: function (key) { return raw.del(key); },
+    };
+    return {
+        kv: kv,
+        ko: ko,
+        get: raw.get,
+        set: raw.set,
+        del: raw.del,
+        incr: raw.incr,
+        keys: raw.keys,
+        usage: function () {
+            return raw.keys('').then(function (keys) { return { keys: keys.length }; });
+        },
+    };
+})"#;
+
+/// The names `import { ... } from 'cxKV'` offers.
+const EXPORTS: &[&str] = &["kv", "ko", "get", "set", "del", "incr", "keys", "usage"];
+
 /// The `kv` module: one shared backend, a cheap handle per run.
 pub struct KvModule {
     kv: Arc<dyn Kv>,
@@ -35,6 +79,14 @@ impl HostModule for KvModule {
         Box::new(KvObject {
             kv: self.kv.clone(),
         })
+    }
+
+    fn prelude(&self) -> Option<&'static str> {
+        Some(PRELUDE)
+    }
+
+    fn exports(&self) -> Option<&'static [&'static str]> {
+        Some(EXPORTS)
     }
 }
 

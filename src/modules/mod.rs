@@ -1,8 +1,9 @@
-//! Host modules scripts reach, built from `callforge.toml`: `kv`, `userspace`, `lookup`
-//! (also `api.lookup`), `send` (also `api.send`), `originate`, the global `fetch`, and
-//! ConnexCS's `cxRest`, `cxTemplate`, `cxPubSub`, `cxJob`, `cxLLM` and `cxOriginate`.
+//! Host modules scripts reach, built from `callforge.toml`: `cxKV`, `cxUserspace`, `cxSend`,
+//! `cxRest`, `cxTemplate`, `cxPubSub`, `cxJob`, `cxLLM`, `cxOriginate` (each also under
+//! callforge's short name), `lookup` (also `api.lookup`), and the globals `api` and `fetch`.
 //!
-//! Each is a `script::HostModule`; [`build`] checks the configuration and registers them.
+//! Each is a `script::HostModule`, listed once in [`MODULES`] (or [`GLOBALS`]) with the names
+//! scripts reach it by; [`build`] checks the configuration and registers them.
 
 pub mod api;
 pub mod args;
@@ -24,7 +25,7 @@ use std::sync::Arc;
 
 use crate::{
     config::Config,
-    script::HostModules,
+    script::{HostModule, HostModules},
     store::{Kv, Outbox, OutboxConfig, PgStore, Records, RedisKv, SqliteKv, Store, StoreError},
 };
 
@@ -44,6 +45,135 @@ impl ModuleError {
             message: message.into(),
         }
     }
+}
+
+/// What module constructors may draw on: the configuration and the services modules share.
+pub struct Shared<'a> {
+    pub config: &'a Config,
+    pub store: Store,
+    pub kv: Arc<dyn Kv>,
+    pub userspace: crate::store::Userspace,
+    pub lookup: Arc<lookup::LookupService>,
+    pub send: Arc<send::SendService>,
+    pub fetch: Arc<fetch::FetchService>,
+    pub templates: Arc<template::Templates>,
+    pub jobs: Arc<job::JobService>,
+    /// The Redis URL of `[kv] backend`, when it is one (cxPubSub shares it).
+    pub redis_url: Option<&'a str>,
+    pub originator: originate::OriginatorSlot,
+}
+
+/// One host module: the names scripts `require`/`import` it by (ConnexCS's name first,
+/// callforge's short names after it) and how to build it.
+pub struct Entry {
+    pub names: &'static [&'static str],
+    pub build: fn(&Shared<'_>) -> Result<Arc<dyn HostModule>, ModuleError>,
+}
+
+/// Every module `require(name)` and `import ... from 'name'` reach. A new module is one
+/// entry here.
+pub const MODULES: &[Entry] = &[
+    Entry {
+        names: &["cxKV", "kv"],
+        build: |s| Ok(Arc::new(kv::KvModule::new(s.kv.clone()))),
+    },
+    Entry {
+        names: &["cxUserspace", "userspace"],
+        build: |s| {
+            Ok(Arc::new(userspace::UserspaceModule::new(
+                s.userspace.clone(),
+            )))
+        },
+    },
+    Entry {
+        names: &["cxSend", "send"],
+        build: |s| Ok(Arc::new(send::SendModule::new(s.send.clone()))),
+    },
+    Entry {
+        names: &["lookup"],
+        build: |s| Ok(Arc::new(lookup::LookupModule::new(s.lookup.clone()))),
+    },
+    Entry {
+        names: &["cxOriginate", "originate"],
+        build: |s| {
+            Ok(Arc::new(originate::OriginateModule::new(
+                s.originator.clone(),
+            )))
+        },
+    },
+    Entry {
+        names: &["cxRest", "rest"],
+        build: |s| {
+            let service = rest::RestService::new(&s.config.rest, s.fetch.clone())?;
+            Ok(Arc::new(rest::RestModule::new(Arc::new(service))))
+        },
+    },
+    Entry {
+        names: &["cxTemplate", "template"],
+        build: |s| Ok(Arc::new(template::TemplateModule::new(s.templates.clone()))),
+    },
+    Entry {
+        names: &["cxPubSub", "pubsub"],
+        build: |s| {
+            let pubsub = pubsub::PubSub::new(s.redis_url)?;
+            Ok(Arc::new(pubsub::PubSubModule::new(Arc::new(pubsub))))
+        },
+    },
+    Entry {
+        names: &["cxJob", "job"],
+        build: |s| Ok(Arc::new(job::JobModule::new(s.jobs.clone()))),
+    },
+    Entry {
+        names: &["cxLLM", "llm"],
+        build: |s| {
+            let service = llm::LlmService::new(&s.config.llm, s.fetch.clone())?;
+            Ok(Arc::new(llm::LlmModule::new(Arc::new(service))))
+        },
+    },
+];
+
+/// Modules installed as globals (built on first access, in the modes they exist in).
+pub const GLOBALS: &[Entry] = &[
+    Entry {
+        names: &["api"],
+        build: |s| {
+            Ok(Arc::new(api::ApiModule::new(
+                s.lookup.clone(),
+                s.send.clone(),
+            )))
+        },
+    },
+    Entry {
+        names: &["fetch"],
+        build: |s| Ok(Arc::new(fetch::FetchModule::new(s.fetch.clone()))),
+    },
+];
+
+/// `[env]` as `process.env` text: numbers and booleans become their text; anything else is
+/// a configuration error naming the key.
+fn env_vars(config: &Config) -> Result<Vec<(String, String)>, ModuleError> {
+    config
+        .env
+        .iter()
+        .map(|(name, value)| {
+            let text = match value {
+                toml::Value::String(s) => s.clone(),
+                toml::Value::Integer(i) => i.to_string(),
+                toml::Value::Float(f) => f.to_string(),
+                toml::Value::Boolean(b) => b.to_string(),
+                other => {
+                    return Err(ModuleError::config(
+                        "env",
+                        format!(
+                            "{name}: expected text, a number or a boolean, not {}",
+                            other.type_str()
+                        ),
+                    ))
+                }
+            };
+            Ok((name.clone(), text))
+        })
+        .collect()
 }
 
 /// The modules with the store and records they share.
@@ -124,56 +254,29 @@ pub fn build(config: &Config, open_store_now: bool) -> Result<Built, ModuleError
         }
     };
     let jobs = Arc::new(job::JobService::new(job_store, &config.jobs));
+    let originator = originate::OriginatorSlot::default();
+    let shared = Shared {
+        config,
+        store: store.clone(),
+        kv,
+        userspace,
+        lookup,
+        send: send.clone(),
+        fetch,
+        templates,
+        jobs: jobs.clone(),
+        redis_url,
+        originator: originator.clone(),
+    };
 
     let mut modules = HostModules::new();
-    modules.register(&["kv", "cxKV"], Arc::new(kv::KvModule::new(kv)));
-    modules.register(
-        &["userspace", "cxUserspace"],
-        Arc::new(userspace::UserspaceModule::new(userspace)),
-    );
-    modules.register(
-        &["lookup"],
-        Arc::new(lookup::LookupModule::new(lookup.clone())),
-    );
-    modules.register(
-        &["send", "cxSend"],
-        Arc::new(send::SendModule::new(send.clone())),
-    );
-    modules.register_global("api", Arc::new(api::ApiModule::new(lookup, send.clone())));
-    let originator = originate::OriginatorSlot::default();
-    modules.register(
-        &["originate", "cxOriginate"],
-        Arc::new(originate::OriginateModule::new(originator.clone())),
-    );
-    modules.register(
-        &["cxRest", "rest"],
-        Arc::new(rest::RestModule::new(Arc::new(rest::RestService::new(
-            &config.rest,
-            fetch.clone(),
-        )?))),
-    );
-    modules.register(
-        &["cxTemplate", "template"],
-        Arc::new(template::TemplateModule::new(templates)),
-    );
-    modules.register(
-        &["cxPubSub", "pubsub"],
-        Arc::new(pubsub::PubSubModule::new(Arc::new(pubsub::PubSub::new(
-            redis_url,
-        )?))),
-    );
-    modules.register(
-        &["cxJob", "job"],
-        Arc::new(job::JobModule::new(jobs.clone())),
-    );
-    modules.register(
-        &["cxLLM", "llm"],
-        Arc::new(llm::LlmModule::new(Arc::new(llm::LlmService::new(
-            &config.llm,
-            fetch.clone(),
-        )?))),
-    );
-    modules.register_global("fetch", Arc::new(fetch::FetchModule::new(fetch)));
+    for entry in MODULES {
+        modules.register(entry.names, (entry.build)(&shared)?);
+    }
+    for entry in GLOBALS {
+        modules.register_global(entry.names[0], (entry.build)(&shared)?);
+    }
+    modules.set_env(env_vars(config)?);
 
     let records = if config.records.enabled {
         let jsonl = config.records.jsonl.as_ref().map(|p| config.resolve(p));

@@ -91,6 +91,11 @@ impl HostModule for OriginateModule {
     fn prelude(&self) -> Option<&'static str> {
         Some(PRELUDE)
     }
+
+    /// What `import { ... } from` this module offers: the names its prelude returns.
+    fn exports(&self) -> Option<&'static [&'static str]> {
+        Some(&["originate", "list", "hangup"])
+    }
 }
 
 struct OriginateObject {

@@ -245,6 +245,11 @@ impl HostModule for RestModule {
     fn prelude(&self) -> Option<&'static str> {
         Some(PRELUDE)
     }
+
+    /// What `import { ... } from` this module offers: the names its prelude returns.
+    fn exports(&self) -> Option<&'static [&'static str]> {
+        Some(&["auth"])
+    }
 }
 
 struct RestObject {

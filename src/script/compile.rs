@@ -6,7 +6,10 @@
 use std::{cell::RefCell, ffi::CString, fmt::Write as _};
 
 use rquickjs::{
-    context::intrinsic, module::WriteOptions, qjs, Context, Ctx, Module, Runtime, Value,
+    context::intrinsic,
+    loader::{ImportAttributes, Loader, Resolver},
+    module::{Declared, WriteOptions},
+    qjs, Context, Ctx, Module, Runtime, Value,
 };
 use sha2::{Digest, Sha256};
 
@@ -29,6 +32,8 @@ pub struct CompiledScript {
     pub name: String,
     /// Content hash of the source (hex), exposed as `process.env.SCRIPTFORGE_ID`.
     pub id: String,
+    /// A UUID derived from the name, stable across edits: `process.env.SCRIPTFORGE_UUID`.
+    pub uuid: String,
     pub kind: SourceKind,
     pub bytecode: Vec<u8>,
     /// The source exports driver functions (`module.exports = {search, ...}` or ES exports).
@@ -36,6 +41,32 @@ pub struct CompiledScript {
     /// The source reads the input as the object `vars` (`vars.routing`, `vars["x"]`): only
     /// then does a run copy the input's keys onto `vars` (see `install_run_globals`).
     pub reads_vars_object: bool,
+}
+
+/// The UUID of the script called `name`: the first 16 bytes of SHA-256 of the name, marked as
+/// an RFC 9562 version 8 (name-based, custom hash) UUID.
+pub fn name_uuid(name: &str) -> String {
+    let digest = Sha256::digest(name.as_bytes());
+    let mut bytes = [0u8; 16];
+    bytes.copy_from_slice(&digest[..16]);
+    bytes[6] = (bytes[6] & 0x0f) | 0x80;
+    bytes[8] = (bytes[8] & 0x3f) | 0x80;
+    uuid_text(&bytes)
+}
+
+/// 16 bytes in the 8-4-4-4-12 hex form (one allocation: a run makes one for its
+/// `CORRELATION_ID`).
+pub fn uuid_text(bytes: &[u8; 16]) -> String {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut out = String::with_capacity(36);
+    for (i, b) in bytes.iter().enumerate() {
+        if matches!(i, 4 | 6 | 8 | 10) {
+            out.push('-');
+        }
+        out.push(HEX[usize::from(b >> 4)] as char);
+        out.push(HEX[usize::from(b & 0xf)] as char);
+    }
+    out
 }
 
 /// The content hash used for caching and `SCRIPTFORGE_ID`.
@@ -46,11 +77,63 @@ pub fn content_id(source: &str) -> String {
 
 thread_local! {
     static COMPILER: RefCell<Option<(Runtime, Context)>> = const { RefCell::new(None) };
+    /// Modules the compiler context holds: QuickJS keeps every module it declares (compiled
+    /// scripts and the placeholders of their imports) for the context's life.
+    static DECLARED: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+/// Past this many declared modules the compiler context is dropped and built afresh, so
+/// uploads with ever new import names cannot grow it without bound.
+const MAX_DECLARED: usize = 4096;
+
+fn note_declared() {
+    DECLARED.with(|d| d.set(d.get() + 1));
 }
 
 /// Compile `source` (named `name` in error positions) to bytecode.
 pub fn compile(name: &str, source: &str) -> Result<CompiledScript, CompileError> {
-    let kind = detect_kind(source);
+    compile_as(name, source, detect_kind(source))
+}
+
+/// How a script of the scripts folder is compiled when another script imports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ImportAs {
+    /// `import ... from './lib'`: an ES module.
+    Module,
+    /// `require('./lib')` of a CommonJS script: the source wrapped in a function of
+    /// `(exports, require, module, __filename, __dirname)`, as Node does, so the script's
+    /// top-level names stay its own; the bytecode evaluates to that function. (A required ES
+    /// module is compiled as a module.)
+    CommonJs,
+}
+
+/// Compile a script that another script imports. The module name (`name`) is the one the
+/// importer's `import` resolves to, so QuickJS finds the module again on a second import.
+pub fn compile_import(
+    name: &str,
+    source: &str,
+    kind: ImportAs,
+) -> Result<CompiledScript, CompileError> {
+    match kind {
+        ImportAs::Module => compile_as(name, source, SourceKind::Module),
+        // `require` of an ES module: the caller evaluates it and returns its namespace.
+        ImportAs::CommonJs if detect_kind(source) == SourceKind::Module => {
+            compile_as(name, source, SourceKind::Module)
+        }
+        ImportAs::CommonJs => {
+            // The wrapper's head shares the first line, so line numbers stay the source's.
+            let wrapped = format!(
+                "(function (exports, require, module, __filename, __dirname) {{{source}\n}})"
+            );
+            let mut script = compile_as(name, &wrapped, SourceKind::Global)?;
+            script.kind = SourceKind::Global;
+            script.id = content_id(source);
+            Ok(script)
+        }
+    }
+}
+
+fn compile_as(name: &str, source: &str, kind: SourceKind) -> Result<CompiledScript, CompileError> {
     let bytecode = COMPILER.with(|cell| {
         let mut slot = cell.borrow_mut();
         if slot.is_none() {
@@ -62,7 +145,7 @@ pub fn compile(name: &str, source: &str) -> Result<CompiledScript, CompileError>
             })?);
         }
         let (_, context) = slot.as_ref().expect("compiler initialised above");
-        context.with(|ctx| match kind {
+        let compiled = context.with(|ctx| match kind {
             SourceKind::Global => match compile_global(&ctx, name, source) {
                 Err(e) if e.message.contains("export") || e.message.contains("import") => {
                     compile_module(&ctx, name, source)
@@ -72,12 +155,18 @@ pub fn compile(name: &str, source: &str) -> Result<CompiledScript, CompileError>
                 other => other.map(|b| (SourceKind::Global, b)),
             },
             SourceKind::Module => compile_module(&ctx, name, source).map(|b| (kind, b)),
-        })
+        });
+        if DECLARED.with(|d| d.get()) > MAX_DECLARED {
+            DECLARED.with(|d| d.set(0));
+            *slot = None;
+        }
+        compiled
     })?;
     let (kind, bytecode) = bytecode;
     Ok(CompiledScript {
         name: name.to_string(),
         id: content_id(source),
+        uuid: name_uuid(name),
         kind,
         bytecode,
         is_driver: detect_driver(source),
@@ -98,8 +187,39 @@ fn new_compiler() -> rquickjs::Result<(Runtime, Context)> {
     // Source is attacker-controlled too: a pathological script must not exhaust the host.
     rt.set_memory_limit(256 * 1024 * 1024);
     rt.set_max_stack_size(1024 * 1024);
+    rt.set_loader(Placeholders, Placeholders);
     let ctx = Context::custom::<(intrinsic::Eval, intrinsic::RegExpCompiler)>(&rt)?;
     Ok((rt, ctx))
+}
+
+/// The compiler's resolver and loader. QuickJS resolves a module's imports while compiling it,
+/// but the bytecode records only the names it imports: each is resolved again, for real, when
+/// a run loads the bytecode (see `imports.rs`). So here any name is an empty module, and a
+/// script compiles whatever it imports; a name that leads nowhere fails its runs, clearly.
+struct Placeholders;
+
+impl Resolver for Placeholders {
+    fn resolve<'js>(
+        &mut self,
+        _ctx: &Ctx<'js>,
+        _base: &str,
+        name: &str,
+        _attributes: Option<ImportAttributes<'js>>,
+    ) -> rquickjs::Result<String> {
+        Ok(name.to_string())
+    }
+}
+
+impl Loader for Placeholders {
+    fn load<'js>(
+        &mut self,
+        ctx: &Ctx<'js>,
+        name: &str,
+        _attributes: Option<ImportAttributes<'js>>,
+    ) -> rquickjs::Result<Module<'js, Declared>> {
+        note_declared();
+        Module::declare(ctx.clone(), name, "")
+    }
 }
 
 /// ES modules are recognised by a top-level `import` or `export` statement at a line start;
@@ -181,6 +301,7 @@ fn write_bytecode(ctx: &Ctx<'_>, value: &Value<'_>) -> Result<Vec<u8>, String> {
 }
 
 fn compile_module(ctx: &Ctx<'_>, name: &str, source: &str) -> Result<Vec<u8>, CompileError> {
+    note_declared();
     let declared =
         Module::declare(ctx.clone(), name, source).map_err(|_| syntax_error(ctx, name))?;
     declared
@@ -269,6 +390,30 @@ mod tests {
         assert!(err.to_string().starts_with("broken:2:"), "{err}");
         let err = compile("mod", "export function main() {\n\n  let = ;\n}").unwrap_err();
         assert_eq!(err.line, 3, "{err}");
+    }
+
+    #[test]
+    fn the_compiler_is_renewed_before_its_modules_pile_up() {
+        for i in 0..(MAX_DECLARED / 2 + 10) {
+            let src =
+                format!("import a from './lib{i}';\nimport b from 'x{i}';\nexport default a + b;");
+            compile(&format!("m{i}"), &src).unwrap();
+        }
+        assert!(DECLARED.with(|d| d.get()) <= MAX_DECLARED);
+        assert!(compile("after", "export const v = 1;").is_ok());
+    }
+
+    #[test]
+    fn uuids_have_the_8_4_4_4_12_form() {
+        let bytes = [
+            0x12, 0x34, 0x56, 0x78, 0x9a, 0xbc, 0xde, 0xf0, 0x01, 0x23, 0x45, 0x67, 0x89, 0xab,
+            0xcd, 0xef,
+        ];
+        assert_eq!(uuid_text(&bytes), "12345678-9abc-def0-0123-456789abcdef");
+        let named = name_uuid("routing");
+        assert_eq!(named, name_uuid("routing"));
+        assert_ne!(named, name_uuid("routing2"));
+        assert_eq!(&named[14..15], "8", "version 8: {named}");
     }
 
     #[test]

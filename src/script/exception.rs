@@ -149,7 +149,8 @@ fn from_pair(arr: &Array<'_>) -> Option<ScriptError> {
         .get::<Value>(1)
         .ok()
         .filter(|v| !v.is_undefined())
-        .map(|v| value_text(&v))
+        // An Error as the message (`[500, err]`) reads as `Name: message`, not `{}`.
+        .map(|v| describe_exception(&v).text)
         .unwrap_or_default();
     Some(ScriptError::new(code, message))
 }

@@ -19,10 +19,12 @@ use serde_json::Value as Json;
 
 use super::{
     arena::{self, Arena},
-    compile::{CompiledScript, SourceKind, DRIVER_FUNCTIONS},
+    compile::{CompiledScript, ImportAs, SourceKind, DRIVER_FUNCTIONS},
     error::ScriptError,
-    exception::{describe_exception, script_error_from, value_text},
+    exception::{describe_exception, script_error_from},
     host::{HostCall, HostError, HostModules, HostObject, HostResult, MethodKind, Registered},
+    imports::{classify, Imports, Target},
+    inspect::console_text,
     mode::{Limits, Mode},
     shared::{Interruptible, Membership, SharedRuntime},
 };
@@ -157,6 +159,9 @@ struct RunState {
     /// a Rust-held reference inside the context's own functions is a cycle QuickJS's GC
     /// cannot see, and would keep the whole context alive.
     input: RefCell<Option<Persistent<Value<'static>>>>,
+    /// `module` objects of the scripts this run `require`d, by name: a second `require`
+    /// returns the same exports (and a cycle gets the partial ones), as in Node.
+    required: RefCell<HashMap<String, Persistent<Object<'static>>>>,
     next_id: Cell<u64>,
     /// Set when the context lives in a runtime shared with other calls (class5).
     member: Option<Membership>,
@@ -168,6 +173,8 @@ struct RunState {
     /// A host function panicked during the run (and the script may have caught the error):
     /// Rust state tied to the runtime may be inconsistent, so it is never reused.
     panicked: Cell<bool>,
+    /// The operator's `[env]` sets `APP_ID`, so runs do not.
+    operator_app_id: Cell<bool>,
 }
 
 struct Settler {
@@ -193,11 +200,13 @@ impl RunState {
             host_calls: RefCell::new(FuturesUnordered::new()),
             settlers: RefCell::new(HashMap::new()),
             input: RefCell::new(None),
+            required: RefCell::new(HashMap::new()),
             next_id: Cell::new(0),
             member: None,
             pristine: false,
             impure: Cell::new(false),
             panicked: Cell::new(false),
+            operator_app_id: Cell::new(false),
         }
     }
 
@@ -384,6 +393,7 @@ impl RunState {
         self.timers.borrow_mut().clear();
         self.settlers.borrow_mut().clear();
         self.input.borrow_mut().take();
+        self.required.borrow_mut().clear();
         *self.host_calls.borrow_mut() = FuturesUnordered::new();
     }
 }
@@ -494,6 +504,7 @@ impl Sandbox {
         // A class5 script holds its runtime for the whole call: collect at 128 KiB of new
         // allocations rather than QuickJS's 256 KiB, so a thousand waiting calls stay small.
         rt.set_gc_threshold(GC_THRESHOLD);
+        Imports::install(&rt, &self.modules);
         Ok(rt)
     }
 
@@ -535,6 +546,7 @@ impl Sandbox {
         rt.set_max_stack_size(self.limits.stack_bytes);
         // Garbage dies with the restore: collecting during a run only when it grows large.
         rt.set_gc_threshold(PRISTINE_GC_THRESHOLD);
+        Imports::install(&rt, &self.modules);
         let mut state = RunState::new(self.limits.clone());
         state.pristine = true;
         let state = Rc::new(state);
@@ -581,6 +593,7 @@ impl Sandbox {
                 let r = SharedRuntime::new(self.limits.stack_bytes, GC_THRESHOLD).map_err(|e| {
                     ScriptError::internal(format!("cannot create a JS runtime: {e}"))
                 })?;
+                Imports::install(&r.rt, &self.modules);
                 self.shared.borrow_mut().push(r.clone());
                 r
             }
@@ -1736,6 +1749,95 @@ fn module_value<'js>(
     }
 }
 
+/// A random (version 4) UUID, for `process.env.CORRELATION_ID`.
+fn random_uuid() -> String {
+    let mut bytes = [0u8; 16];
+    fastrand::fill(&mut bytes);
+    bytes[6] = (bytes[6] & 0x0f) | 0x40;
+    bytes[8] = (bytes[8] & 0x3f) | 0x80;
+    super::compile::uuid_text(&bytes)
+}
+
+/// `require` of a script of the scripts folder: a CommonJS script runs once per run with its
+/// own `module`/`exports` and gives `module.exports`; an ES module gives its namespace.
+fn require_script<'js>(
+    ctx: &Ctx<'js>,
+    state: &Rc<RunState>,
+    library: &super::library::ScriptLibrary,
+    stem: &str,
+) -> rquickjs::Result<Value<'js>> {
+    let cached = state.required.borrow().get(stem).cloned();
+    if let Some(module) = cached {
+        return module.restore(ctx)?.get("exports");
+    }
+    let module_name = format!("{stem}.js");
+    let script = library
+        .get_import(stem, &module_name, ImportAs::CommonJs)
+        .map_err(|e| Exception::throw_syntax(ctx, &format!("require('./{stem}'): {e}")))?;
+    let module = Object::new(ctx.clone())?;
+    match script.kind {
+        SourceKind::Module => {
+            // SAFETY: the bytes are our own compiler's output.
+            let declared = unsafe { Module::load(ctx.clone(), &script.bytecode)? };
+            let (evaluated, promise) = declared.eval()?;
+            while ctx.execute_pending_job() {}
+            match promise.state() {
+                rquickjs::promise::PromiseState::Resolved => {}
+                rquickjs::promise::PromiseState::Rejected => {
+                    let reason = match promise.result::<Value>() {
+                        Some(Ok(v)) => v,
+                        _ => ctx.catch(),
+                    };
+                    return Err(ctx.throw(reason));
+                }
+                rquickjs::promise::PromiseState::Pending => {
+                    return Err(Exception::throw_type(
+                        ctx,
+                        &format!(
+                            "require('./{stem}'): the module awaits at its top level; use import instead"
+                        ),
+                    ))
+                }
+            }
+            module.set("exports", evaluated.namespace()?)?;
+        }
+        SourceKind::Global => {
+            let exports = Object::new(ctx.clone())?;
+            module.set("exports", exports.clone())?;
+            state
+                .required
+                .borrow_mut()
+                .insert(stem.to_string(), Persistent::save(ctx, module.clone()));
+            let wrapper = eval_global_bytecode(ctx, &script.bytecode)?;
+            let Some(wrapper) = wrapper.as_function() else {
+                return Err(Exception::throw_internal(
+                    ctx,
+                    "a CommonJS wrapper is not a function",
+                ));
+            };
+            let require: Value = ctx.globals().get("require")?;
+            let ran = wrapper.call::<_, Value>((
+                rquickjs::function::This(exports.clone()),
+                exports,
+                require,
+                module.clone(),
+                module_name.as_str(),
+                ".",
+            ));
+            if let Err(e) = ran {
+                // A script that failed to load is loaded afresh by the next `require`.
+                state.required.borrow_mut().remove(stem);
+                return Err(e);
+            }
+        }
+    }
+    state
+        .required
+        .borrow_mut()
+        .insert(stem.to_string(), Persistent::save(ctx, module.clone()));
+    module.get("exports")
+}
+
 /// What differs per run: the input, `process.env`, and timers in async modes.
 fn install_run_globals<'js>(
     ctx: &Ctx<'js>,
@@ -1763,6 +1865,11 @@ fn install_run_globals<'js>(
     let env: Object = process.get("env")?;
     env.set("SCRIPTFORGE_NAME", script.name.as_str())?;
     env.set("SCRIPTFORGE_ID", script.id.as_str())?;
+    env.set("SCRIPTFORGE_UUID", script.uuid.as_str())?;
+    env.set("CORRELATION_ID", random_uuid().as_str())?;
+    if !state.operator_app_id.get() {
+        env.set("APP_ID", script.name.as_str())?;
+    }
     match (state.mode.get().is_async(), state.pristine) {
         (true, false) => install_timers(ctx, state)?,
         // A pristine image has them already; the synchronous mode has none.
@@ -1861,8 +1968,7 @@ fn install_common_globals<'js>(
             name,
             host_fn(ctx, move |ctx: Ctx<'js>, args: Rest<Value<'js>>| {
                 guarded(&ctx, &st, || {
-                    let text = args.0.iter().map(value_text).collect::<Vec<_>>().join(" ");
-                    st.log(level, text);
+                    st.log(level, console_text(&args.0));
                     Ok(())
                 })
             })?,
@@ -1873,8 +1979,33 @@ fn install_common_globals<'js>(
     let process = Object::new(ctx.clone())?;
     let env = Object::new(ctx.clone())?;
     env.set("EXEC_HOST", sandbox.exec_host.as_str())?;
+    for (name, value) in sandbox.modules.env() {
+        env.set(name.as_str(), value.as_str())?;
+        if name == "APP_ID" {
+            state.operator_app_id.set(true);
+        }
+    }
     process.set("env", env)?;
     g.set("process", process)?;
+
+    // `setEnvVar(name, value)`: sets `process.env[name]` (as text) for this run only; every
+    // run starts from a fresh `process.env`.
+    g.set(
+        "setEnvVar",
+        host_fn(
+            ctx,
+            move |ctx: Ctx<'js>, name: rquickjs::Coerced<String>, value: Value<'js>| {
+                let process: Object = ctx.globals().get("process")?;
+                let env: Object = process.get("env")?;
+                let text = match value.as_string() {
+                    Some(s) => s.to_string()?,
+                    None if value.is_undefined() => "undefined".to_string(),
+                    None => value.get::<rquickjs::Coerced<String>>()?.0,
+                };
+                env.set(name.0.as_str(), text)
+            },
+        )?,
+    )?;
 
     let module = Object::new(ctx.clone())?;
     let exports = Object::new(ctx.clone())?;
@@ -1892,6 +2023,16 @@ fn install_common_globals<'js>(
                 guarded(&ctx, &st, || {
                     let name = name.0;
                     let mode = st.mode.get();
+                    let target = classify(&modules, &name);
+                    if let (Ok(Target::Script(stem)), Some(library)) = (&target, modules.scripts())
+                    {
+                        return require_script(&ctx, &st, library, stem);
+                    }
+                    if let Err(why) = &target {
+                        if name.starts_with('.') || name.contains('/') {
+                            return Err(Exception::throw_type(&ctx, &format!("require: {why}")));
+                        }
+                    }
                     match modules.entry(&name).filter(|r| r.module.available_in(mode)) {
                         Some(registered) => module_value(&ctx, &st, &name, registered),
                         None => {

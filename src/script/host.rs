@@ -8,6 +8,9 @@
 //! (`api.lookup.tps(...)`). A module may also ship a JS *prelude*: the source of a function
 //! expression, compiled once to bytecode, that receives the raw host object and returns what
 //! scripts see (the `fetch` module wraps its raw answer in a WHATWG-shaped `Response` this way).
+//!
+//! Each name a module is registered under is also an ES module (`import { kv } from 'cxKV'`),
+//! compiled once at registration; `imports.rs` loads it into the runs that import it.
 
 use std::{collections::BTreeMap, fmt, sync::Arc};
 
@@ -16,6 +19,7 @@ use serde_json::Value as Json;
 
 use super::{
     compile::{compile, CompiledScript},
+    library::ScriptLibrary,
     mode::Mode,
 };
 
@@ -113,13 +117,22 @@ pub trait HostModule: Send + Sync {
     fn prelude(&self) -> Option<&'static str> {
         None
     }
+    /// The names `import { ... } from 'NAME'` offers. By default the top-level names of the
+    /// object's methods; a module whose prelude reshapes the object lists its own.
+    fn exports(&self) -> Option<&'static [&'static str]> {
+        None
+    }
 }
 
-/// A registered module with its compiled prelude (or why the prelude did not compile).
+/// A registered module with its compiled prelude (or why the prelude did not compile), and
+/// the ES module that `import ... from` its name loads.
 #[derive(Clone)]
 pub struct Registered {
     pub module: Arc<dyn HostModule>,
     pub prelude: Option<Result<Arc<CompiledScript>, String>>,
+    /// A module named like the host module: its default export is what `require` returns,
+    /// its named exports that value's properties. Compiled once, at registration.
+    pub es_module: Option<Result<Arc<CompiledScript>, String>>,
 }
 
 impl Registered {
@@ -129,8 +142,63 @@ impl Registered {
                 .map(Arc::new)
                 .map_err(|e| e.to_string())
         });
-        Registered { module, prelude }
+        Registered {
+            module,
+            prelude,
+            es_module: None,
+        }
     }
+
+    /// The same module under `name`, with the ES module of that name.
+    fn named(&self, name: &str) -> Self {
+        let mut exports: Vec<String> = match self.module.exports() {
+            Some(list) => list.iter().map(|s| s.to_string()).collect(),
+            None => self
+                .module
+                .instantiate()
+                .methods()
+                .iter()
+                .map(|m| m.name.split('.').next().unwrap_or(m.name).to_string())
+                .collect(),
+        };
+        exports.sort();
+        exports.dedup();
+        let source = es_module_source(name, &exports);
+        let es_module =
+            super::compile::compile_import(name, &source, super::compile::ImportAs::Module)
+                .map(Arc::new)
+                .map_err(|e| e.to_string());
+        Registered {
+            es_module: Some(es_module),
+            ..self.clone()
+        }
+    }
+}
+
+/// The source of the ES module standing for host module `name`: it takes the value
+/// `require(name)` gives (so both forms see the same object, with the same mode checks).
+fn es_module_source(name: &str, exports: &[String]) -> String {
+    let quoted = serde_json::to_string(name).unwrap_or_else(|_| "\"\"".into());
+    let mut source = format!("const m = require({quoted});\nexport default m;\n");
+    for (i, export) in exports
+        .iter()
+        .filter(|e| is_identifier_name(e) && *e != "default")
+        .enumerate()
+    {
+        source.push_str(&format!(
+            "const e{i} = m[{q}];\nexport {{ e{i} as {export} }};\n",
+            q = serde_json::to_string(export).unwrap_or_default()
+        ));
+    }
+    source
+}
+
+fn is_identifier_name(s: &str) -> bool {
+    let mut chars = s.chars();
+    chars
+        .next()
+        .is_some_and(|c| c.is_ascii_alphabetic() || c == '_' || c == '$')
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '$')
 }
 
 /// The `require` whitelist: module names (aliases included) to implementations, plus the
@@ -139,6 +207,10 @@ impl Registered {
 pub struct HostModules {
     modules: BTreeMap<String, Registered>,
     globals: BTreeMap<String, Registered>,
+    /// The scripts folder, for imports between scripts (`import ... from './lib'`).
+    scripts: Option<Arc<ScriptLibrary>>,
+    /// Operator variables every run sees in `process.env` (`[env]` in callforge.toml).
+    env: Arc<Vec<(String, String)>>,
 }
 
 impl fmt::Debug for HostModules {
@@ -160,8 +232,32 @@ impl HostModules {
         let Some(first) = names.first() else { return };
         let registered = Registered::new(first, module);
         for name in names {
-            self.modules.insert((*name).to_string(), registered.clone());
+            self.modules
+                .insert((*name).to_string(), registered.named(name));
         }
+    }
+
+    /// Let scripts import other scripts of `library`'s folder.
+    pub fn set_scripts(&mut self, library: Arc<ScriptLibrary>) {
+        self.scripts = Some(library);
+    }
+
+    pub fn scripts(&self) -> Option<&Arc<ScriptLibrary>> {
+        self.scripts.as_ref()
+    }
+
+    /// Operator variables for `process.env` (a run's own variables win over these).
+    pub fn set_env(&mut self, env: Vec<(String, String)>) {
+        self.env = Arc::new(env);
+    }
+
+    pub fn env(&self) -> &[(String, String)] {
+        &self.env
+    }
+
+    /// Every module name, whatever the mode (for the errors of `import`).
+    pub fn names(&self) -> Vec<&str> {
+        self.modules.keys().map(String::as_str).collect()
     }
 
     /// Install `module` as the global `name` (e.g. `api`, `fetch`) in the modes it is

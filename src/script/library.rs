@@ -11,7 +11,7 @@ use std::{
 use serde::Serialize;
 
 use super::{
-    compile::{compile, content_id, CompiledScript},
+    compile::{compile, compile_import, content_id, CompiledScript, ImportAs},
     error::LoadError,
     vars::VarsError,
 };
@@ -63,6 +63,8 @@ pub struct ScriptLibrary {
     by_name: Mutex<HashMap<String, Cached>>,
     by_content: Mutex<HashMap<String, Arc<CompiledScript>>>,
     vars: Mutex<HashMap<String, CachedVars>>,
+    /// Scripts compiled for other scripts' `import`/`require`, by how and by name.
+    imports: Mutex<HashMap<(ImportAs, String), Cached>>,
 }
 
 /// Names are file stems: no path separators, no leading dot, nothing that escapes the folder.
@@ -83,7 +85,63 @@ impl ScriptLibrary {
             by_name: Mutex::new(HashMap::new()),
             by_content: Mutex::new(HashMap::new()),
             vars: Mutex::new(HashMap::new()),
+            imports: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// Whether the folder has a script `name` (for telling a script import from a module name).
+    pub fn has(&self, name: &str) -> bool {
+        self.path_of(name).is_ok_and(|p| p.is_file())
+    }
+
+    /// Script `name` compiled for an importing script (see [`ImportAs`]), under `module_name`
+    /// (what the importer's `import` resolved to). Compiled once per content and recompiled
+    /// when the file changes, like [`get`](Self::get).
+    pub fn get_import(
+        &self,
+        name: &str,
+        module_name: &str,
+        kind: ImportAs,
+    ) -> Result<Arc<CompiledScript>, LoadError> {
+        let path = self.path_of(name)?;
+        let name = name.strip_suffix(".js").unwrap_or(name);
+        let meta = match std::fs::metadata(&path) {
+            Ok(m) if m.is_file() => m,
+            Ok(_) => return Err(LoadError::NotFound(name.to_string())),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(LoadError::NotFound(name.to_string()))
+            }
+            Err(source) => {
+                return Err(LoadError::Io {
+                    path: path.display().to_string(),
+                    source,
+                })
+            }
+        };
+        let modified = meta.modified().ok();
+        let key = (kind, module_name.to_string());
+        let mut imports = self.imports.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(hit) = imports.get_mut(&key) {
+            if hit.modified == modified && hit.len == meta.len() {
+                hit.checked = Instant::now();
+                return Ok(hit.script.clone());
+            }
+        }
+        let source = read_source(&path)?;
+        let script = Arc::new(compile_import(module_name, &source, kind)?);
+        if imports.len() >= self.limits.max_scripts * 2 {
+            imports.clear();
+        }
+        imports.insert(
+            key,
+            Cached {
+                modified,
+                len: meta.len(),
+                script: script.clone(),
+                checked: Instant::now(),
+            },
+        );
+        Ok(script)
     }
 
     pub fn dir(&self) -> &Path {

@@ -11,6 +11,8 @@ pub mod error;
 pub mod exception;
 pub mod execution;
 pub mod host;
+mod imports;
+mod inspect;
 pub mod library;
 pub mod mode;
 pub mod pool;
@@ -28,3 +30,5 @@ pub use pool::{LocalRunner, LocalTask};
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_imports;

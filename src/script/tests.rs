@@ -175,7 +175,8 @@ async fn globals_console_and_env_are_there() {
     let out = run(src, Mode::Script, Json::Null).await;
     assert_eq!(out.result, Ok(json!(["test", true, "string"])));
     assert_eq!(out.logs.len(), 2);
-    assert_eq!(out.logs[0].message, r#"hello {"a":1} 3"#);
+    // Objects print as Node's util.inspect prints them (issue 11), no longer as JSON.
+    assert_eq!(out.logs[0].message, "hello { a: 1 } 3");
     assert_eq!(out.logs[1].level, LogLevel::Warn);
 }
 

@@ -155,6 +155,42 @@ impl Userspace {
             .await
     }
 
+    /// The rows of an area as (key, data), sorted by key (at most 10,000).
+    pub async fn rows(&self, area: String) -> Result<Vec<(String, Json)>, StoreError> {
+        self.store
+            .with(move |c| {
+                let mut stmt = c.prepare(
+                    "SELECT key, data FROM userspace WHERE area = ?1 ORDER BY key LIMIT 10000",
+                )?;
+                let rows = stmt
+                    .query_map(params![area], |r| {
+                        Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?))
+                    })?
+                    .collect::<Result<Vec<_>, _>>()?;
+                Ok(rows
+                    .into_iter()
+                    .map(|(k, t)| (k, serde_json::from_str(&t).unwrap_or(Json::String(t))))
+                    .collect())
+            })
+            .await
+    }
+
+    /// One row of the area picked at random, or `None` when the area is empty.
+    pub async fn random(&self, area: String) -> Result<Option<(String, Json)>, StoreError> {
+        self.store
+            .with(move |c| {
+                let row: Option<(String, String)> = c
+                    .query_row(
+                        "SELECT key, data FROM userspace WHERE area = ?1 ORDER BY random() LIMIT 1",
+                        params![area],
+                        |r| Ok((r.get(0)?, r.get(1)?)),
+                    )
+                    .optional()?;
+                Ok(row.map(|(k, t)| (k, serde_json::from_str(&t).unwrap_or(Json::String(t)))))
+            })
+            .await
+    }
+
     /// The keys of an area, sorted (at most 10,000).
     pub async fn list(&self, area: String) -> Result<Vec<String>, StoreError> {
         if let Some(pg) = &self.pg {
