@@ -61,6 +61,9 @@ pub enum AppError {
 pub struct App {
     pub config: Config,
     pub engine: Arc<Engine>,
+    /// Workers of their own for class4 decisions (SIP and HTTP), so runaway HTTP runs on
+    /// `engine` never hold up routing.
+    pub routing: Arc<Engine>,
     pub library: Arc<ScriptLibrary>,
     /// Where execution records (and CDRs) go; `None` when records are disabled.
     pub records: Option<Records>,
@@ -76,6 +79,14 @@ impl App {
             limits: config.limits.to_limits(),
             workers: config.limits.workers,
             worker_niceness: config.limits.worker_niceness.clamp(0, 19),
+            modules: modules.clone(),
+            ..EngineConfig::default()
+        })?;
+        // Routing answers SIP at the signalling's pace: same priority as the SIP thread.
+        let routing = Engine::start(EngineConfig {
+            limits: config.limits.to_limits(),
+            workers: config.limits.class4_workers,
+            worker_niceness: 0,
             modules,
             ..EngineConfig::default()
         })?;
@@ -83,6 +94,7 @@ impl App {
         Ok(App {
             config,
             engine: Arc::new(engine),
+            routing: Arc::new(routing),
             library: Arc::new(library),
             records: None,
             send: None,
@@ -110,6 +122,7 @@ impl App {
     pub fn router(&self) -> axum::Router {
         http::router(Arc::new(ApiState {
             engine: self.engine.clone(),
+            routing: self.routing.clone(),
             library: self.library.clone(),
             token: self.config.http.token.clone(),
             max_body_bytes: self.config.http.max_body_bytes,
@@ -139,6 +152,12 @@ impl App {
         );
         // Tests and wrappers read this line to learn an ephemeral port.
         println!("callforge http listening on {local}");
+        let limits = http::listener::HttpLimits {
+            header_timeout: Duration::from_secs(self.config.http.header_timeout_s.max(1)),
+            idle_timeout: Duration::from_secs(self.config.http.idle_timeout_s.max(1)),
+            max_per_source: self.config.http.max_connections_per_source.max(1),
+        };
+        let listener = http::listener::GuardedListener::new(listener, limits);
         let served = axum::serve(listener, self.router())
             .with_graceful_shutdown(shutdown_signal())
             .await
@@ -163,7 +182,12 @@ impl App {
         let cfg = &self.config.sip;
         check_gateways(&self.config.gateways)?;
         let specs = listen_specs(cfg)?;
-        let transport = sip::start(&specs, ua_config(cfg, self.config.calls.accept_refer)).await?;
+        let transport = sip::start_with(
+            &specs,
+            ua_config(cfg, self.config.calls.accept_refer),
+            tcp_limits(cfg),
+        )
+        .await?;
         for spec in &transport.local_addrs {
             tracing::info!(%spec, routes = routes.len(), "callforge sip listening");
             println!("callforge sip listening on {spec}");
@@ -185,7 +209,7 @@ impl App {
         }
         let handle = transport.handle.clone();
         let class4 = Class4Server {
-            engine: self.engine.clone(),
+            engine: self.routing.clone(),
             library: self.library.clone(),
             gateways: Arc::new(self.config.gateways.clone()),
             sip: handle.clone(),
@@ -261,6 +285,15 @@ fn ua_config(cfg: &SipConfig, accept_refer: bool) -> UaConfig {
     ua.pending_timeout = Duration::from_secs(cfg.pending_timeout_s.max(1));
     ua.accept_refer = accept_refer;
     ua
+}
+
+fn tcp_limits(cfg: &SipConfig) -> sip::TcpLimits {
+    sip::TcpLimits {
+        idle_timeout: Duration::from_secs(cfg.tcp_idle_timeout_s.max(1)),
+        message_timeout: Duration::from_secs(cfg.tcp_message_timeout_s.max(1)),
+        max_connections: cfg.tcp_max_connections.max(1),
+        max_per_source: cfg.tcp_max_per_source.max(1),
+    }
 }
 
 /// Routes each new INVITE (404 when no route matches), forwards every call's events to the

@@ -309,6 +309,14 @@ pub struct SipConfig {
     pub rtp_ip: Option<IpAddr>,
     /// RTP port range (inclusive), even ports are used.
     pub rtp_ports: [u16; 2],
+    /// SIP over TCP: a connection silent both ways this long is closed.
+    pub tcp_idle_timeout_s: u64,
+    /// SIP over TCP: a message begun (or a new connection's first) must be complete in this time.
+    pub tcp_message_timeout_s: u64,
+    /// SIP over TCP: connections held at once per listener (at the cap, the longest idle is closed).
+    pub tcp_max_connections: usize,
+    /// SIP over TCP: connections one source IP may hold.
+    pub tcp_max_per_source: usize,
 }
 
 impl Default for SipConfig {
@@ -324,6 +332,10 @@ impl Default for SipConfig {
             codecs: vec!["PCMU".into(), "PCMA".into()],
             rtp_ip: None,
             rtp_ports: [16_384, 32_767],
+            tcp_idle_timeout_s: 300,
+            tcp_message_timeout_s: 10,
+            tcp_max_connections: 4096,
+            tcp_max_per_source: 64,
         }
     }
 }
@@ -379,6 +391,9 @@ pub struct CallsConfig {
     pub ring_timeout_s: u64,
     /// Incoming REFER from the caller: `false` answers 603 Decline.
     pub accept_refer: bool,
+    /// How long a script may go on after its call ended (post-call work: a webhook, kv);
+    /// a run still waiting after that is stopped and the CDR written.
+    pub after_hangup_s: u64,
 }
 
 impl Default for CallsConfig {
@@ -388,6 +403,7 @@ impl Default for CallsConfig {
             max_bridge_attempts: 10,
             ring_timeout_s: 60,
             accept_refer: false,
+            after_hangup_s: 10,
         }
     }
 }
@@ -423,6 +439,12 @@ pub struct HttpConfig {
     /// Bearer token required on `/v1/*` when set.
     pub token: Option<String>,
     pub max_body_bytes: usize,
+    /// A request's headers must arrive within this time of its first byte (slow clients).
+    pub header_timeout_s: u64,
+    /// A keep-alive connection with no request for this long is closed.
+    pub idle_timeout_s: u64,
+    /// Connections one source IP may hold open.
+    pub max_connections_per_source: usize,
 }
 
 impl Default for HttpConfig {
@@ -431,6 +453,9 @@ impl Default for HttpConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
             token: None,
             max_body_bytes: 1024 * 1024,
+            header_timeout_s: 10,
+            idle_timeout_s: 60,
+            max_connections_per_source: 256,
         }
     }
 }
@@ -462,9 +487,13 @@ pub struct LimitsConfig {
     pub script_cpu_ms: u64,
     pub app_cpu_ms: u64,
     pub wall_ms: u64,
-    /// Script worker threads; 0 = one per core.
+    /// Script worker threads (HTTP runs, class5 calls); 0 = one per core.
     pub workers: usize,
+    /// Worker threads of their own for class4 decisions (SIP and HTTP); 0 = one per core.
+    pub class4_workers: usize,
+    /// Console lines and bytes one run may log (captured and to the server log).
     pub max_log_lines: usize,
+    pub max_log_bytes: usize,
     /// How much nicer (lower priority) script workers run than the SIP and RTP threads, so a
     /// busy machine paces RTP first; 0 gives them equal priority (a class4-only engine).
     pub worker_niceness: i32,
@@ -480,7 +509,9 @@ impl Default for LimitsConfig {
             app_cpu_ms: l.app_cpu.as_millis() as u64,
             wall_ms: l.wall.as_millis() as u64,
             workers: 0,
+            class4_workers: 0,
             max_log_lines: l.max_log_lines,
+            max_log_bytes: l.max_log_bytes,
             worker_niceness: 5,
         }
     }
@@ -495,6 +526,7 @@ impl LimitsConfig {
             app_cpu: Duration::from_millis(self.app_cpu_ms.max(1)),
             wall: Duration::from_millis(self.wall_ms.max(1)),
             max_log_lines: self.max_log_lines,
+            max_log_bytes: self.max_log_bytes,
         }
     }
 }

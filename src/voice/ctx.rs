@@ -103,9 +103,17 @@ pub struct CallCtx {
     invite_headers: Vec<(String, String)>,
     out_headers: OutHeaders,
     media: MediaSlot,
+    /// Raised by the call task when the run must end (the call is over, grace passed).
+    stop: Option<watch::Receiver<bool>>,
 }
 
 impl CallCtx {
+    /// The signal that ends the run once the call is over (see `[calls] after_hangup_s`).
+    pub fn with_stop(mut self, stop: watch::Receiver<bool>) -> Self {
+        self.stop = Some(stop);
+        self
+    }
+
     pub fn new(
         requests: mpsc::UnboundedSender<CtxRequest>,
         hangup: watch::Receiver<bool>,
@@ -123,6 +131,7 @@ impl CallCtx {
             invite_headers,
             out_headers,
             media,
+            stop: None,
         }
     }
 
@@ -210,6 +219,14 @@ impl HostObject for CallCtx {
 
     fn prelude(&self) -> Option<Arc<CompiledScript>> {
         compiled_prelude()
+    }
+
+    fn stopped(&self) -> Option<futures::future::LocalBoxFuture<'static, ()>> {
+        let mut stop = self.stop.clone()?;
+        Some(Box::pin(async move {
+            // A closed channel means the call task is gone: stop as well.
+            let _ = stop.wait_for(|s| *s).await;
+        }))
     }
 
     fn call(&self, method: &str, args: Vec<Json>) -> HostCall {
