@@ -11,7 +11,7 @@ use std::{
     net::{IpAddr, SocketAddr},
     pin::Pin,
     sync::{Arc, Mutex},
-    task::{Context, Poll},
+    task::{Context, Poll, Waker},
     time::Duration,
 };
 
@@ -142,6 +142,9 @@ pub struct GuardedStream {
     /// The last bytes read, to find a `CRLF CRLF` split across reads.
     tail: Vec<u8>,
     timer: Pin<Box<Sleep>>,
+    /// Who waits on a read: woken when a response starts the idle deadline, since nothing
+    /// on the socket would wake it to arm that deadline.
+    reader: Option<Waker>,
     _slot: SourceSlot,
 }
 
@@ -155,6 +158,7 @@ impl GuardedStream {
             phase: Phase::Headers(now),
             tail: Vec::with_capacity(4),
             timer: Box::pin(tokio::time::sleep_until(now + limits.header_timeout)),
+            reader: None,
             _slot: slot,
         }
     }
@@ -192,7 +196,13 @@ impl GuardedStream {
     /// A response going out ends the request: the idle deadline starts (again) from now.
     fn on_write(&mut self, n: usize) {
         if n > 0 && matches!(self.phase, Phase::Busy | Phase::Idle(_)) {
+            let was_busy = self.phase == Phase::Busy;
             self.phase = Phase::Idle(Instant::now());
+            if was_busy {
+                if let Some(reader) = self.reader.take() {
+                    reader.wake();
+                }
+            }
         }
     }
 }
@@ -213,6 +223,7 @@ impl AsyncRead for GuardedStream {
             }
             Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
             Poll::Pending => {
+                this.reader = Some(cx.waker().clone());
                 let Some(at) = this.deadline() else {
                     return Poll::Pending;
                 };

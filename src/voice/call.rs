@@ -273,7 +273,8 @@ impl CallState {
         loop {
             if self.ended && self.stop_at.is_none() {
                 // The call is over; a script awaiting plain timers would otherwise run on
-                // (and hold its CDR) for ever.
+                // (and hold its CDR) for ever. It is no longer a live call either.
+                self.server.control.live.remove(self.call.0);
                 self.stop_at = Some(
                     tokio::time::Instant::now()
                         + Duration::from_secs(self.server.calls.after_hangup_s),
