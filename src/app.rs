@@ -134,6 +134,10 @@ impl App {
     /// Serve HTTP (and SIP when routes are configured) until ctrl-c / SIGTERM.
     pub async fn serve(self) -> Result<(), AppError> {
         let sip = self.start_sip().await?;
+        tokio::spawn(crate::memory::give_back_after_peaks(vec![
+            self.engine.clone(),
+            self.routing.clone(),
+        ]));
         let addr = self.config.http.listen;
         if !addr.ip().is_loopback() && self.config.http.token.is_none() {
             tracing::warn!(
@@ -233,7 +237,17 @@ impl App {
         };
         self.originator
             .attach(Arc::new(VoiceOriginator(voice.clone())));
-        tokio::spawn(dispatch(transport.events, commands, routes, class4, voice));
+        let shed = Shed {
+            lag: (cfg.shed_lag_ms > 0).then(|| Duration::from_millis(cfg.shed_lag_ms)),
+        };
+        tokio::spawn(dispatch(
+            transport.events,
+            commands,
+            routes,
+            class4,
+            voice,
+            shed,
+        ));
         if let Some(send) = &self.send {
             let from = format!("sip:callforge@{}", rtp_ip);
             send.attach_sip(Arc::new(StackMessenger {
@@ -296,6 +310,23 @@ fn tcp_limits(cfg: &SipConfig) -> sip::TcpLimits {
     }
 }
 
+/// Early load shedding: a new INVITE gets 503 while the workers that would run its script
+/// are this late (`[sip] shed_lag_ms`), instead of queueing where it would time out anyway
+/// and hold memory meanwhile.
+#[derive(Debug, Clone, Copy)]
+struct Shed {
+    lag: Option<Duration>,
+}
+
+impl Shed {
+    fn overloaded(&self, engine: &Engine) -> bool {
+        self.lag.is_some_and(|max| engine.lag() > max)
+    }
+}
+
+/// Seconds a shed caller is asked to wait (`Retry-After`).
+const SHED_RETRY_AFTER_S: u32 = 5;
+
 /// Routes each new INVITE (404 when no route matches), forwards every call's events to the
 /// task that owns it, and places outbound legs (registering them before their first event).
 async fn dispatch(
@@ -304,6 +335,7 @@ async fn dispatch(
     routes: RouteTable,
     class4: Class4Server,
     voice: VoiceServer,
+    shed: Shed,
 ) {
     let mut calls: HashMap<CallHandle, mpsc::UnboundedSender<LegEvent>> = HashMap::new();
     let mut commands_open = true;
@@ -342,6 +374,23 @@ async fn dispatch(
                         tokio::spawn(async move {
                             let _ = sip
                                 .reject(incoming.call, 404, Some("No Route".into()), Vec::new())
+                                .await;
+                        });
+                    }
+                    Some(route)
+                        if shed.overloaded(if route.mode == RouteMode::Class4 {
+                            &class4.engine
+                        } else {
+                            &voice.engine
+                        }) =>
+                    {
+                        tracing::debug!(call = ?incoming.call, "script workers overloaded: 503");
+                        let sip = class4.sip.clone();
+                        tokio::spawn(async move {
+                            let retry =
+                                vec![("Retry-After".to_string(), SHED_RETRY_AFTER_S.to_string())];
+                            let _ = sip
+                                .reject(incoming.call, 503, Some("Overloaded".into()), retry)
                                 .await;
                         });
                     }

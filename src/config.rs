@@ -317,6 +317,9 @@ pub struct SipConfig {
     pub tcp_max_connections: usize,
     /// SIP over TCP: connections one source IP may hold.
     pub tcp_max_per_source: usize,
+    /// New INVITEs get 503 (Retry-After) while every script worker that would run them is
+    /// this late starting new work, in ms; 0 never sheds.
+    pub shed_lag_ms: u64,
 }
 
 impl Default for SipConfig {
@@ -336,6 +339,7 @@ impl Default for SipConfig {
             tcp_message_timeout_s: 10,
             tcp_max_connections: 4096,
             tcp_max_per_source: 64,
+            shed_lag_ms: 250,
         }
     }
 }

@@ -5,6 +5,7 @@ pub mod config;
 pub mod http;
 pub mod logging;
 pub mod media;
+pub mod memory;
 pub mod modules;
 pub mod routing;
 pub mod script;

@@ -794,3 +794,59 @@ fn every_call_whose_bye_went_out_has_its_cdr_after_kill_9() {
         &missing[..missing.len().min(10)]
     );
 }
+
+// ------------------------------------------------------------- item 12: shedding early
+
+#[tokio::test]
+async fn invites_get_503_with_retry_after_at_once_while_the_script_workers_are_saturated() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    script(d, "route.js", REDIRECT);
+    script(d, "spin.js", "function main() { while (true) {} }\n");
+    let e = start(
+        d,
+        "[limits]\nclass4_workers = 1\nscript_cpu_ms = 3000\n\
+         [sip]\nlisten = [\"udp:127.0.0.1:0\"]\nshed_lag_ms = 100\n\
+         [[route]]\nmatch = \"^44\"\nscript = \"route.js\"\nmode = \"class4\"\n",
+        &[],
+    );
+    let sip = e.udp.unwrap();
+    let sock = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    assert_eq!(invite_final(&sock, sip, "447700900555").await.0, 302);
+    // A class4 run that spins holds the only routing worker for 3 s.
+    let base = e.http;
+    let spin = tokio::spawn(async move {
+        http()
+            .post(format!("http://{base}/v1/run/spin?mode=class4"))
+            .json(&json!({}))
+            .send()
+            .await
+            .map(|r| r.status().as_u16())
+    });
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let call_id = format!("shed{}", fastrand::u64(..));
+    let local = sock.local_addr().unwrap();
+    sock.send_to(invite("447700900555", local, sip, &call_id).as_bytes(), sip)
+        .await
+        .unwrap();
+    let mut buf = vec![0u8; 65_536];
+    let answer = loop {
+        let (n, _) = tokio::time::timeout(Duration::from_millis(1_000), sock.recv_from(&mut buf))
+            .await
+            .expect("an answer at once, not after the runaway")
+            .unwrap();
+        let text = String::from_utf8_lossy(&buf[..n]).to_string();
+        if text.contains(&call_id) && status_of(&buf[..n]).is_some_and(|c| c >= 200) {
+            break text;
+        }
+    };
+    assert!(answer.starts_with("SIP/2.0 503"), "{answer}");
+    assert!(answer.contains("Retry-After: "), "{answer}");
+    assert_eq!(spin.await.unwrap().unwrap(), 422);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(
+        invite_final(&sock, sip, "447700900555").await.0,
+        302,
+        "admitted again once the workers caught up"
+    );
+}

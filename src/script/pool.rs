@@ -12,7 +12,7 @@
 use std::{
     rc::Rc,
     sync::{
-        atomic::{AtomicUsize, Ordering},
+        atomic::{AtomicU64, AtomicUsize, Ordering},
         Arc,
     },
     thread,
@@ -58,7 +58,50 @@ impl LocalRunner {
 struct Worker {
     jobs: mpsc::UnboundedSender<Job>,
     in_flight: Arc<AtomicUsize>,
+    /// The worker's event-loop lag: see [`Lag`].
+    lag: Arc<Lag>,
 }
+
+/// How late a worker's event loop runs a 10 ms tick: the time a new run waits there before it
+/// starts (CPU and queue depth in one number). A loop held by a long slice of JavaScript
+/// cannot tick at all, so the time since its last tick counts too.
+struct Lag {
+    epoch: std::time::Instant,
+    /// When the last tick ran (µs since `epoch`) and how late it was (µs).
+    last_tick_us: AtomicU64,
+    late_us: AtomicU64,
+}
+
+impl Lag {
+    fn new() -> Self {
+        Lag {
+            epoch: std::time::Instant::now(),
+            last_tick_us: AtomicU64::new(0),
+            late_us: AtomicU64::new(0),
+        }
+    }
+
+    fn ticked(&self, late: std::time::Duration) {
+        let now = (self.epoch.elapsed().as_micros() as u64).max(1);
+        self.last_tick_us.store(now, Ordering::Relaxed);
+        self.late_us.store(late.as_micros() as u64, Ordering::Relaxed);
+    }
+
+    fn now_us(&self) -> u64 {
+        let last = self.last_tick_us.load(Ordering::Relaxed);
+        if last == 0 {
+            return 0; // still preparing its first contexts: not counted as lag
+        }
+        let now = self.epoch.elapsed().as_micros() as u64;
+        let silent = now
+            .saturating_sub(last)
+            .saturating_sub(LAG_TICK.as_micros() as u64);
+        silent.max(self.late_us.load(Ordering::Relaxed))
+    }
+}
+
+/// The period of the tick that measures a worker's lag.
+const LAG_TICK: std::time::Duration = std::time::Duration::from_millis(10);
 
 /// A fixed set of worker threads; runs go to the least busy one.
 pub struct WorkerPool {
@@ -80,20 +123,22 @@ impl WorkerPool {
         for index in 0..count {
             let (tx, rx) = mpsc::unbounded_channel();
             let in_flight = Arc::new(AtomicUsize::new(0));
+            let lag = Arc::new(Lag::new());
             let sandbox = (
                 limits.clone(),
                 modules.clone(),
                 exec_host.to_string(),
                 niceness,
             );
-            let counter = in_flight.clone();
+            let (counter, ticks) = (in_flight.clone(), lag.clone());
             thread::Builder::new()
                 .name(format!("script-{index}"))
                 .stack_size(stack)
-                .spawn(move || worker_main(rx, counter, sandbox))?;
+                .spawn(move || worker_main(rx, counter, ticks, sandbox))?;
             workers.push(Worker {
                 jobs: tx,
                 in_flight,
+                lag,
             });
         }
         Ok(WorkerPool { workers })
@@ -109,6 +154,19 @@ impl WorkerPool {
             .iter()
             .map(|w| w.in_flight.load(Ordering::Relaxed))
             .sum()
+    }
+
+    /// How long new work waits before it starts on the most responsive worker. The least
+    /// lagging one, not the average: one runaway run holding its worker must not make the
+    /// whole engine look overloaded.
+    pub fn lag(&self) -> std::time::Duration {
+        let us = self
+            .workers
+            .iter()
+            .map(|w| w.lag.now_us())
+            .min()
+            .unwrap_or(0);
+        std::time::Duration::from_micros(us)
     }
 
     /// The least busy worker, counted as taking one more job.
@@ -164,6 +222,7 @@ fn lower_own_priority(niceness: i32) {
 fn worker_main(
     mut jobs: mpsc::UnboundedReceiver<Job>,
     in_flight: Arc<AtomicUsize>,
+    lag: Arc<Lag>,
     (limits, modules, exec_host, niceness): (Limits, HostModules, String, i32),
 ) {
     lower_own_priority(niceness);
@@ -180,6 +239,13 @@ fn worker_main(
     let sandbox = Rc::new(Sandbox::new(limits, modules, exec_host));
     sandbox.prewarm();
     let local = tokio::task::LocalSet::new();
+    local.spawn_local(async move {
+        loop {
+            let asked = std::time::Instant::now();
+            tokio::time::sleep(LAG_TICK).await;
+            lag.ticked(asked.elapsed().saturating_sub(LAG_TICK));
+        }
+    });
     local.block_on(&runtime, async move {
         while let Some(job) = jobs.recv().await {
             let sandbox = sandbox.clone();
