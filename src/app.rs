@@ -237,8 +237,11 @@ impl App {
         };
         self.originator
             .attach(Arc::new(VoiceOriginator(voice.clone())));
+        let main_loop = Arc::new(crate::lag::Lag::new());
+        tokio::spawn(main_loop.clone().tick_forever());
         let shed = Shed {
             lag: (cfg.shed_lag_ms > 0).then(|| Duration::from_millis(cfg.shed_lag_ms)),
+            main_loop,
         };
         tokio::spawn(dispatch(
             transport.events,
@@ -313,14 +316,17 @@ fn tcp_limits(cfg: &SipConfig) -> sip::TcpLimits {
 /// Early load shedding: a new INVITE gets 503 while the workers that would run its script
 /// are this late (`[sip] shed_lag_ms`), instead of queueing where it would time out anyway
 /// and hold memory meanwhile.
-#[derive(Debug, Clone, Copy)]
+/// The SIP and media tasks' own runtime counts too: class5 set-up (sockets, SDP, tasks) is
+/// spent there, and when it lags every call in progress suffers.
 struct Shed {
     lag: Option<Duration>,
+    main_loop: Arc<crate::lag::Lag>,
 }
 
 impl Shed {
     fn overloaded(&self, engine: &Engine) -> bool {
-        self.lag.is_some_and(|max| engine.lag() > max)
+        self.lag
+            .is_some_and(|max| engine.lag() > max || self.main_loop.now() > max)
     }
 }
 

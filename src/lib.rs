@@ -3,6 +3,7 @@
 pub mod app;
 pub mod config;
 pub mod http;
+pub mod lag;
 pub mod logging;
 pub mod media;
 pub mod memory;

@@ -12,7 +12,7 @@
 use std::{
     rc::Rc,
     sync::{
-        atomic::{AtomicU64, AtomicUsize, Ordering},
+        atomic::{AtomicUsize, Ordering},
         Arc,
     },
     thread,
@@ -20,6 +20,8 @@ use std::{
 
 use futures::future::LocalBoxFuture;
 use tokio::sync::{mpsc, oneshot};
+
+use crate::lag::Lag;
 
 use super::{
     error::EngineError,
@@ -61,47 +63,6 @@ struct Worker {
     /// The worker's event-loop lag: see [`Lag`].
     lag: Arc<Lag>,
 }
-
-/// How late a worker's event loop runs a 10 ms tick: the time a new run waits there before it
-/// starts (CPU and queue depth in one number). A loop held by a long slice of JavaScript
-/// cannot tick at all, so the time since its last tick counts too.
-struct Lag {
-    epoch: std::time::Instant,
-    /// When the last tick ran (µs since `epoch`) and how late it was (µs).
-    last_tick_us: AtomicU64,
-    late_us: AtomicU64,
-}
-
-impl Lag {
-    fn new() -> Self {
-        Lag {
-            epoch: std::time::Instant::now(),
-            last_tick_us: AtomicU64::new(0),
-            late_us: AtomicU64::new(0),
-        }
-    }
-
-    fn ticked(&self, late: std::time::Duration) {
-        let now = (self.epoch.elapsed().as_micros() as u64).max(1);
-        self.last_tick_us.store(now, Ordering::Relaxed);
-        self.late_us.store(late.as_micros() as u64, Ordering::Relaxed);
-    }
-
-    fn now_us(&self) -> u64 {
-        let last = self.last_tick_us.load(Ordering::Relaxed);
-        if last == 0 {
-            return 0; // still preparing its first contexts: not counted as lag
-        }
-        let now = self.epoch.elapsed().as_micros() as u64;
-        let silent = now
-            .saturating_sub(last)
-            .saturating_sub(LAG_TICK.as_micros() as u64);
-        silent.max(self.late_us.load(Ordering::Relaxed))
-    }
-}
-
-/// The period of the tick that measures a worker's lag.
-const LAG_TICK: std::time::Duration = std::time::Duration::from_millis(10);
 
 /// A fixed set of worker threads; runs go to the least busy one.
 pub struct WorkerPool {
@@ -239,13 +200,7 @@ fn worker_main(
     let sandbox = Rc::new(Sandbox::new(limits, modules, exec_host));
     sandbox.prewarm();
     let local = tokio::task::LocalSet::new();
-    local.spawn_local(async move {
-        loop {
-            let asked = std::time::Instant::now();
-            tokio::time::sleep(LAG_TICK).await;
-            lag.ticked(asked.elapsed().saturating_sub(LAG_TICK));
-        }
-    });
+    local.spawn_local(lag.tick_forever());
     local.block_on(&runtime, async move {
         while let Some(job) = jobs.recv().await {
             let sandbox = sandbox.clone();
