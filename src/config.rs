@@ -339,7 +339,7 @@ impl Default for SipConfig {
             tcp_message_timeout_s: 10,
             tcp_max_connections: 4096,
             tcp_max_per_source: 64,
-            shed_lag_ms: 250,
+            shed_lag_ms: 500,
         }
     }
 }

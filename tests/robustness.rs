@@ -805,7 +805,7 @@ async fn invites_get_503_with_retry_after_at_once_while_the_script_workers_are_s
     script(d, "spin.js", "function main() { while (true) {} }\n");
     let e = start(
         d,
-        "[limits]\nclass4_workers = 1\nscript_cpu_ms = 3000\n\
+        "[limits]\nclass4_workers = 1\nscript_cpu_ms = 4000\n\
          [sip]\nlisten = [\"udp:127.0.0.1:0\"]\nshed_lag_ms = 100\n\
          [[route]]\nmatch = \"^44\"\nscript = \"route.js\"\nmode = \"class4\"\n",
         &[],
@@ -813,7 +813,7 @@ async fn invites_get_503_with_retry_after_at_once_while_the_script_workers_are_s
     let sip = e.udp.unwrap();
     let sock = UdpSocket::bind("127.0.0.1:0").await.unwrap();
     assert_eq!(invite_final(&sock, sip, "447700900555").await.0, 302);
-    // A class4 run that spins holds the only routing worker for 3 s.
+    // A class4 run that spins holds the only routing worker for 4 s.
     let base = e.http;
     let spin = tokio::spawn(async move {
         http()
@@ -823,7 +823,8 @@ async fn invites_get_503_with_retry_after_at_once_while_the_script_workers_are_s
             .await
             .map(|r| r.status().as_u16())
     });
-    tokio::time::sleep(Duration::from_millis(400)).await;
+    // Long enough for the spin to have started even on a busy machine.
+    tokio::time::sleep(Duration::from_millis(1_200)).await;
     let call_id = format!("shed{}", fastrand::u64(..));
     let local = sock.local_addr().unwrap();
     sock.send_to(invite("447700900555", local, sip, &call_id).as_bytes(), sip)

@@ -19,6 +19,7 @@ cat > "$work/callforge.toml" <<TOML
 listen = ["udp:127.0.0.1:0"]
 [limits]
 workers = ${WORKERS:-0}
+${WORKERS:+class4_workers = $WORKERS}
 # No media here: script workers get the same priority as SIP (callforge's default lowers
 # them by 5 so RTP pacing wins on a busy machine).
 worker_niceness = ${WORKER_NICENESS:-0}
