@@ -254,7 +254,10 @@ impl AsyncWrite for GuardedStream {
         let this = self.get_mut();
         let written = Pin::new(&mut this.inner).poll_write(cx, buf);
         if let Poll::Ready(Ok(n)) = written {
-            this.on_write(n);
+            // `100 Continue` is not the answer: the body is still to come.
+            if !buf.starts_with(b"HTTP/1.1 1") {
+                this.on_write(n);
+            }
         }
         written
     }
@@ -275,7 +278,9 @@ impl AsyncWrite for GuardedStream {
         let this = self.get_mut();
         let written = Pin::new(&mut this.inner).poll_write_vectored(cx, bufs);
         if let Poll::Ready(Ok(n)) = written {
-            this.on_write(n);
+            if !bufs.first().is_some_and(|b| b.starts_with(b"HTTP/1.1 1")) {
+                this.on_write(n);
+            }
         }
         written
     }
