@@ -63,8 +63,8 @@ run_sipp() {
   set -e
   local t1; t1=$(date +%s.%N)
   read -r u1 s1 < <(awk '{print $14, $15}' /proc/$pid/stat)
-  # Calls SIPp aborted on an unexpected 503 (admission limits, shedding); the rest of the
-  # failures are timeouts.
+  # 503s SIPp logged as unexpected (admission limits, shedding; a retransmitted 503 counts
+  # again); failures without one are timeouts.
   local n503; n503=$(grep -c 'SIP/2.0 503' "$work/errors.log" 2>/dev/null || true)
   python3 - "$work/stat.csv" "$rc" "$t0" "$t1" "$u0" "$s0" "$u1" "$s1" "$tck" "$rate" "${n503:-0}" <<'PY'
 import sys
@@ -79,7 +79,7 @@ user = (int(u1) - int(u0)) / tck
 system = (int(s1) - int(s0)) / tck
 per = (user + system) / max(ok, 1) * 1e6
 print(f"target rate {rate}/s: {created} calls in {wall:.2f}s = {ok / wall:.0f} calls/s completed, "
-      f"{ok} ok, {failed} failed, {n503} of them on a 503 (sipp exit {rc})")
+      f"{ok} ok, {failed} failed, {n503} unexpected 503s logged (sipp exit {rc})")
 # SIPp writes a row per second (-fd 1). The whole-run figure above includes SIPp's start and,
 # when a datagram was lost, the 0.5 s until its retransmission; the per-second rows show the
 # rate the server kept up while calls were arriving.
