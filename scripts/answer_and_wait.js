@@ -7,4 +7,7 @@ async function main(data, ctx) {
   } catch (e) {
     ctx.log("after hang-up:", e.name, JSON.stringify(how));
   }
+  // Asked again after the end, it still says who hung up.
+  const again = await ctx.waitForHangup();
+  ctx.log("waitForHangup after the end:", JSON.stringify(again));
 }

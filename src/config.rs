@@ -51,19 +51,38 @@ pub struct Config {
     pub trunk: Vec<TrunkConfig>,
     /// `[calls]`: per-call limits of class5 calls and their outbound legs.
     pub calls: CallsConfig,
+    /// `[rest]`: the REST API `cxRest` calls, with credentials per API user.
+    pub rest: RestConfig,
+    /// `[templates]`: the folder `cxTemplate` and `cxSend` templates come from.
+    pub templates: TemplatesConfig,
+    /// `[llm]`: the OpenAI-compatible endpoint behind `cxLLM`.
+    pub llm: LlmConfig,
+    /// `[jobs]`: the `cxJob` queue's runner.
+    pub jobs: JobsConfig,
     /// The folder relative paths in the file are resolved against (the file's own folder).
     #[serde(skip)]
     pub base_dir: PathBuf,
 }
 
-/// `[store]`: the embedded SQLite database (kv, userspace tables, records).
+/// `[store]`: the embedded SQLite database (kv, userspace tables, records), or with `url`
+/// a shared PostgreSQL database for userspace tables and records.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct StoreConfig {
     /// Relative to the configuration file's folder.
     pub path: PathBuf,
-    /// `"normal"` survives a process crash; `"full"` also a power loss (an fsync per write).
+    /// `"normal"` survives a process crash; `"full"` also a power loss (an fsync per write,
+    /// and per spooled record with PostgreSQL).
     pub synchronous: Synchronous,
+    /// `postgres://user:password@host:port/db`: userspace, execution records and CDRs go
+    /// there instead of the SQLite file.
+    pub url: Option<String>,
+    /// PostgreSQL only: records waiting in memory while the database is unreachable.
+    pub queue_memory: usize,
+    /// PostgreSQL only: where records beyond `queue_memory` wait (relative to the config's folder).
+    pub spool: PathBuf,
+    /// PostgreSQL only: this engine's name in the `node` column (default: the host name).
+    pub node: Option<String>,
 }
 
 impl Default for StoreConfig {
@@ -71,6 +90,10 @@ impl Default for StoreConfig {
         StoreConfig {
             path: PathBuf::from("callforge.db"),
             synchronous: Synchronous::Normal,
+            url: None,
+            queue_memory: 10_000,
+            spool: PathBuf::from("callforge-spool"),
+            node: None,
         }
     }
 }
@@ -677,6 +700,120 @@ allow = ["127.0.0.1:8080"]
         ] {
             let e = Config::parse(bad, "cf.toml").unwrap_err();
             assert!(e.to_string().contains(needle), "{bad}: {e}");
+        }
+    }
+}
+
+/// `[rest]`: the REST API behind `cxRest.auth(user)`; ConnexCS's control-panel API by default.
+/// Its host must also be in `[fetch] allow` (one list of what scripts may reach).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RestConfig {
+    /// Base URL; script paths are resolved below it.
+    pub url: String,
+    /// `[rest.users."api@example.com"]`: the credentials each `auth(user)` name stands for.
+    pub users: BTreeMap<String, RestUser>,
+}
+
+impl Default for RestConfig {
+    fn default() -> Self {
+        RestConfig {
+            url: "https://app.connexcs.com/api/cp/".into(),
+            users: BTreeMap::new(),
+        }
+    }
+}
+
+/// One REST API user: HTTP basic credentials or a bearer token.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RestUser {
+    /// Basic-auth user name; defaults to the name scripts pass to `auth()`.
+    pub username: Option<String>,
+    pub password: Option<String>,
+    /// Sent as `Authorization: Bearer <token>` instead of basic auth.
+    pub token: Option<String>,
+}
+
+/// `[templates]`: `NAME.toml` files with `subject`, `text`, `html` and `sms` parts.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TemplatesConfig {
+    /// Relative to the configuration file's folder.
+    pub dir: PathBuf,
+}
+
+impl Default for TemplatesConfig {
+    fn default() -> Self {
+        TemplatesConfig {
+            dir: PathBuf::from("templates"),
+        }
+    }
+}
+
+/// `[llm]`: an OpenAI-compatible chat-completions API and the assistants scripts may use.
+/// Its host must also be in `[fetch] allow`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LlmConfig {
+    /// Base URL, e.g. `https://api.openai.com/v1`; `/chat/completions` is appended. Empty: off.
+    pub url: String,
+    /// Sent as `Authorization: Bearer <api_key>`.
+    pub api_key: Option<String>,
+    /// The model of assistants that name none.
+    pub model: String,
+    pub timeout_ms: u64,
+    /// Messages of one conversation (`chatId`) kept as context, oldest dropped first.
+    pub max_history: usize,
+    /// Conversations remembered at once (least recently used dropped first).
+    pub max_chats: usize,
+    /// `[llm.assistants.NAME]`: `chat(NAME, ...)` uses this system prompt and model.
+    pub assistants: BTreeMap<String, LlmAssistant>,
+}
+
+impl Default for LlmConfig {
+    fn default() -> Self {
+        LlmConfig {
+            url: String::new(),
+            api_key: None,
+            model: "gpt-4o-mini".into(),
+            timeout_ms: 30_000,
+            max_history: 20,
+            max_chats: 10_000,
+            assistants: BTreeMap::new(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LlmAssistant {
+    pub system: Option<String>,
+    pub model: Option<String>,
+    pub temperature: Option<f64>,
+}
+
+/// `[jobs]`: how many `cxJob` jobs run at once and how often the queue is checked.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct JobsConfig {
+    pub concurrency: usize,
+    /// Delay before a failed job's first retry; doubled for each next one (at most 1 hour).
+    pub backoff_ms: u64,
+    /// Completed and failed jobs are deleted this many hours after they finish (0: kept).
+    pub keep_hours: u64,
+    /// Redis queue only: how long a claimed job stays claimed unless its engine renews the
+    /// claim (every third of it); a dead engine's job is retried after this.
+    pub lease_ms: u64,
+}
+
+impl Default for JobsConfig {
+    fn default() -> Self {
+        JobsConfig {
+            concurrency: 4,
+            backoff_ms: 1_000,
+            keep_hours: 168,
+            lease_ms: 30_000,
         }
     }
 }

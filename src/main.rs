@@ -135,6 +135,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
             .with_records(built.records)
             .with_send(built.send)
             .with_originator(built.originator);
+        built.jobs.start(app.engine.clone(), app.library.clone());
         app.serve().await?;
         Ok(())
     })

@@ -323,3 +323,39 @@ fn malformed_messages_over_tcp_leave_the_server_serving() {
     );
     assert!(status_line(&resp).starts_with("SIP/2.0 302"), "{resp}");
 }
+
+#[test]
+fn crlf_keep_alives_get_no_answer_and_no_warning() {
+    // RFC 5626 §3.5.1 CRLF keep-alives, and the bare CRLF phones send through NAT every 30 s.
+    let log = tempfile::NamedTempFile::new().unwrap();
+    let s = sip_support::start_logging("", Some(log.path()));
+    let (sock, local) = udp_client();
+    // And STUN Binding requests (RFC 5389), the other keep-alive of RFC 5626.
+    let stun = [
+        0x00u8, 0x01, 0x00, 0x00, 0x21, 0x12, 0xA4, 0x42, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0, 1, 2,
+    ];
+    for _ in 0..5 {
+        sock.send_to(b"\r\n\r\n", s.udp).unwrap();
+        sock.send_to(b"\r\n", s.udp).unwrap();
+        sock.send_to(&stun, s.udp).unwrap();
+    }
+    // An OPTIONS sent after them is answered, so they have been read by then.
+    let resp = udp_final(&sock, s.udp, &options("ka1", local, "UDP"), "ka1@test");
+    assert_eq!(status_line(&resp), "SIP/2.0 200 OK");
+    let mut buf = [0u8; 2048];
+    sock.set_read_timeout(Some(Duration::from_millis(300)))
+        .unwrap();
+    while let Ok((n, _)) = sock.recv_from(&mut buf) {
+        let text = String::from_utf8_lossy(&buf[..n]);
+        assert!(
+            text.contains("ka1@test"),
+            "only the OPTIONS is answered: {text:?}"
+        );
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    let text = std::fs::read_to_string(log.path()).unwrap();
+    assert!(
+        !text.contains("WARN"),
+        "keep-alives logged a warning:\n{text}"
+    );
+}

@@ -44,13 +44,19 @@ fn after_the_caller_hangs_up_ctx_promises_reject_with_hangup() {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
     loop {
         let text = std::fs::read_to_string(log.path()).unwrap();
-        let seen = text.matches("ctx.log: after hang-up: Hangup").count();
-        if seen == 3 {
+        let seen = text
+            .matches(r#"ctx.log: after hang-up: Hangup {"by":"remote"}"#)
+            .count();
+        // Asked again once the call is over, waitForHangup() still knows who hung up.
+        let again = text
+            .matches(r#"ctx.log: waitForHangup after the end: {"by":"remote"}"#)
+            .count();
+        if seen == 3 && again == 3 {
             break;
         }
         assert!(
             std::time::Instant::now() < deadline,
-            "saw {seen} of 3:\n{text}"
+            "saw {seen} and {again} of 3:\n{text}"
         );
         std::thread::sleep(std::time::Duration::from_millis(50));
     }

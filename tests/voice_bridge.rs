@@ -754,3 +754,59 @@ async fn an_answered_caller_hears_ringback_while_the_callee_rings() {
     );
     assert_eq!(call.bye().await.unwrap(), 200);
 }
+
+#[tokio::test]
+async fn cx_originate_takes_connexcs_positional_arguments() {
+    let server = server("");
+    let mut callee = Callee::listen(Codec::Pcmu).await;
+    let http = reqwest::Client::new();
+    // originate(companyId, serverAlias, destination, cli, extension): no alias means the
+    // default route; the extension names the class5 script run once the callee answers.
+    let dialer = r#"const cx = require('cxOriginate');
+    async function main(d) {
+        let bad;
+        try { await cx.originate(1234, null, d.to); } catch (e) { bad = e.name; }
+        const placed = await cx(1234, null, d.to, '441234567890', 'play_welcome');
+        return {id: placed.id, bad};
+    }"#;
+    let put = http
+        .put(format!("http://{}/v1/scripts/cxdialer.js", server.http))
+        .body(dialer)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(put.status(), 200);
+    let url = format!("http://{}/v1/run/cxdialer.js?mode=app", server.http);
+    let to = callee.uri("6002");
+    let run = async {
+        let r = http
+            .post(url)
+            .json(&json!({"to": to}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        r.json::<Value>().await.unwrap()["result"].clone()
+    };
+    let (placed, invite) = tokio::join!(run, callee.accept(AcceptOpts::answer_after(100)));
+    let invite = invite.unwrap();
+    assert_eq!(invite.user(), "6002");
+    let from = invite.header("From").unwrap_or("").to_string();
+    assert!(
+        from.contains("441234567890"),
+        "the cli is the caller ID: {from}"
+    );
+    assert_eq!(placed["bad"], "TypeError", "{placed}");
+    assert!(placed["id"].as_u64().is_some(), "{placed}");
+    // The extension's script runs on the answered call: the callee hears its prompt.
+    assert!(
+        eventually(5 * SECOND, || callee.received_audio().len() > 8000 * 3).await,
+        "the script's audio reaches the callee"
+    );
+    assert_heard(
+        &callee.received_audio(),
+        &prompt("welcome.wav"),
+        "the extension's script",
+    );
+    assert_eq!(callee.bye().await.unwrap(), 200);
+}

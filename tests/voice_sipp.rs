@@ -28,3 +28,38 @@ fn sipp_presses_1_from_a_pcap_and_the_ivr_takes_the_sales_branch() {
     let run = sipp_file(&path, server.udp, "7000", 3, &["-l", "3"]);
     assert_all_ok(&run, 3);
 }
+
+#[test]
+fn a_prompt_the_callers_bye_cuts_short_rejects_with_hangup_every_time() {
+    // The issue: about half of these resolved {status: "stopped"} instead.
+    let log = tempfile::NamedTempFile::new().unwrap();
+    let extra = format!(
+        "[media]\ndir = \"{ROOT}/media\"\n[[route]]\nmatch = \"^5005$\"\nscript = \"play_until_hangup.js\"\nmode = \"class5\"\n"
+    );
+    let server = sip_support::start_logging(&extra, Some(log.path()));
+    let calls = 30;
+    let run = sip_support::sipp(
+        "class5_caller_bye",
+        server.udp,
+        "5005",
+        calls,
+        &["-r", "30"],
+    );
+    assert_all_ok(&run, calls as u64);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        let text = std::fs::read_to_string(log.path()).unwrap();
+        let rejected = text.matches("ctx.log: play rejected: Hangup").count();
+        let resolved = text.matches("ctx.log: play resolved").count();
+        let by_remote = text.matches("ctx.log: hung up by remote").count();
+        assert_eq!(resolved, 0, "play resolved instead of rejecting:\n{text}");
+        if rejected == calls as usize && by_remote == calls as usize {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{rejected} of {calls} rejected with Hangup, {by_remote} said by remote:\n{text}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}

@@ -15,6 +15,16 @@ if [ "${1:-}" = "--test" ]; then
   # The prompt tests make an MP3 with sox: without its MP3 handler that case goes untested.
   dpkg -s libsox-fmt-mp3 >/dev/null 2>&1 || missing+=(libsox-fmt-mp3)
   command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
+  # A real record-routing proxy for the Record-Route tests (tests/sip_kamailio.rs).
+  command -v kamailio >/dev/null 2>&1 || missing+=(kamailio)
+  # A real softphone for the RTP continuity test (tests/softphone_baresip.rs).
+  command -v baresip >/dev/null 2>&1 || missing+=(baresip)
+  # Kamailio (above) also runs the dispatcher of the cluster test (tests/cluster.rs).
+  # The PostgreSQL store tests: initdb/pg_ctl on PATH, or Debian's /usr/lib/postgresql/N/bin.
+  if ! command -v pg_ctl >/dev/null 2>&1 && ! ls /usr/lib/postgresql/*/bin/pg_ctl >/dev/null 2>&1; then
+    missing+=(postgresql)
+  fi
+  command -v psql >/dev/null 2>&1 || missing+=(postgresql-client)
 fi
 if [ ${#missing[@]} -gt 0 ]; then
   echo "installing: ${missing[*]}" >&2

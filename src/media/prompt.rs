@@ -249,7 +249,17 @@ impl PromptCache {
             self.insert(key, v.clone());
             return Ok(v);
         }
-        let path = paths::resolve_existing(&self.root, name)?;
+        self.load_file(&self.root, name)
+    }
+
+    /// Loads a file by name relative to another root (the recordings folder), confined to it
+    /// like prompts are to the media root, and cached alongside them.
+    pub fn load_from(&self, root: &Path, name: &str) -> Result<Arc<[i16]>, PromptError> {
+        self.load_file(root, name)
+    }
+
+    fn load_file(&self, root: &Path, name: &str) -> Result<Arc<[i16]>, PromptError> {
+        let path = paths::resolve_existing(root, name)?;
         let meta = std::fs::metadata(&path).map_err(|source| PromptError::Io {
             path: path.clone(),
             source,

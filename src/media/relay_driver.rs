@@ -4,8 +4,11 @@
 
 use std::net::SocketAddr;
 
+use std::time::Instant;
+
 use super::{
-    relay::{Forwarder, LegMedia},
+    relay::{BlockedKeys, Forwarder, LegMedia, OutStream},
+    rtp::StreamPosition,
     rtp_socket::RtpSocket,
 };
 
@@ -14,7 +17,27 @@ pub struct BridgeLeg<'a> {
     pub socket: &'a mut RtpSocket,
     pub media: LegMedia,
     pub remote: SocketAddr,
-    pub ssrc: u32,
+    /// The stream sent toward this leg: a new one, or the continuation of the leg's session.
+    pub out: OutStream,
+    /// Keys whose events from this leg are not relayed to the other.
+    pub blocked: BlockedKeys,
+}
+
+/// Which directions of a relay are open: a leg on hold (its SDP says it does not receive)
+/// gets nothing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RelayGates {
+    pub to_a: bool,
+    pub to_b: bool,
+}
+
+impl Default for RelayGates {
+    fn default() -> Self {
+        RelayGates {
+            to_a: true,
+            to_b: true,
+        }
+    }
 }
 
 /// Counters of a finished relay, per direction (a→b, b→a).
@@ -23,6 +46,9 @@ pub struct RelayStats {
     pub a_to_b: u64,
     pub b_to_a: u64,
     pub dropped: u64,
+    /// Where the stream sent toward each leg stands, for whoever sends there next.
+    pub a_out: Option<StreamPosition>,
+    pub b_out: Option<StreamPosition>,
 }
 
 /// Relay until `stop` completes. The sockets are borrowed, so each leg's session can take
@@ -30,23 +56,32 @@ pub struct RelayStats {
 pub async fn relay(
     a: BridgeLeg<'_>,
     b: BridgeLeg<'_>,
+    mut gates: tokio::sync::watch::Receiver<RelayGates>,
     stop: impl std::future::Future<Output = ()>,
 ) -> RelayStats {
-    let mut ab = Forwarder::new(a.media, b.media, b.ssrc);
-    let mut ba = Forwarder::new(b.media, a.media, a.ssrc);
+    let mut ab = Forwarder::new(a.media, b.media, b.out).blocking(a.blocked);
+    let mut ba = Forwarder::new(b.media, a.media, a.out).blocking(b.blocked);
     let (mut a_dest, mut b_dest) = (a.remote, b.remote);
     let (mut a_latched, mut b_latched) = (false, false);
     let (a_sock, b_sock) = (a.socket, b.socket);
     tokio::pin!(stop);
+    let apply = |g: RelayGates, ab: &mut Forwarder, ba: &mut Forwarder| {
+        ab.set_open(g.to_b);
+        ba.set_open(g.to_a);
+    };
+    apply(*gates.borrow_and_update(), &mut ab, &mut ba);
     loop {
         tokio::select! {
             biased;
             _ = &mut stop => break,
+            Ok(()) = gates.changed() => {
+                apply(*gates.borrow_and_update(), &mut ab, &mut ba);
+            }
             r = a_sock.recv_raw() => {
                 let Ok((data, from)) = r else { continue };
                 if !a_latched { a_dest = from; a_latched = true; }
                 if from != a_dest { continue; }
-                if let Ok(out) = ab.forward(data) {
+                if let Ok(out) = ab.forward(Instant::now(), data) {
                     let _ = b_sock.send_raw(&out, b_dest);
                 }
             }
@@ -54,7 +89,7 @@ pub async fn relay(
                 let Ok((data, from)) = r else { continue };
                 if !b_latched { b_dest = from; b_latched = true; }
                 if from != b_dest { continue; }
-                if let Ok(out) = ba.forward(data) {
+                if let Ok(out) = ba.forward(Instant::now(), data) {
                     let _ = a_sock.send_raw(&out, a_dest);
                 }
             }
@@ -64,6 +99,8 @@ pub async fn relay(
         a_to_b: ab.forwarded,
         b_to_a: ba.forwarded,
         dropped: ab.dropped + ba.dropped,
+        a_out: ba.position(),
+        b_out: ab.position(),
     }
 }
 
@@ -71,10 +108,7 @@ pub async fn relay(
 mod tests {
     use super::*;
     use crate::media::{g711::G711, rtp::build, rtp::RtpPacket, PortAllocator};
-    use std::{
-        sync::Arc,
-        time::{Duration, Instant},
-    };
+    use std::{sync::Arc, time::Duration};
     use tokio::net::UdpSocket;
 
     #[tokio::test]
@@ -107,14 +141,17 @@ mod tests {
                     socket: &mut sa,
                     media: pcmu,
                     remote: caller_addr,
-                    ssrc: 11,
+                    out: OutStream::New { ssrc: 11 },
+                    blocked: Default::default(),
                 },
                 BridgeLeg {
                     socket: &mut sb,
                     media: pcma,
                     remote: callee_addr,
-                    ssrc: 22,
+                    out: OutStream::New { ssrc: 22 },
+                    blocked: Default::default(),
                 },
+                tokio::sync::watch::channel(RelayGates::default()).1,
                 async {
                     let _ = stop_rx.await;
                 },

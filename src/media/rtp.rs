@@ -99,6 +99,40 @@ pub fn build(pt: u8, marker: bool, seq: u16, timestamp: u32, ssrc: u32, payload:
     })
 }
 
+/// Where an outgoing RTP stream stands, so that another sender can continue it: RFC 3550 asks
+/// for one SSRC with one continuous sequence and timeline, and receivers such as baresip drop
+/// every packet after a jump. Passed between the call's media session and a bridge's relay at
+/// each hand-over.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StreamPosition {
+    /// The stream's SSRC.
+    pub ssrc: u32,
+    /// Sequence number of the next packet.
+    pub next_seq: u16,
+    /// Timestamp of the next frame, which is due at `due`.
+    pub next_ts: u32,
+    /// When the next frame is due.
+    pub due: Instant,
+}
+
+/// A pause longer than this before a stream continues starts a new talk spurt (marker bit).
+pub const TALKSPURT_GAP: Duration = Duration::from_millis(60);
+
+impl StreamPosition {
+    /// The timestamp of a packet sent at `now`: the next frame's, advanced by the whole frames
+    /// that elapsed since it was due, so the timeline keeps following the wall clock.
+    pub fn timestamp_at(&self, now: Instant) -> u32 {
+        let frames = now.saturating_duration_since(self.due).as_millis() / FRAME.as_millis();
+        self.next_ts
+            .wrapping_add((frames as u32).wrapping_mul(FRAME_SAMPLES as u32))
+    }
+
+    /// True when a packet sent at `now` follows a pause (it then carries the marker bit).
+    pub fn paused_at(&self, now: Instant) -> bool {
+        now.saturating_duration_since(self.due) >= TALKSPURT_GAP
+    }
+}
+
 /// Frame clock anchored at a start instant: frame `n` is due at `start + n * 20 ms`.
 ///
 /// Deadlines are computed from the anchor, never from the previous send, so lateness in one
@@ -127,6 +161,11 @@ impl FrameClock {
     fn due(&self, n: u64) -> Instant {
         // u32 frames of 20 ms is 2.7 years; saturate rather than overflow beyond.
         self.start + FRAME * u32::try_from(n).unwrap_or(u32::MAX)
+    }
+
+    /// Index of the next frame.
+    pub fn next_index(&self) -> u64 {
+        self.next
     }
 
     /// If a frame is due at `now`, returns its index and advances.
@@ -173,9 +212,25 @@ impl RtpSender {
         }
     }
 
+    /// A sender continuing a stream another sender started: same SSRC, the next sequence
+    /// number, frame 0 at `ts_base`; the marker bit only after a pause.
+    pub fn continuing(pos: &StreamPosition, now: Instant) -> Self {
+        RtpSender {
+            ssrc: pos.ssrc,
+            seq: pos.next_seq,
+            ts_base: pos.timestamp_at(now),
+            talkspurt_start: pos.paused_at(now),
+        }
+    }
+
     /// Our SSRC.
     pub fn ssrc(&self) -> u32 {
         self.ssrc
+    }
+
+    /// Sequence number of the next packet.
+    pub fn next_seq(&self) -> u16 {
+        self.seq
     }
 
     /// The RTP timestamp of frame `n` of the frame clock.

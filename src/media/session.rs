@@ -39,7 +39,9 @@ use crate::media::g711::G711;
 use crate::media::goertzel::InbandDetector;
 use crate::media::jitter::{Pushed, Released, ReorderBuffer, DEFAULT_CAPACITY, DEFAULT_MAX_WAIT};
 use crate::media::player::{PlayFinished, PlayId, Player};
-use crate::media::rtp::{FrameClock, RtpError, RtpPacket, RtpSender, FRAME_SAMPLES};
+use crate::media::rtp::{
+    FrameClock, RtpError, RtpPacket, RtpSender, StreamPosition, FRAME_SAMPLES,
+};
 
 /// Longest run of lost packets replaced by silence in the audio tap (1 s).
 const MAX_CONCEALED_PACKETS: u64 = 50;
@@ -265,6 +267,26 @@ impl MediaSession {
     /// Our SSRC.
     pub fn ssrc(&self) -> u32 {
         self.tx.ssrc()
+    }
+
+    /// Where our outgoing stream stands: a bridge's relay continues it from here.
+    pub fn stream_position(&self) -> StreamPosition {
+        StreamPosition {
+            ssrc: self.tx.ssrc(),
+            next_seq: self.tx.next_seq(),
+            next_ts: self.tx.timestamp_of(self.clock.next_index()),
+            due: self.clock.next_due(),
+        }
+    }
+
+    /// Continues an outgoing stream someone else sent meanwhile (a bridge's relay): same
+    /// SSRC, next sequence number, timestamps following the time that passed, first frame
+    /// due at `now`. The receive side starts afresh, since the peer's stream moved on while
+    /// the relay carried it.
+    pub fn continue_stream(&mut self, pos: StreamPosition, now: Instant) {
+        self.tx = RtpSender::continuing(&pos, now);
+        self.clock = FrameClock::new(now);
+        self.rx.reset();
     }
 
     /// Counters so far.

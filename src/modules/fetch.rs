@@ -164,6 +164,37 @@ impl FetchService {
         })
     }
 
+    /// Why `url` may not be reached, if it may not: the rule `cxRest` and `cxLLM` share.
+    pub(crate) fn refuse(&self, url: &reqwest::Url) -> Option<String> {
+        if !matches!(url.scheme(), "http" | "https") {
+            return Some(format!(
+                "only http and https URLs are allowed, not {}:",
+                url.scheme()
+            ));
+        }
+        if is_allowed(&self.allow, url) {
+            return None;
+        }
+        let host = url.host_str().unwrap_or("");
+        let port = url.port_or_known_default().unwrap_or(0);
+        Some(format!(
+            "host '{host}:{port}' is not in [fetch] allow in callforge.toml"
+        ))
+    }
+
+    /// The client (its redirects follow only allowed hosts), the body cap and the timeout.
+    pub(crate) fn client(&self) -> &reqwest::Client {
+        &self.client
+    }
+
+    pub(crate) fn max_bytes(&self) -> usize {
+        self.max_bytes
+    }
+
+    pub(crate) fn timeout(&self) -> Duration {
+        self.timeout
+    }
+
     fn request(self: &Arc<Self>, args: Vec<Json>) -> HostCall {
         let url = match args.first() {
             Some(Json::String(u)) => u.clone(),
@@ -273,7 +304,7 @@ impl FetchService {
 }
 
 /// An error with its sources, which is where reqwest says what actually failed.
-fn error_chain(e: &dyn std::error::Error) -> String {
+pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
     let mut text = e.to_string();
     let mut source = e.source();
     while let Some(s) = source {

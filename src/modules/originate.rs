@@ -4,6 +4,8 @@
 //!
 //! The voice layer attaches the [`Originator`] when SIP starts; before that (or with SIP off)
 //! the calls reject with a clear error.
+//!
+//! Also `require('cxOriginate')`, with ConnexCS's positional signature (see [`PRELUDE`]).
 
 use std::sync::{Arc, OnceLock};
 
@@ -44,8 +46,26 @@ const METHODS: &[HostMethod] = &[
     HostMethod::sync("hangup"),
 ];
 
+/// Two signatures: callforge's `originate({to, script, ...})`, and ConnexCS's positional
+/// `originate(companyId, serverAlias, destination, cli, extension)` (module `cxOriginate`),
+/// where the server alias names the trunk and the extension names the class5 script that
+/// runs once the callee answers.
 const PRELUDE: &str = "(function (raw) {
-    const originate = function originate(request) { return raw.call(request); };
+    const originate = function originate(request, alias, destination, cli, extension) {
+        if (request !== null && typeof request === 'object') return raw.call(request);
+        const positional = { to: destination, script: extension };
+        if (alias !== undefined && alias !== null && alias !== '') positional.trunk = String(alias);
+        if (cli !== undefined && cli !== null && cli !== '') positional.from = String(cli);
+        for (const k of ['to', 'script']) {
+            if (typeof positional[k] === 'number') positional[k] = String(positional[k]);
+            if (typeof positional[k] !== 'string' || positional[k] === '') {
+                return Promise.reject(new TypeError('originate(companyId, serverAlias, destination, cli, extension): destination and extension are required'));
+            }
+        }
+        positional.data = { companyId: request === undefined ? null : request, extension: positional.script };
+        return raw.call(positional);
+    };
+    originate.originate = originate;
     originate.list = function () { return raw.list(); };
     originate.hangup = function (id) { return raw.hangup(id); };
     return originate;

@@ -17,7 +17,7 @@ use futures::future::BoxFuture;
 use serde_json::{json, Map, Value as Json};
 use tokio::sync::{oneshot, Semaphore};
 
-use super::{args, smtp::SmtpSender, webhook::Webhook, ModuleError};
+use super::{args, smtp::SmtpSender, template::Templates, webhook::Webhook, ModuleError};
 use crate::{
     config::SendConfig,
     script::{HostCall, HostError, HostMethod, HostModule, HostObject},
@@ -91,6 +91,8 @@ pub struct SendService {
     notify: Option<Arc<Webhook>>,
     policy: RetryPolicy,
     queue: Arc<Semaphore>,
+    /// Renders `{template, vars}` params (cxSend's ConnexCS form).
+    templates: Option<Arc<Templates>>,
 }
 
 fn send_error(message: impl Into<String>) -> HostError {
@@ -130,7 +132,14 @@ impl SendService {
                 backoff: Duration::from_millis(config.backoff_ms),
             },
             queue: Arc::new(Semaphore::new(config.max_in_flight)),
+            templates: None,
         })
+    }
+
+    /// Let `email`/`sms` params name a template (`{to, template, vars}`).
+    pub fn with_templates(mut self, templates: Arc<Templates>) -> Self {
+        self.templates = Some(templates);
+        self
     }
 
     /// Give `api.send.sip` its way out; false when one was already attached.
@@ -159,13 +168,58 @@ impl SendService {
         }))
     }
 
-    /// Answer `api.send.<channel>(params)`.
-    pub fn call(&self, channel: &str, args: Vec<Json>) -> HostCall {
+    /// Answer `api.send.<channel>(params)`; also ConnexCS's `sms(number, text)`, and
+    /// `{template, vars}` params, rendered first (explicit `subject`/`text`/`html` win).
+    pub fn call(self: &Arc<Self>, channel: &str, mut args: Vec<Json>) -> HostCall {
         let method = format!("api.send.{channel}");
-        let params: Map<String, Json> = match args::object(&method, &args, 0, false) {
+        if channel == "sms" && matches!(args.first(), Some(Json::String(_) | Json::Number(_))) {
+            let to = args.remove(0);
+            let text = args.first().cloned().unwrap_or(Json::Null);
+            args = vec![json!({"to": to, "text": text})];
+        }
+        let mut params: Map<String, Json> = match args::object(&method, &args, 0, false) {
             Ok(p) => p,
             Err(e) => return HostCall::Ready(Err(e)),
         };
+        let templated = matches!(channel, "email" | "sms") && params.contains_key("template");
+        if let (true, Some(templates)) = (templated, self.templates.clone()) {
+            let name = params.remove("template").unwrap_or_default();
+            let Json::String(name) = name else {
+                return HostCall::Ready(Err(HostError::type_error(format!(
+                    "{method}: template must be a template name"
+                ))));
+            };
+            let vars = params.remove("vars").unwrap_or_else(|| json!({}));
+            let me = self.clone();
+            let channel = channel.to_string();
+            return HostCall::Pending(Box::pin(async move {
+                let rendered = templates
+                    .render(name, vars)
+                    .await
+                    .map_err(super::template::template_error)?;
+                let mut fill = |key: &str, value: String| {
+                    if !params.contains_key(key) && !value.is_empty() {
+                        params.insert(key.into(), Json::String(value));
+                    }
+                };
+                if channel == "email" {
+                    fill("subject", rendered.subject);
+                    fill("text", rendered.text);
+                    fill("html", rendered.html);
+                } else {
+                    let text = if rendered.sms.is_empty() {
+                        rendered.text
+                    } else {
+                        rendered.sms
+                    };
+                    fill("text", text);
+                }
+                match me.call(&channel, vec![Json::Object(params)]) {
+                    HostCall::Ready(r) => r,
+                    HostCall::Pending(f) => f.await,
+                }
+            }));
+        }
         match channel {
             "email" => {
                 let Some(smtp) = self.smtp.clone() else {
@@ -330,7 +384,7 @@ mod tests {
             backoff_ms: 1,
             ..SendConfig::default()
         };
-        let service = SendService::new(&config).unwrap();
+        let service = Arc::new(SendService::new(&config).unwrap());
         let e = settle(service.call("sip", vec![json!({"to": "sip:a@b", "body": "hi"})]))
             .await
             .unwrap_err();

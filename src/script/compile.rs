@@ -33,6 +33,9 @@ pub struct CompiledScript {
     pub bytecode: Vec<u8>,
     /// The source exports driver functions (`module.exports = {search, ...}` or ES exports).
     pub is_driver: bool,
+    /// The source reads the input as the object `vars` (`vars.routing`, `vars["x"]`): only
+    /// then does a run copy the input's keys onto `vars` (see `install_run_globals`).
+    pub reads_vars_object: bool,
 }
 
 /// The content hash used for caching and `SCRIPTFORGE_ID`.
@@ -78,7 +81,16 @@ pub fn compile(name: &str, source: &str) -> Result<CompiledScript, CompileError>
         kind,
         bytecode,
         is_driver: detect_driver(source),
+        reads_vars_object: detect_vars_object(source),
     })
+}
+
+fn detect_vars_object(source: &str) -> bool {
+    static PATTERN: std::sync::OnceLock<regex::Regex> = std::sync::OnceLock::new();
+    let re = PATTERN.get_or_init(|| {
+        regex::Regex::new(r"(^|[^\w$.])vars\s*(\?\.|\.|\[)").expect("static regex")
+    });
+    re.is_match(source)
 }
 
 fn new_compiler() -> rquickjs::Result<(Runtime, Context)> {
@@ -217,6 +229,26 @@ mod tests {
             detect_kind("export default async function (d) {}"),
             SourceKind::Module
         );
+    }
+
+    #[test]
+    fn reading_vars_as_an_object_is_recognised() {
+        for yes in [
+            "vars.routing.cli",
+            "x = vars['a']",
+            "vars .a",
+            "return vars?.x",
+        ] {
+            assert!(detect_vars_object(yes), "{yes}");
+        }
+        for no in [
+            "var data = vars(); exit(data)",
+            "myvars.x",
+            "data.vars.x",
+            "$vars.x",
+        ] {
+            assert!(!detect_vars_object(no), "{no}");
+        }
     }
 
     #[test]

@@ -986,6 +986,18 @@ async fn execute_steps(
     state
         .slice(context, |ctx| {
             let value = value.restore(&ctx).map_err(|e| state.error_from(&ctx, e))?;
+            // `return vars` (scripts that use the input as the object `vars`) is the input.
+            let value = if value.is_function()
+                && ctx.globals().get::<_, Value>("vars").ok().as_ref() == Some(&value)
+            {
+                loaded
+                    .data
+                    .clone()
+                    .restore(&ctx)
+                    .map_err(|e| state.error_from(&ctx, e))?
+            } else {
+                value
+            };
             js_to_json(&ctx, value).map_err(|e| match e {
                 rquickjs::Error::Exception => {
                     let thrown = ctx.catch();
@@ -1740,7 +1752,21 @@ fn install_run_globals<'js>(
     data: Value<'js>,
 ) -> rquickjs::Result<()> {
     let g = ctx.globals();
-    *state.input.borrow_mut() = Some(Persistent::save(ctx, data));
+    *state.input.borrow_mut() = Some(Persistent::save(ctx, data.clone()));
+    // Published ScriptForge scripts also read the input as the object `vars`
+    // (`vars.routing.cli = ...; return vars`): the `vars()` function carries the input's
+    // top-level properties, the same objects, so changes through either are one change.
+    // Only scripts that read it so pay for it (a few property sets per key).
+    let input = data.as_object().filter(|_| script.reads_vars_object);
+    if let (Some(input), Ok(vars)) = (input, g.get::<_, Object>("vars")) {
+        for key in input.keys::<String>() {
+            let key = key?;
+            if matches!(key.as_str(), "name" | "length" | "prototype") {
+                continue;
+            }
+            vars.set(key.as_str(), input.get::<_, Value>(key.as_str())?)?;
+        }
+    }
     let process: Object = g.get("process")?;
     let env: Object = process.get("env")?;
     env.set("SCRIPTFORGE_NAME", script.name.as_str())?;

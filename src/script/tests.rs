@@ -302,6 +302,29 @@ async fn limits_end_runaway_scripts_with_a_named_500() {
 }
 
 #[tokio::test]
+async fn vars_is_also_the_input_object_and_returning_it_returns_the_input() {
+    let engine = engine_with(Limits::default());
+    // random-cli-from-did.js: `vars.routing.cli = ...; return vars`.
+    let src = "async function main() { vars.routing.cli = 'x' + vars.routing.account_id; \
+               return vars; }";
+    let data = json!({"routing": {"account_id": 42, "cli": "1"}, "name": "n"});
+    let out = run_in(&engine, src, Mode::Class4, data.clone()).await;
+    assert_eq!(
+        out.result,
+        Ok(json!({"routing": {"account_id": 42, "cli": "x42"}, "name": "n"}))
+    );
+    // One run's input never shows through `vars` in the next.
+    let out = run_in(
+        &engine,
+        "function main() { return [typeof vars.routing, vars().other, typeof vars] }",
+        Mode::App,
+        json!({"other": 1}),
+    )
+    .await;
+    assert_eq!(out.result, Ok(json!(["undefined", 1, "function"])));
+}
+
+#[tokio::test]
 async fn runs_share_nothing() {
     let engine = engine_with(Limits::default());
     let src = "var counter; function main(){ globalThis.leak = (globalThis.leak || 0) + 1; Object.prototype.polluted = 1; return [globalThis.leak, typeof counter] }";

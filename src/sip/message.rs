@@ -341,6 +341,33 @@ fn split_host_port(s: &str) -> Result<(String, Option<u16>), String> {
     }
 }
 
+/// Where the `<` of a name-addr is, skipping quoted display names; an unterminated quoted
+/// string is an error (RFC 4475 quotbal).
+fn angle_outside_quotes(value: &str) -> Result<Option<usize>, String> {
+    let (mut in_quote, mut escaped) = (false, false);
+    for (i, c) in value.char_indices() {
+        if in_quote {
+            if escaped {
+                escaped = false;
+            } else if c == '\\' {
+                escaped = true;
+            } else if c == '"' {
+                in_quote = false;
+            }
+            continue;
+        }
+        match c {
+            '"' => in_quote = true,
+            '<' => return Ok(Some(i)),
+            _ => {}
+        }
+    }
+    if in_quote {
+        return Err("unterminated quoted display name".into());
+    }
+    Ok(None)
+}
+
 /// A name-addr or addr-spec with header parameters (From, To, Contact, Route).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NameAddr {
@@ -360,7 +387,7 @@ impl NameAddr {
 
     pub fn parse(value: &str) -> Result<Self, String> {
         let value = value.trim();
-        if let Some(lt) = value.find('<') {
+        if let Some(lt) = angle_outside_quotes(value)? {
             let display = value[..lt].trim().trim_matches('"').trim();
             let rest = &value[lt + 1..];
             let gt = rest.find('>').ok_or("unclosed <")?;
@@ -379,7 +406,9 @@ impl NameAddr {
                 Some(i) => (&value[..i], &value[i..]),
                 None => (value, ""),
             };
-            if !uri.contains(':') || uri.contains(char::is_whitespace) {
+            // White space may precede the `;` of a header parameter (RFC 4475 wsinv).
+            let uri = uri.trim_end();
+            if !uri.contains(':') || uri.contains(char::is_whitespace) || uri.contains('"') {
                 return Err(format!("bad URI {uri:?}"));
             }
             Ok(Self {

@@ -55,6 +55,10 @@ pub enum ParseError {
     HeaderTooLong { len: usize, limit: usize },
     #[error("Content-Length {0:?} is not a number")]
     BadContentLength(String),
+    #[error("Content-Length given twice with different values ({0} and {1})")]
+    ConflictingContentLength(usize, usize),
+    #[error("Request-URI must not be enclosed in angle brackets: {0}")]
+    BracketedRequestUri(String),
     #[error("body has {actual} bytes but Content-Length says {declared}")]
     BodyTruncated { declared: usize, actual: usize },
     #[error("missing {0} header")]
@@ -64,6 +68,12 @@ pub enum ParseError {
         header: &'static str,
         detail: String,
     },
+    #[error("{0} appears more than once with different values")]
+    DuplicateHeader(&'static str),
+    #[error("{0}: a URI with headers (?) must be enclosed in <>")]
+    UnbracketedUriHeaders(&'static str),
+    #[error("Request-URI must not carry URI headers (?): {0}")]
+    RequestUriHeaders(String),
     #[error("CSeq method {cseq} does not match request method {method}")]
     CSeqMethodMismatch { cseq: String, method: String },
     #[error("rsip rejected the message: {0}")]
@@ -258,6 +268,11 @@ fn parse_start_line(line: &str) -> Result<StartLine, ParseError> {
         Some(v) => return Err(ParseError::BadVersion(truncate(v, 20))),
         None => return Err(bad()),
     }
+    if parts[1].starts_with('<') {
+        // RFC 4475 ltgtruri: a name-addr where an addr-spec belongs. Refused with a precise
+        // 400 rather than guessed at: a proxy would forward it unchanged.
+        return Err(ParseError::BracketedRequestUri(truncate(parts[1], 80)));
+    }
     if !parts[1].contains(':') {
         return Err(bad());
     }
@@ -269,6 +284,65 @@ fn parse_start_line(line: &str) -> Result<StartLine, ParseError> {
 
 fn truncate(s: &str, max: usize) -> String {
     s.chars().take(max).collect()
+}
+
+/// Rewrites each Via of a (comma-separated) value without the linear white space RFC 3261
+/// allows around its `/`, `:`, `;` and `=` separators (`SIP / 2.0 / UDP host ; branch = x`),
+/// so every later reader sees `SIP/2.0/UDP host;branch=x`. A value that does not look like a
+/// Via is left for the validator to refuse.
+fn canonical_via_list(value: &str) -> String {
+    split_list(value)
+        .iter()
+        .map(|v| canonical_via(v).unwrap_or_else(|| v.clone()))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+fn canonical_via(value: &str) -> Option<String> {
+    // sent-protocol: three tokens separated by "/" with optional white space around each.
+    let mut rest = value.trim_start();
+    let mut proto = Vec::with_capacity(3);
+    for i in 0..3 {
+        if i > 0 {
+            rest = rest.trim_start().strip_prefix('/')?.trim_start();
+        }
+        let end = rest
+            .find(|c: char| c == '/' || c.is_whitespace())
+            .unwrap_or(rest.len());
+        if end == 0 {
+            return None;
+        }
+        proto.push(&rest[..end]);
+        rest = &rest[end..];
+    }
+    // sent-by and params: no white space is significant outside quoted strings.
+    let mut tail = String::with_capacity(rest.len());
+    let (mut in_quote, mut escaped) = (false, false);
+    for c in rest.trim().chars() {
+        if in_quote {
+            tail.push(c);
+            if escaped {
+                escaped = false;
+            } else if c == '\\' {
+                escaped = true;
+            } else if c == '"' {
+                in_quote = false;
+            }
+            continue;
+        }
+        match c {
+            '"' => {
+                in_quote = true;
+                tail.push(c);
+            }
+            c if c.is_whitespace() => {}
+            c => tail.push(c),
+        }
+    }
+    if tail.is_empty() {
+        return None;
+    }
+    Some(format!("{} {tail}", proto.join("/")))
 }
 
 /// Normalises a complete message (one datagram, or one frame cut by the stream framer).
@@ -309,7 +383,8 @@ pub fn normalise(bytes: &[u8], limits: &ParseLimits) -> Result<RawMessage, Parse
             if name.is_empty() || !name.chars().all(is_token_char) {
                 return Err(ParseError::BadHeaderLine(truncate(line, 60)));
             }
-            headers.push((canonical_name(name), value.trim().to_string()));
+            let name = canonical_name(name);
+            headers.push((name, value.trim().to_string()));
         }
         if let Some((_, v)) = headers.last() {
             if v.len() > limits.max_header_len {
@@ -328,7 +403,10 @@ pub fn normalise(bytes: &[u8], limits: &ParseLimits) -> Result<RawMessage, Parse
     }
 
     let mut split = Vec::with_capacity(headers.len());
-    for (name, value) in headers {
+    for (name, mut value) in headers {
+        if name == "Via" {
+            value = canonical_via_list(&value);
+        }
         let is_list = LIST_HEADERS.contains(&name.as_str()) && !(name == "Contact" && value == "*");
         if is_list {
             for item in split_list(&value) {
@@ -346,12 +424,22 @@ pub fn normalise(bytes: &[u8], limits: &ParseLimits) -> Result<RawMessage, Parse
     }
 
     let available = &bytes[body_at..];
-    let body = match split.iter().find(|(n, _)| n == "Content-Length") {
-        Some((_, v)) => {
-            let declared: usize = v
-                .trim()
-                .parse()
-                .map_err(|_| ParseError::BadContentLength(truncate(v, 20)))?;
+    let mut declared_length = None;
+    for (_, v) in split.iter().filter(|(n, _)| n == "Content-Length") {
+        let n: usize = v
+            .trim()
+            .parse()
+            .map_err(|_| ParseError::BadContentLength(truncate(v, 20)))?;
+        match declared_length {
+            // RFC 4475 mcl01: two lengths leave the body's end unknowable.
+            Some(first) if first != n => {
+                return Err(ParseError::ConflictingContentLength(first, n))
+            }
+            _ => declared_length = Some(n),
+        }
+    }
+    let body = match declared_length {
+        Some(declared) => {
             if declared > available.len() {
                 return Err(ParseError::BodyTruncated {
                     declared,
@@ -437,16 +525,34 @@ impl RawMessage {
 
 /// Checks the headers every request needs before a transaction can be built from it.
 pub fn validate_request(req: &rsip::Request) -> Result<(), ParseError> {
-    let via = message::header(&req.headers, "Via").ok_or(ParseError::MissingHeader("Via"))?;
-    Via::parse(&via).map_err(|detail| ParseError::BadHeader {
-        header: "Via",
-        detail,
-    })?;
+    let vias = message::headers_named(&req.headers, "Via");
+    if vias.is_empty() {
+        return Err(ParseError::MissingHeader("Via"));
+    }
+    for via in &vias {
+        // Every Via must parse, and `;;` is not a parameter (RFC 4475 badinv01).
+        let empty_param = via.split(';').skip(1).any(|p| p.trim().is_empty());
+        if empty_param {
+            return Err(ParseError::BadHeader {
+                header: "Via",
+                detail: format!("empty parameter in {:?}", truncate(via, 60)),
+            });
+        }
+        Via::parse(via).map_err(|detail| ParseError::BadHeader {
+            header: "Via",
+            detail,
+        })?;
+    }
     validate_common(&req.headers)?;
     let (_, cseq_method) = message::cseq(&req.headers).map_err(|detail| ParseError::BadHeader {
         header: "CSeq",
         detail,
     })?;
+    let uri = req.uri.to_string();
+    if uri.contains('?') {
+        // RFC 4475 escruri: headers belong in a URI we are given to dial, not in one we serve.
+        return Err(ParseError::RequestUriHeaders(truncate(&uri, 80)));
+    }
     let method = req.method.to_string();
     if !cseq_method.eq_ignore_ascii_case(&method) {
         return Err(ParseError::CSeqMethodMismatch {
@@ -478,7 +584,32 @@ pub fn validate_response(resp: &rsip::Response) -> Result<(), ParseError> {
     Ok(())
 }
 
+/// Header fields that may appear once (RFC 3261 §7.3.1; RFC 4475 multi01).
+const SINGLE_VALUED: &[&str] = &[
+    "From",
+    "To",
+    "Call-ID",
+    "CSeq",
+    "Max-Forwards",
+    "Content-Type",
+];
+
 fn validate_common(headers: &rsip::Headers) -> Result<(), ParseError> {
+    for name in SINGLE_VALUED {
+        let values = message::headers_named(headers, name);
+        if values.iter().skip(1).any(|v| v.trim() != values[0].trim()) {
+            return Err(ParseError::DuplicateHeader(name));
+        }
+    }
+    // RFC 4475 regbadct: without <>, a `?` would be read as the header's own parameters.
+    for name in ["From", "To", "Contact"] {
+        let bad = message::headers_named(headers, name)
+            .iter()
+            .any(|v| !v.contains('<') && v.contains('?'));
+        if bad {
+            return Err(ParseError::UnbracketedUriHeaders(name));
+        }
+    }
     for name in ["From", "To"] {
         let v =
             message::header(headers, name).ok_or(ParseError::MissingHeader(if name == "From" {

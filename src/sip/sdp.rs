@@ -218,9 +218,14 @@ impl SessionDescription {
                         continue;
                     };
                     match (name, val) {
-                        ("rtpmap", Some(v)) => {
-                            m.rtpmaps.push(parse_rtpmap(v).map_err(|d| bad(&d))?)
-                        }
+                        ("rtpmap", Some(v)) => match parse_rtpmap(v) {
+                            Ok(map) => m.rtpmaps.push(map),
+                            // Only audio is negotiated: another stream's odd rtpmap (RFC 4475
+                            // sdp01: `a=rtpmap:31 LPC` on video) cannot fail the offer, since
+                            // that stream is declined with port 0 anyway.
+                            Err(_) if m.kind != "audio" => {}
+                            Err(d) => return Err(bad(&d)),
+                        },
                         ("fmtp", Some(v)) => {
                             if let Some((pt, params)) = v.split_once(' ') {
                                 if let Ok(pt) = pt.parse() {
@@ -504,10 +509,41 @@ pub fn negotiate(offer: &SessionDescription, cfg: &MediaConfig) -> Result<Negoti
     })
 }
 
+/// The telephone-events we send and receive: the DTMF keys 0-15 and flash (16).
+const OUR_EVENTS: &str = "0-16";
+
+/// The events to answer for an offer's `a=fmtp` list: those it offered that we support, in
+/// its own notation (`0-15` to a `0-15` offer). RFC 4733 §7.1.1: no fmtp means 0-15.
+fn answer_events(offered: Option<&str>) -> String {
+    let offered = offered.unwrap_or("0-15");
+    let mut kept = Vec::new();
+    for part in offered.split(',').map(str::trim) {
+        let (lo, hi) = match part.split_once('-') {
+            Some((a, b)) => (a.trim().parse::<u32>(), b.trim().parse::<u32>()),
+            None => (part.parse::<u32>(), part.parse::<u32>()),
+        };
+        let (Ok(lo), Ok(hi)) = (lo, hi) else { continue };
+        let (lo, hi) = (lo, hi.min(16));
+        if lo > hi {
+            continue;
+        }
+        kept.push(if lo == hi {
+            lo.to_string()
+        } else {
+            format!("{lo}-{hi}")
+        });
+    }
+    if kept.is_empty() {
+        "0-15".to_string()
+    } else {
+        kept.join(",")
+    }
+}
+
 fn audio_media(
     cfg: &MediaConfig,
     codecs: &[(Codec, u8)],
-    dtmf: Option<u8>,
+    dtmf: Option<(u8, String)>,
     dir: Direction,
 ) -> Media {
     let mut formats: Vec<String> = codecs.iter().map(|(_, pt)| pt.to_string()).collect();
@@ -521,7 +557,7 @@ fn audio_media(
         })
         .collect();
     let mut fmtps = Vec::new();
-    if let Some(pt) = dtmf {
+    if let Some((pt, events)) = dtmf {
         formats.push(pt.to_string());
         rtpmaps.push(RtpMap {
             payload_type: pt,
@@ -529,7 +565,7 @@ fn audio_media(
             clock_rate: 8000,
             channels: None,
         });
-        fmtps.push((pt, "0-16".to_string()));
+        fmtps.push((pt, events));
     }
     let mut m = Media::new("audio", cfg.rtp_port, "RTP/AVP", formats);
     m.rtpmaps = rtpmaps;
@@ -554,10 +590,14 @@ pub fn build_answer(
         .enumerate()
         .map(|(i, m)| {
             if i == neg.media_index {
+                let dtmf = neg.dtmf_payload_type.map(|pt| {
+                    let offered = m.fmtps.iter().find(|(p, _)| *p == pt);
+                    (pt, answer_events(offered.map(|(_, v)| v.as_str())))
+                });
                 audio_media(
                     cfg,
                     &[(neg.codec, neg.payload_type)],
-                    neg.dtmf_payload_type,
+                    dtmf,
                     neg.local_direction,
                 )
             } else {
@@ -607,7 +647,7 @@ pub fn build_offer(
         media: vec![audio_media(
             cfg,
             &codecs,
-            cfg.telephone_event.then_some(101),
+            cfg.telephone_event.then(|| (101, OUR_EVENTS.to_string())),
             dir,
         )],
     }
@@ -656,6 +696,41 @@ m=video 0 RTP/AVP 99\r\n";
         assert!(text.contains("m=video 0 RTP/AVP 99\r\n"));
         let reparsed = SessionDescription::parse(text.as_bytes()).unwrap();
         assert_eq!(reparsed.media.len(), 2);
+    }
+
+    #[test]
+    fn telephone_events_are_answered_with_the_offers_range() {
+        let offer = SessionDescription::parse(OFFER.as_bytes()).unwrap();
+        let neg = negotiate(&offer, &cfg()).unwrap();
+        let text = build_answer(&offer, &neg, &cfg(), 1, 1).to_string();
+        assert!(text.contains("a=fmtp:96 0-15\r\n"), "{text}");
+        assert!(!text.contains("0-16"), "{text}");
+        // Beyond what we support is cut; a list keeps its notation; none means 0-15.
+        assert_eq!(answer_events(Some("0-255")), "0-16");
+        assert_eq!(answer_events(Some("0-11,16,32-40")), "0-11,16");
+        assert_eq!(answer_events(None), "0-15");
+        assert_eq!(answer_events(Some("junk")), "0-15");
+        // Our own offers name what we support.
+        let ours = build_offer(&cfg(), 1, 1, Direction::SendRecv).to_string();
+        assert!(ours.contains("a=fmtp:101 0-16\r\n"), "{ours}");
+    }
+
+    #[test]
+    fn an_unused_video_stream_with_an_odd_rtpmap_is_declined_not_fatal() {
+        // RFC 4475 sdp01: video's `a=rtpmap:31 LPC` has no clock rate.
+        let offer = "v=0\r\no=m 29739 7272939 IN IP4 192.0.2.5\r\ns=-\r\nc=IN IP4 192.0.2.5\r\nt=0 0\r\nm=audio 49217 RTP/AVP 0 12\r\nm=video 3227 RTP/AVP 31\r\na=rtpmap:31 LPC\r\n";
+        let offer = SessionDescription::parse(offer.as_bytes()).unwrap();
+        let neg = negotiate(&offer, &cfg()).unwrap();
+        assert_eq!(neg.codec, Codec::Pcmu);
+        let text = build_answer(&offer, &neg, &cfg(), 1, 1).to_string();
+        assert!(text.contains("m=video 0 RTP/AVP 31\r\n"), "{text}");
+        // The audio stream's own rtpmap is still checked.
+        let bad_audio =
+            "v=0\r\nc=IN IP4 192.0.2.5\r\nm=audio 49217 RTP/AVP 0\r\na=rtpmap:0 PCMU\r\n";
+        assert!(matches!(
+            SessionDescription::parse(bad_audio.as_bytes()),
+            Err(SdpError::BadLine { .. })
+        ));
     }
 
     #[test]

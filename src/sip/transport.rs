@@ -5,7 +5,7 @@
 //! No SIP logic lives here.
 
 use super::framing::StreamFramer;
-use super::sdp::{MediaConfig, Negotiated};
+use super::sdp::{Direction, MediaConfig, Negotiated};
 use super::tcp_guard::{read_deadline, Activity, ConnGuard, ConnTable, TcpLimits};
 use super::transaction::{Target, TransportKind};
 use super::ua::{
@@ -109,6 +109,7 @@ enum Command {
     /// The reply waits for the MESSAGE's final status.
     Message(Box<OutboundMessage>, Reply<u16>),
     Refer(CallHandle, String, Reply<()>),
+    Reoffer(CallHandle, Direction, Reply<()>),
     NotifyTransfer(CallHandle, u16, String, Reply<()>),
     Shutdown,
 }
@@ -241,6 +242,16 @@ impl SipHandle {
         headers: Vec<(String, String)>,
     ) -> Result<(), TransportError> {
         self.call(|r| Command::Hangup(call, headers, r)).await
+    }
+
+    /// Re-INVITEs an established call offering our media with `direction` (passing a hold
+    /// across a bridge, and taking it back with `sendrecv`).
+    pub async fn reoffer(
+        &self,
+        call: CallHandle,
+        direction: Direction,
+    ) -> Result<(), TransportError> {
+        self.call(|r| Command::Reoffer(call, direction, r)).await
     }
 
     /// Blind transfer: sends a REFER to `refer_to` on an established call. Returns once it
@@ -668,6 +679,9 @@ impl Driver {
             }
             Command::Refer(c, refer_to, r) => {
                 let _ = r.send(self.ua.refer(c, &refer_to, t));
+            }
+            Command::Reoffer(c, direction, r) => {
+                let _ = r.send(self.ua.reoffer_direction(c, direction, t));
             }
             Command::NotifyTransfer(c, code, reason, r) => {
                 let _ = r.send(self.ua.notify_transfer(c, code, &reason, t));

@@ -18,6 +18,16 @@ use std::net::{IpAddr, SocketAddr};
 use std::time::Instant;
 use thiserror::Error;
 
+/// True for a datagram that only keeps a NAT binding open: CR/LF/space/tab/NUL only, or a
+/// STUN message (RFC 5389: top two bits zero, the magic cookie at bytes 4..8).
+fn is_keep_alive(bytes: &[u8]) -> bool {
+    let blank = bytes
+        .iter()
+        .all(|b| matches!(b, b'\r' | b'\n' | b' ' | b'\t' | 0));
+    let stun = bytes.len() >= 20 && bytes[0] & 0xC0 == 0 && bytes[4..8] == [0x21, 0x12, 0xA4, 0x42];
+    blank || stun
+}
+
 /// Methods we accept, for `Allow`.
 pub const ALLOW: &str = "INVITE, ACK, CANCEL, BYE, OPTIONS, INFO, UPDATE, REFER, NOTIFY";
 /// Option tags we understand, for `Supported` and to check `Require`.
@@ -477,6 +487,13 @@ impl UserAgent {
         local: SocketAddr,
         now: Instant,
     ) {
+        if is_keep_alive(bytes) {
+            // A keep-alive (RFC 5626 CRLF or STUN, or the blank datagrams phones send through
+            // NAT every 30 s): nothing to answer (we do not offer RFC 5626 outbound, so no
+            // pong is owed) and nothing worth a warning.
+            tracing::trace!(%source.addr, len = bytes.len(), "keep-alive ignored");
+            return;
+        }
         let parsed = parse::normalise(bytes, &self.cfg.limits).and_then(|raw| {
             let msg = raw.to_rsip()?;
             match &msg {
@@ -783,6 +800,7 @@ impl UserAgent {
 
 mod auth;
 mod commands;
+mod hold;
 mod incoming;
 mod message_out;
 mod outbound;
@@ -794,5 +812,7 @@ use reply::{response_target, salvage, stamp_via};
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_rfc4475;
 #[cfg(test)]
 mod tests_transfer;

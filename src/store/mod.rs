@@ -1,16 +1,23 @@
-//! Persistence: the embedded SQLite database (KV, userspace tables, execution records, CDRs)
-//! and the Redis KV backend for engines that share state.
+//! Persistence: the embedded SQLite database (KV, userspace tables, execution records, CDRs),
+//! and for engines that share state the Redis KV backend and the PostgreSQL store.
 //!
 //! SQLite runs in WAL mode behind one mutex-guarded connection; blocking work goes through
 //! `spawn_blocking`, so a script worker thread never waits on the disk.
 
+pub mod jobs;
 pub mod kv;
+pub mod outbox;
+mod pg_records;
+pub mod postgres;
 pub mod records;
+pub mod redis_jobs;
 pub mod redis_kv;
 pub mod sqlite;
 pub mod userspace;
 
 pub use kv::{Kv, SqliteKv};
+pub use outbox::{Outbox, OutboxConfig};
+pub use postgres::PgStore;
 pub use records::{Cdr, CdrError, ExecutionRecord, Page, RecordQuery, Records};
 pub use redis_kv::RedisKv;
 pub use sqlite::{Store, Synchronous};
@@ -23,6 +30,8 @@ pub enum StoreError {
     Sqlite(#[from] rusqlite::Error),
     #[error("cannot open the store at {path}: {message}")]
     Open { path: String, message: String },
+    #[error("postgres: {0}")]
+    Postgres(String),
     #[error("redis error: {0}")]
     Redis(String),
     #[error("value of '{0}' is not an integer")]

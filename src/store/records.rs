@@ -15,7 +15,12 @@ use rusqlite::{params, Connection, Row};
 use serde::{Deserialize, Serialize};
 use serde_json::Value as Json;
 
-use super::{Store, StoreError};
+use super::{
+    outbox::{Outbox, Outgoing},
+    pg_records,
+    postgres::PgStore,
+    Store, StoreError,
+};
 
 /// Results larger than this (as JSON text) are recorded as `{"truncated": true, "bytes": N}`.
 const MAX_RECORDED_RESULT: usize = 16 * 1024;
@@ -106,9 +111,21 @@ pub struct Page<T> {
 /// for its own commit, but a burst of runs costs one commit, not one each.
 #[derive(Clone)]
 pub struct Records {
-    store: Store,
-    export: Option<Arc<Mutex<(PathBuf, File)>>>,
-    writer: std::sync::mpsc::Sender<PendingExecution>,
+    backend: Backend,
+    export: Option<Export>,
+}
+
+/// Where records go: the embedded SQLite file, or the shared PostgreSQL database.
+#[derive(Clone)]
+enum Backend {
+    Sqlite {
+        store: Store,
+        writer: std::sync::mpsc::Sender<PendingExecution>,
+    },
+    Postgres {
+        pg: PgStore,
+        outbox: Outbox,
+    },
 }
 
 struct PendingExecution {
@@ -116,19 +133,28 @@ struct PendingExecution {
     ack: tokio::sync::oneshot::Sender<Result<ExecutionRecord, StoreError>>,
 }
 
+/// The JSON-lines export file, shared by every clone.
+type Export = Arc<Mutex<(PathBuf, File)>>;
+
 /// The most records one group commit takes.
 const MAX_BATCH: usize = 512;
 
 impl std::fmt::Debug for Records {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Records")
-            .field("store", &self.store)
+            .field(
+                "backend",
+                &match &self.backend {
+                    Backend::Sqlite { store, .. } => format!("{store:?}"),
+                    Backend::Postgres { pg, .. } => format!("{pg:?}"),
+                },
+            )
             .field("export", &self.export.as_ref().map(|_| "jsonl"))
             .finish()
     }
 }
 
-fn recorded_result(result: &Json) -> String {
+pub(crate) fn recorded_result(result: &Json) -> String {
     let text = result.to_string();
     if text.len() > MAX_RECORDED_RESULT {
         serde_json::json!({"truncated": true, "bytes": text.len()}).to_string()
@@ -137,27 +163,14 @@ fn recorded_result(result: &Json) -> String {
     }
 }
 
-fn parse_json(text: Option<String>) -> Option<Json> {
+pub(crate) fn parse_json(text: Option<String>) -> Option<Json> {
     text.map(|t| serde_json::from_str(&t).unwrap_or(Json::String(t)))
 }
 
 impl Records {
     /// Records in `store`; with `jsonl`, every record is also appended to that file as a line.
     pub fn new(store: Store, jsonl: Option<PathBuf>) -> Result<Self, StoreError> {
-        let export = match jsonl {
-            None => None,
-            Some(path) => {
-                let file = OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .open(&path)
-                    .map_err(|source| StoreError::Export {
-                        path: path.display().to_string(),
-                        source,
-                    })?;
-                Some(Arc::new(Mutex::new((path, file))))
-            }
-        };
+        let export = open_export(jsonl)?;
         let (writer, queue) = std::sync::mpsc::channel::<PendingExecution>();
         // The thread holds no sender: it ends when the last `Records` is dropped.
         let (thread_store, thread_export) = (store.clone(), export.clone());
@@ -166,9 +179,20 @@ impl Records {
             .spawn(move || write_executions(queue, thread_store, thread_export))
             .map_err(|e| StoreError::Write(format!("cannot start the records writer: {e}")))?;
         Ok(Records {
-            store,
+            backend: Backend::Sqlite { store, writer },
             export,
-            writer,
+        })
+    }
+
+    /// Records in the shared PostgreSQL database, written through `outbox`.
+    pub fn postgres(
+        pg: PgStore,
+        outbox: Outbox,
+        jsonl: Option<PathBuf>,
+    ) -> Result<Self, StoreError> {
+        Ok(Records {
+            backend: Backend::Postgres { pg, outbox },
+            export: open_export(jsonl)?,
         })
     }
 
@@ -181,8 +205,19 @@ impl Records {
         &self,
         record: ExecutionRecord,
     ) -> Result<ExecutionRecord, StoreError> {
+        let writer = match &self.backend {
+            Backend::Sqlite { writer, .. } => writer,
+            Backend::Postgres { outbox, .. } => {
+                let written = outbox.write(Outgoing::Execution(record)).await?;
+                let Outgoing::Execution(record) = written.into_inner() else {
+                    return Err(StoreError::Write("the outbox answered another kind".into()));
+                };
+                self.export_line("execution", &record)?;
+                return Ok(record);
+            }
+        };
         let (ack, done) = tokio::sync::oneshot::channel();
-        self.writer
+        writer
             .send(PendingExecution { record, ack })
             .map_err(|_| StoreError::Write("the records writer has stopped".into()))?;
         done.await
@@ -191,18 +226,40 @@ impl Records {
 
     /// Write a CDR; returns it with its id. Committed when this returns.
     pub async fn write_cdr(&self, cdr: Cdr) -> Result<Cdr, StoreError> {
+        if let Backend::Postgres { outbox, .. } = &self.backend {
+            let written = outbox.write(Outgoing::Cdr(cdr)).await?;
+            let Outgoing::Cdr(cdr) = written.into_inner() else {
+                return Err(StoreError::Write("the outbox answered another kind".into()));
+            };
+            self.export_line("cdr", &cdr)?;
+            return Ok(cdr);
+        }
         self.insert_cdr(cdr, true).await
     }
 
     /// Commit a call's CDR before its end goes on the wire, without exporting it: the final
-    /// version follows through [`update_cdr`](Self::update_cdr).
-    pub async fn write_cdr_ahead(&self, cdr: Cdr) -> Result<Cdr, StoreError> {
-        self.insert_cdr(cdr, false).await
+    /// version follows through [`update_cdr`](Self::update_cdr). `None` on the Postgres
+    /// backend, whose outbox has no update: there the CDR is written once, at the end.
+    pub async fn write_cdr_ahead(&self, cdr: Cdr) -> Result<Option<Cdr>, StoreError> {
+        match &self.backend {
+            Backend::Sqlite { .. } => self.insert_cdr(cdr, false).await.map(Some),
+            Backend::Postgres { .. } => Ok(None),
+        }
+    }
+
+    fn sqlite(&self) -> Result<&Store, StoreError> {
+        match &self.backend {
+            Backend::Sqlite { store, .. } => Ok(store),
+            Backend::Postgres { .. } => Err(StoreError::Write(
+                "CDR updates need the embedded store".into(),
+            )),
+        }
     }
 
     async fn insert_cdr(&self, mut cdr: Cdr, export: bool) -> Result<Cdr, StoreError> {
+        let store = self.sqlite()?;
         let records = self.clone();
-        self.store
+        store
             .with(move |c| {
                 c.execute(
                     "INSERT INTO cdrs (call_id, from_uri, to_uri, script, started_at, answered_at, ended_at,
@@ -222,7 +279,7 @@ impl Records {
     /// Replace CDR `id` (written ahead) with its final version, and export that.
     pub async fn update_cdr(&self, id: i64, mut cdr: Cdr) -> Result<Cdr, StoreError> {
         let records = self.clone();
-        self.store
+        self.sqlite()?
             .with(move |c| {
                 let p = cdr_params(&cdr);
                 c.execute(
@@ -245,7 +302,11 @@ impl Records {
     }
 
     pub async fn executions(&self, q: RecordQuery) -> Result<Page<ExecutionRecord>, StoreError> {
-        self.store
+        let store = match &self.backend {
+            Backend::Sqlite { store, .. } => store,
+            Backend::Postgres { pg, .. } => return pg_records::executions(pg, q).await,
+        };
+        store
             .with(move |c| {
                 page(c, "executions", &q, |r| {
                     Ok(ExecutionRecord {
@@ -266,7 +327,11 @@ impl Records {
     }
 
     pub async fn cdrs(&self, q: RecordQuery) -> Result<Page<Cdr>, StoreError> {
-        self.store
+        let store = match &self.backend {
+            Backend::Sqlite { store, .. } => store,
+            Backend::Postgres { pg, .. } => return pg_records::cdrs(pg, q).await,
+        };
+        store
             .with(move |c| {
                 page(c, "cdrs", &q, |r| {
                     let list = |col: &str| -> rusqlite::Result<Json> {
@@ -323,6 +388,21 @@ fn cdr_params(cdr: &Cdr) -> [Box<dyn rusqlite::ToSql>; 15] {
     ]
 }
 
+fn open_export(jsonl: Option<PathBuf>) -> Result<Option<Export>, StoreError> {
+    let Some(path) = jsonl else {
+        return Ok(None);
+    };
+    let file = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&path)
+        .map_err(|source| StoreError::Export {
+            path: path.display().to_string(),
+            source,
+        })?;
+    Ok(Some(Arc::new(Mutex::new((path, file)))))
+}
+
 fn export_line(
     export: Option<&Arc<Mutex<(PathBuf, File)>>>,
     kind: &str,
@@ -346,7 +426,7 @@ fn export_line(
 fn write_executions(
     queue: std::sync::mpsc::Receiver<PendingExecution>,
     store: Store,
-    export: Option<Arc<Mutex<(PathBuf, File)>>>,
+    export: Option<Export>,
 ) {
     while let Ok(first) = queue.recv() {
         let mut batch = vec![first];

@@ -77,7 +77,7 @@ impl RedisKv {
         })
     }
 
-    fn query<T: redis::FromRedisValue + Send + 'static>(
+    pub(crate) fn query<T: redis::FromRedisValue + Send + 'static>(
         &self,
         cmd: redis::Cmd,
     ) -> BoxFuture<'static, Result<T, StoreError>> {

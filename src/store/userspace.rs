@@ -1,24 +1,54 @@
 //! Userspace tables behind `require('userspace')`: JSON rows addressed by (area, key), in the
-//! embedded store, so a form script can maintain a list a routing script reads.
+//! embedded store (or the shared PostgreSQL one), so a form script can maintain a list a
+//! routing script reads.
 
 use rusqlite::{params, OptionalExtension};
 use serde_json::Value as Json;
 
-use super::{now_ms, Store, StoreError};
+use super::{now_ms, postgres::PgStore, Store, StoreError};
 
 /// CRUD on userspace rows.
 #[derive(Debug, Clone)]
 pub struct Userspace {
     store: Store,
+    /// When set, rows live in PostgreSQL and `store` is not used.
+    pg: Option<PgStore>,
 }
 
 impl Userspace {
     pub fn new(store: Store) -> Self {
-        Userspace { store }
+        Userspace { store, pg: None }
+    }
+
+    /// Rows in the shared PostgreSQL database: every engine sees the same tables.
+    pub fn postgres(store: Store, pg: PgStore) -> Self {
+        Userspace {
+            store,
+            pg: Some(pg),
+        }
     }
 
     /// Insert a new row; an existing (area, key) is a conflict.
     pub async fn create(&self, area: String, key: String, data: Json) -> Result<(), StoreError> {
+        if let Some(pg) = &self.pg {
+            return pg
+                .with(move |c| async move {
+                    let inserted = c
+                        .execute(
+                            "INSERT INTO userspace (area, key, data, updated_at) VALUES ($1, $2, $3, $4)
+                             ON CONFLICT (area, key) DO NOTHING",
+                            &[&area, &key, &data.to_string(), &now_ms()],
+                        )
+                        .await?;
+                    if inserted == 0 {
+                        return Err(StoreError::Conflict(format!(
+                            "userspace '{area}' already has the key '{key}'"
+                        )));
+                    }
+                    Ok(())
+                })
+                .await;
+        }
         self.store
             .with(move |c| {
                 let inserted = c.execute(
@@ -37,6 +67,20 @@ impl Userspace {
     }
 
     pub async fn read(&self, area: String, key: String) -> Result<Option<Json>, StoreError> {
+        if let Some(pg) = &self.pg {
+            return pg
+                .with(move |c| async move {
+                    let row = c
+                        .query_opt(
+                            "SELECT data FROM userspace WHERE area = $1 AND key = $2",
+                            &[&area, &key],
+                        )
+                        .await?;
+                    let text: Option<String> = row.map(|r| r.try_get(0)).transpose()?;
+                    Ok(text.map(|t| serde_json::from_str(&t).unwrap_or(Json::String(t))))
+                })
+                .await;
+        }
         self.store
             .with(move |c| {
                 let text: Option<String> = c
@@ -53,6 +97,24 @@ impl Userspace {
 
     /// Replace an existing row's data; a missing row is a conflict.
     pub async fn update(&self, area: String, key: String, data: Json) -> Result<(), StoreError> {
+        if let Some(pg) = &self.pg {
+            return pg
+                .with(move |c| async move {
+                    let updated = c
+                        .execute(
+                            "UPDATE userspace SET data = $3, updated_at = $4 WHERE area = $1 AND key = $2",
+                            &[&area, &key, &data.to_string(), &now_ms()],
+                        )
+                        .await?;
+                    if updated == 0 {
+                        return Err(StoreError::Conflict(format!(
+                            "userspace '{area}' has no key '{key}'"
+                        )));
+                    }
+                    Ok(())
+                })
+                .await;
+        }
         self.store
             .with(move |c| {
                 let updated = c.execute(
@@ -71,6 +133,18 @@ impl Userspace {
 
     /// Whether the row existed.
     pub async fn delete(&self, area: String, key: String) -> Result<bool, StoreError> {
+        if let Some(pg) = &self.pg {
+            return pg
+                .with(move |c| async move {
+                    Ok(c.execute(
+                        "DELETE FROM userspace WHERE area = $1 AND key = $2",
+                        &[&area, &key],
+                    )
+                    .await?
+                        > 0)
+                })
+                .await;
+        }
         self.store
             .with(move |c| {
                 Ok(c.execute(
@@ -83,6 +157,22 @@ impl Userspace {
 
     /// The keys of an area, sorted (at most 10,000).
     pub async fn list(&self, area: String) -> Result<Vec<String>, StoreError> {
+        if let Some(pg) = &self.pg {
+            return pg
+                .with(move |c| async move {
+                    let rows = c
+                        .query(
+                            "SELECT key FROM userspace WHERE area = $1 ORDER BY key LIMIT 10000",
+                            &[&area],
+                        )
+                        .await?;
+                    Ok(rows
+                        .iter()
+                        .map(|r| r.try_get(0))
+                        .collect::<Result<Vec<String>, _>>()?)
+                })
+                .await;
+        }
         self.store
             .with(move |c| {
                 let mut stmt = c.prepare(

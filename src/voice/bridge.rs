@@ -5,8 +5,10 @@
 //! Arguments (all forms are accepted):
 //! - `bridge(destination)`
 //! - `bridge(destination, {timeout, callerId, headers, continueOnFail, hangupAfterBridge, trunk})`
-//! - `bridge(destination, continueOnFail)` — ConnexCS's `continue_on`
-//! - `bridge(destination, continueOnFail, hangupAfterBridge)` — e.g. `bridge(n, false, true)`
+//! - `bridge(destination, continue_on)` — ConnexCS's `continue_on`: `false` (the default: the
+//!   call ends with the bridge), `true` (the script goes on whatever happened), `'fail'` (it
+//!   goes on after a failed attempt), `'completed'` (it goes on after an answered bridge)
+//! - `bridge(destination, continue_on, hangupAfterBridge)` — e.g. `bridge(n, false, true)`
 //!
 //! The promise resolves when the bridge ends with `{status, sipCode, duration}`; `status` is
 //! `completed`, `busy`, `no-answer`, `failed` or `cancelled`.
@@ -14,7 +16,7 @@
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value as Json};
-use tokio::sync::oneshot;
+use tokio::sync::{oneshot, watch};
 
 use super::{
     call::{now_ms, CallEvent, CallState},
@@ -25,12 +27,13 @@ use super::{
 use crate::{
     media::{
         g711::G711,
-        relay::LegMedia,
-        relay_driver::{relay, BridgeLeg, RelayStats},
+        relay::{BlockedKeys, LegMedia, OutStream},
+        relay_driver::{relay, BridgeLeg, RelayGates, RelayStats},
+        rtp::StreamPosition,
         MediaSession, RtpSocket,
     },
     script::HostError,
-    sip::{sdp::Codec, CallHandle, EndReason, Negotiated},
+    sip::{sdp::Codec, CallHandle, EndReason, InDialogKind, Negotiated},
 };
 
 /// US ringback (440+480 Hz, 2 s on, 4 s off), played to an answered caller while the callee
@@ -80,6 +83,21 @@ pub fn parse_bridge_args(args: &[Json]) -> Result<(String, BridgeOpts), HostErro
         None | Some(Json::Null) => {}
         Some(Json::Bool(b)) => {
             opts.continue_on_fail = *b;
+            opts.hangup_after = !*b;
+            if let Some(Json::Bool(h)) = args.get(2) {
+                opts.hangup_after = *h;
+            }
+        }
+        Some(Json::String(s)) => {
+            match s.trim().to_ascii_lowercase().as_str() {
+                "fail" | "failed" => opts.continue_on_fail = true,
+                "completed" | "complete" => opts.hangup_after = false,
+                other => {
+                    return Err(HostError::type_error(format!(
+                        "ctx.bridge: continue_on {other:?} is not one of true, false, 'fail', 'completed'"
+                    )))
+                }
+            }
             if let Some(Json::Bool(h)) = args.get(2) {
                 opts.hangup_after = *h;
             }
@@ -118,7 +136,7 @@ pub fn parse_bridge_args(args: &[Json]) -> Result<(String, BridgeOpts), HostErro
         }
         Some(_) => {
             return Err(HostError::type_error(
-                "ctx.bridge: the second argument is an options object or continueOnFail (boolean)",
+                "ctx.bridge: the second argument is an options object or continue_on (true, false, 'fail', 'completed')",
             ))
         }
     }
@@ -183,6 +201,8 @@ fn status_of(reason: &EndReason, timed_out: bool, caller_gone: bool) -> (&'stati
 /// The relay task and how to stop it.
 pub(super) struct RelayRun {
     pub(super) stop: oneshot::Sender<()>,
+    /// Opens and closes each direction as the legs hold and resume.
+    pub(super) gates: watch::Sender<RelayGates>,
     /// Gives back the first leg's socket (and the caller's media session when the first leg
     /// is the caller), the second leg's socket, and the counters.
     pub(super) done:
@@ -194,7 +214,10 @@ pub(super) struct RelaySide {
     pub(super) socket: RtpSocket,
     pub(super) media: LegMedia,
     pub(super) remote: std::net::SocketAddr,
-    pub(super) ssrc: u32,
+    /// The stream sent toward this side.
+    pub(super) out: OutStream,
+    /// Keys whose events from this side are not relayed (`ctx.blockDtmf` on the caller).
+    pub(super) blocked: BlockedKeys,
 }
 
 impl RelayRun {
@@ -202,20 +225,24 @@ impl RelayRun {
     /// session when `a` is the caller) comes back with the sockets, to resume its media.
     pub(super) fn spawn(mut a: RelaySide, mut b: RelaySide, session: Option<MediaSession>) -> Self {
         let (stop, stopped) = oneshot::channel::<()>();
+        let (gates, gates_rx) = watch::channel(RelayGates::default());
         let done = tokio::spawn(async move {
             let stats = relay(
                 BridgeLeg {
                     socket: &mut a.socket,
                     media: a.media,
                     remote: a.remote,
-                    ssrc: a.ssrc,
+                    out: a.out,
+                    blocked: a.blocked,
                 },
                 BridgeLeg {
                     socket: &mut b.socket,
                     media: b.media,
                     remote: b.remote,
-                    ssrc: b.ssrc,
+                    out: b.out,
+                    blocked: b.blocked,
                 },
+                gates_rx,
                 async {
                     let _ = stopped.await;
                 },
@@ -223,7 +250,7 @@ impl RelayRun {
             .await;
             (a.socket, session, b.socket, stats)
         });
-        RelayRun { stop, done }
+        RelayRun { stop, gates, done }
     }
 }
 
@@ -244,6 +271,9 @@ pub(super) struct Bridge {
     /// A provisional response arrived (a CANCEL can be sent).
     progress_seen: bool,
     ringback: bool,
+    /// Renders and plays the ringback; aborted when the bridge ends, so a ringback still
+    /// being rendered then never starts playing over what the script does next.
+    ringback_task: Option<tokio::task::JoinHandle<()>>,
     _slot: TrunkSlot,
     /// Set when this bridge is a transfer's fallback.
     pub(super) transfer: bool,
@@ -374,6 +404,7 @@ impl CallState {
             caller_gone: false,
             progress_seen: false,
             ringback: false,
+            ringback_task: None,
             _slot: slot,
             transfer,
             b_neg: None,
@@ -444,6 +475,11 @@ impl CallState {
             }
             CallEvent::Answered { media } => self.bridge_answered(media).await,
             CallEvent::Ended { reason, .. } => self.bridge_ended(reason).await,
+            CallEvent::InDialog {
+                kind: InDialogKind::ReInvite | InDialogKind::Update,
+                media: Some(neg),
+                ..
+            } => self.callee_reoffered(neg).await,
             CallEvent::InDialog { .. }
             | CallEvent::Acked
             | CallEvent::Kill { .. }
@@ -472,7 +508,7 @@ impl CallState {
         b.ringback = true;
         let Some(ctx) = self.media.get() else { return };
         // Rendered once and shared through the prompt cache, off the async threads.
-        tokio::spawn(async move {
+        b.ringback_task = Some(tokio::spawn(async move {
             let prompts = ctx.prompts.clone();
             match tokio::task::spawn_blocking(move || prompts.load(RINGBACK)).await {
                 Ok(Ok(samples)) => {
@@ -481,7 +517,7 @@ impl CallState {
                 Ok(Err(e)) => tracing::warn!("ringback tone: {e}"),
                 Err(e) => tracing::warn!("ringback tone: {e}"),
             }
-        });
+        }));
     }
 
     /// The callee sent SDP before answering: pass its early media to the caller.
@@ -579,19 +615,26 @@ impl CallState {
                 socket: c_sock,
                 media: caller,
                 remote: c_session.remote(),
-                ssrc: c_session.ssrc(),
+                // The caller keeps hearing one stream: the relay continues the session's.
+                out: OutStream::Continue(c_session.stream_position()),
+                blocked: self.media.blocked_keys(),
             },
             RelaySide {
                 socket: b_sock,
                 media: callee,
                 remote: b_remote,
-                ssrc: fastrand::u32(..),
+                out: OutStream::New {
+                    ssrc: fastrand::u32(..),
+                },
+                blocked: BlockedKeys::default(),
             },
             Some(c_session),
         );
         if let Some(b) = self.bridge.as_mut() {
             b.relay = Some(run);
         }
+        // A caller already on hold stays so.
+        self.apply_gates();
     }
 
     /// The B leg ended: resolve the promise, give the caller its media back or hang it up.
@@ -628,13 +671,16 @@ impl CallState {
                 "leg": b.leg.0, "destination": b.dest, "status": status, "sipCode": code,
             }));
         }
+        if let Some(ringback) = b.ringback_task.take() {
+            ringback.abort();
+        }
         if let Some(run) = b.relay.take() {
             let _ = run.stop.send(());
             match run.done.await {
                 Ok((sock, session, _b_sock, stats)) => {
                     tracing::debug!(call = ?self.call, ?stats, "relay stopped");
                     if let (false, Some(session)) = (self.ended, session) {
-                        self.resume_media(sock, session);
+                        self.resume_media(sock, session, stats.a_out);
                     }
                 }
                 Err(e) => tracing::warn!(call = ?self.call, "relay task failed: {e}"),
@@ -674,9 +720,22 @@ impl CallState {
         }
     }
 
-    /// Restart the caller's media task on the socket the relay gave back.
-    fn resume_media(&mut self, socket: RtpSocket, session: MediaSession) {
+    /// Restart the caller's media task on the socket the relay gave back, continuing the
+    /// stream the relay was sending to the caller (not the session's stale counters).
+    fn resume_media(
+        &mut self,
+        socket: RtpSocket,
+        mut session: MediaSession,
+        relayed: Option<StreamPosition>,
+    ) {
         let Some(old) = self.media.get() else { return };
+        if let Some(pos) = relayed {
+            session.continue_stream(pos, Instant::now());
+        }
+        // A caller that put us on hold during the bridge stays on hold.
+        if let Some(neg) = &self.negotiated {
+            session.set_sending(neg.local_direction.sends() && neg.remote_rtp.is_some());
+        }
         let digits = old.media.digits.history();
         if !digits.is_empty() {
             self.cdr.digits.push(digits);
@@ -697,8 +756,8 @@ impl CallState {
             return;
         }
         self.ended = true;
-        self.stop_media();
         let _ = self.hangup.send(true);
+        self.stop_media();
         let sent = if self.answered {
             self.ended_by("callee", "normal_clearing".into());
             self.server.sip.hangup(self.call).await
@@ -717,6 +776,7 @@ impl CallState {
         if let Err(e) = sent {
             tracing::debug!(call = ?self.call, "caller hangup after bridge not sent: {e}");
         }
+        self.release_hangup_waiters("local");
     }
 
     /// The script is over while a bridge runs: end the B leg and wait for it briefly.
@@ -743,7 +803,20 @@ mod tests {
         assert_eq!((d.as_str(), o), ("1001", BridgeOpts::default()));
         let (d, o) = parse_bridge_args(&[json!(447700900123u64), json!(true)]).unwrap();
         assert_eq!(d, "447700900123");
-        assert!(o.continue_on_fail && o.hangup_after);
+        // ConnexCS's continue_on true: the script goes on after a failure and after a bridge.
+        assert!(o.continue_on_fail && !o.hangup_after);
+        let (_, o) = parse_bridge_args(&[json!("1"), json!("fail")]).unwrap();
+        assert!(
+            o.continue_on_fail && o.hangup_after,
+            "'fail': only failures go on"
+        );
+        let (_, o) = parse_bridge_args(&[json!("1"), json!("completed")]).unwrap();
+        assert!(
+            !o.continue_on_fail && !o.hangup_after,
+            "'completed': only answered bridges go on"
+        );
+        let (_, o) = parse_bridge_args(&[json!("1"), json!(false), json!(true)]).unwrap();
+        assert!(!o.continue_on_fail && o.hangup_after);
         let (_, o) = parse_bridge_args(&[json!("x"), json!(false), json!(false)]).unwrap();
         assert!(!o.continue_on_fail && !o.hangup_after);
         let (_, o) = parse_bridge_args(&[

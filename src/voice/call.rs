@@ -2,6 +2,7 @@
 
 use std::{net::IpAddr, sync::Arc, time::Duration};
 
+use futures::{stream::FuturesUnordered, StreamExt};
 use serde_json::{json, Value as Json};
 use tokio::sync::{mpsc, watch};
 
@@ -149,9 +150,11 @@ impl VoiceServer {
         });
         let caller_number = crate::sip::message::uri_user(&call.from.uri);
         let caller_name = call.from.display.clone();
+        let call_input = input.clone();
         let mut inv = Invocation::new(script, Mode::Class5, input);
         let mut state = CallState::new(self, handle, hangup_tx, events_tx);
         inv.ctx = Some(Box::new(ctx.with_stop(state.stop.subscribe())));
+        state.input = call_input;
         state.media = media;
         state.out_headers = out_headers;
         state.cdr = cdr;
@@ -170,8 +173,11 @@ pub(super) struct CallState {
     acked: bool,
     /// A final response or BYE went out, or the stack reported the end.
     pub(super) ended: bool,
-    pending_answer: Option<Reply>,
+    /// Answers waiting for the ACK (an explicit `answer()` and implicit ones may overlap).
+    pending_answer: Vec<Reply>,
     hangup_waiters: Vec<Reply>,
+    /// Who ended the call ("remote" or "local"), for `waitForHangup()` asked after the end.
+    hung_up_by: Option<&'static str>,
     pub(super) hangup: watch::Sender<bool>,
     /// Bound at answer/early media; the media issue's session drives it.
     rtp: Option<RtpSocket>,
@@ -200,6 +206,8 @@ pub(super) struct CallState {
     cdr_id: Option<i64>,
     /// A transfer waiting for its REFER's outcome.
     pub(super) transfer: Option<PendingTransfer>,
+    /// The script's `data`, for the scripts `ctx.destination()` runs on this call.
+    pub(super) input: Json,
 }
 
 /// A blind transfer in flight: the REFER went out, its NOTIFYs tell how it goes.
@@ -243,13 +251,15 @@ impl CallState {
             stop_at: None,
             cdr_id: None,
             transfer: None,
+            input: Json::Null,
             server,
             call,
             answered: false,
             acked: false,
             ended: false,
-            pending_answer: None,
+            pending_answer: Vec::new(),
             hangup_waiters: Vec::new(),
+            hung_up_by: None,
             hangup,
             rtp: None,
             negotiated: None,
@@ -270,6 +280,8 @@ impl CallState {
         let run = engine.run(inv);
         tokio::pin!(run);
         let mut events_open = true;
+        // Scripts `ctx.destination()` runs on this call, each with its reply.
+        let mut nested = FuturesUnordered::new();
         loop {
             if self.ended && self.stop_at.is_none() {
                 // The call is over; a script awaiting plain timers would otherwise run on
@@ -293,7 +305,20 @@ impl CallState {
                         Err(e) => Err(ScriptError::internal(e.to_string())),
                     };
                 }
-                Some(req) = requests.recv() => self.request(req).await,
+                Some(req) = requests.recv() => match req {
+                    CtxRequest::Destination { app, data, ctx, reply } => {
+                        match self.destination(&app, data, ctx, nested.len()) {
+                            Ok(run) => nested.push(async move {
+                                let _ = reply.send(run.await);
+                            }),
+                            Err(e) => {
+                                let _ = reply.send(Err(e));
+                            }
+                        }
+                    }
+                    req => self.request(req).await,
+                },
+                Some(()) = nested.next(), if !nested.is_empty() => {}
                 ev = events.recv(), if events_open => match ev {
                     Some((leg, ev)) => self.leg_event(leg, ev).await,
                     None => events_open = false,
@@ -336,9 +361,11 @@ impl CallState {
         }
         self.abandon_bridge().await;
         self.ended = true;
+        // The flag goes up before the media stops, so a prompt the stop ends reads as a
+        // hang-up (see `media_ops::until_hangup`).
+        let _ = self.hangup.send(true);
         self.stop_media();
         self.ended_by("engine", cause);
-        let _ = self.hangup.send(true);
         let sent = if self.answered {
             self.commit_cdr_ahead().await;
             self.server.sip.hangup(self.call).await
@@ -351,11 +378,17 @@ impl CallState {
         if let Err(e) = sent {
             tracing::debug!(call = ?self.call, "hangup not sent: {e}");
         }
-        if let Some(r) = self.pending_answer.take() {
+        for r in self.pending_answer.drain(..) {
             let _ = r.send(Err(hangup_error()));
         }
+        self.release_hangup_waiters("local");
+    }
+
+    /// Answers every `waitForHangup()` with who ended the call (the first to do so).
+    pub(super) fn release_hangup_waiters(&mut self, by: &'static str) {
+        let by = *self.hung_up_by.get_or_insert(by);
         for w in self.hangup_waiters.drain(..) {
-            let _ = w.send(Ok(json!({"by": "local"})));
+            let _ = w.send(Ok(json!({ "by": by })));
         }
     }
 
@@ -372,6 +405,11 @@ impl CallState {
                     request,
                     ..
                 } => self.refer_from_caller(&request).await,
+                CallEvent::InDialog {
+                    kind: InDialogKind::ReInvite | InDialogKind::Update,
+                    media: Some(neg),
+                    ..
+                } if self.relaying() => self.caller_reoffered(neg).await,
                 ev => self.event(ev),
             }
             if caller_gone {
@@ -394,7 +432,7 @@ impl CallState {
         match ev {
             CallEvent::Acked => {
                 self.acked = true;
-                if let Some(r) = self.pending_answer.take() {
+                for r in self.pending_answer.drain(..) {
                     let _ = r.send(Ok(json!(true)));
                 }
             }
@@ -410,6 +448,10 @@ impl CallState {
             | CallEvent::Kill { .. } => {}
             CallEvent::Ended { remote, .. } => {
                 self.ended = true;
+                if remote {
+                    // Before the media stops: see `kill`.
+                    let _ = self.hangup.send(true);
+                }
                 self.stop_media();
                 let cause = if self.answered {
                     "normal_clearing"
@@ -421,15 +463,10 @@ impl CallState {
                 } else {
                     self.ended_by("engine", "ended".to_string());
                 }
-                if remote {
-                    let _ = self.hangup.send(true);
-                }
-                if let Some(r) = self.pending_answer.take() {
+                for r in self.pending_answer.drain(..) {
                     let _ = r.send(Err(hangup_error()));
                 }
-                for w in self.hangup_waiters.drain(..) {
-                    let _ = w.send(Ok(json!({"by": if remote { "remote" } else { "local" }})));
-                }
+                self.release_hangup_waiters(if remote { "remote" } else { "local" });
             }
         }
     }
@@ -466,10 +503,10 @@ impl CallState {
                 } else if self.acked {
                     let _ = reply.send(Ok(json!(true)));
                 } else if self.answered {
-                    self.pending_answer = Some(reply);
+                    self.pending_answer.push(reply);
                 } else {
                     match self.answer(headers).await {
-                        Ok(()) => self.pending_answer = Some(reply),
+                        Ok(()) => self.pending_answer.push(reply),
                         Err(e) => {
                             let _ = reply.send(Err(e));
                         }
@@ -513,9 +550,10 @@ impl CallState {
                     if let Err(e) = sent {
                         tracing::debug!(call = ?self.call, "hangup not sent: {e}");
                     }
-                    if let Some(r) = self.pending_answer.take() {
+                    for r in self.pending_answer.drain(..) {
                         let _ = r.send(Err(HostError::new("Hangup", "the script hung up")));
                     }
+                    self.release_hangup_waiters("local");
                 }
                 let _ = reply.send(Ok(Json::Null));
             }
@@ -549,9 +587,14 @@ impl CallState {
             CtxRequest::Transfer { dest, opts, reply } => {
                 self.start_transfer(dest, opts, reply).await
             }
+            CtxRequest::Destination { reply, .. } => {
+                // Served by `drive`, which runs the second script beside the first.
+                let _ = reply.send(Err(HostError::error("ctx.destination: not available here")));
+            }
             CtxRequest::WaitForHangup(reply) => {
                 if self.ended {
-                    let _ = reply.send(Ok(json!({"by": "ended"})));
+                    let by = self.hung_up_by.unwrap_or("local");
+                    let _ = reply.send(Ok(json!({ "by": by })));
                 } else {
                     self.hangup_waiters.push(reply);
                 }
@@ -742,7 +785,7 @@ impl CallState {
         let mut cdr = self.cdr.clone();
         cdr.ended_at = Some(now_ms());
         match records.write_cdr_ahead(cdr).await {
-            Ok(written) => self.cdr_id = Some(written.id),
+            Ok(written) => self.cdr_id = written.map(|c| c.id),
             Err(e) => tracing::error!(call = ?self.call, "CDR not written ahead of BYE: {e}"),
         }
     }

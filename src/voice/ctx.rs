@@ -1,12 +1,17 @@
 //! The class5 `ctx` host object: signalling operations as requests to the call task.
 //!
 //! Sync: `get`, `set`, `header`, `log`. Async (promises): `answer`, `ring`, `earlyMedia`,
-//! `hangup`, `reject`, `waitForHangup`. Once the caller has hung up, every async operation
-//! except `hangup` and `waitForHangup` rejects with an error named `Hangup`.
+//! `hangup`, `reject`, `waitForHangup`, `bridge`, `transfer`. Once the caller has hung up,
+//! every async operation except `hangup` and `waitForHangup` rejects with an error named
+//! `Hangup`. A media operation before the call has media answers it first (as ConnexCS does);
+//! the media operations themselves are in `media_bind`, the JS-only parts in `ctx_prelude.js`.
 
 use std::{
     cell::RefCell,
-    sync::{Arc, Mutex, OnceLock},
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc, Mutex, OnceLock,
+    },
 };
 
 use futures::FutureExt;
@@ -62,6 +67,14 @@ pub enum CtxRequest {
         opts: BridgeOpts,
         reply: Reply,
     },
+    /// Run the class5 script `app` on this call with `data` (and `ctx`, the caller's ctx's
+    /// twin); the reply is what its `main` returns.
+    Destination {
+        app: String,
+        data: Option<Json>,
+        ctx: Box<CallCtx>,
+        reply: Reply,
+    },
 }
 
 pub fn hangup_error() -> HostError {
@@ -82,6 +95,7 @@ const SIGNALLING: &[HostMethod] = &[
     HostMethod::asynchronous("waitForHangup"),
     HostMethod::asynchronous("bridge"),
     HostMethod::asynchronous("transfer"),
+    HostMethod::asynchronous("destination"),
     HostMethod::sync("get"),
     HostMethod::sync("set"),
     HostMethod::sync("header"),
@@ -105,6 +119,19 @@ pub struct CallCtx {
     media: MediaSlot,
     /// Raised by the call task when the run must end (the call is over, grace passed).
     stop: Option<watch::Receiver<bool>>,
+    /// `sip_h_<Header>` variables written with `ctx.set` (not `skipWrite`): headers of the
+    /// INVITEs `bridge` sends, as FreeSWITCH (under ConnexCS) does with them.
+    leg_headers: RefCell<Vec<(String, String)>>,
+    /// The implicit answer is logged once per call (shared with `destination()` twins).
+    implicit_logged: Arc<AtomicBool>,
+}
+
+impl std::fmt::Debug for CallCtx {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CallCtx")
+            .field("call_id", &self.call_id)
+            .finish_non_exhaustive()
+    }
 }
 
 impl CallCtx {
@@ -112,6 +139,26 @@ impl CallCtx {
     pub fn with_stop(mut self, stop: watch::Receiver<bool>) -> Self {
         self.stop = Some(stop);
         self
+    }
+
+    /// The same call's ctx for a script `destination()` hands the call to: same call task,
+    /// headers and media; its own copy of the variables set so far.
+    fn twin(&self) -> CallCtx {
+        let twin = CallCtx::new(
+            self.requests.clone(),
+            self.hangup.clone(),
+            self.call_id.clone(),
+            self.vars.borrow().clone(),
+            self.invite_headers.clone(),
+            self.out_headers.clone(),
+            self.media.clone(),
+        );
+        *twin.leg_headers.borrow_mut() = self.leg_headers.borrow().clone();
+        CallCtx {
+            implicit_logged: self.implicit_logged.clone(),
+            stop: self.stop.clone(),
+            ..twin
+        }
     }
 
     pub fn new(
@@ -132,6 +179,81 @@ impl CallCtx {
             out_headers,
             media,
             stop: None,
+            leg_headers: RefCell::default(),
+            implicit_logged: Arc::default(),
+        }
+    }
+
+    /// A media method before the call has media: answer it first, as ConnexCS does, then run
+    /// the method. Logged once per call, so an operator sees which scripts rely on it.
+    fn answer_then(&self, method: &'static str, args: Vec<Json>) -> HostCall {
+        if !self.implicit_logged.swap(true, Ordering::Relaxed) {
+            // `digitsAfter` is the primitive under the prelude's `waitFor`.
+            let shown = if method == "digitsAfter" {
+                "waitFor"
+            } else {
+                method
+            };
+            tracing::info!(call_id = %self.call_id, "ctx.{shown} before ctx.answer(): answering the call implicitly");
+        }
+        let HostCall::Pending(answered) = ({
+            let headers = self.headers();
+            self.request(true, |reply| CtxRequest::Answer { headers, reply })
+        }) else {
+            return HostCall::Ready(Err(hangup_error()));
+        };
+        let (slot, hangup) = (self.media.clone(), self.hangup.clone());
+        HostCall::Pending(
+            async move {
+                answered.await?;
+                match media_bind::call(&slot, &hangup, method, args) {
+                    Ok(HostCall::Pending(op)) => op.await,
+                    Ok(HostCall::Ready(r)) => r,
+                    Err(_) => Err(HostError::error(format!(
+                        "ctx.{method}: not a media method"
+                    ))),
+                }
+            }
+            .boxed_local(),
+        )
+    }
+
+    /// `ctx.set(key, value, skipWrite)`. Every variable is kept for `get`; a written
+    /// `sip_h_<Header>` also goes on the INVITEs of later bridges.
+    fn set(&self, name: &str, value: Json, skip_write: bool) -> HostResult {
+        if !skip_write {
+            if let Some(header) = name
+                .get(..6)
+                .filter(|p| p.eq_ignore_ascii_case("sip_h_"))
+                .map(|_| &name[6..])
+            {
+                if !is_token(header) {
+                    return Err(HostError::type_error(format!(
+                        "ctx.set: {header:?} is not a valid header name"
+                    )));
+                }
+                let mut list = self.leg_headers.borrow_mut();
+                list.retain(|(n, _)| !n.eq_ignore_ascii_case(header));
+                if !value.is_null() {
+                    let v: String = text(&value)
+                        .chars()
+                        .map(|c| if c.is_control() { ' ' } else { c })
+                        .collect();
+                    list.push((header.to_string(), v));
+                }
+            }
+        }
+        self.vars.borrow_mut().insert(name.to_string(), value);
+        Ok(json!(true))
+    }
+
+    /// The written `sip_h_` variables as headers of an outbound INVITE; headers named in the
+    /// call itself take precedence.
+    fn add_leg_headers(&self, opts: &mut BridgeOpts) {
+        for (n, v) in self.leg_headers.borrow().iter() {
+            if !opts.headers.iter().any(|(h, _)| h.eq_ignore_ascii_case(n)) {
+                opts.headers.push((n.clone(), v.clone()));
+            }
         }
     }
 
@@ -230,6 +352,14 @@ impl HostObject for CallCtx {
     }
 
     fn call(&self, method: &str, args: Vec<Json>) -> HostCall {
+        if let Some(m) = media_bind::ANSWERING_METHODS
+            .iter()
+            .copied()
+            .find(|m| *m == method)
+            .filter(|_| self.media.get().is_none() && !*self.hangup.borrow())
+        {
+            return self.answer_then(m, args);
+        }
         let args = match media_bind::call(&self.media, &self.hangup, method, args) {
             Ok(answered) => return answered,
             Err(args) => args,
@@ -276,17 +406,46 @@ impl HostObject for CallCtx {
             }
             "waitForHangup" => self.request(false, CtxRequest::WaitForHangup),
             "bridge" => match parse_bridge_args(&args) {
-                Ok((dest, opts)) => {
+                Ok((dest, mut opts)) => {
+                    self.add_leg_headers(&mut opts);
                     self.request(true, |reply| CtxRequest::Bridge { dest, opts, reply })
                 }
                 Err(e) => HostCall::Ready(Err(e)),
             },
             "transfer" => match parse_transfer_args(&args) {
-                Ok((dest, opts)) => {
+                Ok((dest, mut opts)) => {
+                    // For the bridge a refused REFER falls back to.
+                    self.add_leg_headers(&mut opts);
                     self.request(true, |reply| CtxRequest::Transfer { dest, opts, reply })
                 }
                 Err(e) => HostCall::Ready(Err(e)),
             },
+            "destination" => {
+                let app = match args.first() {
+                    Some(Json::String(a)) if !a.trim().is_empty() => a.trim().to_string(),
+                    _ => {
+                        return HostCall::Ready(Err(HostError::type_error(
+                            "ctx.destination: app must be the name of a class5 script",
+                        )))
+                    }
+                };
+                let data = match args.get(1) {
+                    None | Some(Json::Null) => None,
+                    Some(d @ Json::Object(_)) => Some(d.clone()),
+                    Some(_) => {
+                        return HostCall::Ready(Err(HostError::type_error(
+                            "ctx.destination: data must be an object",
+                        )))
+                    }
+                };
+                let ctx = Box::new(self.twin());
+                self.request(true, |reply| CtxRequest::Destination {
+                    app,
+                    data,
+                    ctx,
+                    reply,
+                })
+            }
             "get" => match args.first().and_then(Json::as_str) {
                 Some(name) => HostCall::Ready(Ok(self.get(name))),
                 None => {
@@ -296,8 +455,13 @@ impl HostObject for CallCtx {
             "set" => match args.first().and_then(Json::as_str) {
                 Some(name) => {
                     let value = args.get(1).cloned().unwrap_or(Json::Null);
-                    self.vars.borrow_mut().insert(name.to_string(), value);
-                    HostCall::Ready(Ok(json!(true)))
+                    let skip_write = args.get(2).is_some_and(|v| match v {
+                        Json::Bool(b) => *b,
+                        Json::Number(n) => n.as_f64().is_some_and(|f| f != 0.0),
+                        Json::String(s) => !s.is_empty(),
+                        _ => false,
+                    });
+                    HostCall::Ready(self.set(name, value, skip_write))
                 }
                 None => {
                     HostCall::Ready(Err(HostError::type_error("ctx.set: name must be a string")))
@@ -410,6 +574,69 @@ mod tests {
         );
         assert!(ready(c.call("header", vec![json!("Bad Name"), json!("v")])).is_err());
         assert!(ready(c.call("get", vec![])).is_err());
+    }
+
+    #[tokio::test]
+    async fn media_before_answer_answers_first_then_runs_the_operation() {
+        let (c, mut rx, _h) = ctx();
+        let HostCall::Pending(fut) = c.call("play", vec![json!("ivr/menu.wav")]) else {
+            panic!("play before answer should wait for the implicit answer")
+        };
+        let call_task = async {
+            match rx.recv().await.unwrap() {
+                CtxRequest::Answer { reply, .. } => reply.send(Ok(json!(true))).unwrap(),
+                other => panic!("expected the implicit answer, got {other:?}"),
+            }
+        };
+        let (played, ()) = tokio::join!(fut, call_task);
+        // The answer came back without starting media (no call task here): play then says so.
+        let e = played.unwrap_err();
+        assert_eq!(e.name, "TypeError");
+        assert!(e.message.contains("ctx.play"), "{e}");
+        // blockDtmf, sleep and dtmfCount never answer.
+        assert!(matches!(
+            c.call("blockDtmf", vec![]),
+            HostCall::Ready(Ok(_))
+        ));
+        assert!(matches!(c.call("dtmfCount", vec![]), HostCall::Ready(Ok(v)) if v == json!(0)));
+        assert!(rx.try_recv().is_err(), "no second answer request");
+    }
+
+    #[tokio::test]
+    async fn written_sip_h_variables_go_on_bridge_invites_and_skip_write_keeps_them_local() {
+        let (c, mut rx, _h) = ctx();
+        ready(c.call("set", vec![json!("sip_h_X-Account"), json!(42)])).unwrap();
+        ready(c.call(
+            "set",
+            vec![json!("sip_h_X-Local"), json!("no"), json!(true)],
+        ))
+        .unwrap();
+        ready(c.call("set", vec![json!("sip_h_X-Named"), json!("var")])).unwrap();
+        assert_eq!(
+            ready(c.call("get", vec![json!("sip_h_X-Local")])),
+            Ok(json!("no")),
+            "skipWrite still keeps the variable for get"
+        );
+        assert!(ready(c.call("set", vec![json!("sip_h_Bad Name"), json!("v")])).is_err());
+        let HostCall::Pending(_fut) = c.call(
+            "bridge",
+            vec![json!("1002"), json!({"headers": {"x-named": "call"}})],
+        ) else {
+            panic!("bridge is pending")
+        };
+        match rx.recv().await.unwrap() {
+            CtxRequest::Bridge { dest, opts, .. } => {
+                assert_eq!(dest, "1002");
+                assert_eq!(
+                    opts.headers,
+                    vec![
+                        ("x-named".to_string(), "call".to_string()),
+                        ("X-Account".to_string(), "42".to_string()),
+                    ]
+                );
+            }
+            other => panic!("unexpected {other:?}"),
+        }
     }
 
     #[tokio::test]

@@ -9,14 +9,16 @@ use std::{
 
 use futures::FutureExt;
 use serde_json::Value as Json;
-use tokio::sync::watch;
+use tokio::sync::{watch, Notify};
 
 use super::{
     media_ops::{self, MediaContext},
     media_task::{self, MediaHandle},
 };
 use crate::{
-    media::{MediaSession, PromptCache, RtpSocket, SessionConfig, TtsCache, G711},
+    media::{
+        relay::BlockedKeys, MediaSession, PromptCache, RtpSocket, SessionConfig, TtsCache, G711,
+    },
     script::{HostCall, HostError, HostMethod},
     sip::{sdp::Codec, Negotiated},
 };
@@ -75,22 +77,78 @@ pub fn start(
     })
 }
 
-/// Where a call's ctx finds its media once the call task has started it.
+/// Where a call's ctx finds its media once the call task has started it, and the keys the
+/// script blocked (kept here so a block set before answer, or before a bridge restarts the
+/// media task, applies to every media task the call gets).
 #[derive(Clone, Default)]
-pub struct MediaSlot(Arc<Mutex<Option<MediaContext>>>);
+pub struct MediaSlot(Arc<SlotInner>);
+
+#[derive(Default)]
+struct SlotInner {
+    media: Mutex<Option<MediaContext>>,
+    blocked: Mutex<String>,
+    /// The same keys, for the RTP relay while the call is bridged.
+    relay_blocked: BlockedKeys,
+    /// Woken when media starts, for waits that must not answer the call (`ctx.on("dtmf")`).
+    started: Notify,
+}
 
 impl MediaSlot {
     pub fn set(&self, media: MediaContext) {
-        *self.0.lock().unwrap_or_else(|p| p.into_inner()) = Some(media);
+        media.media.digits.block(&self.blocked());
+        *self.0.media.lock().unwrap_or_else(|p| p.into_inner()) = Some(media);
+        self.0.started.notify_waiters();
     }
 
     pub fn get(&self) -> Option<MediaContext> {
-        self.0.lock().unwrap_or_else(|p| p.into_inner()).clone()
+        self.0
+            .media
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    fn blocked(&self) -> String {
+        self.0
+            .blocked
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// `ctx.blockDtmf(digits)`: remembered for the call, applied to the running media now.
+    pub fn block(&self, digits: &str) {
+        *self.0.blocked.lock().unwrap_or_else(|p| p.into_inner()) = digits.to_string();
+        self.0.relay_blocked.set(digits);
+        if let Some(m) = self.get() {
+            m.media.digits.block(digits);
+        }
+    }
+
+    /// The blocked keys as the bridge relay reads them.
+    pub fn blocked_keys(&self) -> BlockedKeys {
+        self.0.relay_blocked.clone()
+    }
+
+    /// Resolves once the call has media (answer, early media, an originated call).
+    pub async fn started(&self) {
+        loop {
+            let woken = self.0.started.notified();
+            if self.get().is_some() {
+                return;
+            }
+            woken.await;
+        }
     }
 
     /// The call is over: stop its media task (and hand back what it knew, for the CDR).
     pub fn shutdown(&self) -> Option<MediaContext> {
-        let taken = self.0.lock().unwrap_or_else(|p| p.into_inner()).take();
+        let taken = self
+            .0
+            .media
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
         if let Some(m) = &taken {
             m.media.shutdown();
         }
@@ -113,7 +171,27 @@ pub const MEDIA_METHODS: &[HostMethod] = &[
     HostMethod::sync("blockDtmf"),
     HostMethod::sync("dtmfCount"),
     HostMethod::asynchronous("digitsAfter"),
+    HostMethod::asynchronous("dtmfWatch"),
 ];
+
+/// The media methods that answer the call first when it has no media yet (ConnexCS answers
+/// for a script that plays before `answer()`; its published ctx-echo.js relies on it).
+/// `blockDtmf`, `dtmfCount`, `stopRecord`, `sleep` and `dtmfWatch` work without media.
+pub const ANSWERING_METHODS: &[&str] = &[
+    "play",
+    "tts",
+    "say",
+    "ivr",
+    "collect",
+    "record",
+    "echo",
+    "sendDtmf",
+    "digitsAfter",
+];
+
+/// The longest single wait of `dtmfWatch`: the `ctx.on("dtmf")` loop asks again after it, so
+/// it picks up the media task a bridge restarts.
+const WATCH_SLICE_MS: f64 = 1000.0;
 
 /// Serve a media method; the arguments come back when `method` is not one.
 pub fn call(
@@ -125,20 +203,36 @@ pub fn call(
     if !MEDIA_METHODS.iter().any(|m| m.name == method) {
         return Err(args);
     }
-    if method == "sleep" {
-        return Ok(HostCall::Pending(
-            media_ops::sleep(hangup.clone(), args).boxed_local(),
-        ));
+    match method {
+        "sleep" => {
+            return Ok(HostCall::Pending(
+                media_ops::sleep(hangup.clone(), args).boxed_local(),
+            ))
+        }
+        "blockDtmf" => {
+            return Ok(HostCall::Ready(media_ops::blocked_digits(&args).map(|d| {
+                slot.block(&d);
+                Json::Null
+            })))
+        }
+        "dtmfWatch" => {
+            return Ok(HostCall::Pending(
+                dtmf_watch(slot.clone(), hangup.clone(), args).boxed_local(),
+            ))
+        }
+        _ => {}
     }
     let Some(ctx) = slot.get() else {
-        let error = if *hangup.borrow() {
-            media_ops::hangup_error()
-        } else {
-            HostError::type_error(format!(
+        let answer = match method {
+            // Nothing pressed and nothing recording yet.
+            "dtmfCount" => Ok(Json::from(0)),
+            "stopRecord" => Ok(Json::Null),
+            _ if *hangup.borrow() => Err(media_ops::hangup_error()),
+            _ => Err(HostError::type_error(format!(
                 "ctx.{method}: the call has no media yet: call ctx.answer() first (or ctx.ring({{earlyMedia: true}}) for early media)"
-            ))
+            ))),
         };
-        return Ok(HostCall::Ready(Err(error)));
+        return Ok(HostCall::Ready(answer));
     };
     Ok(match method {
         "play" => HostCall::Pending(media_ops::play(ctx, args).boxed_local()),
@@ -149,45 +243,45 @@ pub fn call(
         "stopRecord" => HostCall::Ready(media_ops::stop_record(&ctx)),
         "echo" => HostCall::Pending(media_ops::echo(ctx, args).boxed_local()),
         "sendDtmf" => HostCall::Pending(media_ops::send_dtmf(ctx, args).boxed_local()),
-        "blockDtmf" => HostCall::Ready(media_ops::block_dtmf(&ctx, &args)),
         "dtmfCount" => HostCall::Ready(Ok(Json::from(ctx.media.digits.count()))),
         "digitsAfter" => HostCall::Pending(media_ops::digits_after(ctx, args).boxed_local()),
         _ => return Err(args),
     })
 }
 
-/// JS run around the raw ctx: `waitFor` needs RegExps and functions, which do not cross into
-/// Rust as JSON, so it is written here over the `dtmfCount`/`digitsAfter` primitives.
-pub const CTX_PRELUDE: &str = r#"(function (raw) {
-  const ctx = raw;
-  const matches = (m, s) => {
-    if (m === undefined || m === null || m === "") return false;
-    if (typeof m === "function") return !!m(s);
-    if (m instanceof RegExp) { m.lastIndex = 0; return m.test(s); }
-    return s.endsWith(String(m));
-  };
-  ctx.waitFor = async function (match, quit, timeout) {
-    if (match === undefined || match === null) throw new TypeError("ctx.waitFor: match is required");
-    const start = raw.dtmfCount();
-    const deadline = timeout > 0 ? Date.now() + timeout : Infinity;
-    let count = start, seen = "";
-    for (;;) {
-      const left = deadline - Date.now();
-      if (left <= 0) {
-        const e = new Error("ctx.waitFor: timed out after " + timeout + " ms with digits '" + seen + "'");
-        e.name = "Timeout"; e.digits = seen; throw e;
-      }
-      const r = await raw.digitsAfter(count, Math.min(left, 3600000));
-      count = r.count; seen += r.digits;
-      if (matches(quit, seen)) {
-        const e = new Error("ctx.waitFor: quit on digits '" + seen + "'");
-        e.name = "Quit"; e.digits = seen; throw e;
-      }
-      if (matches(match, seen)) return seen;
-    }
-  };
-  return ctx;
-})"#;
+/// `dtmfWatch(count, ms)`: like `digitsAfter`, but before the call has media it waits for
+/// media (or `ms`) instead of answering, so `ctx.on("dtmf", fn)` may be set up before answer.
+async fn dtmf_watch(
+    slot: MediaSlot,
+    hangup: watch::Receiver<bool>,
+    mut args: Vec<Json>,
+) -> crate::script::host::HostResult {
+    let ms = args.get(1).and_then(Json::as_f64).unwrap_or(WATCH_SLICE_MS);
+    let ms = if ms > 0.0 {
+        ms.min(WATCH_SLICE_MS)
+    } else {
+        WATCH_SLICE_MS
+    };
+    let Some(ctx) = slot.get() else {
+        let mut gone = hangup.clone();
+        if *gone.borrow() {
+            return Err(media_ops::hangup_error());
+        }
+        tokio::select! {
+            _ = slot.started() => {}
+            _ = gone.wait_for(|g| *g) => return Err(media_ops::hangup_error()),
+            _ = tokio::time::sleep(std::time::Duration::from_millis(ms as u64)) => {}
+        }
+        return Ok(serde_json::json!({"count": 0, "digits": ""}));
+    };
+    args.truncate(1);
+    args.push(Json::from(ms));
+    media_ops::digits_after(ctx, args).await
+}
+
+/// JS run around the raw ctx (`waitFor`, `on`/`off`, `ivr`'s `transfer_on_failure`): they need
+/// RegExps, callbacks and background loops, which do not cross into Rust as JSON.
+pub const CTX_PRELUDE: &str = include_str!("ctx_prelude.js");
 
 #[cfg(test)]
 mod tests {

@@ -13,7 +13,7 @@ use super::{
     media_task::{MediaError, MediaHandle},
 };
 use crate::{
-    media::{PlayEnd, PromptCache, RecordOptions, Recorder, TtsCache},
+    media::{PathError, PlayEnd, PromptCache, PromptError, RecordOptions, Recorder, TtsCache},
     script::{host::HostResult, HostError},
 };
 
@@ -35,7 +35,9 @@ pub struct MediaContext {
 
 impl MediaContext {
     /// How `ctx.play()` names a recording: relative to the media folder when the recordings
-    /// folder is inside it (the default, `media/recordings`), so `play(rec.file)` just works.
+    /// folder is inside it (the default, `media/recordings`), so `play(rec.file)` just works;
+    /// otherwise relative to the recordings folder, where `play` looks for names it does not
+    /// find in the media folder.
     pub fn playable_name(&self, name: &str) -> String {
         match self.recordings.strip_prefix(self.prompts.root()) {
             Ok(sub) if !sub.as_os_str().is_empty() => format!("{}/{name}", sub.display()),
@@ -60,6 +62,11 @@ fn media_error(e: MediaError) -> HostError {
 }
 
 /// Run `op` unless the caller hangs up first.
+///
+/// Biased toward the hang-up: the call task raises the hang-up flag before it stops the
+/// media, so when a prompt ends because the media stopped, the flag is already up and wins
+/// the select (an unbiased select resolved `play` with `{status: "stopped"}` about half the
+/// time instead of rejecting with `Hangup`).
 async fn until_hangup<T>(
     hangup: &watch::Receiver<bool>,
     op: impl std::future::Future<Output = Result<T, HostError>>,
@@ -69,9 +76,18 @@ async fn until_hangup<T>(
         return Err(hangup_error());
     }
     tokio::select! {
-        r = op => r,
+        biased;
         _ = hangup.wait_for(|gone| *gone) => Err(hangup_error()),
+        r = op => r,
     }
+}
+
+/// A prompt stopped by the end of the call is a hang-up, not a `stopped` result.
+fn play_result(hangup: &watch::Receiver<bool>, end: PlayEnd) -> HostResult {
+    if end == PlayEnd::Stopped && *hangup.borrow() {
+        return Err(hangup_error());
+    }
+    Ok(play_end(end))
 }
 
 fn arg_str<'a>(args: &'a [Json], i: usize, op: &str, name: &str) -> Result<&'a str, HostError> {
@@ -122,11 +138,21 @@ async fn load_prompt(ctx: &MediaContext, name: &str) -> Result<Arc<[i16]>, HostE
             .map_err(|e| HostError::error(format!("cannot play {name:?}: {e}")));
     }
     let prompts = ctx.prompts.clone();
+    let recordings = ctx.recordings.clone();
     let name_owned = name.to_string();
-    tokio::task::spawn_blocking(move || prompts.load(&name_owned))
-        .await
-        .map_err(|e| HostError::error(e.to_string()))?
-        .map_err(|e| HostError::error(format!("cannot play {name:?}: {e}")))
+    tokio::task::spawn_blocking(move || {
+        match prompts.load(&name_owned) {
+            // `record()` names a file relative to the recordings folder when that folder is
+            // outside the media folder: such a name is looked up there next.
+            Err(PromptError::Path(PathError::NotFound(_))) => {
+                prompts.load_from(&recordings, &name_owned)
+            }
+            other => other,
+        }
+    })
+    .await
+    .map_err(|e| HostError::error(e.to_string()))?
+    .map_err(|e| HostError::error(format!("cannot play {name:?}: {e}")))
 }
 
 fn play_end(end: PlayEnd) -> Json {
@@ -149,7 +175,7 @@ pub async fn play(ctx: MediaContext, args: Vec<Json>) -> HostResult {
             .play(samples, barge_in)
             .await
             .map_err(media_error)?;
-        Ok(play_end(end))
+        play_result(&ctx.hangup, end)
     })
     .await
 }
@@ -171,7 +197,7 @@ pub async fn tts(ctx: MediaContext, args: Vec<Json>) -> HostResult {
             .play(samples, barge_in)
             .await
             .map_err(media_error)?;
-        Ok(play_end(end))
+        play_result(&ctx.hangup, end)
     })
     .await
 }
@@ -481,16 +507,19 @@ pub async fn next_digit(ctx: MediaContext, args: Vec<Json>) -> HostResult {
     .await
 }
 
-/// `ctx.blockDtmf(digits)`: those keys stop reaching the script; `""` unblocks.
-pub fn block_dtmf(ctx: &MediaContext, args: &[Json]) -> HostResult {
-    let digits = match args.first() {
-        None | Some(Json::Null) => "",
-        Some(Json::String(s)) => s.as_str(),
-        Some(_) => return Err(type_error("blockDtmf", "digits must be a string")),
-    };
-    ctx.media.digits.block(digits);
-    Ok(Json::Null)
+/// The keys `ctx.blockDtmf(digits)` blocks. No argument blocks the ten digits (the ConnexCS
+/// stub's default, `'0123456789'`); `""` unblocks everything.
+pub fn blocked_digits(args: &[Json]) -> Result<String, HostError> {
+    match args.first() {
+        None | Some(Json::Null) => Ok(DEFAULT_BLOCKED.to_string()),
+        Some(Json::String(s)) => Ok(s.clone()),
+        Some(Json::Number(n)) => Ok(n.to_string()),
+        Some(_) => Err(type_error("blockDtmf", "digits must be a string")),
+    }
 }
+
+/// What `ctx.blockDtmf()` blocks when given nothing.
+pub const DEFAULT_BLOCKED: &str = "0123456789";
 
 /// The primitive behind `ctx.waitFor`: wait (up to `timeoutMs`) until a key arrives after
 /// press number `count`, then answer `{count, digits}` with every key pressed since `count`.
@@ -676,6 +705,29 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_prompt_stopped_by_the_callers_hangup_rejects_with_hangup_every_time() {
+        // The call task raises the hang-up flag, then stops the media; by the time the script
+        // side polls again both the flag and the prompt's `stopped` end are ready.
+        for round in 0..24 {
+            let rig = rig().await;
+            let op = play(rig.ctx.clone(), vec![json!("tone:400,20000")]);
+            tokio::pin!(op);
+            assert!(
+                tokio::time::timeout(Duration::from_millis(150), &mut op)
+                    .await
+                    .is_err(),
+                "the prompt is playing"
+            );
+            rig.hangup.send(true).unwrap();
+            rig.ctx.media.shutdown();
+            // Let the media task end the prompt before the play future is polled again.
+            tokio::time::sleep(Duration::from_millis(30)).await;
+            let e = op.await.expect_err("a hang-up, not a result");
+            assert_eq!(e.name, "Hangup", "round {round}");
+        }
+    }
+
+    #[tokio::test]
     async fn bad_arguments_and_missing_files_are_clear_errors() {
         let rig = rig().await;
         let e = play(rig.ctx.clone(), vec![json!(42)]).await.unwrap_err();
@@ -752,6 +804,12 @@ mod tests {
         );
         assert!(out["seconds"].as_f64().unwrap() > 0.3, "{out}");
         assert!(rig.ctx.recordings.join("msg.wav").exists());
+        // The media folder is elsewhere, and the name record() gave plays all the same.
+        assert_ne!(rig.ctx.prompts.root(), rig.ctx.recordings.as_path());
+        let played = play(rig.ctx.clone(), vec![out["file"].clone()])
+            .await
+            .unwrap();
+        assert_eq!(played["status"], "completed");
     }
 
     #[tokio::test]

@@ -12,6 +12,7 @@
 //! | [`trunks`] | `[[trunk]]` entries; destination → next hop, Request-URI, caller ID, credentials, limits |
 //! | [`control`] | placing outbound legs through the SIP dispatcher; the live-call list |
 //! | [`bridge`] | `ctx.bridge`: the B leg, ringback/early media, the RTP relay, ending both legs |
+//! | [`destination`] | `ctx.destination(app, data)`: another class5 script run on the same call |
 //! | [`transfer`] | `ctx.transfer`: 302 before answer, REFER after, bridge when REFER is refused |
 //! | [`refer_in`] | a bridged caller's REFER (`accept_refer`): B is re-bridged to the target |
 //! | [`originate`] | calls placed from the API (`POST /v1/calls`, `originate()`) that run a script once answered |
@@ -32,6 +33,8 @@ pub mod collect;
 pub mod control;
 pub mod ctx;
 pub mod data;
+pub mod destination;
+mod hold;
 pub mod media_bind;
 pub mod media_ops;
 pub mod media_task;

@@ -241,9 +241,11 @@ impl VoiceServer {
             out_headers.clone(),
             media_slot.clone(),
         );
+        let call_input = input.clone();
         let mut inv = Invocation::new(script, Mode::Class5, input);
         let mut state = CallState::new(self, handle, hangup_tx, events_tx);
         inv.ctx = Some(Box::new(ctx.with_stop(state.stop.subscribe())));
+        state.input = call_input;
         state.media = media_slot;
         state.out_headers = out_headers;
         state.cdr = cdr;

@@ -11,7 +11,7 @@ use super::{
     call::{CallEvent, CallState},
 };
 use crate::{
-    media::RtpSocket,
+    media::{relay::OutStream, RtpSocket},
     sip::{message, message::NameAddr, CallHandle, EndReason},
 };
 
@@ -145,13 +145,23 @@ impl CallState {
                 socket: b_sock,
                 media: leg_media(&b_neg),
                 remote: b_remote,
-                ssrc: fastrand::u32(..),
+                // B keeps hearing one stream: continue the one the first relay sent it.
+                out: match stats.b_out {
+                    Some(pos) => OutStream::Continue(pos),
+                    None => OutStream::New {
+                        ssrc: fastrand::u32(..),
+                    },
+                },
+                blocked: Default::default(),
             },
             RelaySide {
                 socket: c_sock,
                 media: leg_media(&c_neg),
                 remote: c_remote,
-                ssrc: fastrand::u32(..),
+                out: OutStream::New {
+                    ssrc: fastrand::u32(..),
+                },
+                blocked: Default::default(),
             },
             None,
         );

@@ -108,9 +108,20 @@ impl Dialed {
         media.codecs = self.codecs.clone();
         let mut from = NameAddr::new(format!("sip:{}@{local_ip}", self.from_user()));
         from.display = display;
-        let host = match self.target.addr {
-            SocketAddr::V6(a) => format!("[{}]", a.ip()),
-            a => a.ip().to_string(),
+        // To names the dialled number where the Request-URI does, port included (a far end on
+        // a non-default port otherwise sees a To that is not itself).
+        let host = match sip::message::uri_host_port(&self.request_uri) {
+            Some((h, port)) => {
+                let h = if h.contains(':') { format!("[{h}]") } else { h };
+                match port {
+                    Some(p) => format!("{h}:{p}"),
+                    None => h,
+                }
+            }
+            None => match self.target.addr {
+                SocketAddr::V6(a) => format!("[{}]:{}", a.ip(), a.port()),
+                a => a.to_string(),
+            },
         };
         OutboundCall {
             target: self.target,
@@ -427,6 +438,21 @@ mod tests {
             none.resolve("100", None, None),
             Err(TrunkError::NoDefaultTrunk(_))
         ));
+    }
+
+    #[test]
+    fn the_b_legs_to_names_the_request_uris_host_and_port() {
+        let t = Trunks::build(&[trunk("a", "127.0.0.1:5099")], &[Codec::Pcmu]).unwrap();
+        let ip = "127.0.0.1".parse().unwrap();
+        let via_trunk = t.resolve("2001", None, None).unwrap();
+        let oc = via_trunk.outbound_call(ip, 4000, None, Vec::new());
+        assert_eq!(oc.to.uri, "sip:2001@127.0.0.1:5099");
+        let direct = t.resolve("sip:2002@127.0.0.1:6000", None, None).unwrap();
+        let oc = direct.outbound_call(ip, 4000, None, Vec::new());
+        assert_eq!(oc.to.uri, "sip:2002@127.0.0.1:6000");
+        let default_port = t.resolve("sip:2003@127.0.0.2", None, None).unwrap();
+        let oc = default_port.outbound_call(ip, 4000, None, Vec::new());
+        assert_eq!(oc.to.uri, "sip:2003@127.0.0.2");
     }
 
     #[test]

@@ -170,6 +170,8 @@ struct Leg {
     bye: Option<SipMessage>,
     /// The final status the far end gave to our BYE.
     bye_reply: Option<u16>,
+    /// The final response to our re-INVITE (its CSeq number, the response).
+    reinvite_reply: Option<(u32, SipMessage)>,
     media: Option<Media>,
     remote_rtp: Option<SocketAddr>,
     /// In-dialog requests other than ACK and CANCEL (BYE, re-INVITE, INFO...), once each.
@@ -578,6 +580,105 @@ impl Callee {
         }
     }
 
+    /// re-INVITE offering our media with `direction` ("sendonly"/"inactive" to hold,
+    /// "sendrecv" to resume), retransmitted until answered; ACKs a 2xx and returns the final
+    /// response.
+    pub async fn reinvite(&mut self, direction: &str) -> Result<SipMessage, String> {
+        let leg = self.current_leg().ok_or("no call to re-INVITE")?;
+        let m = leg.media.ok_or("no media negotiated")?;
+        let local = self.sip_addr();
+        self.local_cseq += 1;
+        let cseq = self.local_cseq;
+        let routes: Vec<&str> = leg
+            .invite
+            .headers
+            .iter()
+            .filter(|(k, _)| k.eq_ignore_ascii_case("Record-Route"))
+            .map(|(_, v)| v.as_str())
+            .collect();
+        let contact = leg
+            .invite
+            .header("Contact")
+            .map(uri_of)
+            .unwrap_or_default()
+            .to_string();
+        let target = routes
+            .first()
+            .and_then(|r| host_port(uri_of(r)))
+            .or_else(|| host_port(&contact))
+            .unwrap_or(leg.source);
+        let route_headers: String = routes.iter().map(|r| format!("Route: {r}\r\n")).collect();
+        let request_uri = if contact.is_empty() {
+            format!("sip:{}", leg.source)
+        } else {
+            contact
+        };
+        let body = sdp_body(
+            "callee",
+            m.version + cseq,
+            self.rtp_addr(),
+            &[(m.pt, self.codec)],
+            m.dtmf_pt,
+            direction,
+        );
+        let head = |method: &str, branch: &str, body: &str| {
+            let ctype = if body.is_empty() {
+                ""
+            } else {
+                "Content-Type: application/sdp\r\n"
+            };
+            format!(
+                "{method} {request_uri} SIP/2.0\r\nVia: SIP/2.0/UDP {local};branch={branch};rport\r\nMax-Forwards: 70\r\nFrom: {};tag={}\r\nTo: {}\r\nCall-ID: {}\r\nCSeq: {cseq} {method}\r\nContact: <sip:callee@{local}>\r\n{route_headers}{ctype}Content-Length: {}\r\n\r\n{body}",
+                leg.invite.header("To").unwrap_or_default(),
+                leg.to_tag,
+                leg.invite.header("From").unwrap_or_default(),
+                leg.call_id,
+                body.len()
+            )
+        };
+        let invite = head("INVITE", &branch(), &body);
+        let call_id = leg.call_id.clone();
+        let mut rx = self.state.subscribe();
+        let deadline = tokio::time::Instant::now() + TIMER_H;
+        let mut interval = T1;
+        let answer = loop {
+            self.sip
+                .send_to(invite.as_bytes(), target)
+                .await
+                .map_err(|e| e.to_string())?;
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            let got = tokio::time::timeout(
+                interval.min(left),
+                rx.wait_for(|s| {
+                    s.leg(&call_id)
+                        .is_some_and(|l| l.reinvite_reply.as_ref().is_some_and(|r| r.0 == cseq))
+                }),
+            )
+            .await;
+            if let Ok(Ok(state)) = got {
+                break state
+                    .leg(&call_id)
+                    .and_then(|l| l.reinvite_reply.clone())
+                    .map(|r| r.1)
+                    .ok_or("re-INVITE answer lost")?;
+            }
+            if left <= interval {
+                return Err(format!(
+                    "no answer to re-INVITE (sent to {target}) within 32 s"
+                ));
+            }
+            interval = (interval * 2).min(T2);
+        };
+        if answer.status().is_some_and(|c| (200..300).contains(&c)) {
+            let ack = head("ACK", &branch(), "");
+            self.sip
+                .send_to(ack.as_bytes(), target)
+                .await
+                .map_err(|e| e.to_string())?;
+        }
+        Ok(answer)
+    }
+
     fn current_leg(&self) -> Option<Leg> {
         let call_id = self.current.as_deref()?;
         self.state.borrow().leg(call_id).cloned()
@@ -819,6 +920,11 @@ async fn sip_loop(
                         l.bye_reply.get_or_insert(msg.status().unwrap_or(0));
                     }
                 }
+                if cseq_method == "INVITE" && msg.status().is_some_and(|c| c >= 200) {
+                    if let Some(l) = s.leg_mut(&call_id) {
+                        l.reinvite_reply = Some((cseq, msg.clone()));
+                    }
+                }
             }
             Some("INVITE") => {
                 let in_dialog = msg.header("To").and_then(tag_of).is_some();
@@ -884,6 +990,7 @@ async fn sip_loop(
                         cancel: None,
                         bye: None,
                         bye_reply: None,
+                        reinvite_reply: None,
                         media: None,
                         remote_rtp: None,
                         requests: Vec::new(),

@@ -361,6 +361,69 @@ impl Call {
         Err("no answer to BYE".into())
     }
 
+    /// re-INVITE offering our media with `direction` ("sendonly" or "inactive" to hold,
+    /// "sendrecv" to resume); returns the final response, ACKed if it is a 2xx.
+    pub async fn reinvite(&mut self, direction: &str) -> Result<SipMessage, String> {
+        self.cseq += 1;
+        let cseq = self.cseq;
+        let local = self.sip.local_addr().map_err(|e| e.to_string())?;
+        let rtp_addr = self.rtp.local_addr().map_err(|e| e.to_string())?;
+        let sdp = sdp_body(
+            "caller",
+            cseq,
+            rtp_addr,
+            &[(self.audio_pt, self.codec)],
+            Some(self.dtmf_pt),
+            direction,
+        );
+        let invite = format!(
+            "INVITE sip:callforge@{} SIP/2.0\r\nVia: SIP/2.0/UDP {local};branch={};rport\r\nMax-Forwards: 70\r\nFrom: <sip:caller@{local}>;tag={}\r\nTo: {}\r\nCall-ID: {}\r\nCSeq: {cseq} INVITE\r\nContact: <sip:caller@{local}>\r\nContent-Type: application/sdp\r\nContent-Length: {}\r\n\r\n{sdp}",
+            self.server,
+            branch(),
+            self.from_tag,
+            self.to_header,
+            self.call_id,
+            sdp.len()
+        );
+        self.sip
+            .send_to(invite.as_bytes(), self.server)
+            .await
+            .map_err(|e| e.to_string())?;
+        let until = Instant::now() + Duration::from_secs(5);
+        let want = format!("{cseq} INVITE");
+        while Instant::now() < until {
+            let done = self
+                .requests
+                .lock()
+                .map_err(|e| e.to_string())?
+                .iter()
+                .find(|m| {
+                    m.status().is_some_and(|s| s >= 200)
+                        && m.header("CSeq").is_some_and(|c| c.trim() == want)
+                })
+                .cloned();
+            if let Some(resp) = done {
+                if resp.status().is_some_and(|s| s < 300) {
+                    let ack = format!(
+                        "ACK sip:callforge@{} SIP/2.0\r\nVia: SIP/2.0/UDP {local};branch={};rport\r\nMax-Forwards: 70\r\nFrom: <sip:caller@{local}>;tag={}\r\nTo: {}\r\nCall-ID: {}\r\nCSeq: {cseq} ACK\r\nContent-Length: 0\r\n\r\n",
+                        self.server,
+                        branch(),
+                        self.from_tag,
+                        self.to_header,
+                        self.call_id
+                    );
+                    self.sip
+                        .send_to(ack.as_bytes(), self.server)
+                        .await
+                        .map_err(|e| e.to_string())?;
+                }
+                return Ok(resp);
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Err("no final answer to the re-INVITE".into())
+    }
+
     /// Wait until the server sends BYE (answered 200 by the background task).
     pub async fn wait_for_bye(&self, within: Duration) -> Option<SipMessage> {
         let until = Instant::now() + within;

@@ -379,3 +379,178 @@ pub fn redis() -> Redis {
     }
     panic!("redis-server did not start on port {port}");
 }
+
+/// A PostgreSQL server in a temporary folder on a random loopback port, stopped on drop.
+/// PostgreSQL refuses to run as root: as root it runs as `nobody` (through `runuser`).
+/// Fails the test when the binaries are missing: `tools/ensure-deps.sh --test` installs them.
+pub struct Postgres {
+    dir: tempfile::TempDir,
+    bin: PathBuf,
+    pub port: u16,
+    pub url: String,
+}
+
+/// The folder holding `initdb`, `pg_ctl` and `postgres`: on PATH, or Debian's versioned folder.
+fn postgres_bin() -> PathBuf {
+    if let Ok(path) = std::env::var("PATH") {
+        for dir in std::env::split_paths(&path) {
+            if dir.join("pg_ctl").is_file() && dir.join("initdb").is_file() {
+                return dir;
+            }
+        }
+    }
+    let mut debian: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
+        .map(|d| {
+            d.filter_map(|e| e.ok())
+                .map(|e| e.path().join("bin"))
+                .collect()
+        })
+        .unwrap_or_default();
+    debian.retain(|d| d.join("pg_ctl").is_file());
+    debian.sort();
+    debian
+        .pop()
+        .expect("PostgreSQL is missing: run tools/ensure-deps.sh --test")
+}
+
+impl Postgres {
+    /// Run one of PostgreSQL's programs as the unprivileged owner of the data folder.
+    fn command(&self, program: &str) -> Command {
+        pg_command(&self.bin, program)
+    }
+
+    fn data(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    /// Start the server (again) on the same port and data.
+    pub fn start(&self) {
+        let out = self
+            .command("pg_ctl")
+            .arg("start")
+            .arg("-w")
+            .arg("-t")
+            .arg("30")
+            .arg("-D")
+            .arg(self.data())
+            .arg("-l")
+            .arg(self.dir.path().join("postgres.log"))
+            .arg("-o")
+            .arg(format!(
+                "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=200",
+                self.port,
+                self.dir.path().display()
+            ))
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "pg_ctl start failed: {}{}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr),
+            std::fs::read_to_string(self.dir.path().join("postgres.log")).unwrap_or_default()
+        );
+    }
+
+    /// Stop the server at once (connections are cut, as when the database host goes away).
+    pub fn stop(&self) {
+        let out = self
+            .command("pg_ctl")
+            .arg("stop")
+            .arg("-w")
+            .arg("-m")
+            .arg("immediate")
+            .arg("-D")
+            .arg(self.data())
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "pg_ctl stop failed: {out:?}");
+    }
+
+    /// Run `sql` with psql and return its unaligned, tuples-only output.
+    pub fn psql(&self, sql: &str) -> String {
+        let out = Command::new("psql")
+            .args([
+                "-X",
+                "-q",
+                "-t",
+                "-A",
+                "-v",
+                "ON_ERROR_STOP=1",
+                "-h",
+                "127.0.0.1",
+            ])
+            .arg("-p")
+            .arg(self.port.to_string())
+            .args(["-U", "postgres", "-d", "postgres", "-c", sql])
+            .output()
+            .expect("psql is missing: run tools/ensure-deps.sh --test");
+        assert!(
+            out.status.success(),
+            "psql failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    }
+}
+
+fn pg_command(bin: &Path, program: &str) -> Command {
+    let path = bin.join(program);
+    if unsafe { libc::geteuid() } == 0 {
+        let mut c = Command::new("runuser");
+        c.args(["-u", "nobody", "--"]).arg(path);
+        c
+    } else {
+        Command::new(path)
+    }
+}
+
+impl Drop for Postgres {
+    fn drop(&mut self) {
+        let _ = self
+            .command("pg_ctl")
+            .args(["stop", "-m", "immediate", "-D"])
+            .arg(self.data())
+            .output();
+    }
+}
+
+pub fn postgres() -> Postgres {
+    let bin = postgres_bin();
+    let dir = tempfile::tempdir().unwrap();
+    if unsafe { libc::geteuid() } == 0 {
+        // `nobody` owns the folder: PostgreSQL writes its data and socket there.
+        let nobody = unsafe { libc::getpwnam(c"nobody".as_ptr()) };
+        assert!(!nobody.is_null(), "no user 'nobody' to run PostgreSQL as");
+        let (uid, gid) = unsafe { ((*nobody).pw_uid, (*nobody).pw_gid) };
+        std::os::unix::fs::chown(dir.path(), Some(uid), Some(gid)).unwrap();
+    }
+    let port = free_port();
+    let pg = Postgres {
+        bin,
+        port,
+        url: format!("postgres://postgres@127.0.0.1:{port}/postgres"),
+        dir,
+    };
+    let out = pg
+        .command("initdb")
+        .args([
+            "-U",
+            "postgres",
+            "--auth=trust",
+            "-E",
+            "UTF8",
+            "--no-sync",
+            "-D",
+        ])
+        .arg(pg.data())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "initdb failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    pg.start();
+    pg
+}

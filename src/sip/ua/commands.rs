@@ -2,6 +2,16 @@
 
 use super::*;
 
+/// RFC 3261 §12.1.1: a response that establishes a dialog (a 2xx, or a 1xx with our To tag)
+/// carries the request's Record-Route values, in order, so the caller routes its in-dialog
+/// requests (ACK, BYE) through the same proxies. Without them a record-routing proxy refuses
+/// the caller's BYE.
+fn copy_record_route(request: &rsip::Request, resp: &mut rsip::Response) {
+    for rr in message::record_routes(&request.headers) {
+        resp.headers.push(message::make_header("Record-Route", rr));
+    }
+}
+
 impl UserAgent {
     pub(super) fn pending_call(&self, handle: CallHandle) -> Result<&Call, UaError> {
         let call = self.calls.get(&handle).ok_or(UaError::UnknownCall)?;
@@ -28,6 +38,7 @@ impl UserAgent {
             if media.is_some() { 183 } else { 180 },
             Some(&tag),
         );
+        copy_record_route(&call.invite, &mut resp);
         resp.headers
             .push(message::make_header("Contact", format!("<{contact}>")));
         self.push_server_header(&mut resp);
@@ -106,6 +117,7 @@ impl UserAgent {
         let tag = call.dialog.id.local_tag.clone();
         let contact = call.dialog.local_contact.clone();
         let mut resp = message::response_to(&call.invite, 200, Some(&tag));
+        copy_record_route(&call.invite, &mut resp);
         resp.headers
             .push(message::make_header("Contact", format!("<{contact}>")));
         if let Some(st) = call.session_timer {

@@ -2,6 +2,49 @@
 
 use super::*;
 
+/// The option tags a request's `Require` names that we do not support.
+fn unsupported_requires(headers: &rsip::Headers) -> Vec<String> {
+    message::headers_named(headers, "Require")
+        .iter()
+        .flat_map(|v| {
+            v.split(',')
+                .map(|t| t.trim().to_string())
+                .collect::<Vec<_>>()
+        })
+        .filter(|t| {
+            !t.is_empty()
+                && !SUPPORTED
+                    .split(',')
+                    .any(|ours| ours.trim().eq_ignore_ascii_case(t))
+        })
+        .collect()
+}
+
+/// False when an `Accept` header lists media types and SDP is not among them.
+fn accepts_sdp(headers: &rsip::Headers) -> bool {
+    let accept = message::headers_named(headers, "Accept");
+    if accept.is_empty() {
+        return true;
+    }
+    let ranges: Vec<String> = accept
+        .iter()
+        .flat_map(|v| v.split(','))
+        .map(|r| {
+            r.split(';')
+                .next()
+                .unwrap_or("")
+                .trim()
+                .to_ascii_lowercase()
+        })
+        .filter(|r| !r.is_empty())
+        .collect();
+    // An empty Accept means "no body at all"; tolerated, as our answer must carry SDP anyway.
+    ranges.is_empty()
+        || ranges
+            .iter()
+            .any(|r| r == "application/sdp" || r == "application/*" || r == "*/*")
+}
+
 impl UserAgent {
     pub(super) fn on_malformed(&mut self, bytes: &[u8], source: Target, err: ParseError) {
         let Some((method, base)) = salvage(bytes) else {
@@ -78,6 +121,18 @@ impl UserAgent {
             let resp = self.simple_response(&req, 416, None);
             self.respond_new(key, &req, resp, target, now);
             return;
+        }
+
+        if !matches!(req.method, rsip::Method::Ack | rsip::Method::Cancel) {
+            // RFC 3261 §8.2.2.3, for every request but ACK and CANCEL (OPTIONS included).
+            let unsupported = unsupported_requires(&req.headers);
+            if !unsupported.is_empty() {
+                let mut resp = self.simple_response(&req, 420, None);
+                resp.headers
+                    .push(message::make_header("Unsupported", unsupported.join(", ")));
+                self.respond_new(key, &req, resp, target, now);
+                return;
+            }
         }
 
         match req.method {
@@ -213,19 +268,11 @@ impl UserAgent {
             self.respond_new(key, &req, resp, target, now);
             return;
         }
-        let unsupported: Vec<String> = message::headers_named(&req.headers, "Require")
-            .iter()
-            .flat_map(|v| {
-                v.split(',')
-                    .map(|t| t.trim().to_string())
-                    .collect::<Vec<_>>()
-            })
-            .filter(|t| !t.is_empty() && !t.eq_ignore_ascii_case("timer"))
-            .collect();
-        if !unsupported.is_empty() {
-            let mut resp = self.simple_response(&req, 420, None);
+        if !accepts_sdp(&req.headers) {
+            // RFC 4475 sdp01: our answer would be SDP, which the caller says it cannot take.
+            let mut resp = self.simple_response(&req, 406, None);
             resp.headers
-                .push(message::make_header("Unsupported", unsupported.join(", ")));
+                .push(message::make_header("Accept", "application/sdp"));
             self.respond_new(key, &req, resp, target, now);
             return;
         }
