@@ -823,31 +823,46 @@ async fn invites_get_503_with_retry_after_at_once_while_the_script_workers_are_s
             .await
             .map(|r| r.status().as_u16())
     });
-    // Long enough for the spin to have started even on a busy machine.
-    tokio::time::sleep(Duration::from_millis(1_200)).await;
-    let call_id = format!("shed{}", fastrand::u64(..));
+    // INVITEs every 300 ms while the spin holds the worker: once it is seen to lag, one is
+    // answered 503 at once (queued ones would only get their 302 after the spin).
     let local = sock.local_addr().unwrap();
-    sock.send_to(invite("447700900555", local, sip, &call_id).as_bytes(), sip)
-        .await
-        .unwrap();
     let mut buf = vec![0u8; 65_536];
-    let answer = loop {
-        let (n, _) = tokio::time::timeout(Duration::from_millis(1_000), sock.recv_from(&mut buf))
+    let until = Instant::now() + Duration::from_millis(3_500);
+    let mut shed = None;
+    while shed.is_none() && Instant::now() < until && !spin.is_finished() {
+        let call_id = format!("shed{}", fastrand::u64(..));
+        sock.send_to(invite("447700900555", local, sip, &call_id).as_bytes(), sip)
             .await
-            .expect("an answer at once, not after the runaway")
             .unwrap();
-        let text = String::from_utf8_lossy(&buf[..n]).to_string();
-        if text.contains(&call_id) && status_of(&buf[..n]).is_some_and(|c| c >= 200) {
-            break text;
+        let asked = Instant::now();
+        while asked.elapsed() < Duration::from_millis(300) {
+            let left = Duration::from_millis(300).saturating_sub(asked.elapsed());
+            let Ok(Ok((n, _))) = tokio::time::timeout(left, sock.recv_from(&mut buf)).await else {
+                break;
+            };
+            let text = String::from_utf8_lossy(&buf[..n]).to_string();
+            let fin = status_of(&buf[..n]).filter(|c| *c >= 200);
+            if text.contains(&call_id) && fin.is_some() {
+                // A 302 this early means the spin had not started yet: try again.
+                if fin == Some(503) {
+                    shed = Some(text);
+                }
+                break;
+            }
         }
-    };
+    }
+    let answer = shed.expect("an INVITE answered at once while the worker was held");
     assert!(answer.starts_with("SIP/2.0 503"), "{answer}");
     assert!(answer.contains("Retry-After: "), "{answer}");
     assert_eq!(spin.await.unwrap().unwrap(), 422);
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    assert_eq!(
-        invite_final(&sock, sip, "447700900555").await.0,
-        302,
-        "admitted again once the workers caught up"
-    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The queued INVITEs' 302s may still be on their way: fresh ones are admitted again.
+    let mut code = 0;
+    for _ in 0..5 {
+        code = invite_final(&sock, sip, "447700900555").await.0;
+        if code == 302 {
+            break;
+        }
+    }
+    assert_eq!(code, 302, "admitted again once the workers caught up");
 }
