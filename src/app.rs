@@ -70,6 +70,9 @@ pub enum AppError {
 pub struct App {
     pub config: Config,
     pub engine: Arc<Engine>,
+    /// Workers of their own for class4 decisions (SIP and HTTP), so runaway HTTP runs on
+    /// `engine` never hold up routing.
+    pub routing: Arc<Engine>,
     pub library: Arc<ScriptLibrary>,
     /// Where execution records (and CDRs) go; `None` when records are disabled.
     pub records: Option<Records>,
@@ -305,6 +308,14 @@ impl App {
             limits: config.limits.to_limits(),
             workers: config.limits.workers,
             worker_niceness: config.limits.worker_niceness.clamp(0, 19),
+            modules: modules.clone(),
+            ..EngineConfig::default()
+        })?;
+        // Routing answers SIP at the signalling's pace: same priority as the SIP thread.
+        let routing = Engine::start(EngineConfig {
+            limits: config.limits.to_limits(),
+            workers: config.limits.class4_workers,
+            worker_niceness: 0,
             modules,
             ..EngineConfig::default()
         })?;
@@ -325,6 +336,7 @@ impl App {
             demo_banner: false,
             config,
             engine: Arc::new(engine),
+            routing: Arc::new(routing),
             library,
             records: None,
             send: None,
@@ -365,6 +377,7 @@ impl App {
     pub fn router(&self) -> axum::Router {
         http::router(Arc::new(ApiState {
             engine: self.engine.clone(),
+            routing: self.routing.clone(),
             library: self.library.clone(),
             token: self.config.http.token.clone(),
             max_body_bytes: self.config.http.max_body_bytes,
@@ -380,6 +393,10 @@ impl App {
     pub async fn serve(self) -> Result<(), AppError> {
         check_exposure(&self.config)?;
         let sip = self.start_sip().await?;
+        tokio::spawn(crate::memory::give_back_after_peaks(vec![
+            self.engine.clone(),
+            self.routing.clone(),
+        ]));
         let addr = self.config.http.listen;
         if !addr.ip().is_loopback() && self.config.http.token.is_none() {
             tracing::warn!(
@@ -400,6 +417,12 @@ impl App {
         println!("callforge http listening on {local}");
         spawn_reload_on_hup(self.ops.clone());
         let drain_timeout = Duration::from_secs(self.config.calls.drain_timeout_s);
+        let limits = http::listener::HttpLimits {
+            header_timeout: Duration::from_secs(self.config.http.header_timeout_s.max(1)),
+            idle_timeout: Duration::from_secs(self.config.http.idle_timeout_s.max(1)),
+            max_per_source: self.config.http.max_connections_per_source.max(1),
+        };
+        let listener = http::listener::GuardedListener::new(listener, limits);
         let served = axum::serve(listener, self.router())
             .with_graceful_shutdown(drained(self.ops.clone(), drain_timeout))
             .await
@@ -429,7 +452,7 @@ impl App {
         let specs = listen_specs(cfg)?;
         let mut ua = ua_config(cfg, self.config.calls.accept_refer);
         ua.guard = policy.clone();
-        let transport = sip::start(&specs, ua).await.map_err(|e| match e {
+        let transport = sip::start_with(&specs, ua, tcp_limits(cfg)).await.map_err(|e| match e {
             TransportError::Bind { spec, source } if source.kind() == std::io::ErrorKind::AddrInUse => {
                 AppError::SipConfig(format!(
                     "cannot listen on {spec}: the port is already in use (another SIP server?). \
@@ -476,7 +499,7 @@ impl App {
         }
         let handle = transport.handle.clone();
         let class4 = Class4Server {
-            engine: self.engine.clone(),
+            engine: self.routing.clone(),
             library: self.library.clone(),
             gateways: Arc::new(self.config.gateways.clone()),
             sip: handle.clone(),
@@ -510,6 +533,12 @@ impl App {
         let _ = self.ops.sip.set(handle.clone());
         let _ = self.ops.voice.set(voice.control.clone());
         let _ = self.ops.trunks.set(voice.trunks.clone());
+        let main_loop = Arc::new(crate::lag::Lag::new());
+        tokio::spawn(main_loop.clone().tick_forever());
+        let shed = Shed {
+            lag: (cfg.shed_lag_ms > 0).then(|| Duration::from_millis(cfg.shed_lag_ms)),
+            main_loop,
+        };
         tokio::spawn(dispatch(
             transport.events,
             commands,
@@ -517,6 +546,7 @@ impl App {
             verifier,
             class4,
             voice,
+            shed,
         ));
         if let Some(send) = &self.send {
             let from = format!("sip:callforge@{}", rtp_ip);
@@ -571,6 +601,35 @@ fn ua_config(cfg: &SipConfig, accept_refer: bool) -> UaConfig {
     ua
 }
 
+fn tcp_limits(cfg: &SipConfig) -> sip::TcpLimits {
+    sip::TcpLimits {
+        idle_timeout: Duration::from_secs(cfg.tcp_idle_timeout_s.max(1)),
+        message_timeout: Duration::from_secs(cfg.tcp_message_timeout_s.max(1)),
+        max_connections: cfg.tcp_max_connections.max(1),
+        max_per_source: cfg.tcp_max_per_source.max(1),
+    }
+}
+
+/// Early load shedding: a new INVITE gets 503 while the workers that would run its script
+/// are this late (`[sip] shed_lag_ms`), instead of queueing where it would time out anyway
+/// and hold memory meanwhile.
+/// The SIP and media tasks' own runtime counts too: class5 set-up (sockets, SDP, tasks) is
+/// spent there, and when it lags every call in progress suffers.
+struct Shed {
+    lag: Option<Duration>,
+    main_loop: Arc<crate::lag::Lag>,
+}
+
+impl Shed {
+    fn overloaded(&self, engine: &Engine) -> bool {
+        self.lag
+            .is_some_and(|max| engine.lag() > max || self.main_loop.now() > max)
+    }
+}
+
+/// Seconds a shed caller is asked to wait (`Retry-After`).
+const SHED_RETRY_AFTER_S: u32 = 5;
+
 /// Routes each new INVITE (404 when no route matches), forwards every call's events to the
 /// task that owns it, and places outbound legs (registering them before their first event).
 async fn dispatch(
@@ -580,6 +639,7 @@ async fn dispatch(
     mut verifier: DigestVerifier,
     class4: Class4Server,
     voice: VoiceServer,
+    shed: Shed,
 ) {
     let mut calls: HashMap<CallHandle, mpsc::UnboundedSender<LegEvent>> = HashMap::new();
     let mut refusals = RefusalLog::default();
@@ -636,6 +696,23 @@ async fn dispatch(
                         tokio::spawn(async move {
                             let _ = sip
                                 .reject(incoming.call, 404, Some("No Route".into()), Vec::new())
+                                .await;
+                        });
+                    }
+                    Some(route)
+                        if shed.overloaded(if route.mode == RouteMode::Class4 {
+                            &class4.engine
+                        } else {
+                            &voice.engine
+                        }) =>
+                    {
+                        tracing::debug!(call = ?incoming.call, "script workers overloaded: 503");
+                        let sip = class4.sip.clone();
+                        tokio::spawn(async move {
+                            let retry =
+                                vec![("Retry-After".to_string(), SHED_RETRY_AFTER_S.to_string())];
+                            let _ = sip
+                                .reject(incoming.call, 503, Some("Overloaded".into()), retry)
                                 .await;
                         });
                     }

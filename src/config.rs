@@ -356,6 +356,17 @@ pub struct SipConfig {
     pub user: Vec<SipUser>,
     /// Serve a non-loopback listener with a class5 route that has neither ACL nor auth.
     pub insecure_open: bool,
+    /// SIP over TCP: a connection silent both ways this long is closed.
+    pub tcp_idle_timeout_s: u64,
+    /// SIP over TCP: a message begun (or a new connection's first) must be complete in this time.
+    pub tcp_message_timeout_s: u64,
+    /// SIP over TCP: connections held at once per listener (at the cap, the longest idle is closed).
+    pub tcp_max_connections: usize,
+    /// SIP over TCP: connections one source IP may hold.
+    pub tcp_max_per_source: usize,
+    /// New INVITEs get 503 (Retry-After) while every script worker that would run them is
+    /// this late starting new work, in ms; 0 never sheds.
+    pub shed_lag_ms: u64,
 }
 
 /// One `[[sip.user]]`: a caller account for Digest authentication.
@@ -389,6 +400,11 @@ impl Default for SipConfig {
             nonce_ttl_s: 300,
             user: Vec::new(),
             insecure_open: false,
+            tcp_idle_timeout_s: 300,
+            tcp_message_timeout_s: 10,
+            tcp_max_connections: 4096,
+            tcp_max_per_source: 64,
+            shed_lag_ms: 500,
         }
     }
 }
@@ -447,6 +463,9 @@ pub struct CallsConfig {
     /// Draining (SIGTERM, `POST /v1/admin/drain`): calls still up after this many seconds
     /// get a BYE, then the process exits.
     pub drain_timeout_s: u64,
+    /// How long a script may go on after its call ended (post-call work: a webhook, kv);
+    /// a run still waiting after that is stopped and the CDR written.
+    pub after_hangup_s: u64,
 }
 
 impl Default for CallsConfig {
@@ -457,6 +476,7 @@ impl Default for CallsConfig {
             ring_timeout_s: 60,
             accept_refer: false,
             drain_timeout_s: 300,
+            after_hangup_s: 10,
         }
     }
 }
@@ -502,6 +522,12 @@ pub struct HttpConfig {
     pub metrics: bool,
     /// Bearer token `/metrics` requires; unset leaves it open (it holds no secrets).
     pub metrics_token: Option<String>,
+    /// A request's headers must arrive within this time of its first byte (slow clients).
+    pub header_timeout_s: u64,
+    /// A keep-alive connection with no request for this long is closed.
+    pub idle_timeout_s: u64,
+    /// Connections one source IP may hold open.
+    pub max_connections_per_source: usize,
 }
 
 impl Default for HttpConfig {
@@ -512,6 +538,9 @@ impl Default for HttpConfig {
             max_body_bytes: 1024 * 1024,
             metrics: true,
             metrics_token: None,
+            header_timeout_s: 10,
+            idle_timeout_s: 60,
+            max_connections_per_source: 256,
         }
     }
 }
@@ -543,9 +572,13 @@ pub struct LimitsConfig {
     pub script_cpu_ms: u64,
     pub app_cpu_ms: u64,
     pub wall_ms: u64,
-    /// Script worker threads; 0 = one per core.
+    /// Script worker threads (HTTP runs, class5 calls); 0 = one per core.
     pub workers: usize,
+    /// Worker threads of their own for class4 decisions (SIP and HTTP); 0 = one per core.
+    pub class4_workers: usize,
+    /// Console lines and bytes one run may log (captured and to the server log).
     pub max_log_lines: usize,
+    pub max_log_bytes: usize,
     /// How much nicer (lower priority) script workers run than the SIP and RTP threads, so a
     /// busy machine paces RTP first; 0 gives them equal priority (a class4-only engine).
     pub worker_niceness: i32,
@@ -561,7 +594,9 @@ impl Default for LimitsConfig {
             app_cpu_ms: l.app_cpu.as_millis() as u64,
             wall_ms: l.wall.as_millis() as u64,
             workers: 0,
+            class4_workers: 0,
             max_log_lines: l.max_log_lines,
+            max_log_bytes: l.max_log_bytes,
             worker_niceness: 5,
         }
     }
@@ -576,6 +611,7 @@ impl LimitsConfig {
             app_cpu: Duration::from_millis(self.app_cpu_ms.max(1)),
             wall: Duration::from_millis(self.wall_ms.max(1)),
             max_log_lines: self.max_log_lines,
+            max_log_bytes: self.max_log_bytes,
         }
     }
 }

@@ -3,8 +3,11 @@
 pub mod app;
 pub mod config;
 pub mod http;
+pub mod lag;
 pub mod lifecycle;
+pub mod logging;
 pub mod media;
+pub mod memory;
 pub mod metrics;
 pub mod modules;
 pub mod routing;

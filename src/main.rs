@@ -58,6 +58,9 @@ struct ServeArgs {
     /// SIP listener, e.g. udp:127.0.0.1:5060 (repeatable; replaces [sip] listen).
     #[arg(long = "sip", value_name = "PROTO:HOST:PORT")]
     sip: Vec<callforge::sip::ListenSpec>,
+    /// Server log format on stderr: `text` (coloured only on a terminal) or `json`.
+    #[arg(long, value_enum, default_value_t)]
+    log_format: callforge::logging::LogFormat,
 }
 
 #[derive(Args)]
@@ -82,20 +85,11 @@ struct RunArgs {
     config: Option<PathBuf>,
 }
 
-fn init_tracing() {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
-}
-
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Serve(args) => {
-            init_tracing();
+            callforge::logging::init(args.log_format);
             match serve(args) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {

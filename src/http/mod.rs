@@ -3,6 +3,7 @@
 mod admin;
 mod auth;
 mod calls;
+pub mod listener;
 mod records;
 mod reply;
 
@@ -31,6 +32,8 @@ pub use reply::ApiError;
 /// What the handlers share.
 pub struct ApiState {
     pub engine: Arc<Engine>,
+    /// Class4 runs go to the routing workers (see `App::routing`).
+    pub routing: Arc<Engine>,
     pub library: Arc<ScriptLibrary>,
     pub token: Option<String>,
     pub max_body_bytes: usize,
@@ -141,8 +144,12 @@ async fn execute(
     };
     let mut inv = Invocation::new(script, mode, data);
     inv.function = function.clone();
-    let out = state
-        .engine
+    let engine = if mode == Mode::Class4 {
+        &state.routing
+    } else {
+        &state.engine
+    };
+    let out = engine
         .run(inv)
         .await
         .map_err(|e| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, e.to_string()))?;

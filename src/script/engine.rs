@@ -103,6 +103,16 @@ impl Engine {
         self.pool.size()
     }
 
+    /// How long new work waits before it starts (see [`WorkerPool::lag`]).
+    pub fn lag(&self) -> std::time::Duration {
+        self.pool.lag()
+    }
+
+    /// Runs executing or waiting on the workers.
+    pub fn in_flight(&self) -> usize {
+        self.pool.in_flight()
+    }
+
     /// `driver` for scripts exporting driver functions, else `app` (the `run` command's default).
     pub fn default_mode(script: &CompiledScript) -> Mode {
         if script.is_driver {

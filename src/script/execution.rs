@@ -152,6 +152,11 @@ struct RunState {
     /// An exception nobody caught in a timer callback.
     uncaught: RefCell<Option<ScriptError>>,
     logs: RefCell<Vec<LogLine>>,
+    /// Console lines and bytes this run has logged, and whether it hit its budget.
+    log_spent: Cell<(usize, usize)>,
+    log_truncated: Cell<bool>,
+    /// The host's "stop now" signal for this run (see `HostObject::stopped`).
+    stop_signal: RefCell<Option<LocalBoxFuture<'static, ()>>>,
     timers: RefCell<BTreeMap<(Instant, u64), Persistent<Function<'static>>>>,
     host_calls: RefCell<FuturesUnordered<LocalBoxFuture<'static, (u64, HostResult)>>>,
     settlers: RefCell<HashMap<u64, Settler>>,
@@ -196,6 +201,9 @@ impl RunState {
             completion: RefCell::new(None),
             uncaught: RefCell::new(None),
             logs: RefCell::new(Vec::new()),
+            log_spent: Cell::new((0, 0)),
+            log_truncated: Cell::new(false),
+            stop_signal: RefCell::new(None),
             timers: RefCell::new(BTreeMap::new()),
             host_calls: RefCell::new(FuturesUnordered::new()),
             settlers: RefCell::new(HashMap::new()),
@@ -219,6 +227,8 @@ impl RunState {
         self.completion.borrow_mut().take();
         self.uncaught.borrow_mut().take();
         self.logs.borrow_mut().clear();
+        self.log_spent.set((0, 0));
+        self.log_truncated.set(false);
         self.next_id.set(0);
         self.impure.set(false);
     }
@@ -360,6 +370,9 @@ impl RunState {
     }
 
     fn log(&self, level: LogLevel, mut message: String) {
+        if self.log_truncated.get() {
+            return;
+        }
         if message.len() > MAX_LOG_LINE {
             let mut cut = MAX_LOG_LINE;
             while !message.is_char_boundary(cut) {
@@ -368,6 +381,24 @@ impl RunState {
             message.truncate(cut);
             message.push('…');
         }
+        // A console loop must not fill the server's disk before its CPU limit ends it: past
+        // the run's budget one line says so and the rest is dropped.
+        let (lines, bytes) = self.log_spent.get();
+        if lines >= self.limits.max_log_lines || bytes + message.len() > self.limits.max_log_bytes {
+            self.log_truncated.set(true);
+            let note = format!(
+                "console output truncated: this run logged {lines} lines ({bytes} bytes), the \
+                 limit is {} lines or {} bytes",
+                self.limits.max_log_lines, self.limits.max_log_bytes
+            );
+            tracing::warn!(target: "script", script = %self.name.borrow(), "{note}");
+            self.logs.borrow_mut().push(LogLine {
+                level: LogLevel::Warn,
+                message: note,
+            });
+            return;
+        }
+        self.log_spent.set((lines + 1, bytes + message.len()));
         match level {
             LogLevel::Debug => {
                 tracing::debug!(target: "script", script = %self.name.borrow(), "{message}")
@@ -382,14 +413,12 @@ impl RunState {
                 tracing::error!(target: "script", script = %self.name.borrow(), "{message}")
             }
         }
-        let mut logs = self.logs.borrow_mut();
-        if logs.len() < self.limits.max_log_lines {
-            logs.push(LogLine { level, message });
-        }
+        self.logs.borrow_mut().push(LogLine { level, message });
     }
 
     /// Drop every JS handle the run holds; must happen while the runtime is alive.
     fn release_js(&self) {
+        self.stop_signal.borrow_mut().take();
         self.timers.borrow_mut().clear();
         self.settlers.borrow_mut().clear();
         self.input.borrow_mut().take();
@@ -923,6 +952,7 @@ async fn execute_steps(
     let wall_deadline = state.limits.wall_for(req.mode).map(|w| Instant::now() + w);
     let script = req.script.clone();
     let ctx_host: Option<Rc<dyn HostObject>> = req.ctx.map(|b| Rc::from(b as Box<dyn HostObject>));
+    *state.stop_signal.borrow_mut() = ctx_host.as_ref().and_then(|h| h.stopped());
 
     // Top level: globals, then the script's own top-level code.
     let (loaded, module_promise) = state
@@ -1105,12 +1135,23 @@ async fn wait_for_event(
         Host(u64, HostResult),
         Timer,
         Wall,
+        Stopped,
     }
+    let mut stop = state.stop_signal.borrow_mut().take();
     let event = tokio::select! {
         Some((id, result)) = calls.next(), if !calls.is_empty() => Event::Host(id, result),
         _ = tokio::time::sleep_until(timer_at.into()), if next_timer.is_some() => Event::Timer,
         _ = tokio::time::sleep_until(wall_at.into()), if wall_deadline.is_some() => Event::Wall,
+        _ = async {
+            match stop.as_mut() {
+                Some(signal) => signal.await,
+                None => std::future::pending().await,
+            }
+        }, if stop.is_some() => Event::Stopped,
     };
+    if !matches!(event, Event::Stopped) {
+        *state.stop_signal.borrow_mut() = stop;
+    }
     // Calls the script started meanwhile cannot exist (no JS ran), but keep both sets anyway.
     let mut current = state.host_calls.borrow_mut();
     calls.extend(std::mem::take(&mut *current));
@@ -1121,6 +1162,10 @@ async fn wait_for_event(
             state.limit_hit.set(Some(LimitHit::Wall));
             Err(state.limit_error(LimitHit::Wall))
         }
+        Event::Stopped => Err(ScriptError::new(
+            408,
+            "the call ended and the script was still waiting: the run was stopped",
+        )),
         Event::Timer => {
             let entry = {
                 let mut timers = state.timers.borrow_mut();

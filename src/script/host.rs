@@ -102,6 +102,11 @@ pub trait HostObject {
     fn prelude(&self) -> Option<Arc<CompiledScript>> {
         None
     }
+    /// Resolves when what the run serves is gone (a class5 call ended and its grace time
+    /// passed): a run still waiting on timers or host calls then ends with a 408 error.
+    fn stopped(&self) -> Option<futures::future::LocalBoxFuture<'static, ()>> {
+        None
+    }
 }
 
 /// A host module `require(name)` can return, shared by all runs.

@@ -83,8 +83,11 @@ pub struct Limits {
     /// Wall-clock budget of a run (host awaits and timers included); not applied to class5,
     /// whose calls last as long as the caller stays.
     pub wall: Duration,
-    /// Captured console lines per run; more are counted but dropped.
+    /// Console lines per run, captured and written to the server log; past this (or
+    /// `max_log_bytes`) one "truncated" line is written and the rest dropped.
     pub max_log_lines: usize,
+    /// Console bytes per run (after the 8 KiB cap per line), the same way.
+    pub max_log_bytes: usize,
 }
 
 impl Default for Limits {
@@ -96,6 +99,7 @@ impl Default for Limits {
             app_cpu: Duration::from_millis(10_000),
             wall: Duration::from_millis(30_000),
             max_log_lines: 1_000,
+            max_log_bytes: 256 * 1024,
         }
     }
 }

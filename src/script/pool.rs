@@ -21,6 +21,8 @@ use std::{
 use futures::future::LocalBoxFuture;
 use tokio::sync::{mpsc, oneshot};
 
+use crate::lag::Lag;
+
 use super::{
     error::EngineError,
     execution::{RunOutput, RunRequest, Sandbox},
@@ -58,6 +60,8 @@ impl LocalRunner {
 struct Worker {
     jobs: mpsc::UnboundedSender<Job>,
     in_flight: Arc<AtomicUsize>,
+    /// The worker's event-loop lag: see [`Lag`].
+    lag: Arc<Lag>,
 }
 
 /// A fixed set of worker threads; runs go to the least busy one.
@@ -80,20 +84,22 @@ impl WorkerPool {
         for index in 0..count {
             let (tx, rx) = mpsc::unbounded_channel();
             let in_flight = Arc::new(AtomicUsize::new(0));
+            let lag = Arc::new(Lag::new());
             let sandbox = (
                 limits.clone(),
                 modules.clone(),
                 exec_host.to_string(),
                 niceness,
             );
-            let counter = in_flight.clone();
+            let (counter, ticks) = (in_flight.clone(), lag.clone());
             thread::Builder::new()
                 .name(format!("script-{index}"))
                 .stack_size(stack)
-                .spawn(move || worker_main(rx, counter, sandbox))?;
+                .spawn(move || worker_main(rx, counter, ticks, sandbox))?;
             workers.push(Worker {
                 jobs: tx,
                 in_flight,
+                lag,
             });
         }
         Ok(WorkerPool { workers })
@@ -109,6 +115,19 @@ impl WorkerPool {
             .iter()
             .map(|w| w.in_flight.load(Ordering::Relaxed))
             .sum()
+    }
+
+    /// How long new work waits before it starts on the most responsive worker. The least
+    /// lagging one, not the average: one runaway run holding its worker must not make the
+    /// whole engine look overloaded.
+    pub fn lag(&self) -> std::time::Duration {
+        let us = self
+            .workers
+            .iter()
+            .map(|w| w.lag.now_us())
+            .min()
+            .unwrap_or(0);
+        std::time::Duration::from_micros(us)
     }
 
     /// The least busy worker, counted as taking one more job.
@@ -164,6 +183,7 @@ fn lower_own_priority(niceness: i32) {
 fn worker_main(
     mut jobs: mpsc::UnboundedReceiver<Job>,
     in_flight: Arc<AtomicUsize>,
+    lag: Arc<Lag>,
     (limits, modules, exec_host, niceness): (Limits, HostModules, String, i32),
 ) {
     lower_own_priority(niceness);
@@ -180,6 +200,7 @@ fn worker_main(
     let sandbox = Rc::new(Sandbox::new(limits, modules, exec_host));
     sandbox.prewarm();
     let local = tokio::task::LocalSet::new();
+    local.spawn_local(lag.tick_forever());
     local.block_on(&runtime, async move {
         while let Some(job) = jobs.recv().await {
             let sandbox = sandbox.clone();

@@ -17,6 +17,7 @@
 //! | [`sdp`] | SDP parsing and G.711 + telephone-event offer/answer |
 //! | [`ua`] | the user agent core tying it together: calls, events, commands |
 //! | [`transport`] | tokio UDP/TCP driver around [`UserAgent`] |
+//! | [`tcp_guard`] | TCP connection caps (per source, global without lockout) and idle/slow deadlines |
 //!
 //! # Using it from `routing/` or `voice/`
 //!
@@ -95,6 +96,7 @@ pub mod inbound_auth;
 pub mod message;
 pub mod parse;
 pub mod sdp;
+pub mod tcp_guard;
 pub(crate) mod timer;
 pub mod transaction;
 pub mod transport;
@@ -103,8 +105,9 @@ pub mod ua;
 pub use digest::Credentials;
 pub use parse::{ParseError, ParseLimits};
 pub use sdp::{Codec, Direction, MediaConfig, Negotiated, SessionDescription};
+pub use tcp_guard::TcpLimits;
 pub use transaction::{Target, TimerConfig, TransportKind};
-pub use transport::{start, ListenSpec, SipHandle, SipTransport, TransportError};
+pub use transport::{start, start_with, ListenSpec, SipHandle, SipTransport, TransportError};
 pub use ua::{
     Action, CallHandle, EndReason, EndedBy, InDialogKind, IncomingCall, MessageHandle,
     OutboundMessage, UaConfig, UaError, UaEvent, UserAgent,

@@ -6,7 +6,7 @@
 
 use super::message::{self, Via, MAGIC_COOKIE};
 use super::timer::TimerQueue;
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 use thiserror::Error;
@@ -289,6 +289,18 @@ impl Transaction {
 
     pub fn target(&self) -> Target {
         self.core.target
+    }
+
+    /// True once the transaction's work is done and it only lingers to absorb the peer's
+    /// retransmissions (or to repeat our ACK): timers D, I, J, K, L and M. Such a transaction
+    /// costs a little memory and no work, so it does not count against admission.
+    pub fn is_resting(&self) -> bool {
+        match (&self.kind, self.core.state) {
+            (_, State::Confirmed | State::Accepted) => true,
+            (Kind::InviteServer { .. }, _) => false,
+            (_, State::Completed) => true,
+            _ => false,
+        }
     }
 
     /// True while a server INVITE transaction can still send a final response.
@@ -589,13 +601,26 @@ pub enum ServerMatch {
 /// The most transactions a table makes room for before the first one arrives.
 const PRESIZED_TRANSACTIONS: usize = 65_536;
 
+/// Resting transactions (see [`Transaction::is_resting`]) kept per unit of the working cap;
+/// beyond that the oldest are forgotten (a late retransmission then reads as a new request).
+pub const RESTING_PER_WORKING: usize = 4;
+
 /// All live transactions, their timers, and a size limit.
+///
+/// The limit counts *working* transactions only (waiting for the TU, a response or an ACK).
+/// Resting ones, which only absorb retransmissions, used to count too: 55,000 answered
+/// OPTIONS held a 50,000 cap for the 32 s of timer J and every INVITE got 503 meanwhile.
+/// They are bounded separately, at `RESTING_PER_WORKING x max`, oldest forgotten first.
 #[derive(Debug)]
 pub struct TransactionTable {
     cfg: TimerConfig,
     max: usize,
     txs: HashMap<TxKey, Transaction>,
     timers: TimerQueue<(TxKey, TimerKind)>,
+    /// How many of `txs` are resting.
+    resting: usize,
+    /// Keys in the order they came to rest (some may be gone already): who is forgotten first.
+    rest_order: VecDeque<TxKey>,
 }
 
 impl TransactionTable {
@@ -609,11 +634,72 @@ impl TransactionTable {
             // space only until used.
             txs: HashMap::with_capacity(max.min(PRESIZED_TRANSACTIONS)),
             timers: TimerQueue::default(),
+            resting: 0,
+            rest_order: VecDeque::new(),
         }
     }
 
+    /// Every transaction held, working or resting.
     pub fn len(&self) -> usize {
         self.txs.len()
+    }
+
+    /// Transactions that still have work to do: what the admission limit counts.
+    pub fn working(&self) -> usize {
+        self.txs.len() - self.resting
+    }
+
+    /// Transactions that only absorb retransmissions.
+    pub fn resting(&self) -> usize {
+        self.resting
+    }
+
+    fn resting_cap(&self) -> usize {
+        self.max.saturating_mul(RESTING_PER_WORKING).max(1)
+    }
+
+    /// Book-keeping after `key`'s transaction was fed something (`was_resting` before):
+    /// count it when it came to rest, forget the oldest resting ones past their cap, and drop
+    /// it if it terminated.
+    fn settle(&mut self, key: &TxKey, was_resting: bool, out: &mut Vec<TxOutput>) {
+        let now_resting = self.txs.get(key).is_some_and(Transaction::is_resting);
+        match (was_resting, now_resting) {
+            (false, true) => {
+                self.resting += 1;
+                self.rest_order.push_back(key.clone());
+                self.forget_oldest_resting(out);
+            }
+            // A resting transaction only leaves that state by terminating.
+            (true, false) => self.resting -= 1,
+            _ => {}
+        }
+        self.reap(key);
+    }
+
+    fn forget_oldest_resting(&mut self, out: &mut Vec<TxOutput>) {
+        while self.resting > self.resting_cap() {
+            let Some(old) = self.rest_order.pop_front() else {
+                break;
+            };
+            if self.txs.get(&old).is_some_and(Transaction::is_resting) {
+                if let Some(mut tx) = self.txs.remove(&old) {
+                    self.resting -= 1;
+                    tx.core.terminate(out);
+                }
+            }
+        }
+        // Keys of transactions that ended on their own leave from the front as they age.
+        while self
+            .rest_order
+            .front()
+            .is_some_and(|k| !self.txs.get(k).is_some_and(Transaction::is_resting))
+        {
+            self.rest_order.pop_front();
+        }
+    }
+
+    fn was_resting(&self, key: &TxKey) -> bool {
+        self.txs.get(key).is_some_and(Transaction::is_resting)
     }
 
     pub fn is_empty(&self) -> bool {
@@ -632,6 +718,7 @@ impl TransactionTable {
         out: &mut Vec<TxOutput>,
     ) -> Option<ServerMatch> {
         let key = TxKey::server(req)?;
+        let was_resting = self.was_resting(&key);
         let Some(tx) = self.txs.get_mut(&key) else {
             return Some(ServerMatch::New(key));
         };
@@ -644,12 +731,12 @@ impl TransactionTable {
         } else {
             tx.on_request_retransmit(out);
         }
-        self.reap(&key);
+        self.settle(&key, was_resting, out);
         Some(ServerMatch::Absorbed)
     }
 
     fn check_room(&self) -> Result<(), TxError> {
-        if self.txs.len() >= self.max {
+        if self.working() >= self.max {
             return Err(TxError::TableFull(self.max));
         }
         Ok(())
@@ -699,6 +786,7 @@ impl TransactionTable {
         now: Instant,
         out: &mut Vec<TxOutput>,
     ) -> Result<(), TxError> {
+        let was_resting = self.was_resting(key);
         let tx = self.txs.get_mut(key).ok_or(TxError::NotFound)?;
         let bytes = message::to_bytes(&response.clone().into());
         tx.respond(
@@ -708,7 +796,7 @@ impl TransactionTable {
             &mut self.timers,
             out,
         )?;
-        self.reap(key);
+        self.settle(key, was_resting, out);
         Ok(())
     }
 
@@ -773,11 +861,12 @@ impl TransactionTable {
         let Some(key) = TxKey::client_for_response(&resp) else {
             return false;
         };
+        let was_resting = self.was_resting(&key);
         let Some(tx) = self.txs.get_mut(&key) else {
             return false;
         };
         tx.on_response(resp, now, &mut self.timers, out);
-        self.reap(&key);
+        self.settle(&key, was_resting, out);
         true
     }
 
@@ -788,13 +877,16 @@ impl TransactionTable {
     /// Fires every due timer.
     pub fn handle_timeout(&mut self, now: Instant, out: &mut Vec<TxOutput>) {
         while let Some((_, (key, kind))) = self.timers.pop_due(now) {
+            let was_resting = self.was_resting(&key);
             if let Some(tx) = self.txs.get_mut(&key) {
                 tx.on_timer(kind, now, &mut self.timers, out);
             }
-            self.reap(&key);
+            self.settle(&key, was_resting, out);
         }
     }
 
+    /// Drops `key`'s transaction once terminated (callers go through [`settle`](Self::settle),
+    /// which keeps the resting count).
     fn reap(&mut self, key: &TxKey) {
         if self.txs.get(key).is_some_and(Transaction::is_terminated) {
             self.txs.remove(key);
@@ -1224,5 +1316,112 @@ mod tests {
             t.create_server(k2, true, udp(), None, &mut out),
             Err(TxError::TableFull(1))
         );
+    }
+
+    fn options(branch: &str) -> rsip::Request {
+        req(&format!("OPTIONS sip:b@10.0.0.1 SIP/2.0\r\nVia: SIP/2.0/UDP 192.0.2.1:5060;branch={branch}\r\nFrom: <sip:a@x>;tag=f1\r\nTo: <sip:b@y>\r\nCall-ID: {branch}\r\nCSeq: 5 OPTIONS\r\nContent-Length: 0\r\n\r\n"))
+    }
+
+    /// Answers a new OPTIONS statefully, as the UA does; false when the table refused it.
+    fn answer_options(t: &mut TransactionTable, branch: &str, now: Instant) -> bool {
+        let o = options(branch);
+        let key = TxKey::server(&o).unwrap();
+        let mut out = Vec::new();
+        t.create_server(key.clone(), false, udp(), None, &mut out)
+            .is_ok()
+            && t.respond(&key, &message::response_to(&o, 200, None), now, &mut out)
+                .is_ok()
+    }
+
+    #[test]
+    fn answered_requests_resting_in_timer_j_do_not_hold_the_cap() {
+        let t0 = Instant::now();
+        let mut t = TransactionTable::new(TimerConfig::default(), 10);
+        for i in 0..30 {
+            assert!(
+                answer_options(&mut t, &format!("z9hG4bKopt{i}"), t0),
+                "OPTIONS {i} refused with {} working, {} resting",
+                t.working(),
+                t.resting()
+            );
+        }
+        assert_eq!((t.working(), t.resting()), (0, 30));
+        // Their retransmissions are still absorbed with the same answer.
+        let mut out = Vec::new();
+        assert_eq!(
+            t.match_request(&options("z9hG4bKopt3"), t0 + ms(900), &mut out),
+            Some(ServerMatch::Absorbed)
+        );
+        assert_eq!(sends(&out), 1);
+        // And a new INVITE still gets a transaction.
+        let inv = invite("z9hG4bKafter");
+        let key = TxKey::server(&inv).unwrap();
+        out.clear();
+        t.create_server(key, true, udp(), None, &mut out).unwrap();
+        assert_eq!(t.working(), 1);
+        step(&mut t, t0 + ms(32_000));
+        assert_eq!((t.working(), t.resting()), (1, 0), "timer J ends the rest");
+    }
+
+    #[test]
+    fn working_transactions_still_count_and_resting_ones_are_bounded() {
+        let t0 = Instant::now();
+        let mut t = TransactionTable::new(TimerConfig::default(), 3);
+        let mut out = Vec::new();
+        for i in 0..3 {
+            let key = TxKey::server(&invite(&format!("z9hG4bKw{i}"))).unwrap();
+            t.create_server(key, true, udp(), None, &mut out).unwrap();
+        }
+        let key = TxKey::server(&invite("z9hG4bKw9")).unwrap();
+        assert_eq!(
+            t.create_server(key, true, udp(), None, &mut out),
+            Err(TxError::TableFull(3)),
+            "INVITEs waiting for the TU are work"
+        );
+        // Resting ones past RESTING_PER_WORKING x max: the oldest are forgotten.
+        let mut t = TransactionTable::new(TimerConfig::default(), 3);
+        for i in 0..20 {
+            assert!(answer_options(&mut t, &format!("z9hG4bKr{i}"), t0));
+        }
+        assert_eq!(t.resting(), 3 * RESTING_PER_WORKING);
+        assert_eq!(t.len(), 3 * RESTING_PER_WORKING);
+        out.clear();
+        assert_eq!(
+            t.match_request(&options("z9hG4bKr0"), t0, &mut out),
+            Some(ServerMatch::New(
+                TxKey::server(&options("z9hG4bKr0")).unwrap()
+            )),
+            "the oldest was forgotten"
+        );
+        assert_eq!(
+            t.match_request(&options("z9hG4bKr19"), t0, &mut out),
+            Some(ServerMatch::Absorbed),
+            "the newest is kept"
+        );
+    }
+
+    #[test]
+    fn acked_error_responses_rest_in_timer_i() {
+        let t0 = Instant::now();
+        let mut t = TransactionTable::new(TimerConfig::default(), 1);
+        let inv = invite("z9hG4bKi1");
+        let key = TxKey::server(&inv).unwrap();
+        let mut out = Vec::new();
+        t.create_server(key.clone(), true, udp(), None, &mut out)
+            .unwrap();
+        t.respond(&key, &message::response_to(&inv, 302, None), t0, &mut out)
+            .unwrap();
+        assert_eq!(t.working(), 1, "waiting for the ACK is work (timer G/H)");
+        let ack = req("ACK sip:b@10.0.0.1 SIP/2.0\r\nVia: SIP/2.0/UDP 192.0.2.1:5060;branch=z9hG4bKi1\r\nFrom: <sip:a@x>;tag=f1\r\nTo: <sip:b@y>;tag=t\r\nCall-ID: cid1\r\nCSeq: 1 ACK\r\nContent-Length: 0\r\n\r\n");
+        assert_eq!(
+            t.match_request(&ack, t0 + ms(10), &mut out),
+            Some(ServerMatch::Absorbed)
+        );
+        assert_eq!((t.working(), t.resting()), (0, 1));
+        let next = TxKey::server(&invite("z9hG4bKi2")).unwrap();
+        t.create_server(next, true, udp(), None, &mut out)
+            .expect("the cap of 1 is free again");
+        step(&mut t, t0 + ms(5_010));
+        assert_eq!((t.working(), t.resting()), (1, 0));
     }
 }

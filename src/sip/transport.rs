@@ -6,6 +6,7 @@
 
 use super::framing::StreamFramer;
 use super::sdp::{Direction, MediaConfig, Negotiated};
+use super::tcp_guard::{read_deadline, Activity, ConnGuard, ConnTable, TcpLimits};
 use super::transaction::{Target, TransportKind};
 use super::ua::{
     Action, CallHandle, MessageHandle, OutboundCall, OutboundMessage, TimerId, UaConfig, UaError,
@@ -313,9 +314,15 @@ fn random_seed() -> u64 {
 }
 
 /// Binds every spec and starts the driver. `cfg.seed` is replaced with a random one.
-pub async fn start(
+pub async fn start(specs: &[ListenSpec], cfg: UaConfig) -> Result<SipTransport, TransportError> {
+    start_with(specs, cfg, TcpLimits::default()).await
+}
+
+/// [`start`] with the TCP connection limits given.
+pub async fn start_with(
     specs: &[ListenSpec],
     mut cfg: UaConfig,
+    tcp_limits: TcpLimits,
 ) -> Result<SipTransport, TransportError> {
     if specs.is_empty() {
         return Err(TransportError::NothingToListen);
@@ -371,6 +378,7 @@ pub async fn start(
         sockets.push(tokio::spawn(tcp_acceptor(
             listener,
             max_message,
+            ConnTable::new(tcp_limits),
             in_tx.clone(),
         )));
     }
@@ -384,6 +392,7 @@ pub async fn start(
         events: ev_tx,
         inputs: in_tx,
         max_message,
+        tcp_limits,
         sockets,
     };
     let task = tokio::spawn(driver.run(in_rx, cmd_rx));
@@ -424,26 +433,25 @@ async fn udp_reader(
     }
 }
 
-/// Most TCP connections accepted at once per listener; more are closed on accept.
-pub const MAX_TCP_CONNECTIONS: usize = 4096;
-
-async fn tcp_acceptor(listener: TcpListener, max: usize, out: mpsc::UnboundedSender<Input>) {
-    let open = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+async fn tcp_acceptor(
+    listener: TcpListener,
+    max: usize,
+    table: Arc<ConnTable>,
+    out: mpsc::UnboundedSender<Input>,
+) {
     loop {
         match listener.accept().await {
             Ok((stream, peer)) => {
-                use std::sync::atomic::Ordering;
-                if open.load(Ordering::Relaxed) >= MAX_TCP_CONNECTIONS {
-                    tracing::warn!(%peer, "too many TCP connections; closing the new one");
-                    drop(stream);
-                    continue;
-                }
-                open.fetch_add(1, Ordering::Relaxed);
-                let (open, out) = (open.clone(), out.clone());
-                tokio::spawn(async move {
-                    tcp_connection(stream, peer, max, out).await;
-                    open.fetch_sub(1, Ordering::Relaxed);
-                });
+                let guard = match table.admit(peer.ip()) {
+                    Ok(guard) => guard,
+                    Err(e) => {
+                        tracing::debug!(%peer, "TCP connection refused: {e}");
+                        drop(stream);
+                        continue;
+                    }
+                };
+                let (limits, out) = (table.limits(), out.clone());
+                tokio::spawn(tcp_connection(stream, peer, max, limits, Some(guard), out));
             }
             Err(e) => {
                 tracing::warn!(error = %e, "tcp accept failed");
@@ -453,38 +461,78 @@ async fn tcp_acceptor(listener: TcpListener, max: usize, out: mpsc::UnboundedSen
     }
 }
 
+/// Reads one connection until it closes, goes idle, is too slow with a message or is told to
+/// make room. `guard` is the accepted connection's place in its listener's table (`None` for
+/// connections we opened: they have no cap, and no first-message deadline).
 async fn tcp_connection(
     stream: TcpStream,
     peer: SocketAddr,
     max: usize,
+    limits: TcpLimits,
+    guard: Option<ConnGuard>,
     out: mpsc::UnboundedSender<Input>,
 ) {
     let Ok(local) = stream.local_addr() else {
         return;
+    };
+    let (activity, close) = match &guard {
+        Some(g) => (g.activity.clone(), Some(g.close.clone())),
+        None => (Arc::new(Activity::starting_now()), None),
     };
     let (mut rd, mut wr) = stream.into_split();
     let (wtx, mut wrx) = mpsc::unbounded_channel::<Vec<u8>>();
     if out.send(Input::Connected { peer, writer: wtx }).is_err() {
         return;
     }
+    let written = activity.clone();
     tokio::spawn(async move {
         while let Some(bytes) = wrx.recv().await {
             if wr.write_all(&bytes).await.is_err() {
                 break;
             }
+            written.touch();
         }
     });
     let mut framer = StreamFramer::new(max);
     let mut buf = vec![0u8; 16 * 1024];
+    // A new inbound connection owes us its first message within the message timeout.
+    let mut partial_since = guard.as_ref().map(|_| std::time::Instant::now());
+    let closed = async {
+        match &close {
+            Some(c) => c.notified().await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::pin!(closed);
     'read: loop {
-        let n = match rd.read(&mut buf).await {
-            Ok(0) | Err(_) => break,
-            Ok(n) => n,
+        let deadline = read_deadline(&limits, activity.last(), partial_since);
+        let n = tokio::select! {
+            r = rd.read(&mut buf) => match r {
+                Ok(0) | Err(_) => break,
+                Ok(n) => n,
+            },
+            _ = tokio::time::sleep_until(deadline.into()) => {
+                let now = std::time::Instant::now();
+                if read_deadline(&limits, activity.last(), partial_since) > now {
+                    continue; // our own writes kept it alive
+                }
+                let why = if partial_since.is_some_and(|t| t + limits.message_timeout <= now) {
+                    "message not completed in time"
+                } else {
+                    "idle"
+                };
+                tracing::debug!(%peer, "closing TCP connection: {why}");
+                break;
+            }
+            _ = &mut closed => break,
         };
+        activity.touch();
         framer.push(&buf[..n]);
+        let mut completed = false;
         loop {
             match framer.next_message() {
                 Ok(Some(bytes)) => {
+                    completed = true;
                     let source = Target {
                         addr: peer,
                         transport: TransportKind::Tcp,
@@ -507,8 +555,14 @@ async fn tcp_connection(
                 }
             }
         }
+        partial_since = match (framer.buffered() > 0, completed) {
+            (false, _) => None,
+            (true, true) => Some(std::time::Instant::now()),
+            (true, false) => partial_since.or_else(|| Some(std::time::Instant::now())),
+        };
     }
     let _ = out.send(Input::Disconnected { peer });
+    drop(guard);
 }
 
 struct Driver {
@@ -523,6 +577,8 @@ struct Driver {
     pending_messages: std::collections::HashMap<MessageHandle, Reply<u16>>,
     inputs: mpsc::UnboundedSender<Input>,
     max_message: usize,
+    /// Idle and slow-message deadlines of the connections we open.
+    tcp_limits: TcpLimits,
     /// Reader and acceptor tasks, stopped with the driver so the ports are released.
     sockets: Vec<tokio::task::JoinHandle<()>>,
 }
@@ -701,12 +757,12 @@ impl Driver {
                 }
                 // No connection (closed, or a new destination): connect in the background.
                 let inputs = self.inputs.clone();
-                let max = self.max_message;
+                let (max, limits) = (self.max_message, self.tcp_limits);
                 tokio::spawn(async move {
                     match TcpStream::connect(to).await {
                         Ok(mut stream) => {
                             if stream.write_all(&bytes).await.is_ok() {
-                                tcp_connection(stream, to, max, inputs).await;
+                                tcp_connection(stream, to, max, limits, None, inputs).await;
                             }
                         }
                         Err(e) => tracing::warn!(%to, error = %e, "tcp connect failed"),

@@ -225,18 +225,39 @@ impl Records {
     }
 
     /// Write a CDR; returns it with its id. Committed when this returns.
-    pub async fn write_cdr(&self, mut cdr: Cdr) -> Result<Cdr, StoreError> {
-        let store = match &self.backend {
-            Backend::Sqlite { store, .. } => store,
-            Backend::Postgres { outbox, .. } => {
-                let written = outbox.write(Outgoing::Cdr(cdr)).await?;
-                let Outgoing::Cdr(cdr) = written.into_inner() else {
-                    return Err(StoreError::Write("the outbox answered another kind".into()));
-                };
-                self.export_line("cdr", &cdr)?;
-                return Ok(cdr);
-            }
-        };
+    pub async fn write_cdr(&self, cdr: Cdr) -> Result<Cdr, StoreError> {
+        if let Backend::Postgres { outbox, .. } = &self.backend {
+            let written = outbox.write(Outgoing::Cdr(cdr)).await?;
+            let Outgoing::Cdr(cdr) = written.into_inner() else {
+                return Err(StoreError::Write("the outbox answered another kind".into()));
+            };
+            self.export_line("cdr", &cdr)?;
+            return Ok(cdr);
+        }
+        self.insert_cdr(cdr, true).await
+    }
+
+    /// Commit a call's CDR before its end goes on the wire, without exporting it: the final
+    /// version follows through [`update_cdr`](Self::update_cdr). `None` on the Postgres
+    /// backend, whose outbox has no update: there the CDR is written once, at the end.
+    pub async fn write_cdr_ahead(&self, cdr: Cdr) -> Result<Option<Cdr>, StoreError> {
+        match &self.backend {
+            Backend::Sqlite { .. } => self.insert_cdr(cdr, false).await.map(Some),
+            Backend::Postgres { .. } => Ok(None),
+        }
+    }
+
+    fn sqlite(&self) -> Result<&Store, StoreError> {
+        match &self.backend {
+            Backend::Sqlite { store, .. } => Ok(store),
+            Backend::Postgres { .. } => Err(StoreError::Write(
+                "CDR updates need the embedded store".into(),
+            )),
+        }
+    }
+
+    async fn insert_cdr(&self, mut cdr: Cdr, export: bool) -> Result<Cdr, StoreError> {
+        let store = self.sqlite()?;
         let records = self.clone();
         store
             .with(move |c| {
@@ -244,25 +265,36 @@ impl Records {
                     "INSERT INTO cdrs (call_id, from_uri, to_uri, script, started_at, answered_at, ended_at,
                        hangup_cause, hangup_side, digits, recordings, legs, result, error_code, error_message)
                      VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)",
-                    params![
-                        cdr.call_id,
-                        cdr.from,
-                        cdr.to,
-                        cdr.script,
-                        cdr.started_at,
-                        cdr.answered_at,
-                        cdr.ended_at,
-                        cdr.hangup_cause,
-                        cdr.hangup_side,
-                        Json::from(cdr.digits.clone()).to_string(),
-                        Json::from(cdr.recordings.clone()).to_string(),
-                        Json::from(cdr.legs.clone()).to_string(),
-                        cdr.result.as_ref().map(recorded_result),
-                        cdr.error.as_ref().map(|e| e.code),
-                        cdr.error.as_ref().map(|e| e.message.clone()),
-                    ],
+                    rusqlite::params_from_iter(cdr_params(&cdr).iter().map(|b| b.as_ref())),
                 )?;
                 cdr.id = c.last_insert_rowid();
+                if export {
+                    records.export_line("cdr", &cdr)?;
+                }
+                Ok(cdr)
+            })
+            .await
+    }
+
+    /// Replace CDR `id` (written ahead) with its final version, and export that.
+    pub async fn update_cdr(&self, id: i64, mut cdr: Cdr) -> Result<Cdr, StoreError> {
+        let records = self.clone();
+        self.sqlite()?
+            .with(move |c| {
+                let p = cdr_params(&cdr);
+                c.execute(
+                    "UPDATE cdrs SET call_id = ?1, from_uri = ?2, to_uri = ?3, script = ?4,
+                       started_at = ?5, answered_at = ?6, ended_at = ?7, hangup_cause = ?8,
+                       hangup_side = ?9, digits = ?10, recordings = ?11, legs = ?12, result = ?13,
+                       error_code = ?14, error_message = ?15
+                     WHERE id = ?16",
+                    rusqlite::params_from_iter(
+                        p.iter()
+                            .map(|b| b.as_ref())
+                            .chain(std::iter::once(&id as &dyn rusqlite::ToSql)),
+                    ),
+                )?;
+                cdr.id = id;
                 records.export_line("cdr", &cdr)?;
                 Ok(cdr)
             })
@@ -333,6 +365,27 @@ impl Records {
             })
             .await
     }
+}
+
+/// The 15 columns of a CDR row, in `insert_cdr`'s order.
+fn cdr_params(cdr: &Cdr) -> [Box<dyn rusqlite::ToSql>; 15] {
+    [
+        Box::new(cdr.call_id.clone()),
+        Box::new(cdr.from.clone()),
+        Box::new(cdr.to.clone()),
+        Box::new(cdr.script.clone()),
+        Box::new(cdr.started_at),
+        Box::new(cdr.answered_at),
+        Box::new(cdr.ended_at),
+        Box::new(cdr.hangup_cause.clone()),
+        Box::new(cdr.hangup_side.clone()),
+        Box::new(Json::from(cdr.digits.clone()).to_string()),
+        Box::new(Json::from(cdr.recordings.clone()).to_string()),
+        Box::new(Json::from(cdr.legs.clone()).to_string()),
+        Box::new(cdr.result.as_ref().map(recorded_result)),
+        Box::new(cdr.error.as_ref().map(|e| e.code)),
+        Box::new(cdr.error.as_ref().map(|e| e.message.clone())),
+    ]
 }
 
 fn open_export(jsonl: Option<PathBuf>) -> Result<Option<Export>, StoreError> {

@@ -161,8 +161,8 @@ impl VoiceServer {
         let caller_name = call.from.display.clone();
         let call_input = input.clone();
         let mut inv = Invocation::new(script, Mode::Class5, input);
-        inv.ctx = Some(Box::new(ctx));
         let mut state = CallState::new(self, handle, hangup_tx, events_tx);
+        inv.ctx = Some(Box::new(ctx.with_stop(state.stop.subscribe())));
         state.input = call_input;
         state.media = media;
         state.out_headers = out_headers;
@@ -208,6 +208,11 @@ pub(super) struct CallState {
     pub(super) ringing_sent: bool,
     /// When the call is hung up whatever it is doing (`[calls] max_duration_s`).
     max_end: Option<tokio::time::Instant>,
+    /// Raised to stop the script `[calls] after_hangup_s` after the call ended, at `stop_at`.
+    pub(super) stop: watch::Sender<bool>,
+    stop_at: Option<tokio::time::Instant>,
+    /// The CDR's row once committed ahead of our BYE; the end of the script updates it.
+    cdr_id: Option<i64>,
     /// A transfer waiting for its REFER's outcome.
     pub(super) transfer: Option<PendingTransfer>,
     /// The script's `data`, for the scripts `ctx.destination()` runs on this call.
@@ -251,6 +256,9 @@ impl CallState {
             caller_name: None,
             ringing_sent: false,
             max_end,
+            stop: watch::channel(false).0,
+            stop_at: None,
+            cdr_id: None,
             transfer: None,
             input: Json::Null,
             server,
@@ -284,11 +292,20 @@ impl CallState {
         // Scripts `ctx.destination()` runs on this call, each with its reply.
         let mut nested = FuturesUnordered::new();
         loop {
+            if self.ended && self.stop_at.is_none() {
+                // The call is over; a script awaiting plain timers would otherwise run on
+                // (and hold its CDR) for ever. It is no longer a live call either.
+                self.server.control.live.remove(self.call.0);
+                self.stop_at = Some(
+                    tokio::time::Instant::now()
+                        + Duration::from_secs(self.server.calls.after_hangup_s),
+                );
+            }
             let ring_deadline = self.bridge.as_ref().and_then(|b| b.ring_deadline);
-            let deadline = match (ring_deadline, self.max_end) {
-                (Some(a), Some(b)) => Some(a.min(b)),
-                (a, b) => a.or(b),
-            };
+            let deadline = [ring_deadline, self.max_end, self.stop_at]
+                .into_iter()
+                .flatten()
+                .min();
             let far = tokio::time::Instant::now() + Duration::from_secs(86_400 * 365);
             tokio::select! {
                 out = &mut run => {
@@ -325,6 +342,11 @@ impl CallState {
     /// A ring timeout or the call's maximum duration.
     async fn deadline_passed(&mut self) {
         let now = tokio::time::Instant::now();
+        if self.stop_at.is_some_and(|t| t <= now) {
+            self.stop_at = Some(now + Duration::from_secs(86_400 * 365));
+            tracing::info!(call = ?self.call, "the call ended and its script is still running: stopping it");
+            self.stop.send_replace(true);
+        }
         if self.max_end.is_some_and(|t| t <= now) {
             self.max_end = None;
             tracing::info!(call = ?self.call, "maximum call duration reached");
@@ -354,6 +376,7 @@ impl CallState {
         self.stop_media();
         self.ended_by("engine", cause);
         let sent = if self.answered {
+            self.commit_cdr_ahead().await;
             self.server.sip.hangup(self.call).await
         } else {
             self.server
@@ -521,6 +544,7 @@ impl CallState {
                         cause.map_or_else(|| "normal_clearing".to_string(), |c| c.to_string());
                     self.ended_by("script", why);
                     let sent = if self.answered {
+                        self.commit_cdr_ahead().await;
                         self.server
                             .sip
                             .hangup_with_headers(self.call, headers)
@@ -756,8 +780,29 @@ impl CallState {
                 })
             }
         }
-        if let Err(e) = records.write_cdr(cdr).await {
+        let written = match self.cdr_id {
+            Some(id) => records.update_cdr(id, cdr).await,
+            None => records.write_cdr(cdr).await,
+        };
+        if let Err(e) = written {
             tracing::error!(call = ?self.call, "CDR not written: {e}");
+        }
+    }
+
+    /// Commits the CDR as it stands before our BYE goes out (the script's result is added
+    /// when it ends): a crash after the caller saw the call end must not lose its record.
+    async fn commit_cdr_ahead(&mut self) {
+        let Some(records) = self.server.records.clone() else {
+            return;
+        };
+        if self.cdr_id.is_some() {
+            return;
+        }
+        let mut cdr = self.cdr.clone();
+        cdr.ended_at = Some(now_ms());
+        match records.write_cdr_ahead(cdr).await {
+            Ok(written) => self.cdr_id = written.map(|c| c.id),
+            Err(e) => tracing::error!(call = ?self.call, "CDR not written ahead of BYE: {e}"),
         }
     }
 
@@ -783,6 +828,7 @@ impl CallState {
             }
             _ => {
                 self.ended_by("engine", "script_ended".to_string());
+                self.commit_cdr_ahead().await;
                 let headers = self
                     .out_headers
                     .lock()

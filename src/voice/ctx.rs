@@ -117,6 +117,8 @@ pub struct CallCtx {
     invite_headers: Vec<(String, String)>,
     out_headers: OutHeaders,
     media: MediaSlot,
+    /// Raised by the call task when the run must end (the call is over, grace passed).
+    stop: Option<watch::Receiver<bool>>,
     /// `sip_h_<Header>` variables written with `ctx.set` (not `skipWrite`): headers of the
     /// INVITEs `bridge` sends, as FreeSWITCH (under ConnexCS) does with them.
     leg_headers: RefCell<Vec<(String, String)>>,
@@ -133,6 +135,12 @@ impl std::fmt::Debug for CallCtx {
 }
 
 impl CallCtx {
+    /// The signal that ends the run once the call is over (see `[calls] after_hangup_s`).
+    pub fn with_stop(mut self, stop: watch::Receiver<bool>) -> Self {
+        self.stop = Some(stop);
+        self
+    }
+
     /// The same call's ctx for a script `destination()` hands the call to: same call task,
     /// headers and media; its own copy of the variables set so far.
     fn twin(&self) -> CallCtx {
@@ -148,6 +156,7 @@ impl CallCtx {
         *twin.leg_headers.borrow_mut() = self.leg_headers.borrow().clone();
         CallCtx {
             implicit_logged: self.implicit_logged.clone(),
+            stop: self.stop.clone(),
             ..twin
         }
     }
@@ -169,6 +178,7 @@ impl CallCtx {
             invite_headers,
             out_headers,
             media,
+            stop: None,
             leg_headers: RefCell::default(),
             implicit_logged: Arc::default(),
         }
@@ -331,6 +341,14 @@ impl HostObject for CallCtx {
 
     fn prelude(&self) -> Option<Arc<CompiledScript>> {
         compiled_prelude()
+    }
+
+    fn stopped(&self) -> Option<futures::future::LocalBoxFuture<'static, ()>> {
+        let mut stop = self.stop.clone()?;
+        Some(Box::pin(async move {
+            // A closed channel means the call task is gone: stop as well.
+            let _ = stop.wait_for(|s| *s).await;
+        }))
     }
 
     fn call(&self, method: &str, args: Vec<Json>) -> HostCall {

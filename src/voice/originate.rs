@@ -247,8 +247,8 @@ impl VoiceServer {
         );
         let call_input = input.clone();
         let mut inv = Invocation::new(script, Mode::Class5, input);
-        inv.ctx = Some(Box::new(ctx));
         let mut state = CallState::new(self, handle, hangup_tx, events_tx);
+        inv.ctx = Some(Box::new(ctx.with_stop(state.stop.subscribe())));
         state.input = call_input;
         state.media = media_slot;
         state.out_headers = out_headers;

@@ -43,7 +43,6 @@ cat > "$work/callforge.toml" <<TOML
 listen = "127.0.0.1:$http"
 [sip]
 listen = ["udp:127.0.0.1:$port"]
-max_calls = 20000
 [store]
 path = "$work/callforge.db"
 [[route]]

@@ -18,7 +18,6 @@ cat > "$work/callforge.toml" <<TOML
 listen = "127.0.0.1:$http"
 [sip]
 listen = ["udp:127.0.0.1:$port"]
-max_calls = 20000
 [media]
 recordings = "$work/recordings"
 [store]
