@@ -256,6 +256,9 @@ pub struct FetchConfig {
     pub allow: Vec<String>,
     pub max_response_bytes: usize,
     pub timeout_ms: u64,
+    /// Host name → `IP:port` to connect to instead of resolving it (like curl's `--resolve`),
+    /// for `fetch`, `cxRest`, `cxLLM` and `rss-parser`. The allow-list still applies to the name.
+    pub resolve: BTreeMap<String, String>,
 }
 
 impl Default for FetchConfig {
@@ -264,6 +267,7 @@ impl Default for FetchConfig {
             allow: Vec::new(),
             max_response_bytes: 1024 * 1024,
             timeout_ms: 10_000,
+            resolve: BTreeMap::new(),
         }
     }
 }

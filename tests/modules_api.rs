@@ -482,7 +482,7 @@ async fn globals_and_the_require_whitelist_follow_the_mode() {
     assert_eq!(body["result"][2], "function");
     assert_eq!(
         body["result"][3],
-        "require('fs'): no such module; allowed: cxJob, cxKV, cxLLM, cxOriginate, cxPubSub, cxRest, cxSend, cxTemplate, cxUserspace, job, kv, llm, lookup, originate, pubsub, rest, send, template, userspace"
+        "require('fs'): no such module; allowed: cxJob, cxKV, cxLLM, cxOriginate, cxPubSub, cxRest, cxSend, cxTemplate, cxUserspace, job, kv, llm, lookup, originate, pubsub, rest, rss-parser, send, template, userspace"
     );
     s.put_script("g2", "function main(){ return [typeof api, typeof fetch] }");
     let (_, body) = s.post("/v1/run/g2?mode=script", json!({})).await;

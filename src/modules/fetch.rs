@@ -88,6 +88,21 @@ fn parse_allowed(entry: &str) -> Result<Allowed, String> {
     Ok(Allowed { host, port })
 }
 
+/// One `[fetch] resolve` entry: a host name (no port) and the socket address to connect to.
+fn parse_resolve(host: &str, addr: &str) -> Result<(String, std::net::SocketAddr), String> {
+    let name = host.trim().to_ascii_lowercase();
+    if name.is_empty() || name.contains([':', '/', '[', ']']) {
+        return Err(format!(
+            "'{host}' must be a host name, without port or scheme"
+        ));
+    }
+    let addr = addr
+        .trim()
+        .parse()
+        .map_err(|_| format!("{host} = '{addr}' must be IP:port, e.g. \"127.0.0.1:8080\""))?;
+    Ok((name, addr))
+}
+
 fn is_allowed(allow: &[Allowed], url: &reqwest::Url) -> bool {
     let Some(host) = url.host_str() else {
         return false;
@@ -143,7 +158,13 @@ impl FetchService {
             .map_err(|e| ModuleError::config("fetch", format!("allow: {e}")))?;
         let allow = Arc::new(allow);
         let policy_allow = allow.clone();
-        let client = reqwest::Client::builder()
+        let mut builder = reqwest::Client::builder();
+        for (host, addr) in &config.resolve {
+            let (host, addr) = parse_resolve(host, addr)
+                .map_err(|e| ModuleError::config("fetch", format!("resolve: {e}")))?;
+            builder = builder.resolve(&host, addr);
+        }
+        let client = builder
             .redirect(reqwest::redirect::Policy::custom(move |attempt| {
                 if attempt.previous().len() >= 5 {
                     attempt.error("more than 5 redirects")
@@ -377,6 +398,23 @@ mod tests {
         assert!(!ok("http://evil.example.com/"));
         assert!(parse_allowed("http://x/y").is_err());
         assert!(parse_allowed("host/path").is_err());
+    }
+
+    #[test]
+    fn resolve_entries_are_a_host_name_and_a_socket_address() {
+        let (host, addr) = parse_resolve("Feeds.Example.com", "127.0.0.1:8080").unwrap();
+        assert_eq!(host, "feeds.example.com");
+        assert_eq!(addr, "127.0.0.1:8080".parse().unwrap());
+        assert!(parse_resolve("a.example.com", "[::1]:80").is_ok());
+        assert!(parse_resolve("a.example.com", "localhost:80").is_err());
+        assert!(parse_resolve("a.example.com", "127.0.0.1").is_err());
+        assert!(parse_resolve("a.example.com:80", "127.0.0.1:80").is_err());
+        let mut config = FetchConfig::default();
+        config
+            .resolve
+            .insert("x.example.com".into(), "nowhere".into());
+        let e = FetchService::new(&config).err().unwrap().to_string();
+        assert!(e.contains("[fetch]: resolve: x.example.com"), "{e}");
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! Host modules scripts reach, built from `callforge.toml`: `cxKV`, `cxUserspace`, `cxSend`,
 //! `cxRest`, `cxTemplate`, `cxPubSub`, `cxJob`, `cxLLM`, `cxOriginate` (each also under
-//! callforge's short name), `lookup` (also `api.lookup`), and the globals `api` and `fetch`.
+//! callforge's short name), `lookup` (also `api.lookup`), the npm package `rss-parser`, and the
+//! globals `api` and `fetch`.
 //!
 //! Each is a `script::HostModule`, listed once in [`MODULES`] (or [`GLOBALS`]) with the names
 //! scripts reach it by; [`build`] checks the configuration and registers them.
@@ -15,6 +16,7 @@ pub mod lookup;
 pub mod originate;
 pub mod pubsub;
 pub mod rest;
+pub mod rss;
 pub mod send;
 pub mod smtp;
 pub mod template;
@@ -128,6 +130,14 @@ pub const MODULES: &[Entry] = &[
         build: |s| {
             let service = llm::LlmService::new(&s.config.llm, s.fetch.clone())?;
             Ok(Arc::new(llm::LlmModule::new(Arc::new(service))))
+        },
+    },
+    Entry {
+        names: &["rss-parser"],
+        build: |s| {
+            Ok(Arc::new(rss::RssModule::new(Arc::new(
+                rss::RssService::new(s.fetch.clone()),
+            ))))
         },
     },
 ];
