@@ -795,6 +795,108 @@ fn every_call_whose_bye_went_out_has_its_cdr_after_kill_9() {
     );
 }
 
+/// The CDRs in the store's `cdrs` table, by Call-ID.
+fn stored_cdr_ids(db: &Path) -> std::collections::HashSet<String> {
+    let db = rusqlite::Connection::open(db).unwrap();
+    let mut stmt = db.prepare("SELECT call_id FROM cdrs").unwrap();
+    let ids = stmt
+        .query_map([], |r| r.get::<_, String>(0))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    ids
+}
+
+/// The BYE the bridge code sends (the far end hung up, `hangupAfterBridge`) follows the
+/// CDR's commit too, not only the script's own hang-up.
+#[test]
+fn every_bridged_call_whose_bye_went_out_has_its_cdr_after_kill_9() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let uas_port = sip_support::free_port();
+    script(
+        d,
+        "bridge.js",
+        &format!(
+            "async function main(d, ctx) {{ await ctx.answer(); \
+             await ctx.bridge(\"sip:far@127.0.0.1:{uas_port}\", {{ timeout: 5 }}); \
+             await new Promise((r) => setTimeout(r, 50)); }}\n"
+        ),
+    );
+    let config = format!(
+        "[store]\npath = \"{}/cf.db\"\n[sip]\nlisten = [\"udp:127.0.0.1:0\"]\n\
+         [[route]]\nmatch = \"^5000$\"\nscript = \"bridge.js\"\nmode = \"class5\"\n",
+        d.display()
+    );
+    let sipp_dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/sipp");
+    let mut completed = Vec::new();
+    for round in 0..6 {
+        let mut e = start(d, &config, &[]);
+        let sip = e.udp.unwrap();
+        // The far end answers and hangs up 100 ms later; callforge then ends the caller leg.
+        let mut uas = Command::new("sipp")
+            .arg("-sf")
+            .arg(sipp_dir.join("uas_answer_then_bye.xml"))
+            .args(["-i", "127.0.0.1", "-p", &uas_port.to_string()])
+            .args(["-mp", &sip_support::free_port().to_string()])
+            .args(["-d", "100", "-nostdin"])
+            .current_dir(d)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("sipp is installed");
+        let trace = d.join(format!("bridge-trace-{round}.log"));
+        let mut sipp = Command::new("sipp")
+            .arg(sip.to_string())
+            .arg("-sf")
+            .arg(sipp_dir.join("class5_script_bye.xml"))
+            .args(["-s", "5000", "-i", "127.0.0.1"])
+            .args(["-p", &sip_support::free_port().to_string()])
+            .args(["-mp", &sip_support::free_port().to_string()])
+            .args(["-r", "60", "-l", "60", "-m", "250"])
+            .args([
+                "-recv_timeout",
+                "3000",
+                "-nostdin",
+                "-trace_msg",
+                "-message_file",
+            ])
+            .arg(&trace)
+            .current_dir(d)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("sipp is installed");
+        // Kill the engine at a random moment while bridged calls are ending.
+        std::thread::sleep(Duration::from_millis(1_000 + fastrand::u64(..1_500)));
+        let _ = e.child.kill(); // SIGKILL
+        let _ = e.child.wait();
+        let _ = sipp.wait();
+        let _ = uas.kill();
+        let _ = uas.wait();
+        completed.extend(byes_received(
+            &std::fs::read_to_string(&trace).unwrap_or_default(),
+        ));
+    }
+    assert!(
+        completed.len() > 100,
+        "enough bridged calls completed to mean something: {}",
+        completed.len()
+    );
+    let stored = stored_cdr_ids(&d.join("cf.db"));
+    let missing: Vec<&String> = completed
+        .iter()
+        .filter(|id| !stored.contains(*id))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "{} of {} bridged calls whose BYE went out have no CDR: {:?}",
+        missing.len(),
+        completed.len(),
+        &missing[..missing.len().min(10)]
+    );
+}
+
 // ------------------------------------------------------------- item 12: shedding early
 
 #[tokio::test]

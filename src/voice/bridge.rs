@@ -759,6 +759,7 @@ impl CallState {
         self.stop_media();
         let sent = if self.answered {
             self.ended_by("callee", "normal_clearing".into());
+            self.commit_cdr_ahead().await;
             self.server.sip.hangup(self.call).await
         } else {
             let code = if (300..=699).contains(&code) {

@@ -791,7 +791,9 @@ impl CallState {
 
     /// Commits the CDR as it stands before our BYE goes out (the script's result is added
     /// when it ends): a crash after the caller saw the call end must not lose its record.
-    async fn commit_cdr_ahead(&mut self) {
+    /// Every BYE we send on the caller leg (script, limits, API, bridge, transfer, REFER)
+    /// goes through here first.
+    pub(super) async fn commit_cdr_ahead(&mut self) {
         let Some(records) = self.server.records.clone() else {
             return;
         };

@@ -178,6 +178,7 @@ impl CallState {
         self.stop_media();
         self.ended_by("caller", "transferred".into());
         let _ = self.hangup.send(true);
+        self.commit_cdr_ahead().await;
         if let Err(e) = self.server.sip.hangup(self.call).await {
             tracing::debug!(call = ?self.call, "BYE to the transferring caller not sent: {e}");
         }

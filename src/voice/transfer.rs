@@ -106,6 +106,7 @@ impl CallState {
             self.stop_media();
             self.ended_by("script", "transferred".into());
             let _ = self.hangup.send(true);
+            self.commit_cdr_ahead().await;
             if let Err(e) = self.server.sip.hangup(self.call).await {
                 tracing::debug!(call = ?self.call, "BYE after transfer not sent: {e}");
             }
