@@ -6,6 +6,7 @@
 //! `bridge`'s `continue_on` strings, `ivr`'s `transfer_on_failure` and `set(.., skipWrite)`.
 
 mod caller;
+mod scriptforge_examples;
 mod sip_support;
 
 use std::{
@@ -17,14 +18,6 @@ use caller::{best_correlation, read_wav, tone, AcceptOpts, Call, Callee, Codec};
 use sip_support::Server;
 
 const SECOND: Duration = Duration::from_secs(1);
-
-/// Our own-words equivalents of the published examples, or the published scripts themselves
-/// when `CALLFORGE_SCRIPTFORGE_DIR` names a checkout of `connexcs/scriptforge-examples`.
-fn scriptforge_dir(root: &Path) -> PathBuf {
-    std::env::var_os("CALLFORGE_SCRIPTFORGE_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| root.join("tests/fixtures/scriptforge"))
-}
 
 /// Each published example answers on its own name: `sip:ctx-echo@...` runs `ctx-echo.js`.
 const PUBLISHED: &[&str] = &[
@@ -230,7 +223,7 @@ fn rig(extra: &str) -> Rig {
     let scripts = server.dir.path().join("scripts");
     for name in PUBLISHED {
         std::fs::copy(
-            scriptforge_dir(root).join(format!("{name}.js")),
+            scriptforge_examples::dir().join(format!("{name}.js")),
             scripts.join(format!("{name}.js")),
         )
         .unwrap();
@@ -323,10 +316,7 @@ async fn ctx_tts_speaks_its_message() {
 async fn ctx_set_get_reads_back_what_it_set_and_speaks_it_twice() {
     let rig = speaks_then_ends("ctx-set-get", 40).await;
     // The value the script stores, read from the script itself (fixture or published one).
-    let source = std::fs::read_to_string(
-        scriptforge_dir(Path::new(env!("CARGO_MANIFEST_DIR"))).join("ctx-set-get.js"),
-    )
-    .unwrap();
+    let source = scriptforge_examples::source("ctx-set-get");
     let stored = regex::Regex::new(r"ctx\.set\('greeting',\s*'([^']+)'\)")
         .unwrap()
         .captures(&source)

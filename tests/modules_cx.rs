@@ -6,9 +6,11 @@
 //! here). Published ScriptForge examples (own-words equivalents in `tests/fixtures/scriptforge/`, or the published scripts via `CALLFORGE_SCRIPTFORGE_DIR`) run from `tests/fixtures/scriptforge/`,
 //! over HTTP and, for class4, over SIP with SIPp.
 
+mod scriptforge_examples;
 mod sip_support;
 mod support;
 
+use scriptforge_examples::source as scriptforge_source;
 use std::{
     sync::{Arc, Mutex},
     time::{Duration, Instant},
@@ -21,7 +23,7 @@ use axum::{
     Json, Router,
 };
 use serde_json::{json, Value};
-use support::{http_server, redis, smtp_sink, start, try_start, workdir, Engine, ROOT};
+use support::{http_server, redis, smtp_sink, start, try_start, workdir, Engine};
 
 /// One request the test API saw: method, path, query, Authorization header, body.
 #[derive(Debug, Clone)]
@@ -106,14 +108,6 @@ fn rest_config(port: u16) -> String {
          [rest.users.\"api@yourdomain.com\"]\npassword = \"pw\"\n\
          [rest.users.\"api@api.com\"]\ntoken = \"tok\"\n"
     )
-}
-
-/// A ScriptForge example: our own-words equivalent from the fixtures, or the published script
-/// unchanged when `CALLFORGE_SCRIPTFORGE_DIR` names a checkout of `connexcs/scriptforge-examples`.
-fn scriptforge_source(name: &str) -> String {
-    let dir = std::env::var("CALLFORGE_SCRIPTFORGE_DIR")
-        .unwrap_or_else(|_| format!("{ROOT}/tests/fixtures/scriptforge"));
-    std::fs::read_to_string(format!("{dir}/{name}.js")).unwrap()
 }
 
 /// Copy an example into the engine's scripts folder.

@@ -6,22 +6,15 @@
 //! module forms (`require` and ES `import` of cxKV / cxUserspace, imports between scripts);
 //! the globals.
 
+mod scriptforge_examples;
 mod sip_support;
 mod support;
 
+use scriptforge_examples::source as fixture;
 use std::path::Path;
 
 use serde_json::{json, Value};
-use support::{start, try_start, workdir, ROOT};
-
-/// A ScriptForge example: the fixture (see tests/fixtures/scriptforge/INDEX.md), or the
-/// published script when `CALLFORGE_SCRIPTFORGE_DIR` names a checkout of the examples. Only
-/// what both share is asserted (not `console` text nor spoken text).
-fn fixture(name: &str) -> String {
-    let dir = std::env::var("CALLFORGE_SCRIPTFORGE_DIR")
-        .unwrap_or_else(|_| format!("{ROOT}/tests/fixtures/scriptforge"));
-    std::fs::read_to_string(Path::new(&dir).join(format!("{name}.js"))).unwrap()
-}
+use support::{start, try_start, workdir};
 
 /// Copy published examples into a scripts folder.
 fn install(scripts: &Path, names: &[&str]) {

@@ -7,6 +7,7 @@
 //! differs between fixture and published script.
 
 mod caller;
+mod scriptforge_examples;
 mod sip_support;
 
 use std::{
@@ -22,14 +23,6 @@ const SECOND: Duration = Duration::from_secs(1);
 
 /// The file both scripts prompt with, under the name they ask for.
 const PROMPT: &str = "ivr/ivr-aint_nobody_got_time_for_that.wav";
-
-/// Our own-words equivalents of the published examples, or the published scripts themselves
-/// when `CALLFORGE_SCRIPTFORGE_DIR` names a checkout of `connexcs/scriptforge-examples`.
-fn scriptforge_dir(root: &Path) -> PathBuf {
-    std::env::var_os("CALLFORGE_SCRIPTFORGE_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| root.join("tests/fixtures/scriptforge"))
-}
 
 /// A script of our own, run over `POST /v1/run`, to seed and read the kv the examples use.
 const KV_ADMIN: &str = r#"const { kv, keys } = require('cxKV');
@@ -121,7 +114,7 @@ fn rig() -> Rig {
     let scripts = server.dir.path().join("scripts");
     for name in ["pin-verification", "simple-greeting"] {
         std::fs::copy(
-            scriptforge_dir(root).join(format!("{name}.js")),
+            scriptforge_examples::dir().join(format!("{name}.js")),
             scripts.join(format!("{name}.js")),
         )
         .unwrap();

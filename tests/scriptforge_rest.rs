@@ -9,9 +9,11 @@
 //! published scripts unchanged; only what both share is asserted (not the spoken text).
 
 mod caller;
+mod scriptforge_examples;
 mod sip_support;
 mod support;
 
+use scriptforge_examples::source as scriptforge_source;
 use std::{
     path::{Path, PathBuf},
     sync::{Arc, Mutex},
@@ -32,14 +34,6 @@ const SECOND: Duration = Duration::from_secs(1);
 const TEST_USER_AUTH: &str = "Basic YXBpQHRlc3QuY29tOnB3";
 /// base64("api@yourdomain.com:pw"): account-jump's API user.
 const DOMAIN_USER_AUTH: &str = "Basic YXBpQHlvdXJkb21haW4uY29tOnB3";
-
-/// A ScriptForge example: the fixture, or the published script when
-/// `CALLFORGE_SCRIPTFORGE_DIR` names a checkout of the examples.
-fn scriptforge_source(name: &str) -> String {
-    let dir = std::env::var("CALLFORGE_SCRIPTFORGE_DIR")
-        .unwrap_or_else(|_| format!("{ROOT}/tests/fixtures/scriptforge"));
-    std::fs::read_to_string(Path::new(&dir).join(format!("{name}.js"))).unwrap()
-}
 
 /// One request the test API saw: path (under `/api/cp/`), query and Authorization header.
 #[derive(Debug, Clone, PartialEq)]

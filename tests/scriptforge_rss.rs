@@ -4,8 +4,10 @@
 //! here on loopback, reached through `[fetch] resolve`. Also: a host outside `[fetch] allow` is
 //! refused, malformed XML rejects with `RssError`, and `fetch`/`cxRest` follow `resolve` too.
 
+mod scriptforge_examples;
 mod support;
 
+use scriptforge_examples::source as scriptforge_source;
 use std::sync::{Arc, Mutex};
 
 use axum::{
@@ -14,7 +16,7 @@ use axum::{
     Router,
 };
 use serde_json::{json, Value};
-use support::{start, workdir, Engine, ROOT};
+use support::{start, workdir, Engine};
 
 const FEED: &str = r#"<?xml version="1.0" encoding="UTF-8"?>
 <rss version="2.0" xmlns:atom="http://www.w3.org/2005/Atom" xmlns:dc="http://purl.org/dc/elements/1.1/">
@@ -90,14 +92,6 @@ async fn feed_server() -> (u16, Seen) {
         let _ = axum::serve(listener, app).await;
     });
     (port, seen)
-}
-
-/// A ScriptForge example: our own-words equivalent from the fixtures, or the published script
-/// unchanged when `CALLFORGE_SCRIPTFORGE_DIR` names a checkout of `connexcs/scriptforge-examples`.
-fn scriptforge_source(name: &str) -> String {
-    let dir = std::env::var("CALLFORGE_SCRIPTFORGE_DIR")
-        .unwrap_or_else(|_| format!("{ROOT}/tests/fixtures/scriptforge"));
-    std::fs::read_to_string(format!("{dir}/{name}.js")).unwrap()
 }
 
 fn engine(config: &str) -> (tempfile::TempDir, Engine) {
