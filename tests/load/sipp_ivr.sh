@@ -8,6 +8,8 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 rate=${1:-250}
 total=${2:-6000}
+# CALLFORGE_BIN=path serves a prebuilt binary instead (A/B comparisons of two builds).
+bin=${CALLFORGE_BIN:-target/release/callforge}
 cargo build --release --quiet --bin callforge --example rtp_probe
 work=$(mktemp -d)
 trap 'kill $pid 2>/dev/null || true; rm -rf "$work"' EXIT
@@ -31,7 +33,7 @@ match = "^8001$"
 script = "load_probe.js"
 mode = "class5"
 TOML
-target/release/callforge serve --config "$work/callforge.toml" --scripts scripts >"$work/out.log" 2>"$work/err.log" &
+"$bin" serve --config "$work/callforge.toml" --scripts scripts >"$work/out.log" 2>"$work/err.log" &
 pid=$!
 for _ in $(seq 100); do grep -q "sip listening" "$work/out.log" 2>/dev/null && break; sleep 0.1; done
 rss_kib() { awk '/VmRSS/ {print $2}' /proc/$pid/status; }
