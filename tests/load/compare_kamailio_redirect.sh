@@ -1,0 +1,103 @@
+#!/usr/bin/env bash
+# Class4 redirect CPU per call: callforge against Kamailio's native configuration language,
+# by the same harness in the same run. Both serve SIP on random loopback UDP ports; SIPp
+# drives each in turn with the same scenario (tests/sipp/load_redirect.xml: INVITE, 302, ACK)
+# at the same rate for the same number of calls, rounds interleaved, and the CPU per call is
+# utime+stime from /proc/PID/stat (for Kamailio summed over all of its processes) over the
+# SIPp run plus SETTLE seconds after it (work a server defers, like callforge's timer I, is
+# charged to the round that caused it).
+#
+# Rows, each round in this order:
+#   kamailio          tools/bench/kamailio/redirect.cfg: stateless 302 with one Contact
+#   callforge         scripts/routing.js, the 5-carrier class4 script (as sipp_class4.sh),
+#                     a fresh context per call, three Contacts
+#   callforge-1       tests/load/one_carrier.js: one carrier, one Contact, a fresh context per
+#                     call (the like-for-like row for Kamailio's trivial redirect)
+#
+# Usage: tests/load/compare_kamailio_redirect.sh [rate=6000] [seconds=3] [rounds=3]
+# Env: CALLFORGE_BIN (a prebuilt binary), SETTLE (seconds, default 6: timer I is 5 s).
+rate=${1:-6000}
+secs=${2:-3}
+rounds=${3:-3}
+settle=${SETTLE:-6}
+calls=$(( rate * secs ))
+# The one-carrier script on its own route, beside sipp_common.sh's usual ones.
+EXTRA_SCRIPTS=tests/load/one_carrier.js
+EXTRA_ROUTES='[[route]]
+match = "^99"
+script = "one_carrier.js"
+mode = "class4"'
+. "$(dirname "$0")/sipp_common.sh"
+command -v kamailio >/dev/null || { echo "kamailio missing: tools/ensure-deps.sh --test installs it" >&2; exit 1; }
+
+kport=$(python3 -c 'import socket; s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+mkdir -p "$work/kamailio"
+kamailio -f tools/bench/kamailio/redirect.cfg -l "udp:127.0.0.1:$kport" -DD -E -m 64 -M 8 \
+  -Y "$work/kamailio" >"$work/kamailio.log" 2>&1 &
+kpid=$!
+trap 'kill $pid $kpid 2>/dev/null || true; wait $kpid 2>/dev/null || true; rm -rf "$work"' EXIT
+for _ in $(seq 100); do ss -lunH "sport = :$kport" | grep -q . && break; sleep 0.05; done
+ss -lunH "sport = :$kport" | grep -q . || { echo "kamailio did not start:"; cat "$work/kamailio.log"; exit 1; }
+sleep 0.5 # its children start just after the bind
+kpids="$kpid $(pgrep -P "$kpid" | tr '\n' ' ')"
+echo "kamailio $(kamailio -v | sed -n 's/^version: kamailio \([^ ]*\).*/\1/p') on udp:127.0.0.1:$kport: $(wc -w <<<"$kpids") processes, CPU summed over all"
+echo "callforge on udp:127.0.0.1:$port ($bin)"
+
+# One INVITE to each row first: what each answers, so the comparison can be checked.
+probe() { # PORT NUMBER
+  python3 - "$1" "$2" <<'PY'
+import socket, sys
+port, number = int(sys.argv[1]), sys.argv[2]
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind(("127.0.0.1", 0))
+s.settimeout(3)
+me = s.getsockname()[1]
+s.sendto((f"INVITE sip:{number}@127.0.0.1:{port} SIP/2.0\r\n"
+          f"Via: SIP/2.0/UDP 127.0.0.1:{me};branch=z9hG4bK-probe{me}\r\n"
+          f"From: <sip:441000000000@127.0.0.1:{me}>;tag=probe\r\n"
+          f"To: <sip:{number}@127.0.0.1:{port}>\r\nCall-ID: probe-{me}@127.0.0.1\r\n"
+          f"CSeq: 1 INVITE\r\nContact: <sip:441000000000@127.0.0.1:{me}>\r\n"
+          "Max-Forwards: 70\r\nContent-Length: 0\r\n\r\n").encode(), ("127.0.0.1", port))
+while True:
+    text = s.recv(65535).decode(errors="replace")
+    status = text.split("\r\n", 1)[0]
+    if not status.startswith("SIP/2.0 1"):
+        break
+contacts = [l.split(":", 1)[1].strip() for l in text.split("\r\n") if l.lower().startswith(("contact:", "m:"))]
+print(f"  {status}; {len(contacts)} Contact(s): {' | '.join(contacts)}")
+PY
+}
+echo "What each answers (one INVITE each, before timing):"
+echo "kamailio:";    probe "$kport" 447700900555
+echo "callforge:";   probe "$port" 447700900555
+echo "callforge-1:"; probe "$port" 99447700900555
+echo
+
+declare -A per
+for r in $(seq "$rounds"); do
+  for row in kamailio callforge callforge-1; do
+    case $row in
+      kamailio) out=$(target_port=$kport target_pids=$kpids settle_s=$settle run_sipp load_redirect 447700900555 "$rate" "$calls") ;;
+      callforge) out=$(settle_s=$settle run_sipp load_redirect 447700900555 "$rate" "$calls") ;;
+      callforge-1) out=$(settle_s=$settle run_sipp load_redirect 99447700900555 "$rate" "$calls") ;;
+    esac
+    us=$(sed -n 's/.* = \([0-9]*\) us per call$/\1/p' <<<"$out")
+    failed=$(sed -n 's/.* ok, \([0-9]*\) failed.*/\1/p' <<<"$out")
+    printf 'round %d %-12s %5s us CPU per call  (%s)\n' "$r" "$row" "$us" "$(head -1 <<<"$out")"
+    [ "$failed" = 0 ] || echo "  ^ $failed failed calls: this round's figure is not comparable" >&2
+    per[$row]="${per[$row]:-} $us"
+  done
+done
+
+python3 - "$rate" "$calls" "${per[kamailio]}" "${per[callforge]}" "${per[callforge-1]}" <<'PY'
+import statistics, sys
+rate, calls, k, c, c1 = sys.argv[1:]
+k, c, c1 = ([int(x) for x in v.split()] for v in (k, c, c1))
+mk, mc, mc1 = statistics.median(k), statistics.median(c), statistics.median(c1)
+print(f"\nmedians at {rate}/s, {calls} calls per round:")
+print(f"  kamailio native one-Contact 302:       {mk:.0f} us CPU per call  {k}")
+print(f"  callforge, 5-carrier routing.js:       {mc:.0f} us CPU per call  {c}")
+print(f"  callforge, one-carrier script:         {mc1:.0f} us CPU per call  {c1}")
+print(f"ratio callforge 5-carrier / kamailio: {mc / mk:.2f}  (goal: <= 1.00)")
+print(f"ratio callforge 1-carrier / kamailio: {mc1 / mk:.2f}")
+PY
