@@ -8,7 +8,10 @@
 # charged to the round that caused it).
 #
 # Rows, each round in this order:
-#   kamailio          tools/bench/kamailio/redirect.cfg: stateless 302 with one Contact
+#   kamailio          tools/bench/kamailio/redirect.cfg: stateless 302 with one Contact (sl):
+#                     the goal of issue 15
+#   kamailio-tm       the same file with -A STATEFUL: the 302 from a tm transaction, as
+#                     callforge keeps one (retransmissions, ACK matching); for reference
 #   callforge         scripts/routing.js, the 5-carrier class4 script (as sipp_class4.sh),
 #                     a fresh context per call, three Contacts
 #   callforge-1       tests/load/one_carrier.js: one carrier, one Contact, a fresh context per
@@ -30,17 +33,29 @@ mode = "class4"'
 . "$(dirname "$0")/sipp_common.sh"
 command -v kamailio >/dev/null || { echo "kamailio missing: tools/ensure-deps.sh --test installs it" >&2; exit 1; }
 
-kport=$(python3 -c 'import socket; s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
-mkdir -p "$work/kamailio"
-kamailio -f tools/bench/kamailio/redirect.cfg -l "udp:127.0.0.1:$kport" -DD -E -m 64 -M 8 \
-  -Y "$work/kamailio" >"$work/kamailio.log" 2>&1 &
-kpid=$!
-trap 'kill $pid $kpid 2>/dev/null || true; wait $kpid 2>/dev/null || true; rm -rf "$work"' EXIT
-for _ in $(seq 100); do ss -lunH "sport = :$kport" | grep -q . && break; sleep 0.05; done
-ss -lunH "sport = :$kport" | grep -q . || { echo "kamailio did not start:"; cat "$work/kamailio.log"; exit 1; }
-sleep 0.5 # its children start just after the bind
-kpids="$kpid $(pgrep -P "$kpid" | tr '\n' ' ')"
-echo "kamailio $(kamailio -v | sed -n 's/^version: kamailio \([^ ]*\).*/\1/p') on udp:127.0.0.1:$kport: $(wc -w <<<"$kpids") processes, CPU summed over all"
+mkdir -p "$work/kamailio" "$work/kamailio-tm"
+# start_kamailio NAME [ARGS...]: sets kport and kpids (the main process and all its children).
+start_kamailio() {
+  local name=$1 kpid
+  shift
+  kport=$(python3 -c 'import socket; s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+  kamailio -f tools/bench/kamailio/redirect.cfg "$@" -l "udp:127.0.0.1:$kport" -DD -E -M 8 \
+    -Y "$work/$name" >"$work/$name.log" 2>&1 &
+  kpid=$!
+  kmains+=("$kpid")
+  for _ in $(seq 100); do ss -lunH "sport = :$kport" | grep -q . && break; sleep 0.05; done
+  ss -lunH "sport = :$kport" | grep -q . || { echo "$name did not start:"; cat "$work/$name.log"; exit 1; }
+  sleep 0.5 # its children start just after the bind
+  kpids="$kpid $(pgrep -P "$kpid" | tr '\n' ' ')"
+  echo "$name $(kamailio -v | sed -n 's/^version: kamailio \([^ ]*\).*/\1/p') on udp:127.0.0.1:$kport: $(wc -w <<<"$kpids") processes, CPU summed over all"
+}
+kmains=()
+trap 'kill $pid "${kmains[@]}" 2>/dev/null || true; wait "${kmains[@]}" 2>/dev/null || true; rm -rf "$work"' EXIT
+start_kamailio kamailio -m 64
+sl_port=$kport sl_pids=$kpids
+# Transactions live until tm's wait timer (5 s) after the 302: 30,000 at 6,000/s.
+start_kamailio kamailio-tm -m 512 -A STATEFUL
+tm_port=$kport tm_pids=$kpids
 echo "callforge on udp:127.0.0.1:$port ($bin)"
 
 # One INVITE to each row first: what each answers, so the comparison can be checked.
@@ -68,16 +83,18 @@ print(f"  {status}; {len(contacts)} Contact(s): {' | '.join(contacts)}")
 PY
 }
 echo "What each answers (one INVITE each, before timing):"
-echo "kamailio:";    probe "$kport" 447700900555
+echo "kamailio:";    probe "$sl_port" 447700900555
+echo "kamailio-tm:"; probe "$tm_port" 447700900555
 echo "callforge:";   probe "$port" 447700900555
 echo "callforge-1:"; probe "$port" 99447700900555
 echo
 
 declare -A per
 for r in $(seq "$rounds"); do
-  for row in kamailio callforge callforge-1; do
+  for row in kamailio kamailio-tm callforge callforge-1; do
     case $row in
-      kamailio) out=$(target_port=$kport target_pids=$kpids settle_s=$settle run_sipp load_redirect 447700900555 "$rate" "$calls") ;;
+      kamailio) out=$(target_port=$sl_port target_pids=$sl_pids settle_s=$settle run_sipp load_redirect 447700900555 "$rate" "$calls") ;;
+      kamailio-tm) out=$(target_port=$tm_port target_pids=$tm_pids settle_s=$settle run_sipp load_redirect 447700900555 "$rate" "$calls") ;;
       callforge) out=$(settle_s=$settle run_sipp load_redirect 447700900555 "$rate" "$calls") ;;
       callforge-1) out=$(settle_s=$settle run_sipp load_redirect 99447700900555 "$rate" "$calls") ;;
     esac
@@ -89,15 +106,17 @@ for r in $(seq "$rounds"); do
   done
 done
 
-python3 - "$rate" "$calls" "${per[kamailio]}" "${per[callforge]}" "${per[callforge-1]}" <<'PY'
+python3 - "$rate" "$calls" "${per[kamailio]}" "${per[callforge]}" "${per[callforge-1]}" "${per[kamailio-tm]}" <<'PY'
 import statistics, sys
-rate, calls, k, c, c1 = sys.argv[1:]
-k, c, c1 = ([int(x) for x in v.split()] for v in (k, c, c1))
-mk, mc, mc1 = statistics.median(k), statistics.median(c), statistics.median(c1)
+rate, calls, k, c, c1, kt = sys.argv[1:]
+k, c, c1, kt = ([int(x) for x in v.split()] for v in (k, c, c1, kt))
+mk, mc, mc1, mkt = (statistics.median(v) for v in (k, c, c1, kt))
 print(f"\nmedians at {rate}/s, {calls} calls per round:")
 print(f"  kamailio native one-Contact 302:       {mk:.0f} us CPU per call  {k}")
+print(f"  kamailio, the same from a transaction: {mkt:.0f} us CPU per call  {kt}")
 print(f"  callforge, 5-carrier routing.js:       {mc:.0f} us CPU per call  {c}")
 print(f"  callforge, one-carrier script:         {mc1:.0f} us CPU per call  {c1}")
 print(f"ratio callforge 5-carrier / kamailio: {mc / mk:.2f}  (goal: <= 1.00)")
 print(f"ratio callforge 1-carrier / kamailio: {mc1 / mk:.2f}")
+print(f"ratio callforge 1-carrier / kamailio-tm: {mc1 / mkt:.2f}")
 PY
