@@ -74,13 +74,16 @@ s.sendto((f"INVITE sip:{number}@127.0.0.1:{port} SIP/2.0\r\n"
           f"To: <sip:{number}@127.0.0.1:{port}>\r\nCall-ID: probe-{me}@127.0.0.1\r\n"
           f"CSeq: 1 INVITE\r\nContact: <sip:441000000000@127.0.0.1:{me}>\r\n"
           "Max-Forwards: 70\r\nContent-Length: 0\r\n\r\n").encode(), ("127.0.0.1", port))
+provisional = []
 while True:
     text = s.recv(65535).decode(errors="replace")
     status = text.split("\r\n", 1)[0]
     if not status.startswith("SIP/2.0 1"):
         break
+    provisional.append(status.split(" ", 1)[1])
 contacts = [l.split(":", 1)[1].strip() for l in text.split("\r\n") if l.lower().startswith(("contact:", "m:"))]
-print(f"  {status}; {len(contacts)} Contact(s): {' | '.join(contacts)}")
+before = f" after {', '.join(provisional)}" if provisional else ""
+print(f"  {status}{before}; {len(contacts)} Contact(s): {' | '.join(contacts)}")
 PY
 }
 echo "What each answers (one INVITE each, before timing):"
