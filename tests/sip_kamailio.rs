@@ -3,7 +3,8 @@
 //! in-dialog requests, 404 for an in-dialog request that carries no Route) on random
 //! loopback ports. SIPp places calls through it; they must end cleanly whether the caller or
 //! the script hangs up, which needs our 2xx to carry the proxy's Record-Route (RFC 3261
-//! §12.1.1) and our own BYE to follow the route set.
+//! §12.1.1) and our own BYE to follow the route set. Also checks the Kamailio configuration
+//! that tests/load/compare_kamailio_redirect.sh benchmarks against.
 
 mod sip_support;
 
@@ -180,4 +181,103 @@ fn calls_through_kamailio_end_cleanly_when_the_script_hangs_up() {
         !log.contains("CF-TEST in-dialog"),
         "the proxy saw in-dialog requests without a Route:\n{log}"
     );
+}
+
+/// Sends `msg` to `to` until a datagram comes back (Kamailio's workers start just after it
+/// binds), then gives the first reply and drains the retransmissions' answers.
+fn ask(sock: &std::net::UdpSocket, to: SocketAddr, msg: &str) -> String {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut buf = [0u8; 65535];
+    sock.set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    let first = loop {
+        sock.send_to(msg.as_bytes(), to).unwrap();
+        if let Ok(n) = sock.recv(&mut buf) {
+            break String::from_utf8_lossy(&buf[..n]).into_owned();
+        }
+        assert!(Instant::now() < deadline, "no answer from {to} to:\n{msg}");
+    };
+    while sock.recv(&mut buf).is_ok() {}
+    first
+}
+
+/// Kills a child process on drop (also when an assertion fails).
+struct Killed(Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// The native peers of tests/load/compare_kamailio_redirect.sh do what the benchmark says:
+/// Kamailio accepts tools/bench/kamailio/redirect.cfg, stateless and with `-A STATEFUL` (tm),
+/// answers an INVITE with a 302 carrying exactly one Contact (the dialled number at the
+/// carrier), sends nothing back for the ACK (the next datagram is the 405 it gives an
+/// OPTIONS), and answers other requests 405.
+#[test]
+fn benchmark_redirect_config_answers_one_contact_302_and_absorbs_the_ack() {
+    redirect_peer_answers(&[]);
+    redirect_peer_answers(&["-A", "STATEFUL"]);
+}
+
+fn redirect_peer_answers(extra: &[&str]) {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let cfg = Path::new(env!("CARGO_MANIFEST_DIR")).join("tools/bench/kamailio/redirect.cfg");
+    let _kamailio = Killed(
+        Command::new("kamailio")
+            .arg("-f")
+            .arg(&cfg)
+            .args(extra)
+            .arg("-L")
+            .arg(module_dir())
+            .arg("-l")
+            .arg(format!("udp:127.0.0.1:{port}"))
+            .args(["-DD", "-E", "-m", "64", "-M", "8", "-Y"])
+            .arg(dir.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("kamailio is installed (Debian package kamailio)"),
+    );
+    let sock = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let me = sock.local_addr().unwrap();
+    let to = SocketAddr::from(([127, 0, 0, 1], port));
+    let request = |method: &str, cseq: &str, to_tag: &str| {
+        format!(
+            "{method} sip:447700900555@{to} SIP/2.0\r\nVia: SIP/2.0/UDP {me};branch=z9hG4bK-{method}\r\n\
+             From: <sip:441000000000@{me}>;tag=t1\r\nTo: <sip:447700900555@{to}>{to_tag}\r\n\
+             Call-ID: bench-redirect@127.0.0.1\r\nCSeq: {cseq}\r\nMax-Forwards: 70\r\n\
+             Content-Length: 0\r\n\r\n"
+        )
+    };
+
+    let reply = ask(&sock, to, &request("INVITE", "1 INVITE", ""));
+    assert!(reply.starts_with("SIP/2.0 302 "), "{extra:?}: {reply}");
+    let contacts: Vec<&str> = reply
+        .lines()
+        .filter(|l| l.to_ascii_lowercase().starts_with("contact:"))
+        .collect();
+    assert_eq!(
+        contacts,
+        ["Contact: <sip:447700900555@alpha.example.net:5060>"],
+        "{extra:?}: {reply}"
+    );
+    let tag = reply
+        .lines()
+        .find(|l| l.starts_with("To:"))
+        .and_then(|l| l.split_once(";tag="))
+        .map(|(_, t)| t.trim().to_string())
+        .expect("the 302 has a To tag");
+
+    sock.send_to(
+        request("ACK", "1 ACK", &format!(";tag={tag}")).as_bytes(),
+        to,
+    )
+    .unwrap();
+    let next = ask(&sock, to, &request("OPTIONS", "2 OPTIONS", ""));
+    assert!(next.starts_with("SIP/2.0 405 "), "{extra:?}: {next}");
+    assert!(next.contains("CSeq: 2 OPTIONS"), "{extra:?}: {next}");
 }

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs what building and testing callforge needs on a Debian machine, when missing:
 # a Rust toolchain, a C compiler (QuickJS is C), and the real peers the tests drive.
+# Usage: tools/ensure-deps.sh [--test [--bench]]   (or --bench alone)
 set -euo pipefail
 
 as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
@@ -25,6 +26,13 @@ if [ "${1:-}" = "--test" ]; then
     missing+=(postgresql)
   fi
   command -v psql >/dev/null 2>&1 || missing+=(postgresql-client)
+fi
+# The side-by-side benchmarks (tests/load/compare_*.sh; not part of the test suite): wrk, and
+# node with the headers node-gyp needs to build isolated-vm without downloading them
+# (Debian's libnode-dev matches Debian's nodejs; NodeSource's nodejs ships its own).
+if [ "${1:-}" = "--bench" ] || [ "${2:-}" = "--bench" ]; then
+  command -v wrk >/dev/null 2>&1 || missing+=(wrk)
+  command -v node >/dev/null 2>&1 || missing+=(nodejs npm libnode-dev)
 fi
 if [ ${#missing[@]} -gt 0 ]; then
   echo "installing: ${missing[*]}" >&2

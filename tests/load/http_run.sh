@@ -16,18 +16,8 @@ pid=$!
 trap 'kill $pid 2>/dev/null || true; rm -rf "$work"' EXIT
 for _ in $(seq 50); do curl -sf "http://127.0.0.1:$port/healthz" >/dev/null && break; sleep 0.1; done
 lua=$(mktemp --suffix=.lua)
-body=$(tr -d '\n' < tests/data/five_carriers.json | sed 's/\\/\\\\/g; s/"/\\"/g')
-cat > "$lua" <<LUA
-wrk.method = "POST"
-wrk.body = "$body"
-wrk.headers["Content-Type"] = "application/json"
-done = function(summary, latency, requests)
-  io.write(string.format("runs/s %.0f  errors %d  non2xx %d  p50 %.0fus  p99 %.0fus\n",
-    summary.requests / (summary.duration / 1e6),
-    summary.errors.connect + summary.errors.read + summary.errors.write + summary.errors.timeout,
-    summary.errors.status, latency:percentile(50), latency:percentile(99)))
-end
-LUA
+. tests/load/wrk_class4.sh
+wrk_class4_lua "$lua"
 read -r u0 s0 < <(awk '{print $14, $15}' /proc/$pid/stat)
 wrk -t2 -c"$conns" -d"${secs}s" -s "$lua" "http://127.0.0.1:$port/v1/run/routing?mode=class4"
 read -r u1 s1 < <(awk '{print $14, $15}' /proc/$pid/stat)

@@ -13,6 +13,9 @@ mkdir -p "$work/scripts"
 cp scripts/*.js scripts/*.toml "$work/scripts/"
 cp tests/sipp/carriers.toml "$work/scripts/"
 printf 'async function main(d, ctx) { await ctx.answer(); await ctx.hangup(); }\n' > "$work/scripts/answer_now.js"
+# A sourcing script may serve more scripts (EXTRA_SCRIPTS: files) on more routes
+# (EXTRA_ROUTES: TOML appended to the config), e.g. compare_kamailio_redirect.sh.
+for f in ${EXTRA_SCRIPTS:-}; do cp "$f" "$work/scripts/"; done
 # The default [sip] limits (max_calls, max_transactions): the load runs on what users get.
 cat > "$work/callforge.toml" <<TOML
 [sip]
@@ -38,6 +41,7 @@ bravo = "sip:bravo.example.net:5060"
 charlie = "sip:charlie.example.net:5060"
 delta = "sip:delta.example.net:5060"
 echo = "sip:echo.example.net:5060"
+${EXTRA_ROUTES:-}
 TOML
 RUST_LOG=warn "$bin" serve --config "$work/callforge.toml" --scripts "$work/scripts" \
   --http 127.0.0.1:0 >"$work/out" 2>"$work/err" &
@@ -48,21 +52,41 @@ port=$(sed -n 's/^callforge sip listening on udp:127.0.0.1://p' "$work/out")
 [ -n "$port" ] || { echo "server did not start:"; cat "$work/err"; exit 1; }
 tck=$(getconf CLK_TCK)
 
+# cpu_ticks PID...: their utime and stime summed, in clock ticks ("user system").
+cpu_ticks() {
+  local p u s tu=0 ts=0
+  for p in "$@"; do
+    # Field 2 (comm) is in parentheses and may hold spaces: count from the last ')'.
+    read -r u s < <(sed 's/.*) //' "/proc/$p/stat" | awk '{print $12, $13}')
+    tu=$(( tu + u )); ts=$(( ts + s ))
+  done
+  echo "$tu $ts"
+}
+
 # run_sipp SCENARIO SERVICE RATE CALLS
+# The server under test is callforge ($port, $pid) unless the caller sets target_port and
+# target_pids (every process of another server, whose CPU is summed). With settle_s set, the
+# CPU window stays open that many seconds after SIPp ends, so work a server defers (timers
+# of finished transactions) is charged to the run that caused it.
 run_sipp() {
   local scenario=$1 service=$2 rate=$3 calls=$4
   local lport=$(( 30000 + RANDOM % 20000 ))
-  read -r u0 s0 < <(awk '{print $14, $15}' /proc/$pid/stat)
+  rm -f "$work/stat.csv" "$work/errors.log"
+  local tport=${target_port:-$port} tpids=${target_pids:-$pid}
+  # shellcheck disable=SC2086 # a list of PIDs
+  read -r u0 s0 < <(cpu_ticks $tpids)
   local t0; t0=$(date +%s.%N)
   set +e
-  sipp "127.0.0.1:$port" -sf "tests/sipp/$scenario.xml" -s "$service" -i 127.0.0.1 -p "$lport" \
+  sipp "127.0.0.1:$tport" -sf "tests/sipp/$scenario.xml" -s "$service" -i 127.0.0.1 -p "$lport" \
     -mp $(( lport + 2 )) -r "$rate" -m "$calls" -l $(( rate * 4 )) -timeout 120s -timeout_error -nostdin \
     -buff_size 4194304 -trace_stat -stf "$work/stat.csv" -fd 1 -trace_err -error_file "$work/errors.log" \
     >/dev/null 2>"$work/sipp.err"
   local rc=$?
   set -e
   local t1; t1=$(date +%s.%N)
-  read -r u1 s1 < <(awk '{print $14, $15}' /proc/$pid/stat)
+  sleep "${settle_s:-0}"
+  # shellcheck disable=SC2086
+  read -r u1 s1 < <(cpu_ticks $tpids)
   # 503s SIPp logged as unexpected (admission limits, shedding; a retransmitted 503 counts
   # again); failures without one are timeouts.
   local n503; n503=$(grep -c 'SIP/2.0 503' "$work/errors.log" 2>/dev/null || true)
