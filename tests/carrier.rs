@@ -303,7 +303,7 @@ fn metrics_can_require_their_own_token() {
 const LONG_CALL: &str = r#"
 [[route]]
 match = "^7200$"
-script = "three_seconds.js"
+script = "long_call.js"
 mode = "class5"
 "#;
 
@@ -311,8 +311,8 @@ mode = "class5"
 fn sigterm_during_50_live_calls_drains_them_with_every_cdr_written() {
     let mut s = sip_support::start_with_top("[records]\njsonl = \"records.jsonl\"\n", LONG_CALL);
     std::fs::write(
-        s.dir.path().join("scripts/three_seconds.js"),
-        "async function main(data, ctx) { await ctx.answer(); await new Promise((r) => setTimeout(r, 3000)); await ctx.hangup(); }",
+        s.dir.path().join("scripts/long_call.js"),
+        "async function main(data, ctx) { await ctx.answer(); await new Promise((r) => setTimeout(r, 5000)); await ctx.hangup(); }",
     )
     .unwrap();
     let target = s.udp;
@@ -325,7 +325,17 @@ fn sigterm_during_50_live_calls_drains_them_with_every_cdr_written() {
             &["-r", "100", "-l", "50"],
         )
     });
-    std::thread::sleep(Duration::from_millis(1500));
+    // SIGTERM once all 50 calls are live (a fixed wait let a slow SIPp on a busy machine send
+    // its last INVITEs after the drain began, and those rightly got 503).
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let (_, calls) = http_get(&s, "/v1/calls");
+        let live = calls.matches("\"state\"").count();
+        if live >= 50 || Instant::now() > deadline {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
     let pid = s.child.id().to_string();
     assert!(std::process::Command::new("kill")
         .args(["-TERM", &pid])
@@ -522,7 +532,7 @@ fn the_embedded_default_answers_calls_and_says_how() {
 fn concurrent_calls_are_limited_per_source() {
     let s = start(&format!("calls_per_source = 2\n{LONG_CALL}"));
     std::fs::write(
-        s.dir.path().join("scripts/three_seconds.js"),
+        s.dir.path().join("scripts/long_call.js"),
         "async function main(data, ctx) { await ctx.answer(); await new Promise((r) => setTimeout(r, 3000)); await ctx.hangup(); }",
     )
     .unwrap();

@@ -438,14 +438,23 @@ async fn originate_places_a_call_runs_a_script_lists_and_hangs_it_up() {
     assert_eq!(invite.user(), "5001");
     assert!(invite.from.contains("15550100"), "{}", invite.from);
 
-    let list: Value = http.get(&base).send().await.unwrap().json().await.unwrap();
-    let live = list["calls"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|c| c["id"] == json!(id))
-        .cloned()
-        .expect("the call is listed");
+    // The callee's 200 is on its way when accept() returns: the listing shows the call
+    // answered once the engine has taken it in (bounded wait; ringing until then).
+    let deadline = std::time::Instant::now() + 5 * SECOND;
+    let live = loop {
+        let list: Value = http.get(&base).send().await.unwrap().json().await.unwrap();
+        let live = list["calls"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["id"] == json!(id))
+            .cloned()
+            .expect("the call is listed");
+        if live["state"] == "answered" || std::time::Instant::now() > deadline {
+            break live;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    };
     assert_eq!(live["direction"], "outbound");
     assert_eq!(live["state"], "answered", "{live}");
 

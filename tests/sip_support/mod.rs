@@ -292,6 +292,20 @@ pub struct SippUas {
 /// the message trace in a temporary folder, then `extra_args` (a later `-timeout` wins).
 /// Returns once SIPp's SIP socket is bound, so an INVITE sent next is not lost.
 pub fn sipp_uas(scenario: &str, extra_args: &[&str]) -> SippUas {
+    // A free port can be taken again before SIPp binds it, and SIPp also binds ports next to
+    // the media port (video RTP at +2) that nobody checked: on a busy machine, start again on
+    // other ports when SIPp says the address is in use. Any other early exit is a failure.
+    for _ in 0..4 {
+        match start_sipp_uas(scenario, extra_args) {
+            Ok(uas) => return uas,
+            Err(report) if report.contains("Address already in use") => continue,
+            Err(report) => panic!("{report}"),
+        }
+    }
+    start_sipp_uas(scenario, extra_args).unwrap_or_else(|report| panic!("{report}"))
+}
+
+fn start_sipp_uas(scenario: &str, extra_args: &[&str]) -> Result<SippUas, String> {
     let file = if scenario.ends_with(".xml") {
         scenario.to_string()
     } else {
@@ -338,7 +352,7 @@ pub fn sipp_uas(scenario: &str, extra_args: &[&str]) -> SippUas {
     while !udp_port_bound(port) {
         let exited = uas.child.as_mut().and_then(|c| c.try_wait().ok().flatten());
         if let Some(status) = exited {
-            panic!("{}", uas.report(Some(status)));
+            return Err(uas.report(Some(status)));
         }
         assert!(
             std::time::Instant::now() < until,
@@ -346,7 +360,7 @@ pub fn sipp_uas(scenario: &str, extra_args: &[&str]) -> SippUas {
         );
         std::thread::sleep(Duration::from_millis(10));
     }
-    uas
+    Ok(uas)
 }
 
 /// Whether some socket is bound to UDP `port` on this machine (Linux /proc/net/udp{,6}).
