@@ -106,6 +106,8 @@ pub struct Ops {
     admission: OnceLock<watch::Sender<Arc<Admission>>>,
     voice: OnceLock<CallControl>,
     trunks: OnceLock<Arc<TrunkTable>>,
+    /// `[gateways]`, shared with the class 4 server and replaced on reload.
+    gateways: crate::routing::Gateways,
     /// The SIP listeners as bound, in `[sip] listen` order.
     bound: OnceLock<Vec<ListenSpec>>,
 }
@@ -142,13 +144,16 @@ impl Ops {
         check_exposure(&next).map_err(|e| e.to_string())?;
         let codecs = codecs(&next.sip).map_err(|e| e.to_string())?;
         let trunks = Trunks::build(&next.trunk, &codecs).map_err(|e| format!("[[trunk]] {e}"))?;
+        check_gateways(&next.gateways).map_err(|e| e.to_string())?;
         let summary = format!(
-            "{} routes, {} ACL entries, {} users, {} trunks",
+            "{} routes, {} ACL entries, {} users, {} trunks, {} gateways",
             admission.routes.len(),
             policy.allow.len(),
             admission.users.len(),
-            next.trunk.len()
+            next.trunk.len(),
+            next.gateways.len()
         );
+        self.gateways.replace(next.gateways.clone());
         if let Some(table) = self.trunks.get() {
             table.replace(trunks);
         }
@@ -329,6 +334,7 @@ impl App {
             admission: OnceLock::new(),
             voice: OnceLock::new(),
             trunks: OnceLock::new(),
+            gateways: crate::routing::Gateways::new(config.gateways.clone()),
             bound: OnceLock::new(),
         });
         Ok(App {
@@ -501,7 +507,7 @@ impl App {
         let class4 = Class4Server {
             engine: self.routing.clone(),
             library: self.library.clone(),
-            gateways: Arc::new(self.config.gateways.clone()),
+            gateways: self.ops.gateways.clone(),
             sip: handle.clone(),
         };
         let codecs = codecs(cfg)?;

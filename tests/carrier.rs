@@ -19,6 +19,18 @@ fn request_from(
     user: &str,
     wait: Duration,
 ) -> Option<u16> {
+    response_from(from, to, method, user, wait)
+        .and_then(|text| text.get(8..11).and_then(|c| c.parse().ok()))
+}
+
+/// The final response to one request, as text.
+fn response_from(
+    from: &str,
+    to: SocketAddr,
+    method: &str,
+    user: &str,
+    wait: Duration,
+) -> Option<String> {
     let sock = UdpSocket::bind((from, 0)).unwrap();
     let local = sock.local_addr().unwrap();
     let call_id = format!("{}-{}", fastrand_id(), local.port());
@@ -35,7 +47,7 @@ fn request_from(
             let text = String::from_utf8_lossy(&buf[..n]);
             let code: u16 = text.get(8..11).and_then(|c| c.parse().ok()).unwrap_or(0);
             if code >= 200 {
-                return Some(code);
+                return Some(text.into_owned());
             }
         }
     }
@@ -444,6 +456,47 @@ fn reload_swaps_a_route_live_and_refuses_a_bad_config_whole() {
     assert_eq!(got, Some(488));
     let (status, body) = http_post(&s, "/v1/admin/reload");
     assert_eq!(status, 200, "{body}");
+}
+
+#[test]
+fn reload_puts_new_gateways_into_the_next_redirects() {
+    let route = "[[route]]\nmatch = \"^7400$\"\nscript = \"via_alpha.js\"\nmode = \"class4\"\n";
+    let s = sip_support::start_with_top("", route);
+    std::fs::write(
+        s.dir.path().join("scripts/via_alpha.js"),
+        "function main(data) { data.routing.egress_routing = [{gw: {alpha: {}}}]; return data; }",
+    )
+    .unwrap();
+    let contact = || {
+        let text = response_from("127.0.0.1", s.udp, "INVITE", "7400", Duration::from_secs(3))
+            .expect("an answer");
+        assert!(text.starts_with("SIP/2.0 302"), "{text}");
+        text.lines()
+            .find(|l| l.to_ascii_lowercase().starts_with("contact:"))
+            .map(str::to_string)
+            .expect("a Contact")
+    };
+    let before = contact();
+    assert!(before.contains("alpha.example.net"), "{before}");
+    let cfg = s.dir.path().join("callforge.toml");
+    let original = std::fs::read_to_string(&cfg).unwrap();
+    assert!(original.contains("alpha.example.net"), "{original}");
+    // A gateway that is not a SIP URI is refused whole; the old table stays.
+    std::fs::write(&cfg, original.replace("sip:alpha.example.net", "http://x")).unwrap();
+    let (status, body) = http_post(&s, "/v1/admin/reload");
+    assert_eq!(status, 422, "{body}");
+    assert!(body.contains("[gateways] alpha"), "{body}");
+    assert!(contact().contains("alpha.example.net"));
+    std::fs::write(
+        &cfg,
+        original.replace("alpha.example.net", "alpha-new.example.org"),
+    )
+    .unwrap();
+    let (status, body) = http_post(&s, "/v1/admin/reload");
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("gateways"), "{body}");
+    let after = contact();
+    assert!(after.contains("alpha-new.example.org"), "{after}");
 }
 
 #[test]

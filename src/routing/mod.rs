@@ -4,14 +4,17 @@
 //! |---|---|
 //! | [`table`] | `[[route]]` entries compiled: Request-URI user → script, mode, vars |
 //! | [`request`] | `data.routing` built from an INVITE |
+//! | [`gateways`] | the `[gateways]` table, replaced whole on reload |
 //! | [`redirect`] | a normalised class4 result → 302 Contacts (pure, unit-tested) |
 //! | [`server`] | one INVITE end to end: run the script, answer over the [`SipHandle`](crate::sip::SipHandle) |
 
+pub mod gateways;
 pub mod redirect;
 pub mod request;
 pub mod server;
 pub mod table;
 
+pub use gateways::Gateways;
 pub use redirect::{contacts, Decision, RedirectError};
 pub use server::Class4Server;
 pub use table::{Route, RouteError, RouteTable};

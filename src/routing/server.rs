@@ -1,7 +1,7 @@
 //! The redirect server: one class4 INVITE end to end (data → script → 302 or final status),
 //! all of it on the script worker that runs the script.
 
-use std::{collections::BTreeMap, sync::Arc, time::Duration};
+use std::{sync::Arc, time::Duration};
 
 use serde_json::Value as Json;
 
@@ -26,7 +26,7 @@ const RECHECK_FILES: Duration = Duration::from_secs(1);
 pub struct Class4Server {
     pub engine: Arc<Engine>,
     pub library: Arc<ScriptLibrary>,
-    pub gateways: Arc<BTreeMap<String, String>>,
+    pub gateways: super::Gateways,
     pub sip: SipHandle,
 }
 
@@ -76,7 +76,7 @@ impl Class4Server {
         if let Err(e) = &outcome {
             tracing::debug!(script = %route.script, code = e.code, "class4 script error: {}", e.message);
         }
-        decide(&outcome, &self.gateways, route.timeout_action)
+        decide(&outcome, &self.gateways.current(), route.timeout_action)
     }
 
     /// Runs the route's script through the engine and decides; never fails (every problem
