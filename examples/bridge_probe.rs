@@ -84,8 +84,17 @@ async fn main() {
         println!("bridge_probe: no pair of calls set up ({failed} failed)");
         std::process::exit(1);
     }
-    // Let every relay start (callforge moves the caller's media to it after the B leg's ACK).
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Let every relay start (callforge moves the caller's media to it after the B leg's ACK):
+    // warm-up packets on each bridged call until the callee has one from every call, so a
+    // relay still starting under load does not count as relay latency.
+    let warmed = warm_up(&pairs, &callee).await;
+    if warmed < pairs.len() {
+        eprintln!(
+            "bridge_probe: only {warmed} of {} bridged calls relayed a warm-up packet within 5 s",
+            pairs.len()
+        );
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
 
     // Packet 2j goes through callforge, 2j + 1 straight to the callee, right after it.
     let n = pairs.len();
@@ -153,6 +162,7 @@ async fn main() {
         .collect();
     windows.sort_unstable();
     windows.dedup();
+    let first_windows: Vec<String> = windows.iter().take(12).map(|w| w.to_string()).collect();
 
     let byes: Vec<_> = pairs
         .into_iter()
@@ -170,8 +180,8 @@ async fn main() {
     let paired = Stats::of(paired, slots);
     println!("bridge_probe: direct  {direct}");
     println!("bridge_probe: bridged {bridged}");
-    println!("bridge_probe: bridged - direct, pair by pair: {paired}; the slowest 1% of bridged packets were sent in {} of {} 100-ms windows",
-        windows.len(), seconds * 10);
+    println!("bridge_probe: bridged - direct, pair by pair: {paired}; the slowest 1% of bridged packets were sent in {} of {} 100-ms windows ({}{})",
+        windows.len(), seconds * 10, first_windows.join(" "), if windows.len() > 12 { " ..." } else { "" });
     match (bridged.pct, direct.pct) {
         (Some(b), Some(d)) => println!(
             "bridge_probe: added by callforge: p50 {:.0} us, p99 {:.0} us ({n} bridged + {n} direct calls, {failed} failed, {seconds} s)",
@@ -186,6 +196,41 @@ async fn main() {
     if failed > 0 {
         std::process::exit(1);
     }
+}
+
+/// Number of the warm-up packet of bridged call `k` (beyond any measured packet's number).
+fn warm_up_number(k: usize) -> u32 {
+    0xFFFF_0000 + k as u32
+}
+
+/// Sends a warm-up packet every 20 ms on each bridged call whose relay has not yet passed
+/// one to the callee, for up to 5 s; returns how many calls passed one.
+async fn warm_up(pairs: &[(Call, Call)], callee: &Callee) -> usize {
+    let mut done = vec![false; pairs.len()];
+    let until = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < until && done.iter().any(|d| !d) {
+        for (k, (bridged, _)) in pairs.iter().enumerate().filter(|(k, _)| !done[*k]) {
+            let mut pkt = vec![0x80, 0, 0, 0, 0, 0, 0, 0];
+            pkt.extend_from_slice(&(0x5eed_0000 + 2 * k as u32).to_be_bytes());
+            pkt.extend_from_slice(MAGIC);
+            pkt.extend_from_slice(&warm_up_number(k).to_be_bytes());
+            pkt.resize(12 + 160, 0xFF);
+            let _ = bridged.rtp_socket().try_send_to(&pkt, bridged.remote_rtp);
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        for p in callee.received.lock().expect("received").iter() {
+            if p.payload.len() >= 8 && &p.payload[..4] == MAGIC {
+                let i =
+                    u32::from_be_bytes([p.payload[4], p.payload[5], p.payload[6], p.payload[7]]);
+                if let Some(k) = i.checked_sub(warm_up_number(0)) {
+                    if let Some(d) = done.get_mut(k as usize) {
+                        *d = true;
+                    }
+                }
+            }
+        }
+    }
+    done.iter().filter(|d| **d).count()
 }
 
 struct Stats {

@@ -16,7 +16,7 @@ use tokio::sync::{mpsc, watch, Notify};
 use crate::{
     config::{Config, RouteMode, SipConfig},
     http::{self, ApiState},
-    media::{EspeakRenderer, PortAllocator, PromptCache, TtsCache, TtsRenderer},
+    media::{EspeakRenderer, PortAllocator, PromptCache, RelayThreads, TtsCache, TtsRenderer},
     modules::originate::{Originator, OriginatorSlot},
     routing::{request::request_user, Class4Server, RouteError, RouteTable},
     script::{Engine, EngineConfig, EngineError, HostModules, ScriptLibrary},
@@ -1059,6 +1059,14 @@ fn media_shared(cfg: &crate::config::MediaConfig) -> Result<MediaShared, AppErro
         recordings: cfg.recordings.clone(),
         default_voice: cfg.voice.clone(),
         inband_always: cfg.inband_dtmf,
+        relays: Arc::new(
+            RelayThreads::start(cfg.relay_threads, cfg.relay_priority).map_err(|source| {
+                AppError::Media {
+                    what: format!("cannot start {} relay threads", cfg.relay_threads),
+                    source,
+                }
+            })?,
+        ),
     })
 }
 

@@ -296,6 +296,12 @@ pub struct MediaConfig {
     /// Connect and total timeouts of those fetches (and of an HTTP TTS service), in ms.
     pub url_connect_timeout_ms: u64,
     pub url_timeout_ms: u64,
+    /// Threads that run bridged calls' RTP relays, apart from the tokio workers (0: relays
+    /// run on the workers).
+    pub relay_threads: usize,
+    /// Scheduling of those threads: `normal`, `high` (nice -10) or `realtime` (SCHED_FIFO),
+    /// each where the process may.
+    pub relay_priority: crate::media::RelayPriority,
 }
 
 impl Default for MediaConfig {
@@ -311,6 +317,8 @@ impl Default for MediaConfig {
             url_hosts: Vec::new(),
             url_connect_timeout_ms: 2_000,
             url_timeout_ms: 10_000,
+            relay_threads: 1,
+            relay_priority: crate::media::RelayPriority::High,
         }
     }
 }

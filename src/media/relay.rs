@@ -29,7 +29,7 @@ use std::{
 
 use super::{
     g711::G711,
-    rtp::{build, RtpPacket, StreamPosition, FRAME, FRAME_SAMPLES},
+    rtp::{build_into, RtpView, StreamPosition, FRAME, FRAME_SAMPLES},
 };
 
 /// Keys a leg's RFC 4733 events must not be relayed for (`ctx.blockDtmf`): one bit per event
@@ -164,7 +164,19 @@ impl Forwarder {
 
     /// The datagram to send on the other leg for one received on this one at `now`.
     pub fn forward(&mut self, now: Instant, datagram: &[u8]) -> Result<Vec<u8>, Dropped> {
-        let result = self.rewrite(now, datagram);
+        let mut out = Vec::new();
+        self.forward_into(now, datagram, &mut out).map(|()| out)
+    }
+
+    /// Like [`Forwarder::forward`], writing the datagram into `out` (its allocation reused):
+    /// the relay's hot path allocates nothing per packet.
+    pub fn forward_into(
+        &mut self,
+        now: Instant,
+        datagram: &[u8],
+        out: &mut Vec<u8>,
+    ) -> Result<(), Dropped> {
+        let result = self.rewrite(now, datagram, out);
         match result {
             Ok(_) => self.forwarded += 1,
             Err(_) => self.dropped += 1,
@@ -172,36 +184,25 @@ impl Forwarder {
         result
     }
 
-    fn rewrite(&mut self, now: Instant, datagram: &[u8]) -> Result<Vec<u8>, Dropped> {
-        let packet = RtpPacket::parse(datagram).map_err(|_| Dropped::Malformed)?;
+    fn rewrite(&mut self, now: Instant, datagram: &[u8], out: &mut Vec<u8>) -> Result<(), Dropped> {
+        let packet = RtpView::parse(datagram).map_err(|_| Dropped::Malformed)?;
         if !self.open {
             return Err(Dropped::Held);
         }
         let is_audio = packet.pt == self.from.audio_pt;
-        let (pt, payload) = if is_audio {
-            let payload = if self.from.codec == self.to.codec {
-                packet.payload.clone()
-            } else {
-                packet
-                    .payload
-                    .iter()
-                    .map(|&b| {
-                        self.to
-                            .codec
-                            .encode_sample(self.from.codec.decode_sample(b))
-                    })
-                    .collect()
-            };
-            (self.to.audio_pt, payload)
+        let (from_codec, to_codec) = (self.from.codec, self.to.codec);
+        let transcode = is_audio && from_codec != to_codec;
+        let pt = if is_audio {
+            self.to.audio_pt
         } else if Some(packet.pt) == self.from.dtmf_pt {
             if let Some(&event) = packet.payload.first().filter(|e| self.blocked.blocks(**e)) {
                 return Err(Dropped::Blocked(event));
             }
-            let pt = self.to.dtmf_pt.ok_or(Dropped::NoDtmfOnOtherLeg)?;
-            (pt, packet.payload.clone())
+            self.to.dtmf_pt.ok_or(Dropped::NoDtmfOnOtherLeg)?
         } else {
             return Err(Dropped::UnknownPayloadType(packet.pt));
         };
+        let payload = packet.payload;
         let mut marker = packet.marker;
         let mut anchor = match self.anchor {
             Some(a) if a.in_ssrc == packet.ssrc => a,
@@ -259,7 +260,15 @@ impl Forwarder {
                 due: now + FRAME * (samples / FRAME_SAMPLES).max(1) as u32,
             });
         }
-        Ok(build(pt, marker, seq, ts, self.out_ssrc, &payload))
+        let bytes = payload.iter().map(|&b| {
+            if transcode {
+                to_codec.encode_sample(from_codec.decode_sample(b))
+            } else {
+                b
+            }
+        });
+        build_into(out, pt, marker, seq, ts, self.out_ssrc, bytes);
+        Ok(())
     }
 }
 
@@ -275,6 +284,7 @@ fn random_u16() -> u16 {
 mod tests {
     use super::*;
     use crate::media::g711::{alaw_decode, ulaw_encode};
+    use crate::media::rtp::{build, RtpPacket};
 
     const PCMU: LegMedia = LegMedia {
         codec: G711::Pcmu,

@@ -1,6 +1,8 @@
 //! The tokio driver of a bridge: moves datagrams between two legs' RTP sockets through the
 //! sans-IO [`Forwarder`]s, immediately, until told to stop. Each leg latches onto the source
-//! of its first packet (symmetric RTP), as the sessions do.
+//! of its first packet (symmetric RTP), as the sessions do. It runs on a relay thread (see
+//! [`super::relay_threads`]), and one buffer holds every datagram it sends, so a packet costs
+//! no allocation.
 
 use std::net::SocketAddr;
 
@@ -64,6 +66,8 @@ pub async fn relay(
     let (mut a_dest, mut b_dest) = (a.remote, b.remote);
     let (mut a_latched, mut b_latched) = (false, false);
     let (a_sock, b_sock) = (a.socket, b.socket);
+    // One buffer for every datagram sent: nothing is allocated per packet.
+    let mut out = Vec::with_capacity(2048);
     tokio::pin!(stop);
     let apply = |g: RelayGates, ab: &mut Forwarder, ba: &mut Forwarder| {
         ab.set_open(g.to_b);
@@ -81,7 +85,7 @@ pub async fn relay(
                 let Ok((data, from)) = r else { continue };
                 if !a_latched { a_dest = from; a_latched = true; }
                 if from != a_dest { continue; }
-                if let Ok(out) = ab.forward(Instant::now(), data) {
+                if ab.forward_into(Instant::now(), data, &mut out).is_ok() {
                     let _ = b_sock.send_raw(&out, b_dest);
                 }
             }
@@ -89,7 +93,7 @@ pub async fn relay(
                 let Ok((data, from)) = r else { continue };
                 if !b_latched { b_dest = from; b_latched = true; }
                 if from != b_dest { continue; }
-                if let Ok(out) = ba.forward(Instant::now(), data) {
+                if ba.forward_into(Instant::now(), data, &mut out).is_ok() {
                     let _ = a_sock.send_raw(&out, a_dest);
                 }
             }

@@ -46,21 +46,49 @@ pub struct RtpPacket {
     pub payload: Vec<u8>,
 }
 
-impl RtpPacket {
+/// A parsed RTP packet borrowing its payload from the datagram (no allocation): what the
+/// relay reads. [`RtpPacket::parse`] is this plus a copy of the payload.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RtpView<'a> {
+    pub pt: u8,
+    pub marker: bool,
+    pub seq: u16,
+    pub timestamp: u32,
+    pub ssrc: u32,
+    /// Payload, without header extension and padding.
+    pub payload: &'a [u8],
+}
+
+impl<'a> RtpView<'a> {
     /// Parses a datagram. RTCP multiplexed on the port is reported as [`RtpError::Rtcp`].
-    pub fn parse(data: &[u8]) -> Result<Self, RtpError> {
+    pub fn parse(data: &'a [u8]) -> Result<Self, RtpError> {
         // RTCP packet types 200..=204 sit where RTP has marker+PT; RFC 5761 §4 demux rule.
         if data.len() >= 2 && (200..=204).contains(&data[1]) {
             return Err(RtpError::Rtcp);
         }
         let r = RtpReader::new(data).map_err(|e| RtpError::Malformed(format!("{e:?}")))?;
-        Ok(RtpPacket {
+        Ok(RtpView {
             pt: r.payload_type(),
             marker: r.mark(),
             seq: r.sequence_number().into(),
             timestamp: r.timestamp(),
             ssrc: r.ssrc(),
-            payload: r.payload().to_vec(),
+            payload: r.payload(),
+        })
+    }
+}
+
+impl RtpPacket {
+    /// Parses a datagram. RTCP multiplexed on the port is reported as [`RtpError::Rtcp`].
+    pub fn parse(data: &[u8]) -> Result<Self, RtpError> {
+        let v = RtpView::parse(data)?;
+        Ok(RtpPacket {
+            pt: v.pt,
+            marker: v.marker,
+            seq: v.seq,
+            timestamp: v.timestamp,
+            ssrc: v.ssrc,
+            payload: v.payload.to_vec(),
         })
     }
 
@@ -75,6 +103,28 @@ impl RtpPacket {
             &self.payload,
         )
     }
+}
+
+/// Writes an RTP packet into `out` (cleared first, its allocation reused): the same bytes as
+/// [`build`], for the relay, which sends one packet per datagram received and should not
+/// allocate for each.
+pub fn build_into(
+    out: &mut Vec<u8>,
+    pt: u8,
+    marker: bool,
+    seq: u16,
+    timestamp: u32,
+    ssrc: u32,
+    payload: impl ExactSizeIterator<Item = u8>,
+) {
+    out.clear();
+    out.reserve(12 + payload.len());
+    out.push(0x80);
+    out.push((pt & 0x7F) | if marker { 0x80 } else { 0 });
+    out.extend_from_slice(&seq.to_be_bytes());
+    out.extend_from_slice(&timestamp.to_be_bytes());
+    out.extend_from_slice(&ssrc.to_be_bytes());
+    out.extend(payload);
 }
 
 /// Builds an RTP packet. Payload types above 127 are masked to 7 bits rather than failing.
@@ -258,6 +308,22 @@ impl RtpSender {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn build_into_writes_what_build_does_and_reuses_its_buffer() {
+        let mut out = Vec::new();
+        for (pt, marker, seq, ts, ssrc, payload) in [
+            (0u8, true, 1u16, 160u32, 0xDEAD_BEEFu32, vec![1u8, 2, 3]),
+            (101, false, 65535, u32::MAX, 7, vec![5, 10, 0, 160]),
+            (200, false, 0, 0, 0, vec![]),
+        ] {
+            build_into(&mut out, pt, marker, seq, ts, ssrc, payload.iter().copied());
+            assert_eq!(out, build(pt, marker, seq, ts, ssrc, &payload));
+        }
+        let cap = out.capacity();
+        build_into(&mut out, 0, false, 2, 2, 2, [0u8; 4].into_iter());
+        assert_eq!((out.len(), out.capacity()), (16, cap));
+    }
 
     #[test]
     fn parse_build_round_trip() {

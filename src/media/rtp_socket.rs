@@ -118,6 +118,31 @@ pub struct RtpSocket {
     rtcp_buf: Vec<u8>,
 }
 
+/// An [`RtpSocket`] registered with no reactor: how a call's sockets travel between the
+/// runtime of the call and a relay thread. The port lease travels with them.
+#[derive(Debug)]
+pub struct ParkedRtpSocket {
+    rtp: std::net::UdpSocket,
+    rtcp: std::net::UdpSocket,
+    lease: PortLease,
+    buf: Vec<u8>,
+    rtcp_buf: Vec<u8>,
+}
+
+impl ParkedRtpSocket {
+    /// Registers the sockets with the reactor of the runtime this is called on. Must be
+    /// called from inside a tokio runtime.
+    pub fn attach(self) -> io::Result<RtpSocket> {
+        Ok(RtpSocket {
+            rtp: UdpSocket::from_std(self.rtp)?,
+            rtcp: UdpSocket::from_std(self.rtcp)?,
+            _lease: self.lease,
+            buf: self.buf,
+            rtcp_buf: self.rtcp_buf,
+        })
+    }
+}
+
 impl RtpSocket {
     /// Binds RTP on an even port from `alloc` and RTCP on the port above it, on `ip`.
     /// Ports that some other program holds are skipped (and given back to the pool).
@@ -162,6 +187,18 @@ impl RtpSocket {
     /// The local RTP address (for our SDP).
     pub fn local_addr(&self) -> io::Result<SocketAddr> {
         self.rtp.local_addr()
+    }
+
+    /// Takes the sockets off the tokio reactor that drives them, so another runtime (a relay
+    /// thread, or back to the call's runtime) can adopt them with [`ParkedRtpSocket::attach`].
+    pub fn park(self) -> io::Result<ParkedRtpSocket> {
+        Ok(ParkedRtpSocket {
+            rtp: self.rtp.into_std()?,
+            rtcp: self.rtcp.into_std()?,
+            lease: self._lease,
+            buf: self.buf,
+            rtcp_buf: self.rtcp_buf,
+        })
     }
 
     /// Receive one datagram on the RTP port, bypassing any session (the bridge relay).
@@ -224,6 +261,49 @@ mod tests {
         let d = PortAllocator::default();
         assert_eq!(d.allocate(), Some(16384));
         assert_eq!(d.available(), 8191);
+    }
+
+    #[tokio::test]
+    async fn a_parked_socket_serves_another_runtime_and_comes_back() {
+        let alloc = Arc::new(PortAllocator::new(43000..=43099));
+        let sock = RtpSocket::bind(&alloc, "127.0.0.1".parse().unwrap())
+            .await
+            .unwrap();
+        let addr = sock.local_addr().unwrap();
+        let peer = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        peer.send_to(b"one", addr).await.unwrap();
+        let parked = sock.park().unwrap();
+        // Another thread with its own runtime (a relay thread) receives on it...
+        let (parked, got) = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async move {
+                let mut s = parked.attach().unwrap();
+                let (data, _) = tokio::time::timeout(Duration::from_secs(2), s.recv_raw())
+                    .await
+                    .unwrap()
+                    .unwrap();
+                let got = data.to_vec();
+                (s.park().unwrap(), got)
+            })
+        })
+        .join()
+        .unwrap_or_else(|_| panic!("relay thread panicked"));
+        assert_eq!(got, b"one");
+        // ...and the first runtime takes it back, with the same port still leased.
+        let mut back = parked.attach().unwrap();
+        assert_eq!(back.local_addr().unwrap(), addr);
+        assert_eq!(alloc.available(), 49);
+        peer.send_to(b"two", addr).await.unwrap();
+        let (data, from) = tokio::time::timeout(Duration::from_secs(2), back.recv_raw())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!((data, from), (&b"two"[..], peer.local_addr().unwrap()));
+        drop(back);
+        assert_eq!(alloc.available(), 50, "the lease is released once");
     }
 
     #[tokio::test]

@@ -30,7 +30,7 @@ use crate::{
         relay::{BlockedKeys, LegMedia, OutStream},
         relay_driver::{relay, BridgeLeg, RelayGates, RelayStats},
         rtp::StreamPosition,
-        MediaSession, RtpSocket,
+        MediaSession, ParkedRtpSocket, RelayThreads, RtpSocket,
     },
     script::HostError,
     sip::{sdp::Codec, CallHandle, EndReason, InDialogKind, Negotiated},
@@ -200,13 +200,36 @@ fn status_of(reason: &EndReason, timed_out: bool, caller_gone: bool) -> (&'stati
 
 /// The relay task and how to stop it.
 pub(super) struct RelayRun {
-    pub(super) stop: oneshot::Sender<()>,
+    stop: oneshot::Sender<()>,
     /// Opens and closes each direction as the legs hold and resume.
     pub(super) gates: watch::Sender<RelayGates>,
-    /// Gives back the first leg's socket (and the caller's media session when the first leg
-    /// is the caller), the second leg's socket, and the counters.
-    pub(super) done:
-        tokio::task::JoinHandle<(RtpSocket, Option<MediaSession>, RtpSocket, RelayStats)>,
+    done: tokio::task::JoinHandle<std::io::Result<RelayOut>>,
+}
+
+/// What a relay thread gives back: the sockets, off its reactor.
+struct RelayOut {
+    a: ParkedRtpSocket,
+    session: Option<MediaSession>,
+    b: ParkedRtpSocket,
+    stats: RelayStats,
+}
+
+/// A stopped relay: the first leg's socket (and the caller's media session when the first
+/// leg is the caller), the second leg's socket, and the counters, on the call's runtime.
+pub(super) struct RelayEnded {
+    pub(super) a: RtpSocket,
+    pub(super) session: Option<MediaSession>,
+    pub(super) b: RtpSocket,
+    pub(super) stats: RelayStats,
+}
+
+/// Why a relay could not be started or its sockets not taken back.
+#[derive(Debug, thiserror::Error)]
+pub(super) enum RelayError {
+    #[error("moving the RTP sockets between runtimes failed: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("the relay task ended abnormally: {0}")]
+    Task(#[from] tokio::task::JoinError),
 }
 
 /// One side of a relay, owned: the relay task borrows it and hands the socket back.
@@ -221,22 +244,31 @@ pub(super) struct RelaySide {
 }
 
 impl RelayRun {
-    /// Relay `a` ↔ `b` on a task of its own until stopped. `session` (the caller's media
-    /// session when `a` is the caller) comes back with the sockets, to resume its media.
-    pub(super) fn spawn(mut a: RelaySide, mut b: RelaySide, session: Option<MediaSession>) -> Self {
+    /// Relay `a` ↔ `b` on a relay thread (see [`RelayThreads`]) until stopped. The sockets
+    /// leave this runtime's reactor for the relay thread's and come back in [`Self::finish`].
+    /// `session` (the caller's media session when `a` is the caller) comes back with them,
+    /// to resume its media.
+    pub(super) fn spawn(
+        relays: &RelayThreads,
+        a: RelaySide,
+        b: RelaySide,
+        session: Option<MediaSession>,
+    ) -> Result<Self, RelayError> {
         let (stop, stopped) = oneshot::channel::<()>();
         let (gates, gates_rx) = watch::channel(RelayGates::default());
-        let done = tokio::spawn(async move {
+        let (a_parked, b_parked) = (a.socket.park()?, b.socket.park()?);
+        let done = relays.spawn(async move {
+            let (mut a_sock, mut b_sock) = (a_parked.attach()?, b_parked.attach()?);
             let stats = relay(
                 BridgeLeg {
-                    socket: &mut a.socket,
+                    socket: &mut a_sock,
                     media: a.media,
                     remote: a.remote,
                     out: a.out,
                     blocked: a.blocked,
                 },
                 BridgeLeg {
-                    socket: &mut b.socket,
+                    socket: &mut b_sock,
                     media: b.media,
                     remote: b.remote,
                     out: b.out,
@@ -248,9 +280,26 @@ impl RelayRun {
                 },
             )
             .await;
-            (a.socket, session, b.socket, stats)
+            Ok(RelayOut {
+                a: a_sock.park()?,
+                session,
+                b: b_sock.park()?,
+                stats,
+            })
         });
-        RelayRun { stop, gates, done }
+        Ok(RelayRun { stop, gates, done })
+    }
+
+    /// Stops the relay and takes its sockets back onto the calling runtime.
+    pub(super) async fn finish(self) -> Result<RelayEnded, RelayError> {
+        let _ = self.stop.send(());
+        let out = self.done.await??;
+        Ok(RelayEnded {
+            a: out.a.attach()?,
+            session: out.session,
+            b: out.b.attach()?,
+            stats: out.stats,
+        })
     }
 }
 
@@ -610,6 +659,7 @@ impl CallState {
             b.b_neg = Some(b_neg.clone());
         }
         let run = RelayRun::spawn(
+            &self.server.media.relays,
             RelaySide {
                 socket: c_sock,
                 media: caller,
@@ -629,6 +679,14 @@ impl CallState {
             },
             Some(c_session),
         );
+        let run = match run {
+            Ok(run) => run,
+            Err(e) => {
+                // The sockets are lost with the error: the call cannot carry media any more.
+                tracing::warn!(call = ?self.call, "relay not started: {e}");
+                return;
+            }
+        };
         if let Some(b) = self.bridge.as_mut() {
             b.relay = Some(run);
         }
@@ -674,12 +732,12 @@ impl CallState {
             ringback.abort();
         }
         if let Some(run) = b.relay.take() {
-            let _ = run.stop.send(());
-            match run.done.await {
-                Ok((sock, session, _b_sock, stats)) => {
+            match run.finish().await {
+                Ok(end) => {
+                    let stats = end.stats;
                     tracing::debug!(call = ?self.call, ?stats, "relay stopped");
-                    if let (false, Some(session)) = (self.ended, session) {
-                        self.resume_media(sock, session, stats.a_out);
+                    if let (false, Some(session)) = (self.ended, end.session) {
+                        self.resume_media(end.a, session, stats.a_out);
                     }
                 }
                 Err(e) => tracing::warn!(call = ?self.call, "relay task failed: {e}"),
@@ -786,8 +844,7 @@ impl CallState {
             let leg = b.leg;
             let _ = self.server.sip.hangup(leg).await;
             if let Some(run) = b.relay.take() {
-                let _ = run.stop.send(());
-                let _ = run.done.await;
+                let _ = run.finish().await;
             }
         }
     }

@@ -34,6 +34,8 @@ pub struct MediaShared {
     pub inband_always: bool,
     /// Fetches `http(s)://` prompts for every call.
     pub remote: Arc<super::remote_audio::RemoteAudio>,
+    /// Where bridged calls' relays run.
+    pub relays: Arc<crate::media::RelayThreads>,
 }
 
 /// The session settings for what the SDP negotiated. In-band detection is on when the peer

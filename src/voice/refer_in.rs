@@ -135,12 +135,17 @@ impl CallState {
         let Some(old) = b.relay.take() else {
             return;
         };
-        let _ = old.stop.send(());
-        let Ok((_caller_sock, _session, b_sock, stats)) = old.done.await else {
-            return;
+        let ended = match old.finish().await {
+            Ok(ended) => ended,
+            Err(e) => {
+                tracing::warn!(call = ?self.call, "relay not handed over: {e}");
+                return;
+            }
         };
+        let (b_sock, stats) = (ended.b, ended.stats);
         tracing::debug!(call = ?self.call, ?stats, "caller side of the relay handed over");
         let run = RelayRun::spawn(
+            &self.server.media.relays,
             RelaySide {
                 socket: b_sock,
                 media: leg_media(&b_neg),
@@ -165,6 +170,13 @@ impl CallState {
             },
             None,
         );
+        let run = match run {
+            Ok(run) => run,
+            Err(e) => {
+                tracing::warn!(call = ?self.call, "relay to the transfer target not started: {e}");
+                return;
+            }
+        };
         let c_handle = r.handle;
         if let Some(b) = self.bridge.as_mut() {
             b.relay = Some(run);
