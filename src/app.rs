@@ -51,6 +51,8 @@ pub enum AppError {
     #[error("HTTP server failed: {0}")]
     Serve(std::io::Error),
     #[error(transparent)]
+    PerCore(#[from] http::percore::PerCoreError),
+    #[error(transparent)]
     Routes(#[from] RouteError),
     #[error("[sip] {0}")]
     SipConfig(String),
@@ -409,34 +411,57 @@ impl App {
                 "HTTP API on {addr} without [http] token: anyone who can reach it can run and upload scripts"
             );
         }
-        let listener = tokio::net::TcpListener::bind(addr)
-            .await
-            .map_err(|source| AppError::Bind { addr, source })?;
-        let local = listener.local_addr().unwrap_or(addr);
-        tracing::info!(
-            http = %local,
-            scripts = %self.library.dir().display(),
-            workers = self.engine.workers(),
-            "callforge listening"
-        );
-        // Tests and wrappers read this line to learn an ephemeral port.
-        println!("callforge http listening on {local}");
-        spawn_reload_on_hup(self.ops.clone());
-        let drain_timeout = Duration::from_secs(self.config.calls.drain_timeout_s);
         let limits = http::listener::HttpLimits {
             header_timeout: Duration::from_secs(self.config.http.header_timeout_s.max(1)),
             idle_timeout: Duration::from_secs(self.config.http.idle_timeout_s.max(1)),
             max_per_source: self.config.http.max_connections_per_source.max(1),
         };
-        let listener = http::listener::GuardedListener::new(listener, limits);
-        let served = axum::serve(listener, self.router())
-            .with_graceful_shutdown(drained(self.ops.clone(), drain_timeout))
-            .await
-            .map_err(AppError::Serve);
+        let drain_timeout = Duration::from_secs(self.config.calls.drain_timeout_s);
+        let served = if self.config.http.thread_per_core {
+            // The first listener resolves a port 0; the routing workers bind the rest.
+            let first =
+                http::percore::bind(addr).map_err(|source| AppError::Bind { addr, source })?;
+            let local = first.local_addr().unwrap_or(addr);
+            let per_core = http::percore::PerCore::start(
+                &self.routing,
+                first,
+                self.router(),
+                http::listener::ConnectionGuard::new(limits),
+                tokio::runtime::Handle::current(),
+            )?;
+            self.announce(local);
+            drained(self.ops.clone(), drain_timeout).await;
+            per_core.shut_down().await;
+            Ok(())
+        } else {
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|source| AppError::Bind { addr, source })?;
+            self.announce(listener.local_addr().unwrap_or(addr));
+            let listener = http::listener::GuardedListener::new(listener, limits);
+            axum::serve(listener, self.router())
+                .with_graceful_shutdown(drained(self.ops.clone(), drain_timeout))
+                .await
+                .map_err(AppError::Serve)
+        };
         if let Some(handle) = sip {
             handle.shutdown();
         }
         served
+    }
+
+    /// Logs and prints the HTTP address (tests and wrappers read the printed line to learn an
+    /// ephemeral port) and starts reloading on SIGHUP.
+    fn announce(&self, local: std::net::SocketAddr) {
+        tracing::info!(
+            http = %local,
+            scripts = %self.library.dir().display(),
+            workers = self.engine.workers(),
+            per_core = self.config.http.thread_per_core,
+            "callforge listening"
+        );
+        println!("callforge http listening on {local}");
+        spawn_reload_on_hup(self.ops.clone());
     }
 
     /// Starts SIP when there is at least one `[[route]]`; prints one line per listener.

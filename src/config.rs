@@ -540,6 +540,9 @@ pub struct HttpConfig {
     pub idle_timeout_s: u64,
     /// Connections one source IP may hold open.
     pub max_connections_per_source: usize,
+    /// Each routing worker thread accepts and serves its own share of the connections, so
+    /// a class4 run never changes threads; false serves HTTP from the main runtime.
+    pub thread_per_core: bool,
 }
 
 impl Default for HttpConfig {
@@ -553,6 +556,7 @@ impl Default for HttpConfig {
             header_timeout_s: 10,
             idle_timeout_s: 60,
             max_connections_per_source: 256,
+            thread_per_core: true,
         }
     }
 }

@@ -692,6 +692,100 @@ async fn http_closes_slow_header_and_idle_connections_and_caps_sources() {
     assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
 }
 
+/// Thread-per-core HTTP: clients that send a request's headers a byte at a time hold
+/// connections on both routing workers (the kernel spreads 16 connections over them), and
+/// class4 runs on other connections (keep-alive, and pipelined) are still answered promptly.
+#[tokio::test]
+async fn slow_header_clients_do_not_stall_runs_on_the_same_workers() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    script(
+        d,
+        "pick.js",
+        "export default function main(data) { return {routing: {carriers: [data.to]}}; }",
+    );
+    let e = start(d, "[limits]\nclass4_workers = 2\n", &[]);
+    let addr = e.http;
+    let mut slow = Vec::new();
+    for _ in 0..16 {
+        let mut c = connect_from("127.0.0.1", addr).await;
+        c.write_all(b"POST /v1/run/pick?mode=class4 HTTP/1.1\r\n")
+            .await
+            .unwrap();
+        slow.push(c);
+    }
+    let dribble = tokio::spawn(async move {
+        // One header byte per connection every 100 ms, never finishing the headers.
+        for i in 0..40 {
+            for c in slow.iter_mut() {
+                let _ = c.write_all(&[b'X' + (i % 2) as u8]).await;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        slow
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // Keep-alive runs on 8 other connections (reqwest reuses them).
+    let client = http();
+    let started = Instant::now();
+    let mut slowest = Duration::ZERO;
+    for i in 0..80 {
+        let t = Instant::now();
+        let r = client
+            .post(format!("http://{addr}/v1/run/pick?mode=class4"))
+            .json(&json!({"to": format!("carrier{i}")}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        let body: Value = r.json().await.unwrap();
+        assert_eq!(body["result"]["routing"]["carriers"][0], format!("carrier{i}"), "{body}");
+        slowest = slowest.max(t.elapsed());
+    }
+    assert!(
+        slowest < Duration::from_millis(500),
+        "a run waited {slowest:?} behind slow clients"
+    );
+    // Three pipelined runs in one write on a fresh connection get three answers in order.
+    let mut piped = connect_from("127.0.0.4", addr).await;
+    let mut batch = Vec::new();
+    for to in ["a", "b", "c"] {
+        let body = format!("{{\"to\":\"{to}\"}}");
+        batch.extend_from_slice(
+            format!(
+                "POST /v1/run/pick?mode=class4 HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+                body.len()
+            )
+            .as_bytes(),
+        );
+    }
+    piped.write_all(&batch).await.unwrap();
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 4096];
+    while String::from_utf8_lossy(&seen).matches("HTTP/1.1 200").count() < 3 {
+        let n = tokio::time::timeout(Duration::from_secs(2), piped.read(&mut buf))
+            .await
+            .expect("pipelined answers in time")
+            .unwrap();
+        assert!(n > 0, "closed after {}", String::from_utf8_lossy(&seen));
+        seen.extend_from_slice(&buf[..n]);
+    }
+    let text = String::from_utf8_lossy(&seen);
+    let (a, b, c) = (
+        text.find("\"a\"").unwrap(),
+        text.find("\"b\"").unwrap(),
+        text.find("\"c\"").unwrap(),
+    );
+    assert!(a < b && b < c, "answers out of order: {text}");
+    assert!(started.elapsed() < Duration::from_secs(4));
+    // The slow clients were still connected (their header deadline is 10 s), so they really
+    // were holding the workers' attention while the runs went through.
+    let mut slow = dribble.await.unwrap();
+    for c in slow.iter_mut() {
+        assert!(!closed_within(c, Duration::from_millis(10)).await);
+    }
+}
+
 // ------------------------------------------------------------ item 13: CDRs across kill -9
 
 /// Call-IDs of the calls whose BYE SIPp received, from its `-trace_msg` file.

@@ -3,6 +3,8 @@
 //!
 //! The guard sits under hyper, on the byte stream: it sees a request begin (first byte), its
 //! header end (`CRLF CRLF`) and the response go out, which is all the two deadlines need.
+//! One [`ConnectionGuard`] can serve several listeners (the per-worker ones of
+//! [`super::percore`]): the per-source count is shared, so the cap holds across them.
 
 use std::{
     collections::HashMap,
@@ -44,17 +46,16 @@ impl Default for HttpLimits {
 
 type Sources = Arc<Mutex<HashMap<IpAddr, usize>>>;
 
-/// A TCP listener for `axum::serve` that applies [`HttpLimits`].
-pub struct GuardedListener {
-    inner: TcpListener,
+/// The limits and the per-source connection counts, shared by every listener of the API.
+#[derive(Clone)]
+pub struct ConnectionGuard {
     limits: HttpLimits,
     sources: Sources,
 }
 
-impl GuardedListener {
-    pub fn new(inner: TcpListener, limits: HttpLimits) -> Self {
-        GuardedListener {
-            inner,
+impl ConnectionGuard {
+    pub fn new(limits: HttpLimits) -> Self {
+        ConnectionGuard {
             limits,
             sources: Sources::default(),
         }
@@ -73,15 +74,11 @@ impl GuardedListener {
             ip,
         })
     }
-}
 
-impl axum::serve::Listener for GuardedListener {
-    type Io = GuardedStream;
-    type Addr = SocketAddr;
-
-    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+    /// The next connection on `listener` that the per-source cap lets in, guarded.
+    pub async fn accept(&self, listener: &TcpListener) -> (GuardedStream, SocketAddr) {
         loop {
-            let (stream, peer) = match self.inner.accept().await {
+            let (stream, peer) = match listener.accept().await {
                 Ok(accepted) => accepted,
                 Err(e) => {
                     // Out of descriptors and the like: back off instead of spinning.
@@ -97,6 +94,30 @@ impl axum::serve::Listener for GuardedListener {
             let _ = stream.set_nodelay(true);
             return (GuardedStream::new(stream, self.limits, slot), peer);
         }
+    }
+}
+
+/// A TCP listener for `axum::serve` that applies [`HttpLimits`].
+pub struct GuardedListener {
+    inner: TcpListener,
+    guard: ConnectionGuard,
+}
+
+impl GuardedListener {
+    pub fn new(inner: TcpListener, limits: HttpLimits) -> Self {
+        GuardedListener {
+            inner,
+            guard: ConnectionGuard::new(limits),
+        }
+    }
+}
+
+impl axum::serve::Listener for GuardedListener {
+    type Io = GuardedStream;
+    type Addr = SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        self.guard.accept(&self.inner).await
     }
 
     fn local_addr(&self) -> io::Result<Self::Addr> {
@@ -139,8 +160,8 @@ pub struct GuardedStream {
     inner: TcpStream,
     limits: HttpLimits,
     phase: Phase,
-    /// The last bytes read, to find a `CRLF CRLF` split across reads.
-    tail: Vec<u8>,
+    /// Where the current request's headers end.
+    header_end: HeaderEnd,
     timer: Pin<Box<Sleep>>,
     /// Who waits on a read: woken when a response starts the idle deadline, since nothing
     /// on the socket would wake it to arm that deadline.
@@ -156,7 +177,7 @@ impl GuardedStream {
             limits,
             // A new connection owes us its first request's headers in time.
             phase: Phase::Headers(now),
-            tail: Vec::with_capacity(4),
+            header_end: HeaderEnd::default(),
             timer: Box::pin(tokio::time::sleep_until(now + limits.header_timeout)),
             reader: None,
             _slot: slot,
@@ -177,18 +198,51 @@ impl GuardedStream {
         }
         if let Phase::Idle(_) = self.phase {
             self.phase = Phase::Headers(Instant::now());
-            self.tail.clear();
+            self.header_end = HeaderEnd::default();
         }
         if let Phase::Headers(_) = self.phase {
-            let mut window = std::mem::take(&mut self.tail);
-            window.extend_from_slice(bytes);
-            if window.windows(4).any(|w| w == b"\r\n\r\n") {
+            if self.header_end.feed(bytes) {
                 self.phase = Phase::Busy;
-            } else {
-                let keep = window.len().min(3);
-                self.tail = window[window.len() - keep..].to_vec();
             }
         }
+    }
+}
+
+/// Finds a request's `CRLF CRLF` across reads without copying them: only the last 3 bytes
+/// seen are kept, for an end split between two reads.
+#[derive(Debug, Default)]
+struct HeaderEnd {
+    tail: [u8; 3],
+    tail_len: usize,
+}
+
+impl HeaderEnd {
+    const END: &'static [u8] = b"\r\n\r\n";
+
+    /// The next bytes of the stream; true once the headers' end has been seen.
+    fn feed(&mut self, bytes: &[u8]) -> bool {
+        // The seam: the kept tail and up to 3 bytes of this read.
+        let mut seam = [0u8; 6];
+        let old = self.tail_len;
+        seam[..old].copy_from_slice(&self.tail[..old]);
+        let head = &bytes[..bytes.len().min(3)];
+        seam[old..old + head.len()].copy_from_slice(head);
+        let seam = &seam[..old + head.len()];
+        if seam.windows(4).any(|w| w == Self::END)
+            || memchr::memmem::find(bytes, Self::END).is_some()
+        {
+            return true;
+        }
+        // Keep the last 3 bytes of (tail, bytes).
+        let mut joined = [0u8; 6];
+        joined[..old].copy_from_slice(&self.tail[..old]);
+        let last = &bytes[bytes.len().saturating_sub(3)..];
+        joined[old..old + last.len()].copy_from_slice(last);
+        let total = old + last.len();
+        let keep = total.min(3);
+        self.tail[..keep].copy_from_slice(&joined[total - keep..total]);
+        self.tail_len = keep;
+        false
     }
 }
 
@@ -217,8 +271,7 @@ impl AsyncRead for GuardedStream {
         let before = buf.filled().len();
         match Pin::new(&mut this.inner).poll_read(cx, buf) {
             Poll::Ready(Ok(())) => {
-                let filled = buf.filled()[before..].to_vec();
-                this.on_read(&filled);
+                this.on_read(&buf.filled()[before..]);
                 Poll::Ready(Ok(()))
             }
             Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
@@ -287,5 +340,43 @@ impl AsyncWrite for GuardedStream {
 
     fn is_write_vectored(&self) -> bool {
         self.inner.is_write_vectored()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::HeaderEnd;
+
+    /// Feeds `request` in pieces of `n` bytes, as reads would deliver it, and says at which
+    /// piece the headers were seen to end.
+    fn end_seen_at(request: &[u8], n: usize) -> Option<usize> {
+        let mut end = HeaderEnd::default();
+        request.chunks(n).position(|piece| end.feed(piece))
+    }
+
+    #[test]
+    fn header_end_is_found_however_the_reads_split_it() {
+        let request = b"POST /v1/run/x HTTP/1.1\r\nHost: a\r\n\r\n{}";
+        let last_byte = request.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 3;
+        for n in 1..=request.len() {
+            assert_eq!(
+                end_seen_at(request, n),
+                Some(last_byte / n),
+                "pieces of {n} bytes"
+            );
+        }
+    }
+
+    #[test]
+    fn line_ends_short_of_an_empty_line_do_not_end_headers() {
+        let partial = b"GET / HTTP/1.1\r\nHost: a\r\n\r";
+        for n in 1..=partial.len() {
+            assert_eq!(end_seen_at(partial, n), None, "pieces of {n} bytes");
+        }
+        let mut split = HeaderEnd::default();
+        assert!(!split.feed(b"\r\n"));
+        assert!(!split.feed(b"x\r\n"));
+        assert!(!split.feed(b"\r"));
+        assert!(split.feed(b"\n"));
     }
 }

@@ -135,10 +135,29 @@ impl Engine {
             .await
     }
 
+    /// Like [`run`](Self::run), but a run asked for on one of this engine's own worker threads
+    /// stays on that thread (see [`WorkerPool::run_here_first`]).
+    pub async fn run_here_first(&self, inv: Invocation) -> Result<RunOutput, EngineError> {
+        self.pool
+            .run_here_first(RunRequest {
+                script: inv.script,
+                mode: inv.mode,
+                data: inv.data,
+                function: inv.function,
+                ctx: inv.ctx,
+            })
+            .await
+    }
+
     /// Hands `task` to the least busy worker thread, which drives it there: the task prepares
     /// its runs, runs them with the given [`LocalRunner`](super::pool::LocalRunner) and acts on
     /// their results without crossing threads again. Nothing is returned to the caller.
     pub fn spawn_local(&self, task: LocalTask) -> Result<(), EngineError> {
         self.pool.spawn(task)
+    }
+
+    /// Hands `task` to worker thread `index` (see [`WorkerPool::spawn_on`]).
+    pub fn spawn_on(&self, index: usize, task: LocalTask) -> Result<(), EngineError> {
+        self.pool.spawn_on(index, task)
     }
 }

@@ -7,9 +7,14 @@
 //! Besides single runs ([`WorkerPool::run`]), a caller can hand a worker a whole task
 //! ([`WorkerPool::spawn`]): code that prepares a run, runs it with a [`LocalRunner`] and acts
 //! on the result, all on the worker's thread. Class 4 over SIP uses this so a call never
-//! crosses back to the caller's thread between the INVITE and the answer.
+//! crosses back to the caller's thread between the INVITE and the answer. A task can also be
+//! pinned to one worker ([`WorkerPool::spawn_on`]): the HTTP API's per-worker acceptors.
+//!
+//! A run requested from one of the pool's own threads ([`WorkerPool::run_here_first`]) stays on
+//! that thread: the HTTP connections a worker accepted run their class4 scripts where they are.
 
 use std::{
+    cell::Cell,
     rc::Rc,
     sync::{
         atomic::{AtomicUsize, Ordering},
@@ -67,6 +72,16 @@ struct Worker {
 /// A fixed set of worker threads; runs go to the least busy one.
 pub struct WorkerPool {
     workers: Vec<Worker>,
+    /// Tells this pool's threads from another pool's (see [`HERE`]).
+    id: usize,
+}
+
+/// Numbers the pools of the process.
+static NEXT_POOL: AtomicUsize = AtomicUsize::new(0);
+
+thread_local! {
+    /// On a worker thread: its pool's id and its index in that pool.
+    static HERE: Cell<Option<(usize, usize)>> = const { Cell::new(None) };
 }
 
 impl WorkerPool {
@@ -81,6 +96,7 @@ impl WorkerPool {
         // The JS stack limit must fit well inside the thread's own stack.
         let stack = (limits.stack_bytes * 4).max(8 * 1024 * 1024);
         let mut workers = Vec::with_capacity(count);
+        let id = NEXT_POOL.fetch_add(1, Ordering::Relaxed);
         for index in 0..count {
             let (tx, rx) = mpsc::unbounded_channel();
             let in_flight = Arc::new(AtomicUsize::new(0));
@@ -95,14 +111,17 @@ impl WorkerPool {
             thread::Builder::new()
                 .name(format!("script-{index}"))
                 .stack_size(stack)
-                .spawn(move || worker_main(rx, counter, ticks, sandbox))?;
+                .spawn(move || {
+                    HERE.with(|h| h.set(Some((id, index))));
+                    worker_main(rx, counter, ticks, sandbox)
+                })?;
             workers.push(Worker {
                 jobs: tx,
                 in_flight,
                 lag,
             });
         }
-        Ok(WorkerPool { workers })
+        Ok(WorkerPool { workers, id })
     }
 
     pub fn size(&self) -> usize {
@@ -155,9 +174,35 @@ impl WorkerPool {
         answer.await.map_err(|_| EngineError::ShuttingDown)
     }
 
+    /// Like [`run`](Self::run), but when called on one of this pool's worker threads the run
+    /// stays on that thread instead of going to the least busy worker: no thread hop, no
+    /// wake-up of another thread. (It still goes through the worker's queue, so the caller's
+    /// future stays `Send` and may be polled anywhere on that thread.)
+    pub async fn run_here_first(&self, request: RunRequest) -> Result<RunOutput, EngineError> {
+        let here = HERE
+            .with(Cell::get)
+            .filter(|(pool, _)| *pool == self.id)
+            .and_then(|(_, index)| self.workers.get(index));
+        let Some(worker) = here else {
+            return self.run(request).await;
+        };
+        worker.in_flight.fetch_add(1, Ordering::Relaxed);
+        let (reply, answer) = oneshot::channel();
+        Self::send(worker, Job::Run { request, reply })?;
+        answer.await.map_err(|_| EngineError::ShuttingDown)
+    }
+
     /// Hands `task` to the least busy worker, which drives it to completion on its thread.
     pub fn spawn(&self, task: LocalTask) -> Result<(), EngineError> {
         let worker = self.pick()?;
+        Self::send(worker, Job::Task(task))
+    }
+
+    /// Hands `task` to worker `index` (0..[`size`](Self::size)), for work that belongs to one
+    /// thread, such as a socket of its own. It counts as one job of that worker until it ends.
+    pub fn spawn_on(&self, index: usize, task: LocalTask) -> Result<(), EngineError> {
+        let worker = self.workers.get(index).ok_or(EngineError::ShuttingDown)?;
+        worker.in_flight.fetch_add(1, Ordering::Relaxed);
         Self::send(worker, Job::Task(task))
     }
 }

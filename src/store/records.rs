@@ -429,14 +429,17 @@ fn write_executions(
     export: Option<Export>,
 ) {
     while let Ok(first) = queue.recv() {
-        let mut batch = vec![first];
-        while batch.len() < MAX_BATCH {
-            match queue.try_recv() {
-                Ok(p) => batch.push(p),
-                Err(_) => break,
+        // Records and their acknowledgements apart: the records are moved, not copied, and go
+        // back to the callers, whose threads allocated them and free them.
+        let (mut records, mut acks) = (Vec::new(), Vec::new());
+        let mut next = Some(first);
+        while let Some(PendingExecution { record, ack }) = next.take() {
+            records.push(record);
+            acks.push(ack);
+            if records.len() < MAX_BATCH {
+                next = queue.try_recv().ok();
             }
         }
-        let mut records: Vec<ExecutionRecord> = batch.iter().map(|p| p.record.clone()).collect();
         let written = store.with_blocking(|c| {
             let tx = c.transaction()?;
             {
@@ -464,16 +467,16 @@ fn write_executions(
         });
         match written {
             Ok(()) => {
-                for (pending, record) in batch.into_iter().zip(records) {
+                for (ack, record) in acks.into_iter().zip(records) {
                     let answer =
                         export_line(export.as_ref(), "execution", &record).map(|()| record);
-                    let _ = pending.ack.send(answer);
+                    let _ = ack.send(answer);
                 }
             }
             Err(e) => {
                 let message = e.to_string();
-                for pending in batch {
-                    let _ = pending.ack.send(Err(StoreError::Write(message.clone())));
+                for ack in acks {
+                    let _ = ack.send(Err(StoreError::Write(message.clone())));
                 }
             }
         }

@@ -2,16 +2,18 @@
 # Throughput of POST /v1/run/routing?mode=class4 (the 5-carrier routing script, a fresh
 # context per run) under concurrent load from wrk, against a release build on loopback.
 # Usage: tests/load/http_run.sh [seconds] [connections]
+# CALLFORGE_BIN=path serves a prebuilt binary instead (A/B comparisons of two builds).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 secs=${1:-10}
 conns=${2:-64}
 command -v wrk >/dev/null || { sudo_=""; [ "$(id -u)" = 0 ] || sudo_=sudo; $sudo_ apt-get install -y -qq wrk; }
-cargo build --release --quiet --bin callforge
+bin=${CALLFORGE_BIN:-target/release/callforge}
+[ -n "${CALLFORGE_BIN:-}" ] || cargo build --release --quiet --bin callforge
 port=$(( 20000 + RANDOM % 20000 ))
 work=$(mktemp -d)
 printf '[store]\npath = "%s/callforge.db"\n' "$work" > "$work/callforge.toml"
-target/release/callforge serve --config "$work/callforge.toml" --http 127.0.0.1:$port --scripts scripts >/dev/null 2>"$work/server.log" &
+"$bin" serve --config "$work/callforge.toml" --http 127.0.0.1:$port --scripts scripts >/dev/null 2>"$work/server.log" &
 pid=$!
 trap 'kill $pid 2>/dev/null || true; rm -rf "$work"' EXIT
 for _ in $(seq 50); do curl -sf "http://127.0.0.1:$port/healthz" >/dev/null && break; sleep 0.1; done
