@@ -739,7 +739,11 @@ async fn slow_header_clients_do_not_stall_runs_on_the_same_workers() {
             .unwrap();
         assert_eq!(r.status(), 200);
         let body: Value = r.json().await.unwrap();
-        assert_eq!(body["result"]["routing"]["carriers"][0], format!("carrier{i}"), "{body}");
+        assert_eq!(
+            body["result"]["routing"]["carriers"][0],
+            format!("carrier{i}"),
+            "{body}"
+        );
         slowest = slowest.max(t.elapsed());
     }
     assert!(
@@ -762,7 +766,11 @@ async fn slow_header_clients_do_not_stall_runs_on_the_same_workers() {
     piped.write_all(&batch).await.unwrap();
     let mut seen = Vec::new();
     let mut buf = [0u8; 4096];
-    while String::from_utf8_lossy(&seen).matches("HTTP/1.1 200").count() < 3 {
+    while String::from_utf8_lossy(&seen)
+        .matches("HTTP/1.1 200")
+        .count()
+        < 3
+    {
         let n = tokio::time::timeout(Duration::from_secs(2), piped.read(&mut buf))
             .await
             .expect("pipelined answers in time")
