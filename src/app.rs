@@ -483,7 +483,20 @@ impl App {
         let specs = listen_specs(cfg)?;
         let mut ua = ua_config(cfg, self.config.calls.accept_refer);
         ua.guard = policy.clone();
-        let transport = sip::start_with(&specs, ua, tcp_limits(cfg)).await.map_err(|e| match e {
+        let fast_settings = crate::routing::fast::Settings {
+            server: ua.user_agent.clone(),
+            retry_after: ua.retry_after,
+            max_calls: ua.max_calls,
+            max_transactions: (ua.max_transactions / self.routing.workers().max(1)).max(1),
+            timers: ua.timers,
+            limits: ua.limits,
+        };
+        let fast_workers = if cfg.fast_path {
+            self.routing.workers()
+        } else {
+            0
+        };
+        let mut transport = sip::start_fast(&specs, ua, tcp_limits(cfg), fast_workers).await.map_err(|e| match e {
             TransportError::Bind { spec, source } if source.kind() == std::io::ErrorKind::AddrInUse => {
                 AppError::SipConfig(format!(
                     "cannot listen on {spec}: the port is already in use (another SIP server?). \
@@ -570,6 +583,29 @@ impl App {
             lag: (cfg.shed_lag_ms > 0).then(|| Duration::from_millis(cfg.shed_lag_ms)),
             main_loop,
         };
+        if let Some(fast) = transport.fast.take() {
+            let admission = admission_rx.clone();
+            let routes: crate::routing::fast::RouteLookup =
+                Arc::new(move |user| admission.borrow().routes.find(user).cloned());
+            let (sheds, engine) = (shed.clone(), self.routing.clone());
+            let overloaded: crate::routing::fast::Overloaded =
+                Arc::new(move || sheds.overloaded(&engine));
+            crate::routing::fast::FastPath {
+                class4: class4.clone(),
+                routes,
+                overloaded,
+                guard: fast.guard,
+                injector: fast.injector,
+                seed: fast.seed,
+                settings: fast_settings,
+            }
+            .start(fast.sockets)
+            .map_err(|e| AppError::SipConfig(format!("cannot start the class4 fast path: {e}")))?;
+            tracing::info!(
+                workers = fast_workers,
+                "SIP class4 fast path on the routing workers"
+            );
+        }
         tokio::spawn(dispatch(
             transport.events,
             commands,
@@ -646,6 +682,7 @@ fn tcp_limits(cfg: &SipConfig) -> sip::TcpLimits {
 /// and hold memory meanwhile.
 /// The SIP and media tasks' own runtime counts too: class5 set-up (sockets, SDP, tasks) is
 /// spent there, and when it lags every call in progress suffers.
+#[derive(Clone)]
 struct Shed {
     lag: Option<Duration>,
     main_loop: Arc<crate::lag::Lag>,

@@ -379,6 +379,9 @@ pub struct SipConfig {
     /// New INVITEs get 503 (Retry-After) while every script worker that would run them is
     /// this late starting new work, in ms; 0 never sheds.
     pub shed_lag_ms: u64,
+    /// Class4 fast path: each routing worker reads the UDP listeners itself (`SO_REUSEPORT`)
+    /// and answers class4 INVITEs without a thread hop; everything else goes to the stack.
+    pub fast_path: bool,
 }
 
 /// One `[[sip.user]]`: a caller account for Digest authentication.
@@ -417,6 +420,7 @@ impl Default for SipConfig {
             tcp_max_connections: 4096,
             tcp_max_per_source: 64,
             shed_lag_ms: 500,
+            fast_path: false,
         }
     }
 }

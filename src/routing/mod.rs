@@ -6,8 +6,10 @@
 //! | [`request`] | `data.routing` built from an INVITE |
 //! | [`gateways`] | the `[gateways]` table, replaced whole on reload |
 //! | [`redirect`] | a normalised class4 result → 302 Contacts (pure, unit-tested) |
+//! | [`fast`] | `[sip] fast_path`: class4 INVITEs received, run and answered on the script worker |
 //! | [`server`] | one INVITE end to end: run the script, answer over the [`SipHandle`](crate::sip::SipHandle) |
 
+pub mod fast;
 pub mod gateways;
 pub mod redirect;
 pub mod request;

@@ -37,7 +37,26 @@ pub fn headers_object(call: &IncomingCall) -> Map<String, Json> {
 
 /// `data` with `data.routing` from the INVITE (no vars applied yet).
 pub fn routing_data(call: &IncomingCall) -> Json {
-    let account_id = message::header(&call.request.headers, "X-Account-ID")
+    let account = message::header(&call.request.headers, "X-Account-ID");
+    routing_json(
+        cli(call),
+        request_user(call),
+        account.as_deref(),
+        headers_object(call),
+        call.source.addr.ip(),
+    )
+}
+
+/// `data` with `data.routing` from an INVITE's facts, however it was read (the general
+/// path's rsip tree, or the fast path's header slices).
+pub fn routing_json(
+    cli: String,
+    dest_number: String,
+    account_id: Option<&str>,
+    headers: Map<String, Json>,
+    source_ip: std::net::IpAddr,
+) -> Json {
+    let account_id = account_id
         .map(|v| {
             let v = v.trim();
             v.parse::<i64>()
@@ -47,11 +66,11 @@ pub fn routing_data(call: &IncomingCall) -> Json {
         .unwrap_or(Json::Null);
     json!({
         "routing": {
-            "cli": cli(call),
-            "dest_number": request_user(call),
+            "cli": cli,
+            "dest_number": dest_number,
             "account_id": account_id,
-            "headers": headers_object(call),
-            "source_ip": call.source.addr.ip().to_string(),
+            "headers": headers,
+            "source_ip": source_ip.to_string(),
             "egress_routing": [],
         }
     })

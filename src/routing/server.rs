@@ -34,7 +34,11 @@ impl Class4Server {
     /// The `data` a class4 run gets for this INVITE: the request's routing facts, then the
     /// script's `NAME.toml` vars (as over HTTP), then the route's own vars.
     pub fn data_for(&self, call: &IncomingCall, route: &Route) -> Result<Json, String> {
-        let mut data = request::routing_data(call);
+        self.data_with(request::routing_data(call), route)
+    }
+
+    /// [`data_for`](Self::data_for) from `data.routing` already built.
+    pub fn data_with(&self, mut data: Json, route: &Route) -> Result<Json, String> {
         match self.library.vars_recent(&route.script, RECHECK_FILES) {
             Ok(Some(vars)) => data = request::apply_vars(data, &vars),
             Ok(None) => {}
@@ -53,6 +57,15 @@ impl Class4Server {
         call: &IncomingCall,
         route: &Route,
     ) -> Result<(Arc<CompiledScript>, Json), Decision> {
+        self.prepare_with(request::routing_data(call), route)
+    }
+
+    /// [`prepare`](Self::prepare) from `data.routing` already built.
+    pub fn prepare_with(
+        &self,
+        routing: Json,
+        route: &Route,
+    ) -> Result<(Arc<CompiledScript>, Json), Decision> {
         let failure = |message: String| Decision::Reject {
             code: route.timeout_action,
             reason: sanitize_reason(&message),
@@ -64,7 +77,7 @@ impl Class4Server {
                 tracing::warn!(script = %route.script, "class4 route script unusable: {e}");
                 failure(e.to_string())
             })?;
-        let data = self.data_for(call, route).map_err(|e| {
+        let data = self.data_with(routing, route).map_err(|e| {
             tracing::warn!(script = %route.script, "class4 vars unusable: {e}");
             failure(e)
         })?;
@@ -72,7 +85,7 @@ impl Class4Server {
     }
 
     /// The answer for a finished run (its result is already normalised).
-    fn decision(&self, route: &Route, outcome: Result<Json, ScriptError>) -> Decision {
+    pub fn decision(&self, route: &Route, outcome: Result<Json, ScriptError>) -> Decision {
         if let Err(e) = &outcome {
             tracing::debug!(script = %route.script, code = e.code, "class4 script error: {}", e.message);
         }

@@ -93,8 +93,10 @@ pub mod digest;
 pub mod framing;
 pub mod guard;
 pub mod inbound_auth;
+pub mod lite;
 pub mod message;
 pub mod parse;
+pub mod redirect_tx;
 pub mod sdp;
 pub mod tcp_guard;
 pub(crate) mod timer;
@@ -107,7 +109,10 @@ pub use parse::{ParseError, ParseLimits};
 pub use sdp::{Codec, Direction, MediaConfig, Negotiated, SessionDescription};
 pub use tcp_guard::TcpLimits;
 pub use transaction::{Target, TimerConfig, TransportKind};
-pub use transport::{start, start_with, ListenSpec, SipHandle, SipTransport, TransportError};
+pub use transport::{
+    start, start_fast, start_with, FastUdp, Injector, ListenSpec, SipHandle, SipTransport,
+    TransportError,
+};
 pub use ua::{
     Action, CallHandle, EndReason, EndedBy, InDialogKind, IncomingCall, MessageHandle,
     OutboundMessage, UaConfig, UaError, UaEvent, UserAgent,

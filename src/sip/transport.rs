@@ -300,6 +300,80 @@ pub struct SipTransport {
     /// Actual bound addresses (ephemeral ports resolved).
     pub local_addrs: Vec<ListenSpec>,
     pub task: tokio::task::JoinHandle<()>,
+    /// With [`start_fast`]: the UDP sockets for the fast path's workers, and what they need
+    /// to hand datagrams to this stack.
+    pub fast: Option<FastUdp>,
+}
+
+/// The UDP side of the class4 fast path (`[sip] fast_path`): for every worker, one socket per
+/// UDP listener, all bound to the listener's address with `SO_REUSEPORT`, so the kernel
+/// spreads datagrams over them by a hash of their addresses. The stack itself reads no UDP
+/// socket then: whatever a worker does not answer itself it gives to [`Injector::deliver`].
+#[derive(Debug)]
+pub struct FastUdp {
+    /// `sockets[worker]`: (socket, its listener's bound address), in listener order.
+    pub sockets: Vec<Vec<(std::net::UdpSocket, SocketAddr)>>,
+    pub injector: Injector,
+    /// The guard the user agent consults, shared so both paths keep one set of counters.
+    pub guard: super::guard::SharedGuard,
+    /// The stack's seed, for To tags derived from a Call-ID ([`super::ua::auto_tag`]).
+    pub seed: u64,
+}
+
+/// Feeds datagrams to the stack as if its own UDP reader had received them; any thread.
+#[derive(Debug, Clone)]
+pub struct Injector(mpsc::UnboundedSender<Input>);
+
+impl Injector {
+    /// One datagram from `from`, received on the listener bound to `local`. `false` once
+    /// the stack has stopped.
+    pub fn deliver(&self, bytes: Vec<u8>, from: SocketAddr, local: SocketAddr) -> bool {
+        self.0
+            .send(Input::Message {
+                bytes,
+                source: Target {
+                    addr: from,
+                    transport: TransportKind::Udp,
+                },
+                local,
+            })
+            .is_ok()
+    }
+}
+
+/// Binds a UDP socket that other sockets of this process can share the address with
+/// (`SO_REUSEPORT`); non-blocking, for tokio.
+pub fn bind_shared_udp(addr: SocketAddr) -> std::io::Result<std::net::UdpSocket> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
+    socket.set_reuse_port(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    Ok(socket.into())
+}
+
+/// `workers` sockets sharing `addr` (port 0: the first one picks the port). A port given
+/// explicitly is first bound plainly and released, so that another process holding it (even
+/// with `SO_REUSEPORT`, which would otherwise let us join its group silently) fails loudly.
+fn bind_udp_group(addr: SocketAddr, workers: usize) -> std::io::Result<Vec<std::net::UdpSocket>> {
+    if addr.port() != 0 {
+        drop(std::net::UdpSocket::bind(addr)?);
+    }
+    let first = bind_shared_udp(addr)?;
+    let bound = first.local_addr()?;
+    let mut group = vec![first];
+    for _ in 1..workers.max(1) {
+        group.push(bind_shared_udp(bound)?);
+    }
+    Ok(group)
+}
+
+/// How the stack sends on a UDP listener: its own socket, or (fast path) a duplicate of a
+/// worker's socket that is never read nor registered with an event loop, so datagrams
+/// arriving for the workers do not wake this thread.
+enum UdpOut {
+    Owned(Arc<UdpSocket>),
+    Shared(std::net::UdpSocket),
 }
 
 fn random_seed() -> u64 {
@@ -321,8 +395,19 @@ pub async fn start(specs: &[ListenSpec], cfg: UaConfig) -> Result<SipTransport, 
 /// [`start`] with the TCP connection limits given.
 pub async fn start_with(
     specs: &[ListenSpec],
+    cfg: UaConfig,
+    tcp_limits: TcpLimits,
+) -> Result<SipTransport, TransportError> {
+    start_fast(specs, cfg, tcp_limits, 0).await
+}
+
+/// [`start_with`], and with `fast_workers > 0` every UDP listener is bound once per fast-path
+/// worker instead of being read by the stack (see [`FastUdp`]).
+pub async fn start_fast(
+    specs: &[ListenSpec],
     mut cfg: UaConfig,
     tcp_limits: TcpLimits,
+    fast_workers: usize,
 ) -> Result<SipTransport, TransportError> {
     if specs.is_empty() {
         return Err(TransportError::NothingToListen);
@@ -343,12 +428,29 @@ pub async fn start_with(
     let mut udp = Vec::new();
     let mut tcp = Vec::new();
     let mut local_addrs = Vec::new();
+    let mut fast_sockets: Vec<Vec<(std::net::UdpSocket, SocketAddr)>> = Vec::new();
     for spec in specs {
         let bind_err = |source| TransportError::Bind {
             spec: *spec,
             source,
         };
         match spec.transport {
+            TransportKind::Udp if fast_workers > 0 => {
+                let group = bind_udp_group(spec.addr, fast_workers).map_err(bind_err)?;
+                let addr = group[0].local_addr().map_err(bind_err)?;
+                let sender = group[0].try_clone().map_err(bind_err)?;
+                local_addrs.push(ListenSpec {
+                    transport: TransportKind::Udp,
+                    addr,
+                });
+                udp.push((UdpOut::Shared(sender), addr));
+                for (worker, socket) in group.into_iter().enumerate() {
+                    if fast_sockets.len() <= worker {
+                        fast_sockets.push(Vec::new());
+                    }
+                    fast_sockets[worker].push((socket, addr));
+                }
+            }
             TransportKind::Udp => {
                 let sock = Arc::new(UdpSocket::bind(spec.addr).await.map_err(bind_err)?);
                 let addr = sock.local_addr().map_err(bind_err)?;
@@ -356,7 +458,7 @@ pub async fn start_with(
                     transport: TransportKind::Udp,
                     addr,
                 });
-                udp.push((sock, addr));
+                udp.push((UdpOut::Owned(sock), addr));
             }
             TransportKind::Tcp => {
                 let listener = TcpListener::bind(spec.addr).await.map_err(bind_err)?;
@@ -371,9 +473,17 @@ pub async fn start_with(
     }
     let mut sockets = Vec::new();
     for (sock, addr) in &udp {
-        let reader = udp_reader(sock.clone(), *addr, max_message, in_tx.clone());
-        sockets.push(tokio::spawn(reader));
+        if let UdpOut::Owned(sock) = sock {
+            let reader = udp_reader(sock.clone(), *addr, max_message, in_tx.clone());
+            sockets.push(tokio::spawn(reader));
+        }
     }
+    let fast = (!fast_sockets.is_empty()).then(|| FastUdp {
+        sockets: fast_sockets,
+        injector: Injector(in_tx.clone()),
+        guard: super::guard::SharedGuard::default(),
+        seed: cfg.seed,
+    });
     for listener in tcp {
         sockets.push(tokio::spawn(tcp_acceptor(
             listener,
@@ -382,8 +492,13 @@ pub async fn start_with(
             in_tx.clone(),
         )));
     }
+    let ua = UserAgent::new(cfg);
+    let fast = fast.map(|f| FastUdp {
+        guard: ua.shared_guard(),
+        ..f
+    });
     let driver = Driver {
-        ua: UserAgent::new(cfg),
+        ua,
         listeners: local_addrs.clone(),
         udp,
         conns: HashMap::new(),
@@ -401,6 +516,7 @@ pub async fn start_with(
         events: ev_rx,
         local_addrs,
         task,
+        fast,
     })
 }
 
@@ -569,7 +685,7 @@ struct Driver {
     ua: UserAgent,
     listeners: Vec<ListenSpec>,
     /// With their local addresses, known at bind time (no getsockname per send).
-    udp: Vec<(Arc<UdpSocket>, SocketAddr)>,
+    udp: Vec<(UdpOut, SocketAddr)>,
     conns: HashMap<SocketAddr, mpsc::UnboundedSender<Vec<u8>>>,
     deadlines: BTreeMap<std::time::Instant, TimerId>,
     events: mpsc::UnboundedSender<UaEvent>,
@@ -738,13 +854,16 @@ impl Driver {
                     .find(|(_, local)| local.is_ipv4() == to.is_ipv4())
                     .or(self.udp.first())
                     .map(|(s, _)| s);
-                match sock {
-                    Some(s) => {
-                        if let Err(e) = s.send_to(&bytes, to).await {
-                            tracing::debug!(%to, error = %e, "udp send failed");
-                        }
+                let sent = match sock {
+                    Some(UdpOut::Owned(s)) => s.send_to(&bytes, to).await.map(drop),
+                    Some(UdpOut::Shared(s)) => send_shared(s, &bytes, to).await,
+                    None => {
+                        tracing::warn!(%to, "no UDP socket to send from");
+                        Ok(())
                     }
-                    None => tracing::warn!(%to, "no UDP socket to send from"),
+                };
+                if let Err(e) = sent {
+                    tracing::debug!(%to, error = %e, "udp send failed");
                 }
             }
             TransportKind::Tcp => {
@@ -769,6 +888,26 @@ impl Driver {
                     }
                 });
             }
+        }
+    }
+}
+
+/// Sends on a non-blocking socket no event loop watches: a full send buffer (rare for UDP)
+/// is waited out in short sleeps, a few times, before the datagram is given up.
+async fn send_shared(
+    socket: &std::net::UdpSocket,
+    bytes: &[u8],
+    to: SocketAddr,
+) -> std::io::Result<()> {
+    let mut tries = 0;
+    loop {
+        match socket.send_to(bytes, to) {
+            Ok(_) => return Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock && tries < 5 => {
+                tries += 1;
+                tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+            }
+            Err(e) => return Err(e),
         }
     }
 }

@@ -338,7 +338,7 @@ pub struct UserAgent {
     announced: Option<Instant>,
     next_id: u64,
     next_call: u64,
-    guard: super::guard::Guard,
+    guard: super::guard::SharedGuard,
 }
 
 /// The method's name for the metrics, without allocating (`OTHER` for the rare ones).
@@ -380,7 +380,15 @@ fn count_sent(bytes: &[u8]) {
     }
 }
 
-fn splitmix(mut x: u64) -> u64 {
+/// The To tag of a response outside any call: derived from the Call-ID and the stack's seed,
+/// so a retransmitted request gets the same tag (shared with the class4 fast path).
+pub fn auto_tag(seed: u64, call_id: &str) -> String {
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    std::hash::Hash::hash(call_id, &mut h);
+    format!("{:016x}", splitmix(seed ^ std::hash::Hasher::finish(&h)))
+}
+
+pub(crate) fn splitmix(mut x: u64) -> u64 {
     x = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
     x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
     x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
@@ -390,7 +398,7 @@ fn splitmix(mut x: u64) -> u64 {
 impl UserAgent {
     pub fn new(cfg: UaConfig) -> Self {
         Self {
-            guard: super::guard::Guard::new(cfg.guard.clone()),
+            guard: super::guard::SharedGuard::new(super::guard::Guard::new(cfg.guard.clone())),
             txs: TransactionTable::new(cfg.timers, cfg.max_transactions),
             cfg,
             calls: HashMap::new(),
@@ -438,12 +446,18 @@ impl UserAgent {
 
     /// Replaces the ACL and per-source limits (live calls are not touched).
     pub fn set_guard_policy(&mut self, policy: super::guard::GuardPolicy) {
-        self.guard.set_policy(policy);
+        self.guard.lock().set_policy(policy);
+    }
+
+    /// The source guard, shared with threads that admit requests themselves (the class4
+    /// fast path).
+    pub fn shared_guard(&self) -> super::guard::SharedGuard {
+        self.guard.clone()
     }
 
     /// Draining: new INVITEs and OPTIONS get 503 with `Retry-After`; dialogs carry on.
     pub fn set_draining(&mut self, draining: bool) {
-        self.guard.set_draining(draining);
+        self.guard.lock().set_draining(draining);
     }
 
     /// Publishes the live transaction and call counts (two atomic stores).
@@ -846,7 +860,7 @@ impl UserAgent {
     fn remove_call(&mut self, handle: CallHandle) {
         if let Some(c) = self.calls.remove(&handle) {
             if let Some(ip) = c.admitted_from {
-                self.guard.call_ended(ip);
+                self.guard.lock().call_ended(ip);
             }
             self.dialogs.remove(&c.dialog.id);
             self.invites.remove(&c.invite_key);
@@ -885,7 +899,8 @@ mod reply;
 mod transfer;
 pub use message_out::{MessageHandle, OutboundMessage};
 pub use outbound::OutboundCall;
-use reply::{response_target, salvage, stamp_via};
+use reply::salvage;
+pub(crate) use reply::{response_target, stamp_via};
 
 #[cfg(test)]
 mod tests;

@@ -126,7 +126,8 @@ impl UserAgent {
         let out_of_dialog = message::to_tag(&req.headers).is_none()
             && !matches!(req.method, rsip::Method::Ack | rsip::Method::Cancel);
         if out_of_dialog {
-            match self.guard.check(source, local, &req.method, now) {
+            let verdict = self.guard.lock().check(source, local, &req.method, now);
+            match verdict {
                 super::super::guard::Verdict::Pass => {}
                 super::super::guard::Verdict::Drop(_) => return,
                 super::super::guard::Verdict::Reject {
@@ -220,12 +221,7 @@ impl UserAgent {
     /// A To tag for responses outside any call, derived from the Call-ID so that a
     /// retransmitted request gets the same tag.
     pub(super) fn auto_tag(&self, call_id: &str) -> String {
-        let mut h = std::collections::hash_map::DefaultHasher::new();
-        std::hash::Hash::hash(call_id, &mut h);
-        format!(
-            "{:016x}",
-            splitmix(self.cfg.seed ^ std::hash::Hasher::finish(&h))
-        )
+        super::auto_tag(self.cfg.seed, call_id)
     }
 
     pub(super) fn options_response(
@@ -374,7 +370,7 @@ impl UserAgent {
                 admitted_from: Some(source.addr.ip()),
             },
         );
-        self.guard.call_started(source.addr.ip());
+        self.guard.lock().call_started(source.addr.ip());
         self.timers
             .arm(now + self.cfg.pending_timeout, (handle, CallTimer::Pending));
         let (from, to) = match self.calls.get(&handle) {

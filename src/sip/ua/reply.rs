@@ -3,7 +3,7 @@
 use super::*;
 
 /// RFC 3581 / §18.2.1: stamp `received` and `rport` on the top Via.
-pub(super) fn stamp_via(via: &mut Via, source: Target) {
+pub(crate) fn stamp_via(via: &mut Via, source: Target) {
     let host_ip = via
         .host
         .trim_start_matches('[')
@@ -20,7 +20,7 @@ pub(super) fn stamp_via(via: &mut Via, source: Target) {
 }
 
 /// §18.2.2 + RFC 3581: where a response to a request with this (stamped) Via goes.
-pub(super) fn response_target(via: Option<&Via>, source: Target) -> Target {
+pub(crate) fn response_target(via: Option<&Via>, source: Target) -> Target {
     let Some(via) = via else {
         return source;
     };
