@@ -122,10 +122,16 @@ fn start_full(top: &str, extra_sip: &str, log: Option<&Path>) -> Server {
     )
     .unwrap();
     let cfg = dir.path().join("callforge.toml");
+    // CALLFORGE_TEST_FAST_PATH=true|false runs every SIP test with that `[sip] fast_path`
+    // (unless the test sets it itself).
+    let fast = match std::env::var("CALLFORGE_TEST_FAST_PATH") {
+        Ok(v) if !extra_sip.contains("fast_path") => format!("fast_path = {v}\n"),
+        _ => String::new(),
+    };
     std::fs::write(
         &cfg,
         format!(
-            "{top}\n[sip]\nlisten = [\"udp:127.0.0.1:0\", \"tcp:127.0.0.1:0\"]\n{extra_sip}\n{ROUTES}"
+            "{top}\n[sip]\nlisten = [\"udp:127.0.0.1:0\", \"tcp:127.0.0.1:0\"]\n{fast}{extra_sip}\n{ROUTES}"
         ),
     )
     .unwrap();
