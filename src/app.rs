@@ -595,12 +595,24 @@ impl App {
                 routes,
                 overloaded,
                 guard: fast.guard,
-                injector: fast.injector,
+                injector: fast.injector.clone(),
                 seed: fast.seed,
                 settings: fast_settings,
             }
             .start(fast.sockets)
             .map_err(|e| AppError::SipConfig(format!("cannot start the class4 fast path: {e}")))?;
+            // A worker held this late has its queued datagrams read for it (shed, or run
+            // elsewhere): the shedding threshold when there is one, else T1.
+            let late = match cfg.shed_lag_ms {
+                0 => Duration::from_millis(cfg.t1_ms.max(1)),
+                ms => Duration::from_millis(ms),
+            };
+            tokio::spawn(crate::routing::fast::relieve_held_workers(
+                self.routing.clone(),
+                fast.spares,
+                fast.injector.clone(),
+                late,
+            ));
             tracing::info!(
                 workers = fast_workers,
                 "SIP class4 fast path on the routing workers"

@@ -420,7 +420,7 @@ impl Default for SipConfig {
             tcp_max_connections: 4096,
             tcp_max_per_source: 64,
             shed_lag_ms: 500,
-            fast_path: false,
+            fast_path: true,
         }
     }
 }

@@ -104,6 +104,49 @@ impl FastPath {
     }
 }
 
+/// Reads, in place of a worker held by a long run, the datagrams queued on its sockets and
+/// hands them to the SIP stack, which sheds them (503) or runs them on a worker that is free,
+/// as without the fast path. The kernel keeps sending a held worker its share of the
+/// traffic (the hash does not know it is busy); without this, those callers would wait for
+/// the run to end. `spares[i]` are duplicates of worker `i`'s sockets; a worker is held once
+/// its event loop is `late` or later. Runs on the SIP stack's runtime; checks every 20 ms.
+pub async fn relieve_held_workers(
+    engine: Arc<crate::script::Engine>,
+    spares: Vec<Vec<(std::net::UdpSocket, SocketAddr)>>,
+    injector: Injector,
+    late: std::time::Duration,
+) {
+    let mut tick = tokio::time::interval(std::time::Duration::from_millis(20));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut buf = vec![0u8; 65_536];
+    loop {
+        tick.tick().await;
+        for (index, sockets) in spares.iter().enumerate() {
+            if engine.worker_lag(index) < late {
+                continue;
+            }
+            for (socket, local) in sockets {
+                let mut taken = 0;
+                // A bounded batch per tick: the worker may resume meanwhile.
+                while taken < 1024 {
+                    match socket.recv_from(&mut buf) {
+                        Ok((n, from)) => {
+                            taken += 1;
+                            if !injector.deliver(buf[..n].to_vec(), from, *local) {
+                                return;
+                            }
+                        }
+                        Err(_) => break, // WouldBlock: the queue is empty
+                    }
+                }
+                if taken > 0 {
+                    tracing::debug!(worker = index, taken, "read a held worker's datagrams");
+                }
+            }
+        }
+    }
+}
+
 /// One worker's state; lives on its thread.
 struct Worker {
     shared: FastPath,

@@ -103,6 +103,11 @@ impl Engine {
         self.pool.size()
     }
 
+    /// How late worker `index` is (see [`WorkerPool::worker_lag`]).
+    pub fn worker_lag(&self, index: usize) -> std::time::Duration {
+        self.pool.worker_lag(index)
+    }
+
     /// How long new work waits before it starts (see [`WorkerPool::lag`]).
     pub fn lag(&self) -> std::time::Duration {
         self.pool.lag()

@@ -149,6 +149,13 @@ impl WorkerPool {
         std::time::Duration::from_micros(us)
     }
 
+    /// How late worker `index`'s event loop runs (zero for an index out of range).
+    pub fn worker_lag(&self, index: usize) -> std::time::Duration {
+        self.workers
+            .get(index)
+            .map_or(std::time::Duration::ZERO, |w| w.lag.now())
+    }
+
     /// The least busy worker, counted as taking one more job.
     fn pick(&self) -> Result<&Worker, EngineError> {
         let worker = self

@@ -313,6 +313,9 @@ pub struct SipTransport {
 pub struct FastUdp {
     /// `sockets[worker]`: (socket, its listener's bound address), in listener order.
     pub sockets: Vec<Vec<(std::net::UdpSocket, SocketAddr)>>,
+    /// The same sockets again (duplicated descriptors of the same sockets, not new members
+    /// of the group), for whoever reads a held worker's queue in its place.
+    pub spares: Vec<Vec<(std::net::UdpSocket, SocketAddr)>>,
     pub injector: Injector,
     /// The guard the user agent consults, shared so both paths keep one set of counters.
     pub guard: super::guard::SharedGuard,
@@ -429,6 +432,7 @@ pub async fn start_fast(
     let mut tcp = Vec::new();
     let mut local_addrs = Vec::new();
     let mut fast_sockets: Vec<Vec<(std::net::UdpSocket, SocketAddr)>> = Vec::new();
+    let mut spares: Vec<Vec<(std::net::UdpSocket, SocketAddr)>> = Vec::new();
     for spec in specs {
         let bind_err = |source| TransportError::Bind {
             spec: *spec,
@@ -447,7 +451,9 @@ pub async fn start_fast(
                 for (worker, socket) in group.into_iter().enumerate() {
                     if fast_sockets.len() <= worker {
                         fast_sockets.push(Vec::new());
+                        spares.push(Vec::new());
                     }
+                    spares[worker].push((socket.try_clone().map_err(bind_err)?, addr));
                     fast_sockets[worker].push((socket, addr));
                 }
             }
@@ -480,6 +486,7 @@ pub async fn start_fast(
     }
     let fast = (!fast_sockets.is_empty()).then(|| FastUdp {
         sockets: fast_sockets,
+        spares,
         injector: Injector(in_tx.clone()),
         guard: super::guard::SharedGuard::default(),
         seed: cfg.seed,

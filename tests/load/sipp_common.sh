@@ -6,6 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 command -v sipp >/dev/null || { echo "sipp missing: tools/ensure-deps.sh --test installs it" >&2; exit 1; }
 # CALLFORGE_BIN=path runs a prebuilt binary instead (A/B comparisons of two builds).
+# FAST_PATH=true|false sets `[sip] fast_path` (unset: the default).
 bin=${CALLFORGE_BIN:-target/release/callforge}
 [ -n "${CALLFORGE_BIN:-}" ] || cargo build --release --quiet --bin callforge
 work=$(mktemp -d)
@@ -20,6 +21,7 @@ for f in ${EXTRA_SCRIPTS:-}; do cp "$f" "$work/scripts/"; done
 cat > "$work/callforge.toml" <<TOML
 [sip]
 listen = ["udp:127.0.0.1:0"]
+${FAST_PATH:+fast_path = $FAST_PATH}
 [limits]
 workers = ${WORKERS:-0}
 ${WORKERS:+class4_workers = $WORKERS}
