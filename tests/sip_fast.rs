@@ -217,7 +217,7 @@ fn the_ack_stops_the_302s_retransmissions() {
     // Not ACKed: timer G sends the 302 again after T1 (500 ms), then 1 s later.
     let again = receive_for(&sock, Duration::from_millis(1000));
     assert!(
-        again.iter().any(|r| *r == resp),
+        again.contains(&resp),
         "no retransmission: {again:?}"
     );
     let to = header(&resp, "To").unwrap();

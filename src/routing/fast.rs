@@ -243,6 +243,8 @@ struct NewCall {
     to: SocketAddr,
     top_via: String,
     tag: String,
+    /// When the INVITE arrived (the call set-up histogram).
+    arrived: Instant,
 }
 
 impl Worker {
@@ -482,6 +484,7 @@ impl Worker {
             to,
             top_via,
             tag: self.new_tag(),
+            arrived: now,
         };
         if !guard::allowed(&route.allow, source.addr.ip()) {
             Metrics::inc(&metrics().sip_rejected, "reason", "route_acl");
@@ -592,6 +595,9 @@ impl Worker {
             return;
         };
         if table.complete(call.slot, out, false, now) {
+            metrics()
+                .call_setup
+                .observe(now.saturating_duration_since(call.arrived));
             if let Some(bytes) = table.response(call.slot) {
                 self.send(call.socket, call.to, bytes);
             }
