@@ -10,7 +10,7 @@ use std::{
 };
 
 use serde_json::{json, Value};
-use sip_support::{assert_all_ok, sipp, start, ROOT};
+use sip_support::{assert_all_ok, sipp, start, start_with_top, ROOT};
 
 const FAST: &str = "fast_path = true\n";
 const GENERAL: &str = "fast_path = false\n";
@@ -216,10 +216,7 @@ fn the_ack_stops_the_302s_retransmissions() {
     );
     // Not ACKed: timer G sends the 302 again after T1 (500 ms), then 1 s later.
     let again = receive_for(&sock, Duration::from_millis(1000));
-    assert!(
-        again.contains(&resp),
-        "no retransmission: {again:?}"
-    );
+    assert!(again.contains(&resp), "no retransmission: {again:?}");
     let to = header(&resp, "To").unwrap();
     sock.send_to(
         in_transaction("ACK", "447700900555", "ack1", local, to).as_bytes(),
@@ -306,7 +303,7 @@ fn class5_options_and_unrouted_go_through_the_general_path_on_the_same_port() {
 }
 
 #[test]
-fn the_acl_the_rate_limit_and_the_route_acl_still_apply() {
+fn the_acl_the_rate_limit_and_the_route_acl_apply_on_both_paths() {
     let (sock, local) = client();
     for (label, sip) in [("fast", FAST), ("general", GENERAL)] {
         let s = start(&format!("{sip}allow = [\"10.1.1.1\"]\n"));
@@ -337,6 +334,19 @@ fn the_acl_the_rate_limit_and_the_route_acl_still_apply() {
             codes.iter().filter(|c| *c == "503").count(),
             3,
             "{label}: {codes:?}"
+        );
+        // A route's own allow list: 403, the same response from both paths.
+        let acl = "[[route]]\nmatch = \"^4477$\"\nscript = \"routing.js\"\nmode = \"class4\"\nallow = [\"10.9.9.9\"]\n";
+        let s = start_with_top(acl, sip);
+        let resp = ask(
+            &sock,
+            s.udp,
+            &invite("4477", &format!("racl{label}"), local, ""),
+            &format!("racl{label}@test"),
+        );
+        assert!(
+            resp.starts_with("SIP/2.0 403 Forbidden\r\n"),
+            "{label}: {resp}"
         );
     }
 }
@@ -463,4 +473,59 @@ fn sipp_redirect_load_with_the_fast_path() {
         &["-r", "100", "-lost", "10"],
     );
     assert_all_ok(&run, 100);
+}
+
+/// A class4 route whose script takes 1.5 s (it awaits a timer), in front of the shared ones.
+const SLOW_ROUTE: &str =
+    "[[route]]\nmatch = \"^7777$\"\nscript = \"slow.js\"\nmode = \"class4\"\nvars = \"carriers.toml\"\n";
+
+#[test]
+fn while_the_script_runs_a_retransmission_gets_100_and_a_cancel_gets_200_and_487() {
+    let s = start_with_top(SLOW_ROUTE, FAST);
+    std::fs::write(
+        s.dir.path().join("scripts/slow.js"),
+        "async function main(d) { await new Promise((r) => setTimeout(r, 1500)); return d; }\n",
+    )
+    .unwrap();
+    let (sock, local) = client();
+    let msg = invite("7777", "slow1", local, "");
+    sock.send_to(msg.as_bytes(), s.udp).unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    sock.send_to(msg.as_bytes(), s.udp).unwrap();
+    let got = receive_for(&sock, Duration::from_millis(400));
+    assert!(
+        got.len() == 1 && got[0].starts_with("SIP/2.0 100 Trying\r\n"),
+        "{got:?}"
+    );
+    sock.send_to(
+        in_transaction("CANCEL", "7777", "slow1", local, "<sip:7777@127.0.0.1>").as_bytes(),
+        s.udp,
+    )
+    .unwrap();
+    let got = receive_for(&sock, Duration::from_millis(2500));
+    let statuses: Vec<&str> = got.iter().map(|r| &r[..11]).collect();
+    assert!(
+        got.iter()
+            .any(|r| r.starts_with("SIP/2.0 200 OK") && r.contains("CSeq: 1 CANCEL")),
+        "{statuses:?}"
+    );
+    let terminated = got
+        .iter()
+        .find(|r| r.starts_with("SIP/2.0 487 "))
+        .unwrap_or_else(|| panic!("no 487: {statuses:?}"));
+    assert!(terminated.contains("CSeq: 1 INVITE"), "{terminated}");
+    assert!(
+        !got.iter().any(|r| r.starts_with("SIP/2.0 302")),
+        "{statuses:?}"
+    );
+    // The ACK of the 487 ends its retransmissions.
+    let to = header(terminated, "To").unwrap();
+    sock.send_to(
+        in_transaction("ACK", "7777", "slow1", local, to).as_bytes(),
+        s.udp,
+    )
+    .unwrap();
+    std::thread::sleep(Duration::from_millis(100));
+    let after = receive_for(&sock, Duration::from_millis(1500));
+    assert!(after.is_empty(), "{after:?}");
 }

@@ -376,25 +376,38 @@ impl<'a> Request<'a> {
 
     /// True when To carries a tag (an in-dialog request, or the ACK of a final response).
     pub fn to_has_tag(&self) -> bool {
-        NameAddr::parse(self.to()).is_ok_and(|na| na.tag().is_some())
+        // The header's parameters: after the name-addr's `>`, or after the addr-spec.
+        let to = self.to();
+        let params = match to.rfind('>') {
+            Some(end) => &to[end + 1..],
+            None => to.split_once(';').map_or("", |(_, p)| p),
+        };
+        params.split(';').any(|p| {
+            let name = p.split('=').next().unwrap_or("").trim();
+            name.eq_ignore_ascii_case("tag")
+        })
     }
 
     /// The top Via's branch and sent-by, which name the INVITE transaction this request
-    /// belongs to (RFC 3261 §17.2.3); `None` for a pre-RFC 3261 branch.
+    /// belongs to (RFC 3261 §17.2.3), written into `out`; false for a pre-RFC 3261 branch.
+    /// The Via was checked canonical by [`read`]: `PROTOCOL SENT-BY;params`, no spaces.
     pub fn transaction_id(&self, out: &mut String) -> bool {
-        let Ok(via) = Via::parse(self.top_via()) else {
+        let Some((_, rest)) = self.top_via().split_once(' ') else {
             return false;
         };
-        let Some(branch) = via.branch().filter(|b| b.starts_with(MAGIC_COOKIE)) else {
+        let mut parts = rest.split(';');
+        let sent_by = parts.next().unwrap_or("");
+        let branch = parts.find_map(|p| {
+            let (name, value) = p.split_once('=')?;
+            name.eq_ignore_ascii_case("branch").then_some(value)
+        });
+        let Some(branch) = branch.filter(|b| b.starts_with(MAGIC_COOKIE)) else {
             return false;
         };
         out.clear();
         out.push_str(branch);
         out.push(' ');
-        out.push_str(&via.host);
-        if let Some(port) = via.port {
-            let _ = write!(out, ":{port}");
-        }
+        out.push_str(sent_by);
         true
     }
 }
@@ -508,6 +521,13 @@ Content-Length: 0\r\n\r\n";
         let mut id = String::new();
         assert!(r.transaction_id(&mut id));
         assert_eq!(id, "z9hG4bK-1 127.0.0.1:5999");
+        let mut spans = Vec::new();
+        let tagged = INVITE.replace("127.0.0.1:5060>\r\n", "127.0.0.1:5060>;TAG=x\r\n");
+        let r = read(tagged.as_bytes(), &mut spans, &ParseLimits::default()).unwrap();
+        assert!(r.to_has_tag());
+        let old = INVITE.replace("branch=z9hG4bK-1", "branch=1");
+        let r = read(old.as_bytes(), &mut spans, &ParseLimits::default()).unwrap();
+        assert!(!r.transaction_id(&mut id));
     }
 
     #[test]
