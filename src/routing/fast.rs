@@ -227,7 +227,9 @@ async fn run_timers(worker: Rc<Worker>) {
         };
         tokio::select! {
             _ = sleep => {
-                let now = Instant::now();
+                // tokio's timers tick in whole milliseconds and may fire up to one early by
+                // this clock: what fired is due, or the loop would spin until it is.
+                let now = next.map_or_else(Instant::now, |at| Instant::now().max(at));
                 let mut table = worker.table.borrow_mut();
                 table.handle_timeout(now, |socket, to, bytes| worker.send(socket, to, bytes));
             }

@@ -351,9 +351,18 @@ pub fn bind_shared_udp(addr: SocketAddr) -> std::io::Result<std::net::UdpSocket>
     let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
     socket.set_reuse_port(true)?;
     socket.set_nonblocking(true)?;
+    // A worker reads its socket between script runs, not on a thread of its own: a larger
+    // queue rides out a few milliseconds without a read (a busy machine) instead of dropping
+    // datagrams the callers must then retransmit. The kernel caps it at net.core.rmem_max.
+    if let Err(e) = socket.set_recv_buffer_size(FAST_RECV_BUFFER) {
+        tracing::debug!("SO_RCVBUF not raised: {e}");
+    }
     socket.bind(&addr.into())?;
     Ok(socket.into())
 }
+
+/// The receive queue asked for each fast-path socket (bytes; Linux counts its bookkeeping in it).
+const FAST_RECV_BUFFER: usize = 4 << 20;
 
 /// `workers` sockets sharing `addr` (port 0: the first one picks the port). A port given
 /// explicitly is first bound plainly and released, so that another process holding it (even
