@@ -529,3 +529,34 @@ fn while_the_script_runs_a_retransmission_gets_100_and_a_cancel_gets_200_and_487
     let after = receive_for(&sock, Duration::from_millis(1500));
     assert!(after.is_empty(), "{after:?}");
 }
+
+/// The fast path joins a port with `SO_REUSEPORT`, which would let it share a port another
+/// process holds the same way: the first bind is plain, so the engine still refuses to start.
+#[test]
+fn a_port_held_by_another_socket_even_with_reuseport_is_refused_loudly() {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let held = Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP)).unwrap();
+    held.set_reuse_port(true).unwrap();
+    held.bind(&"127.0.0.1:0".parse::<SocketAddr>().unwrap().into())
+        .unwrap();
+    let port = held.local_addr().unwrap().as_socket().unwrap().port();
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("callforge.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[sip]\nlisten = [\"udp:127.0.0.1:{port}\"]\nfast_path = true\n[[route]]\nmatch = \"^44\"\nscript = \"routing.js\"\nmode = \"class4\"\n"
+        ),
+    )
+    .unwrap();
+    let out = std::process::Command::new(sip_support::BIN)
+        .args(["serve", "--http", "127.0.0.1:0", "--config"])
+        .arg(&cfg)
+        .args(["--scripts", &format!("{ROOT}/scripts")])
+        .env("RUST_LOG", "warn")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "started on a held port: {err}");
+    assert!(err.contains("already in use"), "{err}");
+}
