@@ -180,6 +180,9 @@ struct RunState {
     panicked: Cell<bool>,
     /// The operator's `[env]` sets `APP_ID`, so runs do not.
     operator_app_id: Cell<bool>,
+    /// The script of the run under way, for `process.env`'s per-run values, which are made
+    /// only when a run first reads `process.env` (see `install_process_env`).
+    script: RefCell<Option<Arc<CompiledScript>>>,
 }
 
 struct Settler {
@@ -215,6 +218,7 @@ impl RunState {
             impure: Cell::new(false),
             panicked: Cell::new(false),
             operator_app_id: Cell::new(false),
+            script: RefCell::new(None),
         }
     }
 
@@ -423,6 +427,7 @@ impl RunState {
         self.settlers.borrow_mut().clear();
         self.input.borrow_mut().take();
         self.required.borrow_mut().clear();
+        self.script.borrow_mut().take();
         *self.host_calls.borrow_mut() = FuturesUnordered::new();
     }
 }
@@ -1887,11 +1892,12 @@ fn require_script<'js>(
 fn install_run_globals<'js>(
     ctx: &Ctx<'js>,
     state: &Rc<RunState>,
-    script: &CompiledScript,
+    script: &Arc<CompiledScript>,
     data: Value<'js>,
 ) -> rquickjs::Result<()> {
     let g = ctx.globals();
     *state.input.borrow_mut() = Some(Persistent::save(ctx, data.clone()));
+    *state.script.borrow_mut() = Some(script.clone());
     // Published ScriptForge scripts also read the input as the object `vars`
     // (`vars.routing.cli = ...; return vars`): the `vars()` function carries the input's
     // top-level properties, the same objects, so changes through either are one change.
@@ -1906,15 +1912,6 @@ fn install_run_globals<'js>(
             vars.set(key.as_str(), input.get::<_, Value>(key.as_str())?)?;
         }
     }
-    let process: Object = g.get("process")?;
-    let env: Object = process.get("env")?;
-    env.set("SCRIPTFORGE_NAME", script.name.as_str())?;
-    env.set("SCRIPTFORGE_ID", script.id.as_str())?;
-    env.set("SCRIPTFORGE_UUID", script.uuid.as_str())?;
-    env.set("CORRELATION_ID", random_uuid().as_str())?;
-    if !state.operator_app_id.get() {
-        env.set("APP_ID", script.name.as_str())?;
-    }
     match (state.mode.get().is_async(), state.pristine) {
         (true, false) => install_timers(ctx, state)?,
         // A pristine image has them already; the synchronous mode has none.
@@ -1924,6 +1921,87 @@ fn install_run_globals<'js>(
         }
         _ => {}
     }
+    Ok(())
+}
+
+/// `process.env` as an accessor that builds the object on a run's first read (the operator's
+/// `[env]`, `EXEC_HOST`, then the run's `SCRIPTFORGE_*`, `CORRELATION_ID` and `APP_ID`) and
+/// then replaces itself with a plain data property. Most class4 runs never read it, and
+/// filling it eagerly was about 2% of a run's instructions (a UUID and five property sets).
+fn install_process_env<'js>(
+    ctx: &Ctx<'js>,
+    state: &Rc<RunState>,
+    sandbox: &Sandbox,
+    process: &Object<'js>,
+) -> rquickjs::Result<()> {
+    if sandbox
+        .modules
+        .env()
+        .iter()
+        .any(|(name, _)| name == "APP_ID")
+    {
+        state.operator_app_id.set(true);
+    }
+    let define: Function = ctx
+        .globals()
+        .get::<_, Object>("Object")?
+        .get("defineProperty")?;
+    let plain = |ctx: &Ctx<'js>, value: Value<'js>| -> rquickjs::Result<Object<'js>> {
+        let descriptor = Object::new(ctx.clone())?;
+        descriptor.set("value", value)?;
+        descriptor.set("writable", true)?;
+        descriptor.set("enumerable", true)?;
+        descriptor.set("configurable", true)?;
+        Ok(descriptor)
+    };
+
+    let st = state.clone();
+    let modules = sandbox.modules.clone();
+    let exec_host = sandbox.exec_host.clone();
+    let get = host_fn(
+        ctx,
+        move |ctx: Ctx<'js>, this: rquickjs::function::This<Object<'js>>| {
+            let env = Object::new(ctx.clone())?;
+            env.set("EXEC_HOST", exec_host.as_str())?;
+            for (name, value) in modules.env() {
+                env.set(name.as_str(), value.as_str())?;
+            }
+            if let Some(script) = st.script.borrow().as_ref() {
+                env.set("SCRIPTFORGE_NAME", script.name.as_str())?;
+                env.set("SCRIPTFORGE_ID", script.id.as_str())?;
+                env.set("SCRIPTFORGE_UUID", script.uuid.as_str())?;
+                env.set("CORRELATION_ID", random_uuid().as_str())?;
+                if !st.operator_app_id.get() {
+                    env.set("APP_ID", script.name.as_str())?;
+                }
+            }
+            let define: Function = ctx
+                .globals()
+                .get::<_, Object>("Object")?
+                .get("defineProperty")?;
+            let descriptor = plain(&ctx, env.clone().into_value())?;
+            define.call::<_, Value>((this.0, "env", descriptor))?;
+            rquickjs::Result::Ok(env)
+        },
+    )?;
+    let set = host_fn(
+        ctx,
+        move |ctx: Ctx<'js>, this: rquickjs::function::This<Object<'js>>, value: Value<'js>| {
+            let define: Function = ctx
+                .globals()
+                .get::<_, Object>("Object")?
+                .get("defineProperty")?;
+            let descriptor = plain(&ctx, value)?;
+            define.call::<_, Value>((this.0, "env", descriptor))?;
+            rquickjs::Result::Ok(())
+        },
+    )?;
+    let accessor = Object::new(ctx.clone())?;
+    accessor.set("get", get)?;
+    accessor.set("set", set)?;
+    accessor.set("enumerable", true)?;
+    accessor.set("configurable", true)?;
+    define.call::<_, Value>((process.clone(), "env", accessor))?;
     Ok(())
 }
 
@@ -2022,15 +2100,7 @@ fn install_common_globals<'js>(
     g.set("console", console)?;
 
     let process = Object::new(ctx.clone())?;
-    let env = Object::new(ctx.clone())?;
-    env.set("EXEC_HOST", sandbox.exec_host.as_str())?;
-    for (name, value) in sandbox.modules.env() {
-        env.set(name.as_str(), value.as_str())?;
-        if name == "APP_ID" {
-            state.operator_app_id.set(true);
-        }
-    }
-    process.set("env", env)?;
+    install_process_env(ctx, state, sandbox, &process)?;
     g.set("process", process)?;
 
     // `setEnvVar(name, value)`: sets `process.env[name]` (as text) for this run only; every

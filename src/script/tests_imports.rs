@@ -359,3 +359,44 @@ async fn console_formats_errors_and_objects_like_node() {
     );
     assert_eq!(lines[8], "Point { x: 1 } 1970-01-01T00:00:00.000Z /a+b/g");
 }
+
+/// `process.env` is made on a run's first read: in class4 (a pristine image restored between
+/// runs) and app mode alike, a run that never reads it is followed by one that does, the
+/// object is complete, a script may replace it, and the replacement does not outlive its run.
+#[tokio::test]
+async fn process_env_made_on_first_read_is_complete_replaceable_and_per_run() {
+    let s = setup(vec![("REGION".into(), "eu-west".into())]);
+    let src = r#"function main(d) {
+        if (!d.read) return 'untouched';
+        const keys = Object.keys(process);
+        const first = process.env;
+        const same = first === process.env;
+        const text = JSON.stringify(process.env);
+        if (d.replace) process.env = { ONLY: 'mine' };
+        return [keys.includes('env'), same, JSON.parse(text).SCRIPTFORGE_NAME,
+                JSON.parse(text).REGION, typeof JSON.parse(text).CORRELATION_ID,
+                process.env.ONLY || null, process.env.REGION || null];
+    }"#;
+    for mode in [Mode::Class4, Mode::App] {
+        // A class4 answer comes back inside the routing object.
+        let s = &s;
+        let run = |data: Json| async move {
+            let out = s.run("env_lazy", src, mode, data).await.result.unwrap();
+            match mode {
+                Mode::Class4 => out["routing"].clone(),
+                _ => out,
+            }
+        };
+        assert_eq!(run(json!({})).await, json!("untouched"), "{mode:?}");
+        assert_eq!(
+            run(json!({"read": true, "replace": true})).await,
+            json!([true, true, "env_lazy", "eu-west", "string", "mine", null]),
+            "{mode:?}"
+        );
+        assert_eq!(
+            run(json!({"read": true})).await,
+            json!([true, true, "env_lazy", "eu-west", "string", null, "eu-west"]),
+            "{mode:?}: the replacement ended with its run"
+        );
+    }
+}

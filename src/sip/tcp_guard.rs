@@ -164,7 +164,9 @@ impl ConnTable {
             let Some(oldest) = inner
                 .conns
                 .iter()
-                .min_by_key(|(_, e)| e.activity.last_ms.load(Ordering::Relaxed))
+                // Ties (same millisecond) go to the connection admitted first, so the
+                // choice does not depend on the map's iteration order.
+                .min_by_key(|(id, e)| (e.activity.last_ms.load(Ordering::Relaxed), **id))
                 .map(|(id, _)| *id)
             else {
                 break;
@@ -249,6 +251,23 @@ mod tests {
         let notified = old.close.notified();
         tokio_test_ready(notified);
         drop((busy, new));
+    }
+
+    /// Connections idle since the same millisecond: the one admitted first makes room,
+    /// whatever order the map iterates in (a CI failure came from this tie).
+    #[test]
+    fn a_tie_in_idle_time_closes_the_first_admitted() {
+        for _ in 0..50 {
+            let t = ConnTable::new(limits(3, 10));
+            let ip: IpAddr = "127.0.0.2".parse().unwrap();
+            let held: Vec<ConnGuard> = (0..3).map(|_| t.admit(ip).unwrap()).collect();
+            let same = held[0].activity.last_ms.load(Ordering::Relaxed);
+            for g in &held {
+                g.activity.last_ms.store(same, Ordering::Relaxed);
+            }
+            let _new = t.admit(ip).unwrap();
+            tokio_test_ready(held[0].close.notified());
+        }
     }
 
     /// A `Notified` future that must already be ready (a permit was stored).

@@ -619,10 +619,14 @@ async fn tcp_connection(
     let written = activity.clone();
     tokio::spawn(async move {
         while let Some(bytes) = wrx.recv().await {
+            // Touched before writing: the peer can react to these bytes before this task
+            // runs again, and a connection that answered later must look younger than this
+            // one (a late touch made the longest-idle choice pick the wrong connection). A
+            // write stuck on a peer that does not read does not count as activity.
+            written.touch();
             if wr.write_all(&bytes).await.is_err() {
                 break;
             }
-            written.touch();
         }
     });
     let mut framer = StreamFramer::new(max);
