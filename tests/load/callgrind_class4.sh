@@ -4,7 +4,7 @@
 # switched on for CALLS SIPp calls (tests/sipp/load_redirect.xml, INVITE 302 ACK, 5-carrier
 # routing.js) at 50/s, and dumped 7 s after the last so each call's timer I cleanup counts.
 # Counting instructions, not time, it gives the same figure on a busy machine.
-# Usage: FAST_PATH=true|false tests/load/callgrind_class4.sh [calls=500]
+# Usage: FAST_PATH=true|false [KEEP=file] tests/load/callgrind_class4.sh [calls=500]
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 calls=${1:-500}
@@ -54,3 +54,5 @@ sleep 1
 dump=$(ls "$work"/cg.out.* | sort -t. -k3 -n | tail -1)
 total=$(sed -n 's/^summary: *//p; s/^totals: *//p' "$dump" | head -1 | awk '{print $1}')
 echo "fast_path=${FAST_PATH:-default}: $total instructions for $calls calls = $(( total / calls )) per call"
+# KEEP=FILE keeps the dump, for callgrind_annotate.
+[ -z "${KEEP:-}" ] || cp "$dump" "$KEEP"
