@@ -49,6 +49,10 @@ impl Lag {
 impl Lag {
     /// Measures the loop this future is spawned on, for as long as it runs.
     pub async fn tick_forever(self: std::sync::Arc<Self>) {
+        // The loop runs now: from here on a silence counts. Without this first mark a loop
+        // taken by a long run within its first tick period reported no lag at all (a
+        // class4 worker spinning right after start was never relieved or shed).
+        self.ticked(std::time::Duration::ZERO);
         loop {
             let asked = std::time::Instant::now();
             tokio::time::sleep(LAG_TICK).await;
@@ -59,5 +63,35 @@ impl Lag {
     /// The lag now, as a duration.
     pub fn now(&self) -> std::time::Duration {
         std::time::Duration::from_micros(self.now_us())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A loop that is taken by long work right after its ticker started still shows its
+    /// silence as lag (the ticker marks the loop's start), while a ticker not yet polled at
+    /// all (a worker still preparing its first contexts) shows none.
+    #[test]
+    fn a_loop_held_from_its_first_tick_period_shows_lag() {
+        let lag = std::sync::Arc::new(Lag::new());
+        assert_eq!(lag.now_us(), 0, "not started: no lag");
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let local = tokio::task::LocalSet::new();
+        local.spawn_local(lag.clone().tick_forever());
+        local.block_on(&rt, async {
+            tokio::task::yield_now().await;
+            // Held: no await for 60 ms, so the ticker cannot run.
+            std::thread::sleep(std::time::Duration::from_millis(60));
+            assert!(
+                lag.now() >= std::time::Duration::from_millis(40),
+                "{:?}",
+                lag.now()
+            );
+        });
     }
 }

@@ -116,4 +116,10 @@ if full:
           f"(per-second counts {period})")
 print(f"server CPU: user {user*1000:.0f} ms + system {system*1000:.0f} ms = {per:.0f} us per call")
 PY
+  # Which limits answered 503 (or shed), from callforge's own counters.
+  local http; http=$(sed -n 's/^callforge http listening on //p' "$work/out" | head -1)
+  if [ -z "${target_port:-}" ] && [ -n "$http" ]; then
+    local hits; hits=$(curl -s "http://$http/metrics" | grep '^callforge_limit_hits' | tr '\n' ' ' || true)
+    [ -z "$hits" ] || echo "limits reached (cumulative): $hits"
+  fi
 }
