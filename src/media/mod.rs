@@ -51,6 +51,7 @@ pub mod relay_threads;
 pub mod rtp;
 pub mod rtp_socket;
 pub mod session;
+pub mod ticker;
 pub mod tone;
 pub mod tts;
 
@@ -67,5 +68,6 @@ pub use relay_threads::{RelayPriority, RelayThreads};
 pub use rtp::RtpError;
 pub use rtp_socket::{ParkedRtpSocket, PortAllocator, RtpSocket};
 pub use session::{MediaEvent, MediaSession, RtpStats, SessionConfig, SessionError, Transmit};
+pub use ticker::{TickedMedia, Ticker};
 pub use tone::{Tone, ToneError};
 pub use tts::{EspeakRenderer, TtsCache, TtsError, TtsRenderer};
