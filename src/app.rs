@@ -746,7 +746,7 @@ async fn dispatch(
                     }
                     Some(DispatchCommand::Deliver { call, event }) => {
                         if let Some(tx) = calls.get(&call) {
-                            let _ = tx.send((call, event));
+                            let _ = tx.send(Box::new((call, event)));
                         }
                     }
                     None => commands_open = false,
@@ -852,7 +852,7 @@ async fn dispatch(
         };
         let terminal = matches!(ev, CallEvent::Ended { .. });
         if let Some(tx) = calls.get(&call) {
-            let _ = tx.send((call, ev));
+            let _ = tx.send(Box::new((call, ev)));
         }
         if terminal {
             calls.remove(&call);

@@ -16,7 +16,9 @@ use callforge::{
 use clap::{Args, Parser, Subcommand};
 
 /// mimalloc for Rust's allocations: glibc's malloc/free/consolidate were about a sixth of the
-/// SIP path's CPU under load (QuickJS keeps libc malloc).
+/// SIP path's CPU under load (QuickJS keeps libc malloc). The `system-alloc` feature leaves
+/// Rust on glibc's malloc too, so heaptrack and valgrind can see every allocation site.
+#[cfg(not(feature = "system-alloc"))]
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
@@ -86,6 +88,7 @@ struct RunArgs {
 }
 
 fn main() -> ExitCode {
+    callforge::memory::limit_huge_pages();
     let cli = Cli::parse();
     match cli.command {
         Command::Serve(args) => {

@@ -20,8 +20,11 @@
 //! - Set-up: [`RtpSocket::bind`] with a shared [`PortAllocator`]; put `local_addr()` in the
 //!   SDP answer; build a [`SessionConfig`] from the negotiated codec, payload types and
 //!   remote address; [`MediaSession::new`].
-//! - Loop in the call task: `select!` on [`RtpSocket::drive`] and the script's commands, then
-//!   drain [`MediaSession::poll_event`].
+//! - Sending: [`Ticker::join`] hands the session to the RTP ticker (`ticker.rs`), whose
+//!   thread sends every call's due frame once per 20 ms tick. The call's media task
+//!   (`voice/media_task.rs`) feeds received datagrams in, serves commands and drains
+//!   [`MediaSession::poll_event`] when a tick wakes it. [`RtpSocket::drive`] remains the
+//!   one-call driver (tests, tools).
 //! - `ctx.play(file)`: [`PromptCache::load`] (in `spawn_blocking`; also renders `tone:` specs),
 //!   then [`MediaSession::play`] → wait for [`MediaEvent::PlayFinished`] with that
 //!   [`PlayId`]. `stop` is [`MediaSession::stop_playback`]. Barge-in is a flag of `play`.
@@ -51,6 +54,7 @@ pub mod relay_threads;
 pub mod rtp;
 pub mod rtp_socket;
 pub mod session;
+pub mod ticker;
 pub mod tone;
 pub mod tts;
 
@@ -67,5 +71,6 @@ pub use relay_threads::{RelayPriority, RelayThreads};
 pub use rtp::RtpError;
 pub use rtp_socket::{ParkedRtpSocket, PortAllocator, RtpSocket};
 pub use session::{MediaEvent, MediaSession, RtpStats, SessionConfig, SessionError, Transmit};
+pub use ticker::{TickedMedia, Ticker};
 pub use tone::{Tone, ToneError};
 pub use tts::{EspeakRenderer, TtsCache, TtsError, TtsRenderer};

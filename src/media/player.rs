@@ -188,6 +188,11 @@ impl Player {
         any.then_some(frame)
     }
 
+    /// Whether a finished-prompt report is waiting.
+    pub fn has_finished(&self) -> bool {
+        !self.finished.is_empty()
+    }
+
     /// Next finished-prompt report, oldest first.
     pub fn poll_finished(&mut self) -> Option<PlayFinished> {
         self.finished.pop_front()

@@ -161,6 +161,17 @@ static PRIORITY_LOGGED: Once = Once::new();
 
 /// Asks for `priority` for the calling thread; logs the outcome once per process.
 fn apply_priority(priority: RelayPriority) {
+    raise_priority_logged(priority, "relay threads", &PRIORITY_LOGGED);
+}
+
+/// Asks for `priority` for the calling thread on behalf of `what` (other media threads, such
+/// as the RTP ticker's); logs the outcome once per process.
+pub(crate) fn raise_priority(priority: RelayPriority, what: &'static str) {
+    static LOGGED: Once = Once::new();
+    raise_priority_logged(priority, what, &LOGGED);
+}
+
+fn raise_priority_logged(priority: RelayPriority, what: &'static str, logged: &Once) {
     let outcome = match priority {
         RelayPriority::Normal => return,
         RelayPriority::High => set_nice(HIGH_NICE).map(|()| format!("nice {HIGH_NICE}")),
@@ -170,11 +181,11 @@ fn apply_priority(priority: RelayPriority) {
                 .map(|()| format!("nice {HIGH_NICE} (SCHED_FIFO refused: {fifo})")),
         },
     };
-    PRIORITY_LOGGED.call_once(|| match outcome {
-        Ok(what) => tracing::info!("relay threads run at {what}"),
+    logged.call_once(|| match outcome {
+        Ok(how) => tracing::info!("{what} run at {how}"),
         Err(e) => tracing::warn!(
             ?priority,
-            "relay threads run at normal priority: raising it was refused ({e})"
+            "{what} run at normal priority: raising it was refused ({e})"
         ),
     });
 }

@@ -193,14 +193,27 @@ impl StreamPosition {
 /// keeps tracking wall time.
 #[derive(Debug, Clone)]
 pub struct FrameClock {
+    /// When frame `base` is due.
     start: Instant,
+    base: u64,
     next: u64,
 }
 
 impl FrameClock {
     /// A clock whose frame 0 is due at `start`.
     pub fn new(start: Instant) -> Self {
-        FrameClock { start, next: 0 }
+        FrameClock {
+            start,
+            base: 0,
+            next: 0,
+        }
+    }
+
+    /// Moves the clock so its next frame is due at `at`; later frames follow 20 ms apart.
+    /// Frame indices (and so RTP timestamps) continue unchanged.
+    pub fn realign(&mut self, at: Instant) {
+        self.start = at;
+        self.base = self.next;
     }
 
     /// When the next frame is due.
@@ -211,7 +224,8 @@ impl FrameClock {
     /// When frame `n` is due.
     pub fn due(&self, n: u64) -> Instant {
         // u32 frames of 20 ms is 2.7 years; saturate rather than overflow beyond.
-        self.start + FRAME * u32::try_from(n).unwrap_or(u32::MAX)
+        let k = n.saturating_sub(self.base);
+        self.start + FRAME * u32::try_from(k).unwrap_or(u32::MAX)
     }
 
     /// Index of the next frame.
@@ -451,5 +465,21 @@ mod tests {
         let c = RtpSender::new(None).ssrc();
         assert!(a != b || b != c);
         assert_eq!(RtpSender::new(Some(5)).ssrc(), 5);
+    }
+
+    #[test]
+    fn a_realigned_clock_keeps_its_frame_numbers_and_20_ms_spacing() {
+        let t0 = Instant::now();
+        let mut c = FrameClock::new(t0);
+        assert_eq!(c.poll(t0), Some(0));
+        assert_eq!(c.poll(t0 + FRAME), Some(1));
+        // Moved 7 ms later (a ticker's grid): frame 2 is due there, frame 3 20 ms after.
+        let at = t0 + FRAME * 2 + Duration::from_millis(7);
+        c.realign(at);
+        assert_eq!(c.next_due(), at);
+        assert_eq!(c.poll(at - Duration::from_millis(1)), None);
+        assert_eq!(c.poll(at), Some(2));
+        assert_eq!(c.next_due(), at + FRAME);
+        assert_eq!(c.poll(at + FRAME), Some(3));
     }
 }

@@ -108,10 +108,13 @@ impl Drop for PortLease {
     }
 }
 
-/// The sockets of one call.
+/// The sockets of one call. The RTP socket is shared with the RTP ticker while a media task
+/// runs (frames leave from it); receive buffers are allocated only by the methods that keep
+/// one across an await ([`RtpSocket::recv_raw`], [`RtpSocket::drive`]): a media task reads
+/// into a buffer on its stack.
 #[derive(Debug)]
 pub struct RtpSocket {
-    rtp: UdpSocket,
+    rtp: Arc<UdpSocket>,
     rtcp: UdpSocket,
     _lease: PortLease,
     buf: Vec<u8>,
@@ -134,7 +137,7 @@ impl ParkedRtpSocket {
     /// called from inside a tokio runtime.
     pub fn attach(self) -> io::Result<RtpSocket> {
         Ok(RtpSocket {
-            rtp: UdpSocket::from_std(self.rtp)?,
+            rtp: Arc::new(UdpSocket::from_std(self.rtp)?),
             rtcp: UdpSocket::from_std(self.rtcp)?,
             _lease: self.lease,
             buf: self.buf,
@@ -169,11 +172,11 @@ impl RtpSocket {
             match UdpSocket::bind(SocketAddr::new(ip, port + 1)).await {
                 Ok(rtcp) => {
                     break Ok(RtpSocket {
-                        rtp,
+                        rtp: Arc::new(rtp),
                         rtcp,
                         _lease: lease,
-                        buf: vec![0; MAX_DATAGRAM],
-                        rtcp_buf: vec![0; MAX_DATAGRAM],
+                        buf: Vec::new(),
+                        rtcp_buf: Vec::new(),
                     })
                 }
                 Err(_) => skipped.push(lease),
@@ -191,9 +194,12 @@ impl RtpSocket {
 
     /// Takes the sockets off the tokio reactor that drives them, so another runtime (a relay
     /// thread, or back to the call's runtime) can adopt them with [`ParkedRtpSocket::attach`].
+    /// Fails if the RTP socket is still shared (a media task that has not handed it back).
     pub fn park(self) -> io::Result<ParkedRtpSocket> {
+        let rtp = Arc::try_unwrap(self.rtp)
+            .map_err(|_| io::Error::other("the RTP socket is still shared with a media task"))?;
         Ok(ParkedRtpSocket {
-            rtp: self.rtp.into_std()?,
+            rtp: rtp.into_std()?,
             rtcp: self.rtcp.into_std()?,
             lease: self._lease,
             buf: self.buf,
@@ -203,6 +209,7 @@ impl RtpSocket {
 
     /// Receive one datagram on the RTP port, bypassing any session (the bridge relay).
     pub async fn recv_raw(&mut self) -> io::Result<(&[u8], SocketAddr)> {
+        self.buf.resize(MAX_DATAGRAM, 0);
         let (n, from) = self.rtp.recv_from(&mut self.buf).await?;
         Ok((&self.buf[..n], from))
     }
@@ -212,12 +219,58 @@ impl RtpSocket {
         self.rtp.try_send_to(data, to)
     }
 
+    /// The RTP socket, for a sender that shares it (the RTP ticker).
+    pub fn sender(&self) -> Arc<UdpSocket> {
+        self.rtp.clone()
+    }
+
+    /// Resolves when a datagram may be waiting on the RTP port (see [`RtpSocket::feed`]).
+    pub async fn rtp_readable(&self) -> io::Result<()> {
+        self.rtp.readable().await
+    }
+
+    /// Resolves when a datagram may be waiting on the RTCP port (see [`RtpSocket::drain_rtcp`]).
+    pub async fn rtcp_readable(&self) -> io::Result<()> {
+        self.rtcp.readable().await
+    }
+
+    /// Feeds the datagrams waiting on the RTP port (at most `max`) to `handle`, read into a
+    /// buffer on the stack. Returns how many were read.
+    pub fn feed(&self, max: usize, mut handle: impl FnMut(SocketAddr, &[u8])) -> usize {
+        let mut buf = [0u8; MAX_DATAGRAM];
+        let mut n = 0;
+        while n < max {
+            match self.rtp.try_recv_from(&mut buf) {
+                Ok((len, from)) => {
+                    n += 1;
+                    handle(from, &buf[..len]);
+                }
+                // WouldBlock (readiness cleared) or a receive error such as an ICMP
+                // port-unreachable report: neither is fatal to the call.
+                Err(_) => break,
+            }
+        }
+        n
+    }
+
+    /// Discards what waits on the RTCP port (RTCP is not used; see session.rs).
+    pub fn drain_rtcp(&self) {
+        let mut buf = [0u8; 512];
+        for _ in 0..64 {
+            if self.rtcp.try_recv_from(&mut buf).is_err() {
+                break;
+            }
+        }
+    }
+
     /// Waits for one datagram or the session's next deadline, then sends all that is due.
     ///
     /// Call in a loop (typically inside the call task's `select!`, then drain
     /// `session.poll_event()`). Cancel-safe. Receive errors such as ICMP port-unreachable
     /// reports are not fatal to the call and are ignored, so this cannot fail.
     pub async fn drive(&mut self, session: &mut MediaSession) {
+        self.buf.resize(MAX_DATAGRAM, 0);
+        self.rtcp_buf.resize(MAX_DATAGRAM, 0);
         let deadline = tokio::time::Instant::from_std(session.poll_timeout());
         tokio::select! {
             r = self.rtp.recv_from(&mut self.buf) => {

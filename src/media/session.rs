@@ -289,6 +289,22 @@ impl MediaSession {
         self.rx.reset();
     }
 
+    /// When the next outgoing frame is due.
+    pub fn next_frame_due(&self) -> Instant {
+        self.clock.next_due()
+    }
+
+    /// Moves the send clock so the next frame is due at `at` (a ticker's grid); sequence
+    /// numbers and timestamps continue unchanged.
+    pub fn align_clock(&mut self, at: Instant) {
+        self.clock.realign(at);
+    }
+
+    /// Whether [`poll_event`](Self::poll_event) has something.
+    pub fn has_events(&self) -> bool {
+        !self.events.is_empty() || self.player.has_finished()
+    }
+
     /// Counters so far.
     pub fn stats(&self) -> RtpStats {
         self.stats

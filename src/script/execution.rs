@@ -476,7 +476,9 @@ pub struct Spent {
 /// The per-worker-thread executor: owns runtimes and runs scripts in fresh contexts.
 pub struct Sandbox {
     limits: Limits,
-    modules: HostModules,
+    /// Shared: each run's `require` and `process.env` closures keep a handle for the run's
+    /// life, and a copy of the module tables was several KiB per live call.
+    modules: Arc<HostModules>,
     exec_host: String,
     ready: RefCell<Vec<Prepared>>,
     idle: RefCell<Vec<Runtime>>,
@@ -516,7 +518,7 @@ impl Sandbox {
     pub fn new(limits: Limits, modules: HostModules, exec_host: String) -> Self {
         Sandbox {
             limits,
-            modules,
+            modules: Arc::new(modules),
             exec_host,
             ready: RefCell::new(Vec::new()),
             idle: RefCell::new(Vec::new()),

@@ -615,7 +615,9 @@ pub const RESTING_PER_WORKING: usize = 4;
 pub struct TransactionTable {
     cfg: TimerConfig,
     max: usize,
-    txs: HashMap<TxKey, Transaction>,
+    /// Boxed: the table is presized (below), and a bucket holding the whole transaction
+    /// (about 200 bytes) made it 26 MB whose pages filled in as transactions came and went.
+    txs: HashMap<TxKey, Box<Transaction>>,
     timers: TimerQueue<(TxKey, TimerKind)>,
     /// How many of `txs` are resting.
     resting: usize,
@@ -662,7 +664,7 @@ impl TransactionTable {
     /// count it when it came to rest, forget the oldest resting ones past their cap, and drop
     /// it if it terminated.
     fn settle(&mut self, key: &TxKey, was_resting: bool, out: &mut Vec<TxOutput>) {
-        let now_resting = self.txs.get(key).is_some_and(Transaction::is_resting);
+        let now_resting = self.txs.get(key).is_some_and(|t| t.is_resting());
         match (was_resting, now_resting) {
             (false, true) => {
                 self.resting += 1;
@@ -681,7 +683,7 @@ impl TransactionTable {
             let Some(old) = self.rest_order.pop_front() else {
                 break;
             };
-            if self.txs.get(&old).is_some_and(Transaction::is_resting) {
+            if self.txs.get(&old).is_some_and(|t| t.is_resting()) {
                 if let Some(mut tx) = self.txs.remove(&old) {
                     self.resting -= 1;
                     tx.core.terminate(out);
@@ -692,14 +694,14 @@ impl TransactionTable {
         while self
             .rest_order
             .front()
-            .is_some_and(|k| !self.txs.get(k).is_some_and(Transaction::is_resting))
+            .is_some_and(|k| !self.txs.get(k).is_some_and(|t| t.is_resting()))
         {
             self.rest_order.pop_front();
         }
     }
 
     fn was_resting(&self, key: &TxKey) -> bool {
-        self.txs.get(key).is_some_and(Transaction::is_resting)
+        self.txs.get(key).is_some_and(|t| t.is_resting())
     }
 
     pub fn is_empty(&self) -> bool {
@@ -707,7 +709,7 @@ impl TransactionTable {
     }
 
     pub fn get(&self, key: &TxKey) -> Option<&Transaction> {
-        self.txs.get(key)
+        self.txs.get(key).map(|t| &**t)
     }
 
     /// Feeds a request to its server transaction if it has one.
@@ -774,7 +776,7 @@ impl TransactionTable {
         } else {
             Kind::NonInviteServer { last: None }
         };
-        self.txs.insert(key, Transaction { core, kind });
+        self.txs.insert(key, Box::new(Transaction { core, kind }));
         Ok(())
     }
 
@@ -847,7 +849,8 @@ impl TransactionTable {
                 e: self.cfg.t1,
             }
         };
-        self.txs.insert(key.clone(), Transaction { core, kind });
+        self.txs
+            .insert(key.clone(), Box::new(Transaction { core, kind }));
         Ok(key)
     }
 
@@ -888,7 +891,7 @@ impl TransactionTable {
     /// Drops `key`'s transaction once terminated (callers go through [`settle`](Self::settle),
     /// which keeps the resting count).
     fn reap(&mut self, key: &TxKey) {
-        if self.txs.get(key).is_some_and(Transaction::is_terminated) {
+        if self.txs.get(key).is_some_and(|t| t.is_terminated()) {
             self.txs.remove(key);
         }
     }

@@ -159,6 +159,8 @@ impl VoiceServer {
         });
         let caller_number = crate::sip::message::uri_user(&call.from.uri);
         let caller_name = call.from.display.clone();
+        // The parsed INVITE is not needed past this point: do not keep it for the whole call.
+        drop(call);
         let call_input = input.clone();
         let mut inv = Invocation::new(script, Mode::Class5, input);
         let mut state = CallState::new(self, handle, hangup_tx, events_tx);
@@ -170,7 +172,10 @@ impl VoiceServer {
         state.caller_number = caller_number;
         state.caller_name = caller_name;
         let outcome = state.drive(inv, req_rx, events).await;
-        state.finish(outcome).await;
+        // Boxed, as are the handlers in `drive`: an async fn's state is as large as the
+        // largest future it awaits, and a live call's task would otherwise carry the room for
+        // a bridge or a CDR write all call long.
+        Box::pin(state.finish(outcome)).await;
     }
 }
 
@@ -282,7 +287,7 @@ impl CallState {
     pub(super) async fn drive(
         &mut self,
         inv: Invocation,
-        mut requests: mpsc::UnboundedReceiver<CtxRequest>,
+        mut requests: mpsc::UnboundedReceiver<Box<CtxRequest>>,
         mut events: mpsc::UnboundedReceiver<LegEvent>,
     ) -> Result<Json, ScriptError> {
         let engine = self.server.engine.clone();
@@ -314,7 +319,7 @@ impl CallState {
                         Err(e) => Err(ScriptError::internal(e.to_string())),
                     };
                 }
-                Some(req) = requests.recv() => match req {
+                Some(req) = requests.recv() => match *req {
                     CtxRequest::Destination { app, data, ctx, reply } => {
                         match self.destination(&app, data, ctx, nested.len()) {
                             Ok(run) => nested.push(async move {
@@ -325,15 +330,18 @@ impl CallState {
                             }
                         }
                     }
-                    req => self.request(req).await,
+                    req => Box::pin(self.request(req)).await,
                 },
                 Some(()) = nested.next(), if !nested.is_empty() => {}
                 ev = events.recv(), if events_open => match ev {
-                    Some((leg, ev)) => self.leg_event(leg, ev).await,
+                    Some(boxed) => {
+                        let (leg, ev) = *boxed;
+                        Box::pin(self.leg_event(leg, ev)).await
+                    }
                     None => events_open = false,
                 },
                 _ = tokio::time::sleep_until(deadline.unwrap_or(far)), if deadline.is_some() => {
-                    self.deadline_passed().await
+                    Box::pin(self.deadline_passed()).await
                 }
             }
         }

@@ -16,7 +16,8 @@ use super::call::CallEvent;
 use crate::sip::{ua::OutboundCall, CallHandle, TransportError};
 
 /// An event for one of a task's calls: its own leg or a leg it placed.
-pub type LegEvent = (CallHandle, CallEvent);
+/// Boxed: a channel allocates its slots 32 at a time, and every call holds one such channel.
+pub type LegEvent = Box<(CallHandle, CallEvent)>;
 
 /// What the dispatcher is asked to do besides routing SIP events.
 #[derive(Debug)]

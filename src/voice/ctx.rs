@@ -110,7 +110,7 @@ fn all_methods() -> &'static [HostMethod] {
 
 /// One call's `ctx`. `Send` so it can be handed to a script worker; used there only.
 pub struct CallCtx {
-    requests: mpsc::UnboundedSender<CtxRequest>,
+    requests: mpsc::UnboundedSender<Box<CtxRequest>>,
     hangup: watch::Receiver<bool>,
     call_id: String,
     vars: RefCell<Map<String, Json>>,
@@ -162,7 +162,7 @@ impl CallCtx {
     }
 
     pub fn new(
-        requests: mpsc::UnboundedSender<CtxRequest>,
+        requests: mpsc::UnboundedSender<Box<CtxRequest>>,
         hangup: watch::Receiver<bool>,
         call_id: String,
         vars: Map<String, Json>,
@@ -274,7 +274,7 @@ impl CallCtx {
             return HostCall::Ready(Err(hangup_error()));
         }
         let (tx, rx) = oneshot::channel();
-        if self.requests.send(make(tx)).is_err() {
+        if self.requests.send(Box::new(make(tx))).is_err() {
             return HostCall::Ready(Err(hangup_error()));
         }
         HostCall::Pending(
@@ -519,7 +519,7 @@ mod tests {
 
     fn ctx() -> (
         CallCtx,
-        mpsc::UnboundedReceiver<CtxRequest>,
+        mpsc::UnboundedReceiver<Box<CtxRequest>>,
         watch::Sender<bool>,
     ) {
         let (tx, rx) = mpsc::unbounded_channel();
@@ -583,7 +583,7 @@ mod tests {
             panic!("play before answer should wait for the implicit answer")
         };
         let call_task = async {
-            match rx.recv().await.unwrap() {
+            match *rx.recv().await.unwrap() {
                 CtxRequest::Answer { reply, .. } => reply.send(Ok(json!(true))).unwrap(),
                 other => panic!("expected the implicit answer, got {other:?}"),
             }
@@ -624,7 +624,7 @@ mod tests {
         ) else {
             panic!("bridge is pending")
         };
-        match rx.recv().await.unwrap() {
+        match *rx.recv().await.unwrap() {
             CtxRequest::Bridge { dest, opts, .. } => {
                 assert_eq!(dest, "1002");
                 assert_eq!(
@@ -646,7 +646,7 @@ mod tests {
         let HostCall::Pending(fut) = c.call("reject", vec![json!(604), json!("DNC")]) else {
             panic!("reject should be pending")
         };
-        match rx.recv().await.unwrap() {
+        match *rx.recv().await.unwrap() {
             CtxRequest::Reject {
                 code,
                 reason,

@@ -1,6 +1,8 @@
-//! The media task of one call: drives its RTP socket and sans-IO `MediaSession`, serves
-//! commands (play, stop, DTMF out, echo, record) and keeps the caller's digits in a buffer
-//! that ctx operations read. It runs on the main runtime; handles are `Send` and cheap.
+//! The media task of one call: feeds its RTP socket's datagrams to the sans-IO
+//! `MediaSession`, serves commands (play, stop, DTMF out, echo, record) and keeps the caller's
+//! digits in a buffer that ctx operations read. Outgoing frames and the session's timers are
+//! the RTP ticker's (`media/ticker.rs`): the task only wakes for datagrams, commands and the
+//! events a tick leaves. It runs on the main runtime; handles are `Send` and cheap.
 
 use std::{
     collections::{HashMap, HashSet, VecDeque},
@@ -11,7 +13,12 @@ use std::{
 
 use tokio::sync::{mpsc, oneshot, Notify};
 
-use crate::media::{MediaEvent, MediaSession, PlayEnd, PlayId, Recorder, RtpSocket, StopReason};
+use crate::media::{
+    MediaEvent, MediaSession, PlayEnd, PlayId, Recorder, RtpSocket, StopReason, TickedMedia, Ticker,
+};
+
+/// Datagrams read per wake-up before the task yields to the others.
+const FEED_BATCH: usize = 32;
 
 /// Why a recording ended, as scripts see it in `reason`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -177,17 +184,20 @@ impl DigitBuffer {
     }
 }
 
-/// A handle to a call's media task.
+/// A handle to a call's media task. Commands travel boxed: a channel allocates its slots 32
+/// at a time, and a boxed slot is 8 bytes where a `Command` is about 200.
 #[derive(Clone)]
 pub struct MediaHandle {
-    commands: mpsc::UnboundedSender<Command>,
+    commands: mpsc::UnboundedSender<Box<Command>>,
     pub digits: Arc<DigitBuffer>,
     pub local_addr: SocketAddr,
 }
 
 impl MediaHandle {
     fn send(&self, c: Command) -> Result<(), MediaError> {
-        self.commands.send(c).map_err(|_| MediaError::Gone)
+        self.commands
+            .send(Box::new(c))
+            .map_err(|_| MediaError::Gone)
     }
 
     /// Play samples; resolves when they finished, were stopped, or a digit barged in.
@@ -299,12 +309,25 @@ impl ActiveRecording {
     }
 }
 
-/// Start the media task of a call.
+/// Start the media task of a call; its frames are sent by the process's RTP ticker.
 pub fn spawn(socket: RtpSocket, session: MediaSession) -> std::io::Result<MediaHandle> {
+    spawn_on(Ticker::global(), socket, session)
+}
+
+/// Start the media task of a call with its frames sent by `ticker`.
+pub fn spawn_on(
+    ticker: &Ticker,
+    socket: RtpSocket,
+    session: MediaSession,
+) -> std::io::Result<MediaHandle> {
     let local_addr = socket.local_addr()?;
     let (tx, rx) = mpsc::unbounded_channel();
     let digits = Arc::new(DigitBuffer::default());
-    tokio::spawn(run(socket, session, rx, digits.clone()));
+    let media = Attached {
+        ticked: ticker.join(socket.sender(), session),
+        socket: Some(socket),
+    };
+    tokio::spawn(run(media, rx, digits.clone()));
     Ok(MediaHandle {
         commands: tx,
         digits,
@@ -312,12 +335,42 @@ pub fn spawn(socket: RtpSocket, session: MediaSession) -> std::io::Result<MediaH
     })
 }
 
+/// The call's socket and its ticked session. Dropping it (the task ended or was cancelled)
+/// takes the session off the ticker before the socket closes.
+struct Attached {
+    ticked: Arc<TickedMedia>,
+    socket: Option<RtpSocket>,
+}
+
+impl Attached {
+    /// The socket and the session, off the ticker.
+    fn detach(mut self) -> Option<(RtpSocket, MediaSession)> {
+        let session = self.ticked.leave()?;
+        let socket = self.socket.take()?;
+        Some((socket, session))
+    }
+}
+
+impl Drop for Attached {
+    fn drop(&mut self) {
+        self.ticked.leave();
+    }
+}
+
+/// Runs `f` on the session (a no-op if it has left the ticker, which only the task does).
+fn with<R: Default>(m: &TickedMedia, f: impl FnOnce(&mut MediaSession) -> R) -> R {
+    m.with(f).unwrap_or_default()
+}
+
 async fn run(
-    mut socket: RtpSocket,
-    mut session: MediaSession,
-    mut commands: mpsc::UnboundedReceiver<Command>,
+    media: Attached,
+    mut commands: mpsc::UnboundedReceiver<Box<Command>>,
     digits: Arc<DigitBuffer>,
 ) {
+    let ticked = media.ticked.clone();
+    let Some(socket) = media.socket.as_ref() else {
+        return;
+    };
     let mut plays: HashMap<PlayId, oneshot::Sender<PlayEnd>> = HashMap::new();
     let mut dtmf_waiters: Vec<oneshot::Sender<Result<(), MediaError>>> = Vec::new();
     let mut recording: Option<ActiveRecording> = None;
@@ -327,50 +380,70 @@ async fn run(
             biased;
             command = commands.recv() => {
                 let Some(command) = command else { break };
-                match command {
+                match *command {
                     Command::Shutdown => break,
                     Command::Detach(done) => {
                         detach_to = Some(done);
                         break;
                     }
                     Command::Play { samples, barge_in, done } => {
-                        let id = session.play(samples, barge_in);
-                        plays.insert(id, done);
-                    }
-                    Command::StopPlayback => session.stop_playback(),
-                    Command::SendDtmf { digits, duration, done } => {
-                        match session.send_dtmf(&digits, duration) {
-                            Ok(()) => dtmf_waiters.push(done),
-                            Err(e) => { let _ = done.send(Err(MediaError::Failed(e.to_string()))); }
+                        if let Some(id) = ticked.with(|s| s.play(samples, barge_in)) {
+                            plays.insert(id, done);
                         }
                     }
-                    Command::Echo(Some(delay)) => session.start_echo(delay),
-                    Command::Echo(None) => session.stop_echo(),
+                    Command::StopPlayback => with(&ticked, |s| s.stop_playback()),
+                    Command::SendDtmf { digits, duration, done } => {
+                        match with(&ticked, |s| Some(s.send_dtmf(&digits, duration))) {
+                            Some(Ok(())) => dtmf_waiters.push(done),
+                            Some(Err(e)) => { let _ = done.send(Err(MediaError::Failed(e.to_string()))); }
+                            None => { let _ = done.send(Err(MediaError::Gone)); }
+                        }
+                    }
+                    Command::Echo(Some(delay)) => with(&ticked, |s| s.start_echo(delay)),
+                    Command::Echo(None) => with(&ticked, |s| s.stop_echo()),
                     Command::Record { recorder, name, terminators, done } => {
                         if let Some(previous) = recording.take() {
                             previous.finish(RecordEnd::Stopped);
                         }
-                        session.set_audio_tap(true);
+                        with(&ticked, |s| s.set_audio_tap(true));
                         recording = Some(ActiveRecording { recorder, name, terminators, done });
                     }
                     Command::StopRecord => {
                         if let Some(active) = recording.take() {
-                            session.set_audio_tap(false);
+                            with(&ticked, |s| s.set_audio_tap(false));
                             active.finish(RecordEnd::Stopped);
                         }
                     }
                     Command::Info { content_type, body } => {
-                        if let Err(e) = session.handle_info(Instant::now(), &content_type, &body) {
+                        let r = with(&ticked, |s| Some(s.handle_info(Instant::now(), &content_type, &body)));
+                        if let Some(Err(e)) = r {
                             tracing::debug!("INFO without a usable digit: {e}");
                         }
                     }
-                    Command::UpdateRemote(addr) => session.update_remote(addr),
-                    Command::SetSending(on) => session.set_sending(on),
+                    Command::UpdateRemote(addr) => with(&ticked, |s| s.update_remote(addr)),
+                    Command::SetSending(on) => with(&ticked, |s| s.set_sending(on)),
                 }
             }
-            _ = socket.drive(&mut session) => {}
+            _ = ticked.woken() => {}
+            r = socket.rtp_readable() => {
+                if r.is_ok() {
+                    with(&ticked, |s| {
+                        socket.feed(FEED_BATCH, |from, data| {
+                            if let Err(e) = s.handle_input(Instant::now(), from, data) {
+                                tracing::trace!(%from, error = %e, "RTP datagram ignored");
+                            }
+                        });
+                    });
+                }
+            }
+            // RTCP is not used (see session.rs); reading keeps the socket buffer empty.
+            r = socket.rtcp_readable() => {
+                if r.is_ok() {
+                    socket.drain_rtcp();
+                }
+            }
         }
-        while let Some(event) = session.poll_event() {
+        while let Some(event) = ticked.with(|s| s.poll_event()).flatten() {
             match event {
                 MediaEvent::Digit { digit, .. } => {
                     let ends_recording = recording
@@ -378,7 +451,7 @@ async fn run(
                         .is_some_and(|r| r.terminators.contains(digit));
                     if ends_recording {
                         if let Some(active) = recording.take() {
-                            session.set_audio_tap(false);
+                            with(&ticked, |s| s.set_audio_tap(false));
                             active.finish(RecordEnd::Dtmf);
                         }
                     }
@@ -407,7 +480,7 @@ async fn run(
                                 StopReason::Stopped => RecordEnd::Stopped,
                             };
                             if let Some(active) = recording.take() {
-                                session.set_audio_tap(false);
+                                with(&ticked, |s| s.set_audio_tap(false));
                                 let _ = active.done.send(Ok(RecordOutcome {
                                     file: active.name,
                                     seconds: done.seconds,
@@ -417,7 +490,7 @@ async fn run(
                         }
                         Err(e) => {
                             if let Some(active) = recording.take() {
-                                session.set_audio_tap(false);
+                                with(&ticked, |s| s.set_audio_tap(false));
                                 let _ = active.done.send(Err(MediaError::Failed(e.to_string())));
                             }
                         }
@@ -434,15 +507,17 @@ async fn run(
         RecordEnd::Hangup
     };
     if let Some(active) = recording.take() {
-        session.set_audio_tap(false);
+        with(&ticked, |s| s.set_audio_tap(false));
         active.finish(end);
     }
-    session.stop_playback();
+    with(&ticked, |s| s.stop_playback());
     for (_, done) in plays.drain() {
         let _ = done.send(PlayEnd::Stopped);
     }
     if let Some(done) = detach_to {
-        let _ = done.send((socket, session));
+        if let Some(parts) = media.detach() {
+            let _ = done.send(parts);
+        }
     }
 }
 

@@ -186,7 +186,7 @@ impl VoiceServer {
         let mut cancelled: Option<&'static str> = None;
         let media = loop {
             tokio::select! {
-                ev = events.recv() => match ev {
+                ev = events.recv() => match ev.map(|b| *b) {
                     Some((leg, CallEvent::Answered { media })) if leg == handle => break media,
                     Some((leg, CallEvent::Progress { .. })) if leg == handle => {
                         self.control.live.update(handle.0, |c| c.state = "ringing");
