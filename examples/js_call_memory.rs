@@ -1,15 +1,20 @@
 //! Resident memory of N class5 scripts all waiting inside an awaited ctx call: what the
-//! script side of a live call costs. `cargo run --release --example js_call_memory 1000`
+//! script side of a live call costs. `cargo run --release --example js_call_memory 1000 [ctx]`:
+//! with `ctx`, the host object has every method of a call's ctx and its prelude, as a real call.
 
 use std::{sync::Arc, time::Duration};
 
 use callforge::script::{
-    compile, Engine, EngineConfig, HostCall, HostMethod, HostObject, Invocation, Mode,
+    compile, CompiledScript, Engine, EngineConfig, HostCall, HostMethod, HostObject, Invocation,
+    JsMethods, Mode,
 };
 use futures::FutureExt;
 use serde_json::{json, Value as Json};
 
-struct WaitCtx(tokio::sync::watch::Receiver<bool>);
+struct WaitCtx {
+    done: tokio::sync::watch::Receiver<bool>,
+    real: bool,
+}
 
 impl HostObject for WaitCtx {
     fn methods(&self) -> &[HostMethod] {
@@ -17,10 +22,25 @@ impl HostObject for WaitCtx {
             HostMethod::asynchronous("answer"),
             HostMethod::asynchronous("ivr"),
         ];
-        M
+        if self.real {
+            callforge::voice::ctx::all_methods()
+        } else {
+            M
+        }
+    }
+    fn js_methods(&self) -> Option<JsMethods> {
+        static PRELUDE: std::sync::OnceLock<Arc<CompiledScript>> = std::sync::OnceLock::new();
+        self.real.then(|| JsMethods {
+            names: callforge::voice::media_bind::JS_METHODS,
+            source: PRELUDE
+                .get_or_init(|| {
+                    Arc::new(compile("prelude", callforge::voice::media_bind::CTX_PRELUDE).unwrap())
+                })
+                .clone(),
+        })
     }
     fn call(&self, method: &str, _: Vec<Json>) -> HostCall {
-        let mut done = self.0.clone();
+        let mut done = self.done.clone();
         match method {
             "answer" => HostCall::Ready(Ok(json!(true))),
             _ => HostCall::Pending(
@@ -49,6 +69,7 @@ async fn main() {
         .nth(1)
         .and_then(|a| a.parse().ok())
         .unwrap_or(1000);
+    let real = std::env::args().nth(2).as_deref() == Some("ctx");
     let engine = Arc::new(
         Engine::start(EngineConfig {
             workers: 2,
@@ -65,7 +86,7 @@ async fn main() {
             let (engine, script, rx) = (engine.clone(), script.clone(), rx.clone());
             tokio::spawn(async move {
                 let mut inv = Invocation::new(script, Mode::Class5, json!({"call_id": i}));
-                inv.ctx = Some(Box::new(WaitCtx(rx)));
+                inv.ctx = Some(Box::new(WaitCtx { done: rx, real }));
                 engine.run(inv).await.map(|o| o.result.is_ok())
             })
         })

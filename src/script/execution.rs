@@ -11,8 +11,10 @@ use std::{
 
 use futures::{future::LocalBoxFuture, stream::FuturesUnordered, StreamExt};
 use rquickjs::{
-    context::intrinsic, function::Rest, object::Filter, qjs, Context, Ctx, Exception, Function,
-    Module, Object, Persistent, Promise, Runtime, Value,
+    context::intrinsic,
+    function::{Rest, This},
+    object::Filter,
+    qjs, Context, Ctx, Exception, Function, Module, Object, Persistent, Promise, Runtime, Value,
 };
 use serde::Serialize;
 use serde_json::Value as Json;
@@ -183,6 +185,16 @@ struct RunState {
     /// The script of the run under way, for `process.env`'s per-run values, which are made
     /// only when a run first reads `process.env` (see `install_process_env`).
     script: RefCell<Option<Arc<CompiledScript>>>,
+    /// The JS methods of the run's host objects (see `HostObject::js_methods`), by the index
+    /// their functions were given.
+    js_methods: RefCell<Vec<LazyJsMethods>>,
+}
+
+/// A host object's JS methods, made on first use.
+struct LazyJsMethods {
+    raw: Persistent<Object<'static>>,
+    source: Arc<CompiledScript>,
+    made: Option<Persistent<Object<'static>>>,
 }
 
 struct Settler {
@@ -219,6 +231,7 @@ impl RunState {
             panicked: Cell::new(false),
             operator_app_id: Cell::new(false),
             script: RefCell::new(None),
+            js_methods: RefCell::new(Vec::new()),
         }
     }
 
@@ -428,6 +441,7 @@ impl RunState {
         self.input.borrow_mut().take();
         self.required.borrow_mut().clear();
         self.script.borrow_mut().take();
+        self.js_methods.borrow_mut().clear();
         *self.host_calls.borrow_mut() = FuturesUnordered::new();
     }
 }
@@ -1610,6 +1624,10 @@ fn args_to_json<'js>(ctx: &Ctx<'js>, args: Rest<Value<'js>>) -> rquickjs::Result
 }
 
 /// Expose a host object (class5 `ctx`, a required module) as a JS object of functions.
+///
+/// One Rust closure per object serves all its methods: each method is a plain native
+/// function object that hands its index to that closure (see [`call_host_method`]). A closure
+/// per method cost about 300 bytes more each, in every live call's context.
 fn host_object_to_js<'js>(
     ctx: &Ctx<'js>,
     state: &Rc<RunState>,
@@ -1618,24 +1636,153 @@ fn host_object_to_js<'js>(
     // Its functions own Rust data: a pristine image must not simply be restored over them.
     state.impure.set(true);
     let obj = Object::new(ctx.clone())?;
-    for method in host.methods().to_vec() {
+    let js = host.js_methods();
+    let js_index = match &js {
+        Some(js) => {
+            let mut all = state.js_methods.borrow_mut();
+            all.push(LazyJsMethods {
+                raw: Persistent::save(ctx, obj.clone()),
+                source: js.source.clone(),
+                made: None,
+            });
+            all.len() - 1
+        }
+        None => usize::MAX,
+    };
+    let js_names = js.as_ref().map_or(&[][..], |js| js.names);
+    let dispatcher = {
+        let (host, state) = (host.clone(), state.clone());
+        host_fn(
+            ctx,
+            move |ctx: Ctx<'js>, this: This<Value<'js>>, index: usize, args: Rest<Value<'js>>| {
+                guarded(&ctx, &state, || {
+                    let methods = host.methods();
+                    if let Some(method) = methods.get(index) {
+                        return host_method_call(
+                            &ctx,
+                            &state,
+                            &*host,
+                            method.name,
+                            method.kind,
+                            args,
+                        );
+                    }
+                    let Some(name) = index
+                        .checked_sub(methods.len())
+                        .and_then(|i| js_names.get(i))
+                    else {
+                        return Err(Exception::throw_internal(&ctx, "no such host method"));
+                    };
+                    let method = js_method(&ctx, &state, js_index, name)?;
+                    method.call::<_, Value>((This(this.0), args))
+                })
+            },
+        )?
+    };
+    let methods = host.methods();
+    for (index, method) in methods.iter().enumerate() {
         // "lookup.tps" is the function `tps` of the nested object `lookup`.
         let (target, leaf) = match method.name.rsplit_once('.') {
             None => (obj.clone(), method.name),
             Some((path, leaf)) => (nested_object(ctx, &obj, path)?, leaf),
         };
-        let host = host.clone();
-        let state = state.clone();
-        let name = method.name;
-        let func = host_fn(ctx, move |ctx: Ctx<'js>, args: Rest<Value<'js>>| {
-            guarded(&ctx, &state, || {
-                host_method_call(&ctx, &state, &*host, name, method.kind, args)
-            })
-        })?
-        .with_name(leaf)?;
-        target.set(leaf, func)?;
+        target.set(leaf, native_method(ctx, &dispatcher, leaf, index)?)?;
+    }
+    for (offset, name) in js_names.iter().enumerate() {
+        obj.set(
+            *name,
+            native_method(ctx, &dispatcher, name, methods.len() + offset)?,
+        )?;
     }
     Ok(obj)
+}
+
+/// A native function named `name` that calls `dispatcher` with `index` before its arguments.
+fn native_method<'js>(
+    ctx: &Ctx<'js>,
+    dispatcher: &Function<'js>,
+    name: &str,
+    index: usize,
+) -> rquickjs::Result<Function<'js>> {
+    let c_name = std::ffi::CString::new(name)
+        .map_err(|_| Exception::throw_internal(ctx, "a host method's name holds a NUL"))?;
+    let magic = std::ffi::c_int::try_from(index)
+        .map_err(|_| Exception::throw_internal(ctx, "too many host methods"))?;
+    let mut data = [dispatcher.as_raw()];
+    // SAFETY: the context is locked (we hold a Ctx); QuickJS duplicates `data`, and the
+    // returned value is a new reference that Value::from_raw takes over.
+    let value = unsafe {
+        let raw = qjs::JS_NewCFunctionData2(
+            ctx.as_raw().as_ptr(),
+            Some(call_host_method),
+            c_name.as_ptr(),
+            0,
+            magic,
+            1,
+            data.as_mut_ptr(),
+        );
+        if qjs::JS_IsException(raw) {
+            return Err(rquickjs::Error::Exception);
+        }
+        Value::from_raw(ctx.clone(), raw)
+    };
+    value
+        .into_function()
+        .ok_or_else(|| Exception::throw_internal(ctx, "a host method is not callable"))
+}
+
+/// The body of every [`native_method`]: calls its dispatcher (`data[0]`) with its index
+/// (`magic`) followed by the script's arguments, with the same `this`.
+unsafe extern "C" fn call_host_method(
+    ctx: *mut qjs::JSContext,
+    this: qjs::JSValue,
+    argc: std::ffi::c_int,
+    argv: *mut qjs::JSValue,
+    magic: std::ffi::c_int,
+    data: *mut qjs::JSValue,
+) -> qjs::JSValue {
+    let given: &[qjs::JSValue] = match usize::try_from(argc) {
+        Ok(n) if n > 0 && !argv.is_null() => std::slice::from_raw_parts(argv, n),
+        _ => &[],
+    };
+    let mut args = Vec::with_capacity(given.len() + 1);
+    args.push(qjs::JS_MKVAL(qjs::JS_TAG_INT, magic));
+    args.extend_from_slice(given);
+    let count = std::ffi::c_int::try_from(args.len()).unwrap_or(std::ffi::c_int::MAX);
+    qjs::JS_Call(ctx, *data, this, count, args.as_mut_ptr())
+}
+
+/// The JS method `name` of the run's `index`th host object with JS methods, evaluating their
+/// code on the first call.
+fn js_method<'js>(
+    ctx: &Ctx<'js>,
+    state: &RunState,
+    index: usize,
+    name: &str,
+) -> rquickjs::Result<Function<'js>> {
+    let (raw, source, made) = {
+        let all = state.js_methods.borrow();
+        let Some(entry) = all.get(index) else {
+            return Err(Exception::throw_internal(
+                ctx,
+                "a host object's JS methods are gone",
+            ));
+        };
+        (entry.raw.clone(), entry.source.clone(), entry.made.clone())
+    };
+    let methods = match made {
+        Some(made) => made.restore(ctx)?,
+        None => {
+            let methods = wrap_with_prelude(ctx, &source, raw.restore(ctx)?)?;
+            if let Some(entry) = state.js_methods.borrow_mut().get_mut(index) {
+                entry.made = Some(Persistent::save(ctx, methods.clone()));
+            }
+            methods
+        }
+    };
+    methods.get::<_, Option<Function>>(name)?.ok_or_else(|| {
+        Exception::throw_internal(ctx, &format!("a host object's JS code lacks {name}"))
+    })
 }
 
 /// One call of a host object's method from JS.
@@ -1720,17 +1867,27 @@ fn guarded<'js, T>(
 /// `Function::new` with the function's prototype set to this context's `Function.prototype`.
 /// rquickjs takes it from a cache kept per runtime, which holds the `Function.prototype` of
 /// the runtime's first context: shared by every later context, and writable by their scripts.
+/// The object is made with the right prototype from the start: setting it afterwards gives
+/// every function a shape of its own, about 150 bytes each in every live call's context.
 fn host_fn<'js, P, F>(ctx: &Ctx<'js>, f: F) -> rquickjs::Result<Function<'js>>
 where
     F: rquickjs::function::IntoJsFunc<'js, P> + 'js,
 {
-    let func = Function::new(ctx.clone(), f)?;
-    // SAFETY: the context is locked (we hold a Ctx); JS_GetFunctionProto returns a new
-    // reference, which Value::from_raw takes over.
-    let proto =
-        unsafe { Value::from_raw(ctx.clone(), qjs::JS_GetFunctionProto(ctx.as_raw().as_ptr())) };
-    func.set_prototype(proto.as_object())?;
-    Ok(func)
+    let body = move |params: rquickjs::function::Params<'_, 'js>| {
+        params.check_params(F::param_requirements())?;
+        f.call(params)
+    };
+    let proto = Function::prototype(ctx.clone());
+    let object =
+        rquickjs::Class::instance_proto(rquickjs::function::RustFunction(Box::new(body)), proto)?
+            .into_inner();
+    let Some(func) = object.into_value().into_function() else {
+        return Err(Exception::throw_internal(
+            ctx,
+            "a host function is not callable",
+        ));
+    };
+    func.with_length(F::param_requirements().min())
 }
 
 /// The object at the dotted `path` under `root`, creating empty objects on the way.

@@ -23,7 +23,9 @@ pub use compile::{compile, CompiledScript, SourceKind};
 pub use engine::{Engine, EngineConfig, Invocation};
 pub use error::{CompileError, EngineError, LoadError, ScriptError};
 pub use execution::{LogLevel, LogLine, RunOutput, RunRequest, Sandbox};
-pub use host::{HostCall, HostError, HostMethod, HostModule, HostModules, HostObject, MethodKind};
+pub use host::{
+    HostCall, HostError, HostMethod, HostModule, HostModules, HostObject, JsMethods, MethodKind,
+};
 pub use library::{LibraryLimits, ScriptLibrary};
 pub use mode::{Limits, Mode};
 pub use pool::{LocalRunner, LocalTask};

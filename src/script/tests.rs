@@ -457,6 +457,79 @@ async fn class5_ctx_operations_are_awaited_host_futures() {
     );
 }
 
+/// A host object with two JS methods whose code counts its own evaluations in a global.
+struct JsMethodsCtx;
+
+impl HostObject for JsMethodsCtx {
+    fn methods(&self) -> &[HostMethod] {
+        const M: &[HostMethod] = &[HostMethod::sync("base"), HostMethod::asynchronous("later")];
+        M
+    }
+    fn js_methods(&self) -> Option<JsMethods> {
+        let source = r#"(function (raw) {
+            globalThis.evaluated = (globalThis.evaluated || 0) + 1;
+            return {
+                twice(n) { return raw.base() * 2 * n; },
+                self() { return this; },
+                fail() { throw new RangeError("from JS"); },
+                async wait(x) { return (await raw.later()) + x; },
+            };
+        })"#;
+        Some(JsMethods {
+            names: &["twice", "self", "fail", "wait"],
+            source: Arc::new(compile("js methods", source).unwrap()),
+        })
+    }
+    fn call(&self, method: &str, _: Vec<Json>) -> HostCall {
+        match method {
+            "base" => HostCall::Ready(Ok(json!(21))),
+            _ => HostCall::Pending(async { Ok(json!("later:")) }.boxed_local()),
+        }
+    }
+}
+
+#[tokio::test]
+async fn js_methods_are_evaluated_once_on_first_call_and_behave_as_methods() {
+    let engine = engine_with(Limits::default());
+    let src = r#"async function main(data, ctx) {
+        const before = globalThis.evaluated;
+        const names = Object.keys(ctx).join(",");
+        const shapes = [typeof ctx.twice, ctx.twice.name, ctx.base.name, ctx.twice === ctx.twice];
+        const plain = ctx.base();
+        const untouched = globalThis.evaluated;
+        const twice = ctx.twice(2);
+        const { twice: detached } = ctx;
+        const again = detached(3);
+        const self = ctx.self() === ctx;
+        let failed;
+        try { ctx.fail() } catch (e) { failed = e instanceof RangeError && e.message }
+        const waited = await ctx.wait("x");
+        return [before, names, shapes, plain, untouched, twice, again, self, failed, waited,
+                globalThis.evaluated, Function.prototype.isPrototypeOf(ctx.later)];
+    }"#;
+    let script = Arc::new(compile("js methods", src).unwrap());
+    let mut inv = Invocation::new(script, Mode::Class5, json!({}));
+    inv.ctx = Some(Box::new(JsMethodsCtx));
+    let out = engine.run(inv).await.unwrap();
+    assert_eq!(
+        out.result,
+        Ok(json!([
+            null,
+            "base,later,twice,self,fail,wait",
+            ["function", "twice", "base", true],
+            21,
+            null,
+            84,
+            126,
+            true,
+            "from JS",
+            "later:x",
+            1,
+            true
+        ]))
+    );
+}
+
 #[tokio::test]
 async fn many_waiting_calls_cost_tasks_not_threads() {
     let engine = Arc::new(engine_with(Limits::default()));

@@ -24,6 +24,7 @@ use super::{
 };
 use crate::script::{
     compile, host::HostResult, CompiledScript, HostCall, HostError, HostMethod, HostObject,
+    JsMethods,
 };
 
 /// The reply channel of one awaited operation.
@@ -103,7 +104,7 @@ const SIGNALLING: &[HostMethod] = &[
 ];
 
 /// Every method the ctx object has.
-fn all_methods() -> &'static [HostMethod] {
+pub fn all_methods() -> &'static [HostMethod] {
     static ALL: OnceLock<Vec<HostMethod>> = OnceLock::new();
     ALL.get_or_init(|| [SIGNALLING, media_bind::MEDIA_METHODS].concat())
 }
@@ -270,15 +271,41 @@ impl CallCtx {
         refuse_after_hangup: bool,
         make: impl FnOnce(Reply) -> CtxRequest,
     ) -> HostCall {
-        if refuse_after_hangup && *self.hangup.borrow() {
-            return HostCall::Ready(Err(hangup_error()));
-        }
-        let (tx, rx) = oneshot::channel();
-        if self.requests.send(Box::new(make(tx))).is_err() {
-            return HostCall::Ready(Err(hangup_error()));
-        }
+        send_request(&self.requests, &self.hangup, refuse_after_hangup, make)
+    }
+
+    /// `ivr(..., {transfer_on_failure})`: a menu that ends in timeout or invalid bridges the
+    /// caller to that destination, and the result carries the bridge's outcome as `transfer`.
+    /// The destination and the leg headers are taken when `ivr` is called.
+    fn ivr_then_transfer(&self, target: &Json, args: Vec<Json>) -> HostCall {
+        let (dest, mut opts) = match parse_bridge_args(std::slice::from_ref(target)) {
+            Ok(parsed) => parsed,
+            Err(e) => return HostCall::Ready(Err(e)),
+        };
+        self.add_leg_headers(&mut opts);
+        let menu = self.dispatch("ivr", args);
+        let (requests, hangup, call_id) = (
+            self.requests.clone(),
+            self.hangup.clone(),
+            self.call_id.clone(),
+        );
         HostCall::Pending(
-            async move { rx.await.unwrap_or_else(|_| Err(hangup_error())) }.boxed_local(),
+            async move {
+                let mut result = menu.settle().await?;
+                let status = result.get("status").and_then(Json::as_str).unwrap_or("");
+                if status == "timeout" || status == "invalid" {
+                    tracing::info!(%call_id, "ctx.ivr ended with {status}: transfer_on_failure to {dest}");
+                    let bridge = send_request(&requests, &hangup, true, |reply| {
+                        CtxRequest::Bridge { dest, opts, reply }
+                    });
+                    let transfer = bridge.settle().await?;
+                    if let Json::Object(fields) = &mut result {
+                        fields.insert("transfer".into(), transfer);
+                    }
+                }
+                Ok(result)
+            }
+            .boxed_local(),
         )
     }
 
@@ -296,6 +323,35 @@ impl CallCtx {
         name.strip_prefix("sip_h_")
             .and_then(|h| self.invite_header(h))
             .map_or(Json::Null, |v| json!(v))
+    }
+}
+
+/// Sends a request to the call task; the promise settles with its reply (Hangup if it is gone).
+fn send_request(
+    requests: &mpsc::UnboundedSender<Box<CtxRequest>>,
+    hangup: &watch::Receiver<bool>,
+    refuse_after_hangup: bool,
+    make: impl FnOnce(Reply) -> CtxRequest,
+) -> HostCall {
+    if refuse_after_hangup && *hangup.borrow() {
+        return HostCall::Ready(Err(hangup_error()));
+    }
+    let (tx, rx) = oneshot::channel();
+    if requests.send(Box::new(make(tx))).is_err() {
+        return HostCall::Ready(Err(hangup_error()));
+    }
+    HostCall::Pending(async move { rx.await.unwrap_or_else(|_| Err(hangup_error())) }.boxed_local())
+}
+
+/// `ivr`'s sixth argument's `transfer_on_failure`, when it names a destination.
+fn transfer_target(args: &[Json]) -> Result<Option<&Json>, HostError> {
+    match args.get(5).and_then(|opts| opts.get("transfer_on_failure")) {
+        None | Some(Json::Null) => Ok(None),
+        Some(Json::String(s)) if s.is_empty() => Ok(None),
+        Some(t @ (Json::String(_) | Json::Number(_))) => Ok(Some(t)),
+        Some(_) => Err(HostError::type_error(
+            "ctx.ivr: transfer_on_failure must be a destination (string or number)",
+        )),
     }
 }
 
@@ -320,7 +376,7 @@ pub(super) fn is_token(s: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b"-.!%*_+`'~".contains(&b))
 }
 
-/// The ctx prelude (`waitFor`), compiled once.
+/// The ctx methods written in JS (`waitFor`, `on`, `off`), compiled once.
 fn compiled_prelude() -> Option<Arc<CompiledScript>> {
     static PRELUDE: OnceLock<Option<Arc<CompiledScript>>> = OnceLock::new();
     PRELUDE
@@ -339,8 +395,11 @@ impl HostObject for CallCtx {
         all_methods()
     }
 
-    fn prelude(&self) -> Option<Arc<CompiledScript>> {
-        compiled_prelude()
+    fn js_methods(&self) -> Option<JsMethods> {
+        compiled_prelude().map(|source| JsMethods {
+            names: media_bind::JS_METHODS,
+            source,
+        })
     }
 
     fn stopped(&self) -> Option<futures::future::LocalBoxFuture<'static, ()>> {
@@ -352,6 +411,23 @@ impl HostObject for CallCtx {
     }
 
     fn call(&self, method: &str, args: Vec<Json>) -> HostCall {
+        if method == "ivr" {
+            match transfer_target(&args) {
+                Ok(Some(target)) => {
+                    let target = target.clone();
+                    return self.ivr_then_transfer(&target, args);
+                }
+                Ok(None) => {}
+                Err(e) => return HostCall::Ready(Err(e)),
+            }
+        }
+        self.dispatch(method, args)
+    }
+}
+
+impl CallCtx {
+    /// A ctx method, once `ivr`'s transfer is taken care of.
+    fn dispatch(&self, method: &str, args: Vec<Json>) -> HostCall {
         if let Some(m) = media_bind::ANSWERING_METHODS
             .iter()
             .copied()

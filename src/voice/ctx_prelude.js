@@ -1,11 +1,10 @@
-// The class5 ctx as scripts see it: the raw host object (see ctx.rs and media_bind.rs) plus
-// the parts that need RegExps, callbacks or background loops, which do not cross into Rust
-// as JSON. Compiled once; evaluated per call with the raw object. The rules it implements
-// are written down in docs/ctx.md and docs/compat/ctx.md.
+// The class5 ctx methods written in JS (`waitFor`, `on`, `off`): they need RegExps,
+// callbacks or background loops, which do not cross into Rust as JSON. Compiled once, and
+// evaluated in a call's context with the raw ctx (see ctx.rs and media_bind.rs) only when
+// the script first calls one of them. The rules it implements are written down in
+// docs/ctx.md and docs/compat/ctx.md.
 (function (raw) {
   const ctx = raw;
-  const rawIvr = raw.ivr;
-  const rawBridge = raw.bridge;
   const dtmfCount = raw.dtmfCount;
   const digitsAfter = raw.digitsAfter;
   const dtmfWatch = raw.dtmfWatch;
@@ -41,7 +40,7 @@
     return n < 1000 ? n * 1000 : n;
   };
 
-  ctx.waitFor = async function (match, quit, timeout) {
+  const waitFor = async function (match, quit, timeout) {
     const ok = matcher(match, "match");
     if (!ok) throw new TypeError("ctx.waitFor: match is required");
     const stop = matcher(quit, "quit");
@@ -77,22 +76,6 @@
     }
   };
 
-  // ivr(..., {transfer_on_failure}): a last try that ends in timeout or invalid bridges the
-  // caller to that destination; the result carries the bridge's outcome as `transfer`.
-  ctx.ivr = async function (file, timeout, min, max, terminators, opts) {
-    const target = opts && typeof opts === "object" ? opts.transfer_on_failure : undefined;
-    const hasTarget = target !== undefined && target !== null && target !== "";
-    if (hasTarget && typeof target !== "string" && typeof target !== "number") {
-      throw new TypeError("ctx.ivr: transfer_on_failure must be a destination (string or number)");
-    }
-    const r = await rawIvr(file, timeout, min, max, terminators, opts);
-    if (hasTarget && (r.status === "timeout" || r.status === "invalid")) {
-      log("ivr ended with " + r.status + ": transfer_on_failure to " + target);
-      r.transfer = await rawBridge(target);
-    }
-    return r;
-  };
-
   // ctx.on(event, fn) for the events callforge has: "dtmf" (fn(key)) and "hangup" (fn({by})).
   // Handlers run while the script runs; an error in one is logged and the others go on.
   const handlers = { dtmf: [], hangup: [] };
@@ -109,7 +92,7 @@
   };
   let watchingDtmf = false;
   let watchingHangup = false;
-  ctx.on = function (event, fn) {
+  const on = function (event, fn) {
     const list = handlers[event];
     if (!list) throw new TypeError("ctx.on: no event '" + event + "' in callforge; it has: dtmf, hangup");
     if (typeof fn !== "function") throw new TypeError("ctx.on: the handler must be a function");
@@ -131,7 +114,7 @@
     }
     return ctx;
   };
-  ctx.off = function (event, fn) {
+  const off = function (event, fn) {
     const list = handlers[event];
     if (list) {
       const at = list.indexOf(fn);
@@ -140,5 +123,5 @@
     return ctx;
   };
 
-  return ctx;
+  return { waitFor, on, off };
 })

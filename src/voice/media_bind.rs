@@ -281,9 +281,12 @@ async fn dtmf_watch(
     media_ops::digits_after(ctx, args).await
 }
 
-/// JS run around the raw ctx (`waitFor`, `on`/`off`, `ivr`'s `transfer_on_failure`): they need
-/// RegExps, callbacks and background loops, which do not cross into Rust as JSON.
+/// The ctx methods written in JS (`waitFor`, `on`/`off`): they need RegExps, callbacks and
+/// background loops, which do not cross into Rust as JSON. Evaluated in a call's context on
+/// the first call of one of them.
 pub const CTX_PRELUDE: &str = include_str!("ctx_prelude.js");
+/// The methods [`CTX_PRELUDE`] returns.
+pub const JS_METHODS: &[&str] = &["waitFor", "on", "off"];
 
 #[cfg(test)]
 mod tests {
