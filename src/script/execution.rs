@@ -848,8 +848,10 @@ impl Sandbox {
         let _release = ReleaseOnDrop(state.clone());
         state.begin(&req.script, req.mode);
         let mode = req.mode;
-        let data = std::mem::take(&mut req.data);
-        let run = std::panic::AssertUnwindSafe(execute(&prepared.context, &state, req, &data));
+        // Class 4 normalises its answer against the input; other runs drop it once it is in
+        // the context (a class5 call would otherwise hold a copy of its `data` all call long).
+        let mut data = Some(std::mem::take(&mut req.data));
+        let run = std::panic::AssertUnwindSafe(execute(&prepared.context, &state, req, &mut data));
         let mut result = match futures::FutureExt::catch_unwind(run).await {
             Ok(result) => result,
             Err(panic) => Err(state.host_panicked(&*panic)),
@@ -874,7 +876,7 @@ impl Sandbox {
         m.script_run(mode.as_str(), outcome, started.elapsed());
         if let (Mode::Class4, Ok(value)) = (mode, &mut result) {
             // The input is not needed any more: normalising moves it instead of copying it.
-            *value = super::class4::normalise(data, std::mem::take(value));
+            *value = super::class4::normalise(data.unwrap_or_default(), std::mem::take(value));
         }
         let logs = std::mem::take(&mut *state.logs.borrow_mut());
         let output = RunOutput {
@@ -956,7 +958,7 @@ async fn execute(
     context: &Context,
     state: &Rc<RunState>,
     req: RunRequest,
-    data: &Json,
+    data: &mut Option<Json>,
 ) -> Result<Json, ScriptError> {
     match execute_steps(context, state, req, data).await {
         Ok(json) => Ok(json),
@@ -968,7 +970,7 @@ async fn execute_steps(
     context: &Context,
     state: &Rc<RunState>,
     req: RunRequest,
-    input: &Json,
+    input: &mut Option<Json>,
 ) -> Result<Json, Finished> {
     let wall_deadline = state.limits.wall_for(req.mode).map(|w| Instant::now() + w);
     let script = req.script.clone();
@@ -979,7 +981,10 @@ async fn execute_steps(
     let (loaded, module_promise) = state
         .slice(context, |ctx| {
             let fail = |e| state.error_from(&ctx, e);
-            let data = json_to_js(&ctx, input).map_err(fail)?;
+            let data = json_to_js(&ctx, input.as_ref().unwrap_or(&Json::Null)).map_err(fail)?;
+            if req.mode != Mode::Class4 {
+                input.take();
+            }
             install_run_globals(&ctx, state, &script, data.clone()).map_err(fail)?;
             let ctx_object = match &ctx_host {
                 Some(host) => {

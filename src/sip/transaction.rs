@@ -598,8 +598,8 @@ pub enum ServerMatch {
     New(TxKey),
 }
 
-/// The most transactions a table makes room for before the first one arrives.
-const PRESIZED_TRANSACTIONS: usize = 65_536;
+/// The most transactions a table makes room for before the first one arrives, unless told.
+pub const PRESIZED_TRANSACTIONS: usize = 65_536;
 
 /// Resting transactions (see [`Transaction::is_resting`]) kept per unit of the working cap;
 /// beyond that the oldest are forgotten (a late retransmission then reads as a new request).
@@ -627,14 +627,20 @@ pub struct TransactionTable {
 
 impl TransactionTable {
     pub fn new(cfg: TimerConfig, max: usize) -> Self {
+        Self::presized(cfg, max, PRESIZED_TRANSACTIONS)
+    }
+
+    /// A table with room for `presize` transactions (at most `max`) before it first grows.
+    pub fn presized(cfg: TimerConfig, max: usize, presize: usize) -> Self {
         Self {
             cfg,
             max,
             // Sized for the configured maximum up front: at 10,000 calls/s the table holds
             // 50,000 transactions (each lives 5 s after its ACK), and growing to that size
             // rehashes and faults in fresh pages all through the ramp. Buckets cost address
-            // space only until used.
-            txs: HashMap::with_capacity(max.min(PRESIZED_TRANSACTIONS)),
+            // space only until used, but transactions land on random buckets, so a few
+            // thousand make nearly all of the table's pages resident.
+            txs: HashMap::with_capacity(max.min(presize)),
             timers: TimerQueue::default(),
             resting: 0,
             rest_order: VecDeque::new(),

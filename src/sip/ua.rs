@@ -39,6 +39,8 @@ pub struct UaConfig {
     pub timers: TimerConfig,
     pub limits: ParseLimits,
     pub max_transactions: usize,
+    /// Room the transaction table makes before the first transaction (it grows past it).
+    pub presized_transactions: usize,
     pub max_calls: usize,
     /// Seconds put in `Retry-After` when we are over a limit.
     pub retry_after: u32,
@@ -67,6 +69,7 @@ impl Default for UaConfig {
             timers: TimerConfig::default(),
             limits: ParseLimits::default(),
             max_transactions: 10_000,
+            presized_transactions: super::transaction::PRESIZED_TRANSACTIONS,
             max_calls: 1_000,
             retry_after: 5,
             min_se: 90,
@@ -321,7 +324,8 @@ struct Call {
 pub struct UserAgent {
     cfg: UaConfig,
     txs: TransactionTable,
-    calls: HashMap<CallHandle, Call>,
+    /// Boxed: the map keeps room for more calls than are live, and a call is about 1 KiB.
+    calls: HashMap<CallHandle, Box<Call>>,
     dialogs: HashMap<DialogId, CallHandle>,
     invites: HashMap<TxKey, CallHandle>,
     client_txs: HashMap<TxKey, (CallHandle, ClientPurpose)>,
@@ -399,7 +403,11 @@ impl UserAgent {
     pub fn new(cfg: UaConfig) -> Self {
         Self {
             guard: super::guard::SharedGuard::new(super::guard::Guard::new(cfg.guard.clone())),
-            txs: TransactionTable::new(cfg.timers, cfg.max_transactions),
+            txs: TransactionTable::presized(
+                cfg.timers,
+                cfg.max_transactions,
+                cfg.presized_transactions,
+            ),
             cfg,
             calls: HashMap::new(),
             dialogs: HashMap::new(),

@@ -439,7 +439,7 @@ impl CallState {
             c.state = "bridging";
             c.bridged_to = Some(leg.0);
         });
-        self.bridge = Some(Bridge {
+        self.bridge = Some(Box::new(Bridge {
             leg,
             reply: Some(reply),
             opts,
@@ -457,7 +457,7 @@ impl CallState {
             transfer,
             b_neg: None,
             refer: None,
-        });
+        }));
     }
 
     /// An attempt that never placed a leg: resolve and, without continueOnFail, end the call.

@@ -161,7 +161,7 @@ impl VoiceServer {
         let caller_name = call.from.display.clone();
         // The parsed INVITE is not needed past this point: do not keep it for the whole call.
         drop(call);
-        let call_input = input.clone();
+        let call_input = input.to_string().into_boxed_str();
         let mut inv = Invocation::new(script, Mode::Class5, input);
         let mut state = CallState::new(self, handle, hangup_tx, events_tx);
         inv.ctx = Some(Box::new(ctx.with_stop(state.stop.subscribe())));
@@ -203,8 +203,9 @@ pub(super) struct CallState {
     pub(super) cdr: Cdr,
     /// This task's event queue, handed to the dispatcher for the legs it places.
     pub(super) events_tx: mpsc::UnboundedSender<LegEvent>,
-    /// The bridge in progress, if any.
-    pub(super) bridge: Option<Bridge>,
+    /// The bridge in progress, if any. Boxed, as is `transfer`: most calls never have one,
+    /// and the task carries its state for the whole call.
+    pub(super) bridge: Option<Box<Bridge>>,
     pub(super) bridge_attempts: u32,
     /// The caller's number and display name: the default caller ID of outbound legs.
     pub(super) caller_number: Option<String>,
@@ -219,9 +220,10 @@ pub(super) struct CallState {
     /// The CDR's row once committed ahead of our BYE; the end of the script updates it.
     cdr_id: Option<i64>,
     /// A transfer waiting for its REFER's outcome.
-    pub(super) transfer: Option<PendingTransfer>,
-    /// The script's `data`, for the scripts `ctx.destination()` runs on this call.
-    pub(super) input: Json,
+    pub(super) transfer: Option<Box<PendingTransfer>>,
+    /// The script's `data`, for the scripts `ctx.destination()` runs on this call: as JSON
+    /// text, a third of the size of the parsed tree it is kept instead of.
+    pub(super) input: Box<str>,
 }
 
 /// A blind transfer in flight: the REFER went out, its NOTIFYs tell how it goes.
@@ -265,7 +267,7 @@ impl CallState {
             stop_at: None,
             cdr_id: None,
             transfer: None,
-            input: Json::Null,
+            input: "null".into(),
             server,
             call,
             answered: false,

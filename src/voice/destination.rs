@@ -36,7 +36,7 @@ impl CallState {
         let script = library
             .get(app)
             .map_err(|e| HostError::error(format!("ctx.destination: {app:?}: {e}")))?;
-        let mut input = self.input.clone();
+        let mut input = serde_json::from_str(&self.input).unwrap_or(Json::Null);
         if let Some(d) = data {
             input = vars::merge(input, &d);
         }

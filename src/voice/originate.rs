@@ -245,7 +245,7 @@ impl VoiceServer {
             out_headers.clone(),
             media_slot.clone(),
         );
-        let call_input = input.clone();
+        let call_input = input.to_string().into_boxed_str();
         let mut inv = Invocation::new(script, Mode::Class5, input);
         let mut state = CallState::new(self, handle, hangup_tx, events_tx);
         inv.ctx = Some(Box::new(ctx.with_stop(state.stop.subscribe())));

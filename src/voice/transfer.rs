@@ -57,13 +57,13 @@ impl CallState {
         tracing::info!(call = ?self.call, %uri, "transferring with REFER");
         match self.server.sip.refer(self.call, uri.clone()).await {
             Ok(()) => {
-                self.transfer = Some(PendingTransfer {
+                self.transfer = Some(Box::new(PendingTransfer {
                     target,
                     opts,
                     reply,
                     accepted: false,
                     uri,
-                })
+                }))
             }
             Err(e) => {
                 tracing::info!(call = ?self.call, "REFER not sent ({e}); bridging instead");

@@ -342,7 +342,7 @@ impl UserAgent {
         let peer_allows_update = message::has_option_tag(&req.headers, "Allow", "UPDATE");
         self.calls.insert(
             handle,
-            Call {
+            Box::new(Call {
                 state: CallState::Incoming,
                 invite: req.clone(),
                 invite_key: key,
@@ -368,7 +368,7 @@ impl UserAgent {
                 auth: None,
                 transfer: None,
                 admitted_from: Some(source.addr.ip()),
-            },
+            }),
         );
         self.guard.lock().call_started(source.addr.ip());
         self.timers
@@ -477,6 +477,9 @@ impl UserAgent {
         call.retransmit = None;
         let initial = call.state == CallState::Answered;
         call.state = CallState::Confirmed;
+        if initial && !call.outbound {
+            forget_answered_invite(&mut call.invite);
+        }
         let answer = if req.body.is_empty() {
             None
         } else {
@@ -760,4 +763,24 @@ impl UserAgent {
             self.end_with_bye(handle, EndReason::RefreshFailed, now);
         }
     }
+}
+
+/// Once an inbound call's 2xx is acknowledged nothing answers its INVITE any more: keep only
+/// the headers that name it, not the whole request and its SDP for the length of the call.
+fn forget_answered_invite(invite: &mut rsip::Request) {
+    let kept: Vec<rsip::Header> = std::mem::take(&mut invite.headers)
+        .into_iter()
+        .filter(|h| {
+            matches!(
+                h,
+                rsip::Header::Via(_)
+                    | rsip::Header::From(_)
+                    | rsip::Header::To(_)
+                    | rsip::Header::CallId(_)
+                    | rsip::Header::CSeq(_)
+            )
+        })
+        .collect();
+    invite.headers = kept.into();
+    invite.body = Vec::new();
 }

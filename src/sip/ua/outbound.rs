@@ -115,7 +115,7 @@ impl UserAgent {
         };
         self.calls.insert(
             handle,
-            Call {
+            Box::new(Call {
                 state: CallState::Calling,
                 invite,
                 invite_key: key,
@@ -141,7 +141,7 @@ impl UserAgent {
                 auth: oc.auth.map(auth::AuthState::new),
                 transfer: None,
                 admitted_from: None,
-            },
+            }),
         );
         self.timers
             .arm(now + self.cfg.pending_timeout, (handle, CallTimer::Pending));

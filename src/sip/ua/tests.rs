@@ -1378,3 +1378,32 @@ fn a_dialog_we_ended_is_remembered_for_the_peers_window_when_our_t1_is_short() {
         "forgotten after 64 x 500 ms"
     );
 }
+
+#[test]
+fn an_acked_inbound_call_keeps_only_the_invites_naming_headers_and_still_works() {
+    let mut h = H::new();
+    let (call, tag) = h.established();
+    h.take_sent();
+    let kept = &h.ua.calls[&call].invite;
+    assert!(kept.body.is_empty(), "the offer SDP is not kept");
+    let names: Vec<String> = kept
+        .headers
+        .iter()
+        .map(|hd| crate::sip::message::name_value(hd).0)
+        .collect();
+    assert_eq!(names, ["Via", "From", "To", "Call-ID", "CSeq"]);
+    // A late retransmission of the INVITE is still absorbed by its transaction.
+    h.input(&invite("z9hG4bKinv1", 1, Some(OFFER), ""));
+    assert!(h.take_sent().is_empty(), "the retransmission is absorbed");
+    assert!(h.take_events().is_empty());
+    // The BYE still names the dialog.
+    h.ua.hangup(call, h.now).unwrap();
+    h.drain();
+    let sent = h.take_sent();
+    assert_eq!(sent.len(), 1);
+    let bye = &sent[0];
+    assert!(bye.starts_with("BYE "), "{bye}");
+    assert!(bye.contains("Call-ID: call-1@198.51.100.9\r\n"), "{bye}");
+    assert!(bye.contains(&format!(";tag={tag}")), "{bye}");
+    assert!(bye.contains("CSeq: 1 BYE\r\n"), "{bye}");
+}
