@@ -39,7 +39,11 @@ use tokio::net::UdpSocket;
 /// One RTP packet as it arrived.
 #[derive(Debug, Clone)]
 pub struct Received {
+    /// When the recording task woke up with it.
     pub at: Instant,
+    /// When the kernel queued it on our socket (`SO_TIMESTAMPNS`, time since the Unix
+    /// epoch): on loopback, the moment the sender sent it, whatever our own scheduling.
+    pub kernel_at: Option<Duration>,
     pub seq: u16,
     pub ts: u32,
     pub pt: u8,
@@ -479,8 +483,19 @@ impl Call {
 }
 
 pub(crate) async fn record_rtp(sock: Arc<UdpSocket>, into: Arc<Mutex<Vec<Received>>>) {
+    enable_kernel_timestamps(&sock);
     let mut buf = vec![0u8; 2048];
-    while let Ok((n, _)) = sock.recv_from(&mut buf).await {
+    loop {
+        if sock.readable().await.is_err() {
+            return;
+        }
+        let (n, kernel_at) = match sock.try_io(tokio::io::Interest::READABLE, || {
+            recv_stamped(&sock, &mut buf)
+        }) {
+            Ok(got) => got,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+            Err(_) => return,
+        };
         let at = Instant::now();
         let p = &buf[..n];
         if n < 12 || p[0] >> 6 != 2 {
@@ -493,6 +508,7 @@ pub(crate) async fn record_rtp(sock: Arc<UdpSocket>, into: Arc<Mutex<Vec<Receive
         }
         let packet = Received {
             at,
+            kernel_at,
             marker: p[1] & 0x80 != 0,
             pt: p[1] & 0x7f,
             seq: u16::from_be_bytes([p[2], p[3]]),
@@ -504,6 +520,56 @@ pub(crate) async fn record_rtp(sock: Arc<UdpSocket>, into: Arc<Mutex<Vec<Receive
             r.push(packet);
         }
     }
+}
+
+/// Asks the kernel to stamp every datagram the socket receives (best effort).
+fn enable_kernel_timestamps(sock: &UdpSocket) {
+    use std::os::fd::AsRawFd;
+    let on: libc::c_int = 1;
+    // SAFETY: a valid socket and an int option of the right size.
+    unsafe {
+        libc::setsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_TIMESTAMPNS,
+            (&on as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        );
+    }
+}
+
+/// One datagram into `buf`, with the kernel's receive stamp when there is one.
+fn recv_stamped(sock: &UdpSocket, buf: &mut [u8]) -> std::io::Result<(usize, Option<Duration>)> {
+    use std::os::fd::AsRawFd;
+    let mut iov = libc::iovec {
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: buf.len(),
+    };
+    let mut control = [0u64; 8];
+    // SAFETY: msghdr is plain data; every pointer set below outlives the call.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control.as_mut_ptr().cast();
+    msg.msg_controllen = std::mem::size_of_val(&control) as _;
+    // SAFETY: the socket is valid and `msg` describes live buffers.
+    let n = unsafe { libc::recvmsg(sock.as_raw_fd(), &mut msg, libc::MSG_DONTWAIT) };
+    if n < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let mut stamp = None;
+    // SAFETY: the CMSG macros walk the control buffer the kernel filled, within its length.
+    unsafe {
+        let mut c = libc::CMSG_FIRSTHDR(&msg);
+        while !c.is_null() {
+            if (*c).cmsg_level == libc::SOL_SOCKET && (*c).cmsg_type == libc::SCM_TIMESTAMPNS {
+                let ts: libc::timespec = std::ptr::read_unaligned(libc::CMSG_DATA(c).cast());
+                stamp = Some(Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32));
+            }
+            c = libc::CMSG_NXTHDR(&msg, c);
+        }
+    }
+    Ok((n as usize, stamp))
 }
 
 /// Answer in-dialog requests from the server with 200 and keep every message received.
