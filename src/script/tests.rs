@@ -668,6 +668,37 @@ async fn typed_arrays_work_although_they_are_added_on_first_use() {
 }
 
 #[tokio::test]
+async fn date_works_although_it_is_added_on_first_use() {
+    let src = r#"async function main(data, ctx) {
+        const listed = Object.getOwnPropertyNames(globalThis).includes("Date");
+        const lazy = typeof Object.getOwnPropertyDescriptor(globalThis, "Date").get;
+        const now = Date.now();
+        const d = new Date(Date.UTC(2026, 11, 7, 1, 2, 3));
+        const real = Object.getOwnPropertyDescriptor(globalThis, "Date").writable;
+        return [listed, lazy, now > 1.7e12, d.toISOString(), JSON.stringify({ d }),
+                d instanceof Date, Object.prototype.toString.call(d), real, typeof Date.parse];
+    }"#;
+    for mode in [Mode::Script, Mode::Class5] {
+        let out = run(src, mode, json!({})).await;
+        assert_eq!(
+            out.result,
+            Ok(json!([
+                true,
+                "function",
+                true,
+                "2026-12-07T01:02:03.000Z",
+                "{\"d\":\"2026-12-07T01:02:03.000Z\"}",
+                true,
+                "[object Date]",
+                true,
+                "function"
+            ])),
+            "{mode:?}"
+        );
+    }
+}
+
+#[tokio::test]
 async fn maps_sets_and_weak_refs_work_although_they_are_added_on_first_use() {
     let src = r#"function main() {
         const names = Object.getOwnPropertyNames(globalThis);
