@@ -2110,17 +2110,16 @@ fn install_process_env<'js>(
     {
         state.operator_app_id.set(true);
     }
-    let define: Function = ctx
-        .globals()
-        .get::<_, Object>("Object")?
-        .get("defineProperty")?;
-    let plain = |ctx: &Ctx<'js>, value: Value<'js>| -> rquickjs::Result<Object<'js>> {
-        let descriptor = Object::new(ctx.clone())?;
-        descriptor.set("value", value)?;
-        descriptor.set("writable", true)?;
-        descriptor.set("enumerable", true)?;
-        descriptor.set("configurable", true)?;
-        Ok(descriptor)
+    // Defined with QuickJS's own call, not the global `Object.defineProperty`, which the
+    // script may have replaced by the time it first reads `process.env`.
+    let plain = |object: &Object<'js>, value: Value<'js>| {
+        object.prop(
+            "env",
+            rquickjs::object::Property::from(value)
+                .writable()
+                .enumerable()
+                .configurable(),
+        )
     };
 
     let st = state.clone();
@@ -2143,27 +2142,19 @@ fn install_process_env<'js>(
                     env.set("APP_ID", script.name.as_str())?;
                 }
             }
-            let define: Function = ctx
-                .globals()
-                .get::<_, Object>("Object")?
-                .get("defineProperty")?;
-            let descriptor = plain(&ctx, env.clone().into_value())?;
-            define.call::<_, Value>((this.0, "env", descriptor))?;
+            plain(&this.0, env.clone().into_value())?;
             rquickjs::Result::Ok(env)
         },
     )?;
     let set = host_fn(
         ctx,
-        move |ctx: Ctx<'js>, this: rquickjs::function::This<Object<'js>>, value: Value<'js>| {
-            let define: Function = ctx
-                .globals()
-                .get::<_, Object>("Object")?
-                .get("defineProperty")?;
-            let descriptor = plain(&ctx, value)?;
-            define.call::<_, Value>((this.0, "env", descriptor))?;
-            rquickjs::Result::Ok(())
-        },
+        move |this: rquickjs::function::This<Object<'js>>, value: Value<'js>| plain(&this.0, value),
     )?;
+    // At preparation no script has run yet: the global `Object.defineProperty` is the real one.
+    let define: Function = ctx
+        .globals()
+        .get::<_, Object>("Object")?
+        .get("defineProperty")?;
     let accessor = Object::new(ctx.clone())?;
     accessor.set("get", get)?;
     accessor.set("set", set)?;

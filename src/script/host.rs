@@ -118,7 +118,8 @@ pub trait HostObject {
     /// Called with the method's name and its arguments as JSON (`undefined` becomes `null`).
     fn call(&self, method: &str, args: Vec<Json>) -> HostCall;
     /// Compiled prelude (a function expression) that wraps the raw object before scripts see
-    /// it, for what JSON cannot carry (callbacks, RegExps): the class5 `ctx` uses one.
+    /// it, for what JSON cannot carry (callbacks, RegExps): `cxJob`'s job ctx uses one. Methods
+    /// that only some runs call belong in [`HostObject::js_methods`] instead, which is lazy.
     fn prelude(&self) -> Option<Arc<CompiledScript>> {
         None
     }

@@ -400,3 +400,28 @@ async fn process_env_made_on_first_read_is_complete_replaceable_and_per_run() {
         );
     }
 }
+
+#[tokio::test]
+async fn process_env_does_not_go_through_a_replaced_object_define_property() {
+    let s = setup(vec![("REGION".into(), "eu-west".into())]);
+    let src = r#"function main(d) {
+        let calls = 0;
+        Object.defineProperty = () => { calls++; throw new Error("hijacked"); };
+        const env = process.env;
+        const same = env === process.env;
+        process.env = { ONLY: 'mine' };
+        return [env.REGION, env.SCRIPTFORGE_NAME, same, process.env.ONLY, calls];
+    }"#;
+    for mode in [Mode::Class4, Mode::App] {
+        let out = s.run("env_guarded", src, mode, json!({})).await.result;
+        let out = match mode {
+            Mode::Class4 => out.map(|o| o["routing"].clone()),
+            _ => out,
+        };
+        assert_eq!(
+            out,
+            Ok(json!(["eu-west", "env_guarded", true, "mine", 0])),
+            "{mode:?}"
+        );
+    }
+}

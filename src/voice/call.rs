@@ -221,8 +221,8 @@ pub(super) struct CallState {
     cdr_id: Option<i64>,
     /// A transfer waiting for its REFER's outcome.
     pub(super) transfer: Option<Box<PendingTransfer>>,
-    /// The script's `data`, for the scripts `ctx.destination()` runs on this call: as JSON
-    /// text, a third of the size of the parsed tree it is kept instead of.
+    /// The script's `data`, for the scripts `ctx.destination()` runs on this call: kept as
+    /// JSON text, smaller than the parsed tree, and parsed only when a destination runs.
     pub(super) input: Box<str>,
 }
 
