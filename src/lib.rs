@@ -14,4 +14,5 @@ pub mod routing;
 pub mod script;
 pub mod sip;
 pub mod store;
+pub mod udp;
 pub mod voice;

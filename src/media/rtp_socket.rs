@@ -4,9 +4,10 @@
 //!
 //! All timing lives in the session: the driver never sleeps "20 ms", it sleeps until
 //! `poll_timeout()` with `sleep_until`, so a late wake-up does not shift later frames.
-//! Sends use `try_send_to`: a UDP send only fails to complete immediately when the socket
-//! buffer is full, and then dropping the packet is the right thing for real-time audio. This
-//! also makes [`RtpSocket::drive`] safe to cancel in a `select!`.
+//! Sends never wait: a UDP send only fails to complete immediately when the socket buffer is
+//! full, and then dropping the packet is the right thing for real-time audio. This also makes
+//! [`RtpSocket::drive`] safe to cancel in a `select!`, and lets the sockets be registered for
+//! read readiness only ([`ReadWatchedUdp`]).
 
 use std::collections::{BTreeSet, VecDeque};
 use std::io;
@@ -15,9 +16,7 @@ use std::ops::RangeInclusive;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use tokio::net::UdpSocket;
-
-use crate::media::session::MediaSession;
+use crate::{media::session::MediaSession, udp::ReadWatchedUdp};
 
 /// Default RTP port range, as in most SIP media servers.
 pub const DEFAULT_PORT_RANGE: RangeInclusive<u16> = 16384..=32767;
@@ -114,8 +113,8 @@ impl Drop for PortLease {
 /// into a buffer on its stack.
 #[derive(Debug)]
 pub struct RtpSocket {
-    rtp: Arc<UdpSocket>,
-    rtcp: UdpSocket,
+    rtp: Arc<ReadWatchedUdp>,
+    rtcp: ReadWatchedUdp,
     _lease: PortLease,
     buf: Vec<u8>,
     rtcp_buf: Vec<u8>,
@@ -137,8 +136,8 @@ impl ParkedRtpSocket {
     /// called from inside a tokio runtime.
     pub fn attach(self) -> io::Result<RtpSocket> {
         Ok(RtpSocket {
-            rtp: Arc::new(UdpSocket::from_std(self.rtp)?),
-            rtcp: UdpSocket::from_std(self.rtcp)?,
+            rtp: Arc::new(ReadWatchedUdp::from_std(self.rtp)?),
+            rtcp: ReadWatchedUdp::from_std(self.rtcp)?,
             _lease: self.lease,
             buf: self.buf,
             rtcp_buf: self.rtcp_buf,
@@ -162,14 +161,14 @@ impl RtpSocket {
                 port,
                 alloc: alloc.clone(),
             };
-            let rtp = match UdpSocket::bind(SocketAddr::new(ip, port)).await {
+            let rtp = match ReadWatchedUdp::bind(SocketAddr::new(ip, port)) {
                 Ok(s) => s,
                 Err(_) => {
                     skipped.push(lease);
                     continue;
                 }
             };
-            match UdpSocket::bind(SocketAddr::new(ip, port + 1)).await {
+            match ReadWatchedUdp::bind(SocketAddr::new(ip, port + 1)) {
                 Ok(rtcp) => {
                     break Ok(RtpSocket {
                         rtp: Arc::new(rtp),
@@ -199,8 +198,8 @@ impl RtpSocket {
         let rtp = Arc::try_unwrap(self.rtp)
             .map_err(|_| io::Error::other("the RTP socket is still shared with a media task"))?;
         Ok(ParkedRtpSocket {
-            rtp: rtp.into_std()?,
-            rtcp: self.rtcp.into_std()?,
+            rtp: rtp.into_std(),
+            rtcp: self.rtcp.into_std(),
             lease: self._lease,
             buf: self.buf,
             rtcp_buf: self.rtcp_buf,
@@ -216,11 +215,11 @@ impl RtpSocket {
 
     /// Send one datagram from the RTP port without waiting (a full buffer drops it, as UDP would).
     pub fn send_raw(&self, data: &[u8], to: SocketAddr) -> io::Result<usize> {
-        self.rtp.try_send_to(data, to)
+        self.rtp.send_to(data, to)
     }
 
     /// The RTP socket, for a sender that shares it (the RTP ticker).
-    pub fn sender(&self) -> Arc<UdpSocket> {
+    pub fn sender(&self) -> Arc<ReadWatchedUdp> {
         self.rtp.clone()
     }
 
@@ -286,7 +285,7 @@ impl RtpSocket {
         }
         let now = Instant::now();
         while let Some(t) = session.poll_transmit(now) {
-            if let Err(e) = self.rtp.try_send_to(&t.data, t.dest) {
+            if let Err(e) = self.rtp.send_to(&t.data, t.dest) {
                 tracing::debug!(dest = %t.dest, error = %e, "RTP packet dropped");
             }
         }
@@ -299,6 +298,7 @@ mod tests {
     use crate::media::g711::G711;
     use crate::media::session::{MediaEvent, SessionConfig};
     use std::time::Duration;
+    use tokio::net::UdpSocket;
 
     #[test]
     fn allocator_hands_out_even_ports_and_reuses_freed_ones() {

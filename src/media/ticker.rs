@@ -30,14 +30,17 @@ use std::{
     time::{Duration, Instant},
 };
 
-use tokio::{net::UdpSocket, sync::Notify};
+use tokio::sync::Notify;
 
-use crate::media::{relay_threads, rtp::FRAME, session::MediaSession, RelayPriority};
+use crate::{
+    media::{relay_threads, rtp::FRAME, session::MediaSession, RelayPriority},
+    udp::ReadWatchedUdp,
+};
 
 /// What a ticker thread and the call's media task share.
 struct Slot {
     session: Option<MediaSession>,
-    socket: Option<Arc<UdpSocket>>,
+    socket: Option<Arc<ReadWatchedUdp>>,
 }
 
 /// A call's media session while it is ticked: its media task locks it to feed datagrams and
@@ -91,11 +94,8 @@ impl TickedMedia {
             return TickOutcome::Left;
         };
         let mut sent = 0;
-        // A plain `sendto` on the socket: tokio's `try_send_to` would first consult the
-        // reactor's readiness, which a socket bound a moment ago may not have yet.
-        let sock = socket2::SockRef::from(&**socket);
         while let Some(t) = session.poll_transmit(now) {
-            match sock.send_to(&t.data, &t.dest.into()) {
+            match socket.send_to(&t.data, t.dest) {
                 Ok(_) => sent += 1,
                 Err(e) => tracing::debug!(dest = %t.dest, error = %e, "RTP packet dropped"),
             }
@@ -238,7 +238,7 @@ impl Ticker {
 
     /// Hands a call's session to the ticker; `socket` is the call's RTP socket, which frames
     /// leave from. The session's next frame moves onto the lane's next tick.
-    pub fn join(&self, socket: Arc<UdpSocket>, mut session: MediaSession) -> Arc<TickedMedia> {
+    pub fn join(&self, socket: Arc<ReadWatchedUdp>, mut session: MediaSession) -> Arc<TickedMedia> {
         let lane = self
             .lanes
             .iter()
@@ -283,14 +283,16 @@ fn run_lane(lane: &Lane, epoch: Instant) -> ! {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tokio::net::UdpSocket;
+
     use crate::media::{
         g711::G711,
         rtp::RtpPacket,
         session::{MediaEvent, SessionConfig},
     };
 
-    async fn socket_pair() -> (Arc<UdpSocket>, UdpSocket) {
-        let ours = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    async fn socket_pair() -> (Arc<ReadWatchedUdp>, UdpSocket) {
+        let ours = ReadWatchedUdp::bind("127.0.0.1:0".parse().unwrap()).unwrap();
         let peer = UdpSocket::bind("127.0.0.1:0").await.unwrap();
         (Arc::new(ours), peer)
     }

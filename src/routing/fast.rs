@@ -31,7 +31,7 @@ use std::{
 };
 
 use serde_json::{Map, Value as Json};
-use tokio::{net::UdpSocket, sync::Notify};
+use tokio::sync::Notify;
 
 use super::{redirect::Decision, request, Class4Server, Route};
 use crate::{
@@ -46,6 +46,7 @@ use crate::{
         ua::{auto_tag, response_target, stamp_via},
         Injector, ParseLimits, SessionDescription, Target, TimerConfig, TransportKind,
     },
+    udp::ReadWatchedUdp,
 };
 
 /// Finds the route of a Request-URI user (the current `[[route]]` table, reloads included).
@@ -151,7 +152,7 @@ pub async fn relieve_held_workers(
 struct Worker {
     shared: FastPath,
     runner: LocalRunner,
-    sockets: Vec<(UdpSocket, SocketAddr)>,
+    sockets: Vec<(ReadWatchedUdp, SocketAddr)>,
     table: RefCell<Table>,
     /// Woken when the table's next deadline may have moved earlier.
     rearm: Notify,
@@ -171,7 +172,7 @@ async fn serve_worker(
 ) {
     let mut joined = Vec::with_capacity(sockets.len());
     for (socket, local) in sockets {
-        match UdpSocket::from_std(socket) {
+        match ReadWatchedUdp::from_std(socket) {
             Ok(s) => joined.push((s, local)),
             Err(e) => {
                 tracing::error!(
@@ -255,7 +256,7 @@ impl Worker {
         let Some((s, _)) = self.sockets.get(socket) else {
             return;
         };
-        if let Err(e) = s.try_send_to(bytes, to) {
+        if let Err(e) = s.send_to(bytes, to) {
             tracing::debug!(%to, error = %e, "udp send failed");
         }
     }
