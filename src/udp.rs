@@ -86,7 +86,9 @@ mod tests {
     /// so a socket another test closed a moment ago under the same number does not count.
     fn epoll_masks(fd: i32) -> Vec<u32> {
         use std::os::unix::fs::MetadataExt;
-        let ino = std::fs::metadata(format!("/proc/self/fd/{fd}")).unwrap().ino();
+        let ino = std::fs::metadata(format!("/proc/self/fd/{fd}"))
+            .unwrap()
+            .ino();
         let (fd, ino) = (fd.to_string(), format!("ino:{ino:x}"));
         let mut masks = Vec::new();
         for entry in std::fs::read_dir("/proc/self/fd").unwrap().flatten() {

@@ -69,9 +69,20 @@ pub struct RunOutput {
 }
 
 /// The built-ins a script gets. No `Eval`: `eval` and `new Function` cannot compile code.
-/// Typed arrays, `Map`/`Set`/`WeakMap`/`WeakSet`, `WeakRef`/`FinalizationRegistry` and
-/// `Date` are added on first use (see [`LAZY_INTRINSICS`]).
+/// Typed arrays, `Map`/`Set`/`WeakMap`/`WeakSet` and `WeakRef`/`FinalizationRegistry` are
+/// added on first use (see [`LAZY_INTRINSICS`]).
 type RunIntrinsics = (
+    intrinsic::Date,
+    intrinsic::RegExpCompiler,
+    intrinsic::RegExp,
+    intrinsic::Json,
+    intrinsic::Proxy,
+    intrinsic::Promise,
+);
+
+/// [`RunIntrinsics`] for a class5 call's context in a shared runtime, where `Date` is added
+/// on first use too.
+type SharedRunIntrinsics = (
     intrinsic::RegExpCompiler,
     intrinsic::RegExp,
     intrinsic::Json,
@@ -105,28 +116,41 @@ const TYPED_ARRAY_GLOBALS: [&str; 16] = [
 struct LazyIntrinsic {
     names: &'static [&'static str],
     add: unsafe extern "C" fn(*mut qjs::JSContext) -> std::ffi::c_int,
+    /// Deferred only in contexts of a shared runtime (class5 calls), where it is memory held
+    /// for the whole call; elsewhere the context is created with it ([`RunIntrinsics`]).
+    only_shared: bool,
 }
 
 /// Each costs a context 10–250 k instructions to build and as much to collect, and routing
-/// scripts rarely use them; `Date` costs every live class5 call 2 KB it rarely needs.
-/// (`RegExp`, `JSON` and `Promise` stay eager: the language itself reaches some of them
-/// without a global name, as regular expression literals and async functions do.)
+/// scripts rarely use them. (`RegExp`, `JSON` and `Promise` stay eager: the language itself
+/// reaches some of them without a global name, as regular expression literals and async
+/// functions do.)
+///
+/// `Date` is the exception that is deferred in class5 calls only. There it costs every live
+/// call 2 KB that few scripts need. A class4 context is restored from a pristine image, where
+/// an eager `Date` costs 2 KB more copying, while adding it on first use costs 43 k
+/// instructions in every run of a routing script that reads the clock (`scripts/routing.js`:
+/// 592 k against 549 k per run in `examples/class4_loop`).
 const LAZY_INTRINSICS: [LazyIntrinsic; 4] = [
     LazyIntrinsic {
         names: &TYPED_ARRAY_GLOBALS,
         add: qjs::JS_AddIntrinsicTypedArrays,
+        only_shared: false,
     },
     LazyIntrinsic {
         names: &["Map", "Set", "WeakMap", "WeakSet"],
         add: qjs::JS_AddIntrinsicMapSet,
+        only_shared: false,
     },
     LazyIntrinsic {
         names: &["WeakRef", "FinalizationRegistry"],
         add: qjs::JS_AddIntrinsicWeakRef,
+        only_shared: false,
     },
     LazyIntrinsic {
         names: &["Date"],
         add: qjs::JS_AddIntrinsicDate,
+        only_shared: true,
     },
 ];
 
@@ -653,7 +677,7 @@ impl Sandbox {
             }
         };
         let member = runtime.join(self.limits.memory_bytes);
-        let context = Context::custom::<RunIntrinsics>(&runtime.rt);
+        let context = Context::custom::<SharedRunIntrinsics>(&runtime.rt);
         let mut state = RunState::new(self.limits.clone());
         state.member = Some(member);
         let state = Rc::new(state);
@@ -2337,7 +2361,7 @@ fn install_common_globals<'js>(
     };
     g.set("eval", disabled("eval")?)?;
     install_host_globals(ctx, state, &sandbox.modules)?;
-    install_lazy_intrinsics(ctx)
+    install_lazy_intrinsics(ctx, state.member.is_some())
 }
 
 /// Define each global host object (`api`, `fetch`) as an accessor that builds it on first
@@ -2401,8 +2425,9 @@ fn install_host_globals<'js>(
 ///
 /// The accessors are bare callable objects of a class of ours ([`lazy_class`]) with the name's
 /// index as opaque: no Rust closure, no `name`/`length` properties. A context gets 44 of them
-/// for a few hundred instructions each, far less than the intrinsics they stand for.
-fn install_lazy_intrinsics(ctx: &Ctx<'_>) -> rquickjs::Result<()> {
+/// for a few hundred instructions each, far less than the intrinsics they stand for. Entries
+/// deferred only in shared runtimes are skipped unless `shared`: the context has them.
+fn install_lazy_intrinsics(ctx: &Ctx<'_>, shared: bool) -> rquickjs::Result<()> {
     let raw = ctx.as_raw().as_ptr();
     // SAFETY: the context is locked (we are inside `with`); every value created here is either
     // handed to a consuming call or freed before returning.
@@ -2414,6 +2439,9 @@ fn install_lazy_intrinsics(ctx: &Ctx<'_>) -> rquickjs::Result<()> {
         let null = qjs::JS_MKVAL(qjs::JS_TAG_NULL, 0);
         let mut outcome = Ok(());
         'entries: for (entry, lazy) in LAZY_INTRINSICS.iter().enumerate() {
+            if lazy.only_shared && !shared {
+                continue;
+            }
             for (index, name) in lazy.names.iter().enumerate() {
                 let accessor = |setter| {
                     let f = qjs::JS_NewObjectProtoClass(raw, null, class);
