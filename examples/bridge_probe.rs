@@ -7,11 +7,14 @@
 //!
 //! The calls are paired (one bridged, one direct). For SECONDS every pair sends a 20 ms packet
 //! on both calls back to back, the pairs spread evenly over each 20 ms. Each payload carries
-//! a packet number; the send time is taken just before the send, the arrival time when the
-//! callee's socket hands the packet over (same process, same clock). The report gives
-//! p50/p99/max of (arrival - send) for both paths, "added" = bridged - direct (of each
-//! percentile), the same difference pair by pair, and in how many 100 ms windows the slowest
-//! 1% of bridged packets were sent (a few windows: stalls; many: scheduling noise).
+//! a packet number; the send time is taken just before the send. The arrival time is the
+//! kernel's receive stamp on the callee's socket (`SO_TIMESTAMPNS`, same clock): the moment the
+//! packet was queued there, whenever the probe itself next ran. The report gives p50/p99/max
+//! of (arrival - send) for both paths, "added" = bridged - direct (of each percentile), the
+//! same difference pair by pair, and in how many 100 ms windows the slowest 1% of bridged
+//! packets were sent (a few windows: stalls; many: scheduling noise). It also gives "added"
+//! with the arrival taken when the probe's task woke up with the packet, as earlier versions
+//! measured it: that figure includes the probe's own scheduling delay on a busy machine.
 //!
 //! `bridge_probe SIP_ADDR NUMBER CALLS SECONDS`
 
@@ -20,7 +23,7 @@ mod caller;
 
 use std::{
     net::SocketAddr,
-    time::{Duration, Instant},
+    time::{Duration, Instant, SystemTime},
 };
 
 use caller::{AcceptOpts, Call, Callee, Codec};
@@ -101,6 +104,8 @@ async fn main() {
     let slot = Duration::from_micros(20_000 / n as u64);
     let slots = seconds as usize * 50 * n;
     let mut sent: Vec<Instant> = Vec::with_capacity(2 * slots);
+    // The same moments on the clock of the kernel's receive stamps.
+    let mut sent_wall: Vec<Duration> = Vec::with_capacity(2 * slots);
     let start = tokio::time::Instant::now();
     for j in 0..slots {
         tokio::time::sleep_until(start + slot * j as u32).await;
@@ -117,24 +122,36 @@ async fn main() {
             pkt.extend_from_slice(&number.to_be_bytes());
             pkt.resize(12 + 160, 0xFF); // µ-law silence
             let at = Instant::now();
+            let wall = since_epoch();
             let _ = call.rtp_socket().try_send_to(&pkt, call.remote_rtp);
             sent.push(at);
+            sent_wall.push(wall);
         }
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
 
-    // Latency of each packet in µs (None: lost).
-    let mut latency: Vec<Option<f64>> = vec![None; sent.len()];
+    // Latency of each packet in µs (None: lost), from the kernel's stamp and as woken.
+    let mut stamped: Vec<Option<f64>> = vec![None; sent.len()];
+    let mut woken: Vec<Option<f64>> = vec![None; sent.len()];
+    let mut unstamped = 0;
     for p in callee.received.lock().expect("received").iter() {
         if p.payload.len() < 8 || &p.payload[..4] != MAGIC {
             continue;
         }
         let i = u32::from_be_bytes([p.payload[4], p.payload[5], p.payload[6], p.payload[7]]);
-        if let Some(&at) = sent.get(i as usize) {
-            latency[i as usize] = Some(p.at.saturating_duration_since(at).as_secs_f64() * 1e6);
+        let i = i as usize;
+        let (Some(&at), Some(&wall)) = (sent.get(i), sent_wall.get(i)) else {
+            continue;
+        };
+        woken[i] = Some(p.at.saturating_duration_since(at).as_secs_f64() * 1e6);
+        match p.kernel_at {
+            Some(k) => stamped[i] = Some(k.saturating_sub(wall).as_secs_f64() * 1e6),
+            None => unstamped += 1,
         }
     }
-    let path = |which: usize| -> Vec<f64> {
+    // Without kernel stamps (an old kernel), fall back to the wake-up times.
+    let latency = if unstamped == 0 { &stamped } else { &woken };
+    let path = |latency: &[Option<f64>], which: usize| -> Vec<f64> {
         latency
             .iter()
             .skip(which)
@@ -175,16 +192,28 @@ async fn main() {
         }
     }
 
-    let bridged = Stats::of(path(0), slots);
-    let direct = Stats::of(path(1), slots);
+    let bridged = Stats::of(path(latency, 0), slots);
+    let direct = Stats::of(path(latency, 1), slots);
     let paired = Stats::of(paired, slots);
-    println!("bridge_probe: direct  {direct}");
-    println!("bridge_probe: bridged {bridged}");
+    let clock = if unstamped == 0 {
+        "kernel receive stamps"
+    } else {
+        "as woken (no kernel stamps)"
+    };
+    println!("bridge_probe: direct  {direct} ({clock})");
+    println!("bridge_probe: bridged {bridged} ({clock})");
     println!("bridge_probe: bridged - direct, pair by pair: {paired}; the slowest 1% of bridged packets were sent in {} of {} 100-ms windows ({}{})",
         windows.len(), seconds * 10, first_windows.join(" "), if windows.len() > 12 { " ..." } else { "" });
+    let woken_added = match (
+        Stats::of(path(&woken, 0), slots).pct,
+        Stats::of(path(&woken, 1), slots).pct,
+    ) {
+        (Some(b), Some(d)) => format!("p50 {:.0} us, p99 {:.0} us", b.0 - d.0, b.1 - d.1),
+        _ => "no packets".into(),
+    };
     match (bridged.pct, direct.pct) {
         (Some(b), Some(d)) => println!(
-            "bridge_probe: added by callforge: p50 {:.0} us, p99 {:.0} us ({n} bridged + {n} direct calls, {failed} failed, {seconds} s)",
+            "bridge_probe: added by callforge: p50 {:.0} us, p99 {:.0} us from {clock}; as the probe woke: {woken_added} ({n} bridged + {n} direct calls, {failed} failed, {seconds} s)",
             b.0 - d.0,
             b.1 - d.1,
         ),
@@ -196,6 +225,13 @@ async fn main() {
     if failed > 0 {
         std::process::exit(1);
     }
+}
+
+/// Now on the clock of `SO_TIMESTAMPNS` (time since the Unix epoch).
+fn since_epoch() -> Duration {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap_or_default()
 }
 
 /// Number of the warm-up packet of bridged call `k` (beyond any measured packet's number).
