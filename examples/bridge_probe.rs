@@ -134,6 +134,7 @@ async fn main() {
     let mut stamped: Vec<Option<f64>> = vec![None; sent.len()];
     let mut woken: Vec<Option<f64>> = vec![None; sent.len()];
     let mut unstamped = 0;
+    let mut stepped = 0;
     for p in callee.received.lock().expect("received").iter() {
         if p.payload.len() < 8 || &p.payload[..4] != MAGIC {
             continue;
@@ -145,9 +146,14 @@ async fn main() {
         };
         woken[i] = Some(p.at.saturating_duration_since(at).as_secs_f64() * 1e6);
         match p.kernel_at {
-            Some(k) => stamped[i] = Some(k.saturating_sub(wall).as_secs_f64() * 1e6),
+            // A stamp before the send means the wall clock was stepped: not a latency.
+            Some(k) if k < wall => stepped += 1,
+            Some(k) => stamped[i] = Some((k - wall).as_secs_f64() * 1e6),
             None => unstamped += 1,
         }
+    }
+    if stepped > 0 {
+        eprintln!("bridge_probe: {stepped} packets stamped before their send (the wall clock was stepped?): not counted");
     }
     // Without kernel stamps (an old kernel), fall back to the wake-up times.
     let latency = if unstamped == 0 { &stamped } else { &woken };
