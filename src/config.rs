@@ -318,7 +318,7 @@ impl Default for MediaConfig {
             url_connect_timeout_ms: 2_000,
             url_timeout_ms: 10_000,
             relay_threads: 1,
-            relay_priority: crate::media::RelayPriority::High,
+            relay_priority: crate::media::RelayPriority::Realtime,
         }
     }
 }
@@ -721,6 +721,14 @@ mod tests {
         assert_eq!(c.http.listen.to_string(), "127.0.0.1:8080");
         assert_eq!(c.scripts.dir, PathBuf::from("scripts"));
         assert_eq!(c.limits.to_limits(), Limits::default());
+        // Relay threads ask for SCHED_FIFO, as the RTP ticker's threads do: at nice -10 a
+        // relay under load adds milliseconds (README, issue 15 goal 4).
+        assert_eq!(
+            c.media.relay_priority,
+            crate::media::RelayPriority::Realtime
+        );
+        let c = Config::parse("[media]\nrelay_priority = \"high\"\n", "x").unwrap();
+        assert_eq!(c.media.relay_priority, crate::media::RelayPriority::High);
     }
 
     #[test]

@@ -28,9 +28,9 @@ pub enum RelayPriority {
     /// The process's own priority.
     Normal,
     /// Nice -10 (Linux per-thread nice), where permitted.
-    #[default]
     High,
     /// SCHED_FIFO at priority 10, where permitted (else nice -10, else normal).
+    #[default]
     Realtime,
 }
 
