@@ -145,9 +145,21 @@ impl ParkedRtpSocket {
     }
 }
 
+/// Whether a bind error says only that this port cannot be had (another program holds it, or
+/// it is reserved), so the next port may do. Any other error (an address the host lacks, no
+/// descriptors left) would fail on every port: it is returned at once rather than after
+/// trying the whole range, and named as it is rather than as "no free port".
+fn port_unusable(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::AddrInUse | io::ErrorKind::PermissionDenied
+    )
+}
+
 impl RtpSocket {
     /// Binds RTP on an even port from `alloc` and RTCP on the port above it, on `ip`.
-    /// Ports that some other program holds are skipped (and given back to the pool).
+    /// Ports that some other program holds are skipped (and given back to the pool); other
+    /// errors end the attempt (see [`port_unusable`]).
     pub async fn bind(alloc: &Arc<PortAllocator>, ip: IpAddr) -> io::Result<Self> {
         let mut skipped = Vec::new();
         let result = loop {
@@ -163,10 +175,11 @@ impl RtpSocket {
             };
             let rtp = match ReadWatchedUdp::bind(SocketAddr::new(ip, port)) {
                 Ok(s) => s,
-                Err(_) => {
+                Err(e) if port_unusable(&e) => {
                     skipped.push(lease);
                     continue;
                 }
+                Err(e) => break Err(e),
             };
             match ReadWatchedUdp::bind(SocketAddr::new(ip, port + 1)) {
                 Ok(rtcp) => {
@@ -178,7 +191,8 @@ impl RtpSocket {
                         rtcp_buf: Vec::new(),
                     })
                 }
-                Err(_) => skipped.push(lease),
+                Err(e) if port_unusable(&e) => skipped.push(lease),
+                Err(e) => break Err(e),
             }
         };
         // Dropping the skipped leases returns those ports to the back of the queue.
@@ -299,6 +313,37 @@ mod tests {
     use crate::media::session::{MediaEvent, SessionConfig};
     use std::time::Duration;
     use tokio::net::UdpSocket;
+
+    #[tokio::test]
+    async fn an_address_the_host_lacks_fails_at_once_and_by_name() {
+        // 192.0.2.0/24 is TEST-NET-1: never an address of this host.
+        let alloc = Arc::new(PortAllocator::new(41000..=41021));
+        let free = alloc.available();
+        let e = RtpSocket::bind(&alloc, "192.0.2.1".parse().unwrap())
+            .await
+            .unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::AddrNotAvailable, "{e}");
+        assert_eq!(alloc.available(), free, "every port given back");
+    }
+
+    #[tokio::test]
+    async fn ports_held_by_another_program_are_skipped() {
+        // A random range of three pairs where we can hold the first pair's RTP port and the
+        // second pair's RTCP port, and the third pair is free.
+        let hold = |port: u16| std::net::UdpSocket::bind(("127.0.0.1", port)).ok();
+        let (alloc, base, _held) = (0..50)
+            .find_map(|_| {
+                let base = 2 * fastrand::u16(21_000..30_000);
+                let held = (hold(base)?, hold(base + 3)?);
+                drop((hold(base + 4)?, hold(base + 5)?));
+                Some((Arc::new(PortAllocator::new(base..=base + 5)), base, held))
+            })
+            .expect("no free range of six ports found");
+        let sock = RtpSocket::bind(&alloc, "127.0.0.1".parse().unwrap())
+            .await
+            .unwrap();
+        assert_eq!(sock.local_addr().unwrap().port(), base + 4);
+    }
 
     #[test]
     fn allocator_hands_out_even_ports_and_reuses_freed_ones() {
