@@ -95,14 +95,11 @@ mod tests {
             let is_epoll = std::fs::read_link(entry.path())
                 .map(|l| l.to_string_lossy().contains("eventpoll"))
                 .unwrap_or(false);
+            if !is_epoll {
+                continue;
+            }
             let info = format!("/proc/self/fdinfo/{}", entry.file_name().to_string_lossy());
-            let Ok(text) = std::fs::read_to_string(info).map_err(|_| ()).and_then(|t| {
-                if is_epoll {
-                    Ok(t)
-                } else {
-                    Err(())
-                }
-            }) else {
+            let Ok(text) = std::fs::read_to_string(info) else {
                 continue;
             };
             for line in text.lines() {

@@ -71,14 +71,7 @@ pub struct RunOutput {
 /// The built-ins a script gets. No `Eval`: `eval` and `new Function` cannot compile code.
 /// Typed arrays, `Map`/`Set`/`WeakMap`/`WeakSet` and `WeakRef`/`FinalizationRegistry` are
 /// added on first use (see [`LAZY_INTRINSICS`]).
-type RunIntrinsics = (
-    intrinsic::Date,
-    intrinsic::RegExpCompiler,
-    intrinsic::RegExp,
-    intrinsic::Json,
-    intrinsic::Proxy,
-    intrinsic::Promise,
-);
+type RunIntrinsics = (intrinsic::Date, SharedRunIntrinsics);
 
 /// [`RunIntrinsics`] for a class5 call's context in a shared runtime, where `Date` is added
 /// on first use too.

@@ -35,6 +35,14 @@ fn err(code: u16, message: &str) -> Result<Json, ScriptError> {
     Err(ScriptError::new(code, message))
 }
 
+/// What the script returned: class4 hands its answer back as the routing object.
+pub(super) fn as_returned(mode: Mode, result: Json) -> Json {
+    match mode {
+        Mode::Class4 => result["routing"].clone(),
+        _ => result,
+    }
+}
+
 #[tokio::test]
 async fn every_entry_form_runs() {
     let data = json!({"n": 2});
@@ -687,13 +695,8 @@ async fn date_is_eager_outside_class5_and_added_on_first_use_in_class5_calls() {
         (Mode::Class5, "function"),
     ] {
         let out = run(src, mode, json!({})).await;
-        // Class4 hands back what the script returned as the routing.
-        let result = match mode {
-            Mode::Class4 => out.result.map(|r| r["routing"].clone()),
-            _ => out.result,
-        };
         assert_eq!(
-            result,
+            out.result.map(|r| as_returned(mode, r)),
             Ok(json!([
                 true,
                 accessor,
@@ -843,12 +846,7 @@ async fn global_host_objects_exist_only_in_their_modes() {
             Json::Null
         };
         let out = run_in(&engine, src, mode, data).await;
-        let result = out.result.unwrap();
-        let result = if mode == Mode::Class4 {
-            result["routing"].clone()
-        } else {
-            result
-        };
+        let result = as_returned(mode, out.result.unwrap());
         assert_eq!(result, json!([true, true, "function"]), "{mode}");
     }
     let out = run_in(&engine, src, Mode::Script, Json::Null).await;
